@@ -1,0 +1,48 @@
+"""Shared fixtures: no network, offline W&B, one tiny shapes dataset per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NETBLOCK = Path(__file__).parent / "netblock"
+sys.path.insert(0, str(NETBLOCK))
+import sitecustomize  # noqa: E402,F401  (blocks non-loopback sockets in this process)
+
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ.pop("WANDB_API_KEY", None)
+# Subprocesses load the same guard through PYTHONPATH.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NETBLOCK), os.environ.get("PYTHONPATH")]))
+
+TINY = [
+    "data.shapes.n_train=192",
+    "data.shapes.n_val=48",
+    "data.shapes.n_test=48",
+    "data.shapes.samples_per_shard=64",
+    "data.batch_size=16",
+    "trainer.enable_progress_bar=false",
+    "callbacks.num_samples=4",
+]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built-in data is cached by spec, so one directory serves every test of the session."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def tiny(data_dir: Path, tmp_path: Path) -> list[str]:
+    """Overrides for a seconds-long run on tiny data, writing under this test's tmp dir."""
+    return [*TINY, f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path / 'outputs'}"]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run an xmodal console script as a user would, capturing its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

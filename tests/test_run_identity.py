@@ -1,0 +1,86 @@
+"""Run identity: one id and dir per job, shared by ranks and requeues; never shared by two jobs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xmodal.config import ConfigError, compose_config
+from xmodal.run import RUN_ID_ENV, decide_run
+from xmodal.train import train
+
+JOB_ENV = (
+    "SLURM_JOB_ID",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_PROCID",
+    "RANK",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    RUN_ID_ENV,
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for var in JOB_ENV:
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_back_to_back_fresh_ids_never_share_a_dir(tmp_path):
+    runs = [decide_run(None, tmp_path, "exp") for _ in range(200)]
+    assert len({r.id for r in runs}) == 200
+    assert len({r.dir for r in runs}) == 200
+    assert all(r.fresh and r.dir.parent == tmp_path / "exp" for r in runs)
+
+
+def test_slurm_job_and_array_ids_are_stable_across_requeues(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    first = decide_run(None, tmp_path, "exp")
+    requeued = decide_run(None, tmp_path, "exp")
+    assert (first.id, first.fresh) == ("4242", True)
+    assert (requeued.id, requeued.dir, requeued.fresh) == ("4242", first.dir, False)
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert decide_run(None, tmp_path, "exp").id == "77_3"
+
+
+def test_ranks_started_by_the_launcher_join_its_run(tmp_path, monkeypatch):
+    launcher = decide_run(None, tmp_path, "exp")
+    monkeypatch.setenv(RUN_ID_ENV, launcher.id)
+    # The launcher itself ignores a stale id in its environment (e.g. left by a previous job) ...
+    assert decide_run(None, tmp_path, "exp").id != launcher.id
+    # ... while a rank it started (LOCAL_RANK=1 in the copied environment) joins it.
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    child = decide_run(None, tmp_path, "exp")
+    assert (child.id, child.dir, child.fresh) == (launcher.id, launcher.dir, False)
+
+
+def test_cli_run_id_wins_and_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert decide_run("mine", tmp_path, "exp").id == "mine"
+    with pytest.raises(ConfigError, match=r"run.id: must be 1-128 characters"):
+        decide_run("../escape", tmp_path, "exp")
+
+
+def test_two_runs_get_two_dirs_and_a_given_id_resumes_in_its_dir(tiny, tmp_path):
+    steps = ["trainer.max_steps=4", "trainer.val_check_interval=2", "logger=csv", "test_after_fit=false"]
+    train(compose_config([*tiny, *steps]))
+    train(compose_config([*tiny, *steps]))
+    runs = sorted((tmp_path / "outputs" / "shapes_caption").iterdir())
+    assert len(runs) == 2
+
+    train(compose_config([*tiny, *steps, "run.id=X"]))
+    run_dir = tmp_path / "outputs" / "shapes_caption" / "X"
+    first = json.loads((run_dir / "metrics.json").read_text())
+    assert first["global_step"] == 4
+    # Same id again with a longer budget: continues from checkpoints/last.ckpt in the same dir.
+    resumed = train(compose_config([*tiny, *steps[1:], "trainer.max_steps=8", "run.id=X"]))
+    second = json.loads((run_dir / "metrics.json").read_text())
+    assert second["global_step"] == 8 and second["run_id"] == "X"
+    assert "val/bleu4" in resumed
+    assert len(sorted((tmp_path / "outputs" / "shapes_caption").iterdir())) == 3
+    assert (run_dir / "cmd.txt").read_text().count("# ") == 2  # one entry per (re)start
+    steps_logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == [2, 4, 6, 8]  # the resumed run went on from step 4, not from 0

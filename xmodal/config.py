@@ -1,0 +1,312 @@
+"""Typed, documented config nodes for every xmodal entry point.
+
+Hydra composes YAML from ``conf/`` on top of these dataclasses (registered in Hydra's ConfigStore
+as ``train_schema`` / ``eval_schema``), so a misspelt key or a value of the wrong type is refused
+while composing, naming the key. Semantic checks that types cannot express (devices ≥ 1, a
+precision the accelerator can run, a batch that divides over the ranks, shards that exist) live
+in :func:`validate` and run in the launching process, before any rank or data worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp2", "fsdp")
+LOGGERS = ("wandb", "csv", "none")
+TASKS = ("caption",)
+MODALITIES = ("image", "text", "audio")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names every offending key."""
+
+
+@dataclass
+class RunConfig:
+    """Who this run is and where its files go (see DESIGN.md "Run identity")."""
+
+    id: str | None = None
+    """Run id. Unset: ``$SLURM_ARRAY_JOB_ID_$SLURM_ARRAY_TASK_ID`` / ``$SLURM_JOB_ID``, else a
+    microsecond timestamp plus a random suffix. Giving an existing id resumes that run."""
+    dir: str | None = None
+    """Derived, never set by hand: ``<paths.output_dir>/<experiment_name>/<run.id>``."""
+    resume: bool = True
+    """When the run dir already holds ``checkpoints/last.ckpt``, continue from it."""
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "outputs"
+    """Root of all run dirs (relative paths are taken from the launch directory)."""
+    data_dir: str = "data"
+    """Where built-in datasets are generated on first use and cached."""
+
+
+@dataclass
+class ShapesConfig:
+    """Parameters of the built-in procedural "shapes" dataset (xmodal.data.shapes.ShapesSpec)."""
+
+    n_train: int = 8000
+    n_val: int = 512
+    n_test: int = 512
+    seed: int = 0
+    """Dataset seed (independent of the training seed, so sweeps over ``seed`` share one dataset)."""
+    image_size: int = 64
+    max_shapes: int = 2
+    audio_seconds: float = 0.5
+    samples_per_shard: int = 1000
+    holdout: list[str] = field(default_factory=list)
+    """"colour kind" pairs (e.g. "red circle") kept out of train/val/test; they form a "holdout" split."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"
+    """Dataset name, used in logs and in the cache path of built-in data."""
+    shards: str | None = None
+    """Directory of WebDataset shards with a ``sizes.json``; unset = built-in shapes data,
+    generated into ``paths.data_dir`` on first use."""
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    batch_size: int = 64
+    """GLOBAL batch size: split evenly over devices × nodes, so it must divide by the world size."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    max_text_len: int = 32
+    """Longest token sequence (including BOS/EOS); longer captions are truncated."""
+    min_word_count: int = 1
+    """Words seen fewer times in the training captions map to <unk>."""
+
+
+@dataclass
+class ModelConfig:
+    task: str = "caption"
+    """Task family: ``caption`` (seq2seq). GAN and VAE families plug in here."""
+    source: str = "image"
+    """Batch key the encoder reads."""
+    target: str = "text"
+    """Batch key the decoder produces."""
+    d_model: int = 128
+    encoder_channels: list[int] = field(default_factory=lambda: [64, 128])
+    """Conv stage widths: the first stage patchifies, each later one halves the resolution."""
+    encoder_patch: int = 4
+    """Patch size of the first encoder stage."""
+    decoder_layers: int = 2
+    heads: int = 4
+    ffn_mult: int = 4
+    dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_decode_len: int = 32
+    """Longest generated caption in tokens (greedy decoding)."""
+
+
+@dataclass
+class TrainerConfig:
+    """The subset of Lightning's Trainer arguments xmodal exposes, plus how strategies are built."""
+
+    accelerator: str = "auto"
+    devices: int = 1
+    """Processes per node (one per GPU; on CPU, one gloo process each)."""
+    num_nodes: int = 1
+    strategy: str = "auto"
+    """auto | ddp | ddp_spawn | fsdp2 (Lightning ModelParallelStrategy + fully_shard) | fsdp (FSDP1, GPU only)."""
+    precision: str = "32-true"
+    max_steps: int = 2000
+    """Optimizer steps for automatic-optimization tasks (caption); -1 = no limit."""
+    max_epochs: int = -1
+    # Any, not float: Lightning reads an int as a count of batches and a float as a fraction.
+    val_check_interval: Any = None
+    """Validate every N training batches (int) or fraction of an epoch (float); unset = once per epoch."""
+    check_val_every_n_epoch: int | None = 1
+    log_every_n_steps: int = 25
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    fast_dev_run: int = 0
+    overfit_batches: Any = 0.0
+    num_sanity_val_steps: int = 2
+    profiler: str | None = None
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"
+    """wandb | csv | none."""
+    project: str = "xmodal"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    offline: bool | None = None
+    """W&B offline mode; unset = offline exactly when no API key is configured."""
+
+
+@dataclass
+class CallbacksConfig:
+    monitor: str = "val/bleu4"
+    """Metric that selects ``checkpoints/best.ckpt``."""
+    monitor_mode: str = "max"
+    num_samples: int = 16
+    """Validation samples drawn into ``samples/`` (and W&B) at every validation."""
+    rank_checksums: bool = False
+    """Each rank writes a parameter checksum to ``checksums/rank<N>.json`` at the end of fit."""
+
+
+@dataclass
+class TrainConfig:
+    """Root of ``xmodal-train``'s config (conf/train.yaml)."""
+
+    experiment_name: str = "shapes_caption"
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    test_after_fit: bool = True
+    """Run the test split on the best checkpoint after fitting."""
+    ckpt_path: str | None = None
+    """Checkpoint to start from (xmodal-eval: the checkpoint to evaluate)."""
+
+
+def register_schemas() -> None:
+    """Make ``train_schema`` available to Hydra's defaults lists."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """Keys the typed schema does not have (Hydra's ``+key=value`` can add them; we refuse them)."""
+    types = typing.get_type_hints(schema)
+    unknown = []
+    for key in node:
+        if key not in types:
+            unknown.append(f"{prefix}{key}: not a config key of {schema.__name__}")
+        elif dataclasses.is_dataclass(types[key]):
+            unknown += _unknown_keys(node[key], types[key], f"{prefix}{key}.")
+    return unknown
+
+
+def _problems(cfg: Any) -> list[str]:
+    """Collect every semantic problem as '<key>: <why> (got <value>)'."""
+    problems: list[str] = _unknown_keys(cfg, TrainConfig) if isinstance(cfg, DictConfig) else []
+
+    def check(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            problems.append(f"{key}: {why} (got {OmegaConf.select(cfg, key)!r})")
+
+    t, d, m = cfg.trainer, cfg.data, cfg.model
+    check(t.devices >= 1, "trainer.devices", "must be >= 1")
+    check(t.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
+    check(t.accelerator in ACCELERATORS, "trainer.accelerator", f"must be one of {ACCELERATORS}")
+    check(t.strategy in STRATEGIES, "trainer.strategy", f"must be one of {STRATEGIES}")
+    check(t.precision in PRECISIONS, "trainer.precision", f"must be one of {PRECISIONS}")
+    check(
+        not (t.accelerator in ("gpu", "cuda") and not _cuda_available()),
+        "trainer.accelerator",
+        "asks for a GPU but torch sees no CUDA device; use trainer=cpu or trainer=ddp_cpu",
+    )
+    if t.accelerator == "cpu" or (t.accelerator == "auto" and not _cuda_available()):
+        check(
+            not t.precision.startswith("16"),
+            "trainer.precision",
+            "16-bit float precision needs a GPU; on CPU use bf16-mixed or 32-true",
+        )
+        check(
+            t.strategy != "fsdp",
+            "trainer.strategy",
+            "Lightning's FSDP1 'fsdp' needs a GPU; use trainer=fsdp2 (ModelParallelStrategy) on CPU",
+        )
+    check(t.max_steps == -1 or t.max_steps > 0, "trainer.max_steps", "must be > 0, or -1 for no limit")
+    check(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
+    world = t.devices * t.num_nodes
+    check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
+    if world >= 1 and d.batch_size >= 1:
+        check(
+            d.batch_size % world == 0,
+            "data.batch_size",
+            f"is the global batch and must divide by world size "
+            f"trainer.devices × trainer.num_nodes = {world}",
+        )
+    check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    check(d.max_text_len >= 4, "data.max_text_len", "must be >= 4")
+    if d.shards is not None:
+        check(Path(d.shards).is_dir(), "data.shards", "is not a directory")
+        if Path(d.shards).is_dir():
+            check((Path(d.shards) / "sizes.json").is_file(), "data.shards", "has no sizes.json")
+    s = d.shapes
+    check(s.n_train >= 1 and s.n_val >= 1 and s.n_test >= 1, "data.shapes", "split sizes must be >= 1")
+    check(
+        s.image_size >= 16 and s.image_size % 8 == 0,
+        "data.shapes.image_size",
+        "must be >= 16, a multiple of 8",
+    )
+    check(1 <= s.max_shapes <= 2, "data.shapes.max_shapes", "must be 1 or 2")
+    check(m.task in TASKS, "model.task", f"must be one of {TASKS}")
+    check(m.source in MODALITIES, "model.source", f"must be one of {MODALITIES}")
+    check(m.target == "text", "model.target", "the caption task produces text")
+    check(m.d_model % max(m.heads, 1) == 0, "model.d_model", f"must divide by model.heads={m.heads}")
+    check(len(m.encoder_channels) >= 1, "model.encoder_channels", "needs at least one stage")
+    grid_divisor = m.encoder_patch * 2 ** (len(m.encoder_channels) - 1)
+    check(
+        m.encoder_patch >= 1 and s.image_size % grid_divisor == 0,
+        "model.encoder_patch",
+        f"patch × 2^(stages-1) = {grid_divisor} must divide data.shapes.image_size={s.image_size}",
+    )
+    check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    check(m.lr > 0, "model.lr", "must be > 0")
+    check(cfg.logger.kind in LOGGERS, "logger.kind", f"must be one of {LOGGERS}")
+    check(cfg.callbacks.monitor_mode in ("min", "max"), "callbacks.monitor_mode", "must be min or max")
+    if cfg.ckpt_path is not None:
+        check(Path(cfg.ckpt_path).is_file(), "ckpt_path", "no such checkpoint file")
+    return problems
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def validate(cfg: DictConfig | TrainConfig) -> None:
+    """Raise :class:`ConfigError` listing every invalid key, or return silently."""
+    problems = _problems(cfg)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def world_size(cfg: DictConfig | TrainConfig) -> int:
+    return int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
+
+
+def absolute(path: str) -> Path:
+    """Resolve a config path against the directory the user launched from."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(os.getcwd()) / p
+
+
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    """Compose a config from Python exactly as the command line would (tests, notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides or []))

@@ -1,0 +1,55 @@
+"""What the user sees in the terminal: the config tree, errors, log files."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import rich
+from omegaconf import DictConfig, OmegaConf
+from rich.syntax import Syntax
+from rich.tree import Tree
+
+log = logging.getLogger("xmodal")
+
+TREE_ORDER = ("experiment_name", "run", "data", "model", "trainer", "logger", "callbacks", "paths", "seed")
+
+
+def config_tree(cfg: DictConfig) -> Tree:
+    tree = Tree("[bold]config[/bold]", guide_style="dim")
+    keys = [k for k in TREE_ORDER if k in cfg] + [k for k in cfg if k not in TREE_ORDER]
+    for key in keys:
+        branch = tree.add(f"[bold cyan]{key}[/bold cyan]")
+        value = cfg[key]
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        branch.add(Syntax(text.rstrip(), "yaml", theme="ansi_dark", background_color="default"))
+    return tree
+
+
+def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
+    tree = config_tree(cfg)
+    rich.print(tree)
+    if save_to is not None:
+        with open(save_to, "w") as f:
+            rich.print(tree, file=f)
+
+
+def print_error(message: str) -> None:
+    rich.print(f"[bold red]error:[/bold red] {rich.markup.escape(message)}", file=sys.stderr)
+
+
+def log_to_file(path: Path) -> logging.Handler:
+    """Mirror xmodal's and Lightning's log records into the run dir."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("xmodal", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).addHandler(handler)
+    logging.getLogger("xmodal").setLevel(logging.INFO)
+    return handler
+
+
+def stop_logging_to(handler: logging.Handler) -> None:
+    for name in ("xmodal", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).removeHandler(handler)
+    handler.close()

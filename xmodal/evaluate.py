@@ -1,0 +1,83 @@
+"""xmodal-eval ckpt_path=PATH [overrides]: test metrics of a checkpoint, printed and saved as JSON.
+
+The data comes from the composed config (the default experiment's unless overridden); the model
+and its tokenizer come from the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import rich
+from omegaconf import DictConfig
+from rich.table import Table
+
+from xmodal.callbacks.metrics_file import scalar_metrics
+from xmodal.config import CONFIG_DIR, ConfigError, absolute, register_schemas, validate
+from xmodal.console import print_error
+from xmodal.data.tokenizer import WordTokenizer
+from xmodal.factory import build_datamodule, prepare_data
+from xmodal.run import write_json
+from xmodal.tasks.seq2seq import CaptionTask
+
+
+def load_task(ckpt_path: str | Path) -> CaptionTask:
+    path = Path(ckpt_path)
+    if path.is_dir():
+        raise ConfigError(
+            f"invalid config:\n  ckpt_path: {path} is a distributed (FSDP2) checkpoint directory; "
+            "evaluate it with the same trainer=fsdp2 run, or consolidate it first"
+        )
+    return CaptionTask.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    if cfg.get("ckpt_path") is None:
+        raise ConfigError(
+            "invalid config:\n  ckpt_path: required, e.g. xmodal-eval ckpt_path=outputs/.../best.ckpt"
+        )
+    validate(cfg)
+    task = load_task(absolute(cfg.ckpt_path))
+    datamodule = build_datamodule(cfg, prepare_data(cfg), tokenizer=WordTokenizer(task.hparams.vocab))
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        precision=cfg.trainer.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        limit_test_batches=cfg.trainer.limit_test_batches,
+    )
+    trainer.test(task, datamodule=datamodule, verbose=False)
+    metrics = scalar_metrics(trainer.callback_metrics, "test/")
+    table = Table(title=f"test metrics: {cfg.ckpt_path}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted(metrics.items()):
+        table.add_row(key, f"{value:.4f}")
+    rich.print(table)
+    out = absolute(cfg.ckpt_path).with_suffix(".eval.json")
+    write_json(out, {"ckpt_path": str(absolute(cfg.ckpt_path)), "test": metrics})
+    rich.print(f"saved {out}")
+    return metrics
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="eval", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except ConfigError as err:
+        print_error(str(err))
+        sys.exit(2)
+
+
+def main() -> None:
+    register_schemas()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

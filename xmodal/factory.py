@@ -1,0 +1,198 @@
+"""Config → objects: data, task, loggers, callbacks, strategy and Trainer.
+
+Kept apart from the entry points so ``xmodal-train``, ``xmodal-eval``, tests and notebooks build
+exactly the same objects from the same config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from netrc import netrc
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from xmodal.callbacks.checksums import RankChecksums
+from xmodal.callbacks.metrics_file import MetricsFile
+from xmodal.callbacks.samples import CaptionSamples
+from xmodal.config import absolute, world_size
+from xmodal.data.datamodule import ShardDataModule
+from xmodal.data.shapes import ShapesSpec, synth
+from xmodal.data.tokenizer import WordTokenizer
+from xmodal.run import RunIdentity, is_launcher, wandb_run_id
+from xmodal.tasks.seq2seq import CaptionTask
+
+log = logging.getLogger("xmodal")
+
+
+def shapes_spec(cfg: DictConfig) -> ShapesSpec:
+    fields = OmegaConf.to_container(cfg.data.shapes, resolve=True)
+    fields["holdout"] = tuple(fields["holdout"])
+    return ShapesSpec(**fields)
+
+
+def prepare_data(cfg: DictConfig, wait_s: float = 900.0) -> Path:
+    """The shard directory of this config, generating the built-in data on first use.
+
+    Only the launcher generates; ranks started by srun wait for its ``sizes.json``.
+    """
+    if cfg.data.shards is not None:
+        return absolute(cfg.data.shards)
+    spec = shapes_spec(cfg)
+    out = absolute(cfg.paths.data_dir) / f"shapes-{spec.fingerprint()}"
+    if is_launcher():
+        if not (out / "sizes.json").exists():
+            log.info("generating the built-in shapes data into %s", out)
+        synth(out, spec, progress=True)
+        return out
+    deadline = time.monotonic() + wait_s
+    while not (out / "sizes.json").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 did not generate {out} within {wait_s:.0f} s")
+        time.sleep(1.0)
+    return out
+
+
+def build_datamodule(
+    cfg: DictConfig, shards_dir: Path, tokenizer: WordTokenizer | None = None
+) -> ShardDataModule:
+    return ShardDataModule(
+        shards_dir,
+        batch_size=cfg.data.batch_size // world_size(cfg),
+        num_workers=cfg.data.num_workers,
+        image_size=cfg.data.shapes.image_size,
+        max_text_len=cfg.data.max_text_len,
+        min_word_count=cfg.data.min_word_count,
+        tokenizer=tokenizer,
+    )
+
+
+def build_task(cfg: DictConfig, tokenizer: WordTokenizer) -> L.LightningModule:
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    return CaptionTask(model, tokenizer.vocab, cfg.data.shapes.image_size, cfg.data.max_text_len)
+
+
+def wandb_offline(setting: bool | None) -> bool:
+    """Offline unless asked otherwise or an API key is configured (env or ~/.netrc)."""
+    if setting is not None:
+        return setting
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "dryrun"):
+        return True
+    if mode == "online" or os.environ.get("WANDB_API_KEY"):
+        return False
+    try:
+        return netrc().authenticators("api.wandb.ai") is None
+    except (OSError, ValueError):
+        return True
+
+
+def build_loggers(cfg: DictConfig, run: RunIdentity) -> list[Logger]:
+    kind = cfg.logger.kind
+    if kind == "none":
+        return []
+    if kind == "csv":
+        return [CSVLogger(save_dir=str(run.dir), name="", version="")]
+    return [
+        WandbLogger(
+            name=run.id,
+            id=wandb_run_id(run.dir, run.id),
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            group=cfg.logger.group,
+            tags=list(cfg.logger.tags),
+            job_type=cfg.model.task,
+            save_dir=str(run.dir),
+            offline=wandb_offline(cfg.logger.offline),
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
+    ]
+
+
+def build_callbacks(
+    cfg: DictConfig, run: RunIdentity, has_logger: bool
+) -> tuple[list[Callback], ModelCheckpoint]:
+    checkpoint = ModelCheckpoint(
+        dirpath=str(run.dir / "checkpoints"),
+        filename="best",
+        monitor=cfg.callbacks.monitor,
+        mode=cfg.callbacks.monitor_mode,
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    callbacks: list[Callback] = [
+        checkpoint,
+        CaptionSamples(run.dir / "samples", cfg.callbacks.num_samples),
+        MetricsFile(run.dir / "metrics.jsonl"),
+    ]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(RichProgressBar())
+    if has_logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cfg.callbacks.rank_checksums:
+        callbacks.append(RankChecksums(run.dir / "checksums"))
+    return callbacks, checkpoint
+
+
+def build_strategy(cfg: DictConfig) -> Any:
+    name = cfg.trainer.strategy
+    if name == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=world_size(cfg), tensor_parallel_size=1)
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=False)
+    return name
+
+
+def build_trainer(
+    cfg: DictConfig, run: RunIdentity, loggers: list[Logger], callbacks: list[Callback]
+) -> L.Trainer:
+    t = cfg.trainer
+    optional = {
+        key: t[key]
+        for key in (
+            "val_check_interval",
+            "limit_train_batches",
+            "limit_val_batches",
+            "limit_test_batches",
+            "profiler",
+        )
+        if t[key] is not None
+    }
+    # An integer interval counts batches across epochs, which Lightning allows only without the
+    # per-epoch schedule.
+    every_n_epochs = None if isinstance(t.val_check_interval, int) else t.check_val_every_n_epoch
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=build_strategy(cfg),
+        precision=t.precision,
+        max_steps=t.max_steps,
+        max_epochs=t.max_epochs,
+        check_val_every_n_epoch=every_n_epochs,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        fast_dev_run=t.fast_dev_run,
+        overfit_batches=t.overfit_batches,
+        num_sanity_val_steps=t.num_sanity_val_steps,
+        deterministic=t.deterministic,
+        enable_progress_bar=t.enable_progress_bar,
+        enable_model_summary=True,
+        default_root_dir=str(run.dir),
+        logger=loggers or False,
+        callbacks=callbacks,
+        **optional,
+    )

@@ -1,0 +1,124 @@
+"""Seq2seq captioning: a modality encoder's tokens → a causal text decoder, teacher-forced.
+
+The foundation version (image → text, greedy decoding, corpus BLEU). Beam search, audio
+encoders and CIDEr arrive with the captioning issue; the batch contract stays the same.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.text import BLEUScore
+
+from xmodal.data.tokenizer import WordTokenizer, normalize
+from xmodal.nn.image import ConvImageEncoder
+from xmodal.nn.text import TransformerTextDecoder
+
+
+class CaptionTask(L.LightningModule):
+    """Image → text captioner.
+
+    ``model`` is the ``model`` config node as a plain dict and ``vocab`` the tokenizer's
+    vocabulary; both are saved as hyperparameters, so a checkpoint alone rebuilds the captioner
+    and its tokenizer (``CaptionTask.load_from_checkpoint(path)``).
+    """
+
+    def __init__(self, model: dict[str, Any], vocab: list[str], image_size: int, max_text_len: int):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = model
+        self.tokenizer = WordTokenizer(vocab)
+        self.source, self.target = model["source"], model["target"]
+        d_model = model["d_model"]
+        self.encoder = ConvImageEncoder(
+            model["encoder_channels"], d_model, image_size, model["encoder_patch"]
+        )
+        self.decoder = TransformerTextDecoder(
+            vocab_size=len(vocab),
+            d_model=d_model,
+            layers=model["decoder_layers"],
+            heads=model["heads"],
+            ffn_mult=model["ffn_mult"],
+            dropout=model["dropout"],
+            max_len=max(max_text_len, model["max_decode_len"]),
+            pad_id=self.tokenizer.pad_id,
+        )
+        self.val_bleu4, self.test_bleu4 = BLEUScore(n_gram=4), BLEUScore(n_gram=4)
+        self.val_bleu1, self.test_bleu1 = BLEUScore(n_gram=1), BLEUScore(n_gram=1)
+
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp2`` shard each decoder layer, the encoder and the rest (FSDP2)."""
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.decoder.layers.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.encoder, mesh=mesh)
+        fully_shard(self.decoder, mesh=mesh)
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        memory = self.encoder(batch[self.source])  # [B, N, D]
+        tokens = batch[self.target]  # [B, T]
+        logits = self.decoder(tokens[:, :-1], memory)  # [B, T-1, V]
+        # Loss in fp32 from logits whatever the autocast dtype.
+        return F.cross_entropy(
+            logits.float().transpose(1, 2), tokens[:, 1:], ignore_index=self.tokenizer.pad_id
+        )
+
+    @torch.no_grad()
+    def caption(self, source: torch.Tensor) -> list[str]:
+        """Greedy captions for a batch of source tensors."""
+        memory = self.encoder(source)
+        ids = self.decoder.greedy(
+            memory, self.tokenizer.bos_id, self.tokenizer.eos_id, self.cfg["max_decode_len"]
+        )
+        return [self.tokenizer.decode(row.tolist()) for row in ids]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch[self.target].shape[0])
+        return loss
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        valid = batch["valid"]  # [B] False on padding rows
+        batch_size = int(valid.sum())
+        self.log(f"{stage}/loss", self.loss(batch), sync_dist=True, batch_size=max(batch_size, 1))
+        hypotheses = self.caption(batch[self.source])
+        refs = [[" ".join(normalize(r)) for r in refs] for refs in batch["captions"]]
+        keep = valid.tolist()
+        hypotheses = [h for h, k in zip(hypotheses, keep, strict=True) if k]
+        refs = [r for r, k in zip(refs, keep, strict=True) if k]
+        bleu4, bleu1 = getattr(self, f"{stage}_bleu4"), getattr(self, f"{stage}_bleu1")
+        bleu4.update(hypotheses, refs)
+        bleu1.update(hypotheses, refs)
+        self.log(f"{stage}/bleu4", bleu4, prog_bar=True)
+        self.log(f"{stage}/bleu1", bleu1)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"], betas=(0.9, 0.98)
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.cfg["warmup_steps"], max(total // 10, 1))
+
+        def schedule(step: int) -> float:
+            # Linear warm-up, then cosine decay to 10 % of the peak rate at the last step.
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

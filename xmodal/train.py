@@ -1,0 +1,161 @@
+"""xmodal-train: fit (then test) one run; ``-m`` for Hydra sweeps.
+
+xmodal-train                                  # default experiment on built-in data, CPU or GPU
+xmodal-train trainer=ddp_cpu data.batch_size=32
+xmodal-train run.id=my-run                    # again later: resumes checkpoints/last.ckpt
+xmodal-train -m model.lr=1e-3,3e-4            # one run dir (and W&B run) per job
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from xmodal.callbacks.metrics_file import scalar_metrics
+from xmodal.config import CONFIG_DIR, ConfigError, absolute, register_schemas, validate, world_size
+from xmodal.console import log_to_file, print_config_tree, print_error, stop_logging_to
+from xmodal.data.tokenizer import WordTokenizer
+from xmodal.factory import (
+    build_callbacks,
+    build_datamodule,
+    build_loggers,
+    build_task,
+    build_trainer,
+    prepare_data,
+)
+from xmodal.run import (
+    decide_run,
+    export_run_id,
+    forget_run_id,
+    is_launcher,
+    resume_checkpoint,
+    write_json,
+    write_provenance,
+)
+
+log = logging.getLogger("xmodal")
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def check_launch(cfg: DictConfig) -> None:
+    """Refuse launches that Lightning would silently get wrong."""
+    if _in_multirun() and world_size(cfg) > 1 and is_launcher():
+        raise ConfigError(
+            "invalid config:\n  trainer.devices: a local multirun (-m) cannot start multi-process jobs: "
+            "Lightning's DDP launcher re-runs the whole sweep in every child. Run one job per point "
+            "without -m, or use a SLURM launcher that starts one srun task per device "
+            f"(got devices × nodes = {world_size(cfg)})"
+        )
+
+
+def load_or_fit_tokenizer(run_dir: Path, datamodule: Any) -> WordTokenizer:
+    """A rerun of a run keeps its vocabulary; a new run fits one on the training captions."""
+    path = run_dir / "tokenizer.json"
+    if path.exists():
+        tokenizer = WordTokenizer(json.loads(path.read_text())["vocab"])
+        datamodule.tokenizer = tokenizer
+        return tokenizer
+    tokenizer = datamodule.build_tokenizer()
+    if is_launcher():
+        write_json(path, {"vocab": tokenizer.vocab})
+    return tokenizer
+
+
+def finish_wandb(failed: bool) -> None:
+    """Close the W&B run even on failure, so a multirun's next job opens its own run."""
+    if "wandb" not in sys.modules:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit and test one run described by a composed config; returns its final metrics."""
+    validate(cfg)
+    check_launch(cfg)
+    launcher = is_launcher()
+    run = decide_run(cfg.run.id, absolute(cfg.paths.output_dir), cfg.experiment_name)
+    with open_dict(cfg):
+        cfg.run.id, cfg.run.dir = run.id, str(run.dir)
+    handler = None
+    failed = True
+    try:
+        if launcher:
+            export_run_id(run.id)
+            write_provenance(run.dir, OmegaConf.to_yaml(cfg, resolve=True))
+            print_config_tree(cfg, save_to=run.dir / "config_tree.log")
+            handler = log_to_file(run.dir / "train.log")
+            if _in_multirun():
+                (Path(HydraConfig.get().runtime.output_dir) / "run_dir.txt").write_text(f"{run.dir}\n")
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule = build_datamodule(cfg, prepare_data(cfg))
+        tokenizer = load_or_fit_tokenizer(run.dir, datamodule)
+        task = build_task(cfg, tokenizer)
+        resume = resume_checkpoint(run.dir) if cfg.run.resume else None
+        if resume is not None and launcher:
+            log.info("resuming run %s from %s", run.id, resume)
+        loggers = build_loggers(cfg, run)
+        callbacks, checkpoint = build_callbacks(cfg, run, has_logger=bool(loggers))
+        trainer = build_trainer(cfg, run, loggers, callbacks)
+        start_from = resume or cfg.ckpt_path
+        trainer.fit(task, datamodule=datamodule, ckpt_path=str(start_from) if start_from else None)
+        metrics: dict[str, float] = scalar_metrics(trainer.callback_metrics, "val/")
+        summary: dict[str, Any] = {
+            "run_id": run.id,
+            "global_step": trainer.global_step,
+            "val": metrics,
+            "best_checkpoint": checkpoint.best_model_path or None,
+            "best_score": float(checkpoint.best_model_score)
+            if checkpoint.best_model_score is not None
+            else None,
+            "monitor": cfg.callbacks.monitor,
+        }
+        if cfg.test_after_fit:
+            best = checkpoint.best_model_path or None
+            trainer.test(task, datamodule=datamodule, ckpt_path=best)
+            summary["test"] = scalar_metrics(trainer.callback_metrics, "test/")
+            metrics.update(summary["test"])
+        if trainer.is_global_zero:
+            write_json(run.dir / "metrics.json", summary)
+        failed = False
+        return metrics
+    finally:
+        finish_wandb(failed)
+        if handler is not None:
+            stop_logging_to(handler)
+        if launcher:
+            forget_run_id()
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except ConfigError as err:
+        print_error(str(err))
+        sys.exit(2)
+    # A sweeper (e.g. Optuna) optimises the returned value.
+    return metrics.get(cfg.callbacks.monitor)
+
+
+def main() -> None:
+    register_schemas()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
