@@ -29,9 +29,9 @@ def test_default_experiment_learns_and_leaves_a_complete_run_dir(tiny, tmp_path)
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [20, 40, 60]
     losses = [h["val/loss"] for h in history]
-    # Measured: 1.37 → 0.84 → 0.72 on this data and seed; an untrained decoder starts near ln(V) ≈ 3.8.
+    # Measured on this data and seed: 2.78 → 1.37 → 1.18 (BLEU-4 0.00 → 0.03 → 0.13).
     assert losses[0] > losses[1] > losses[2]
-    assert losses[2] < 0.75 * losses[0]
+    assert losses[2] < 0.6 * losses[0]
     assert history[-1]["val/bleu4"] > history[0]["val/bleu4"]
 
     for name in ("config.yaml", "cmd.txt", "git.txt", "tokenizer.json", "metrics.csv", "metrics.json"):

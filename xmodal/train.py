@@ -117,7 +117,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         summary: dict[str, Any] = {
             "run_id": run.id,
             "global_step": trainer.global_step,
-            "val": metrics,
+            "val": dict(metrics),
             "best_checkpoint": checkpoint.best_model_path or None,
             "best_score": float(checkpoint.best_model_score)
             if checkpoint.best_model_score is not None

@@ -16,7 +16,7 @@ def caption_grid(images: torch.Tensor, captions: list[str], columns: int = 4, sc
     """Images ``[B, 3, H, W]`` in [-1, 1] in a grid, each with its caption written under it."""
     font = ImageFont.load_default()
     batch, _, height, width = images.shape
-    cell_w, text_h = width * scale, 44
+    cell_w, text_h = width * scale, 58
     rows = (batch + columns - 1) // columns
     grid = Image.new("RGB", (columns * (cell_w + 8), rows * (height * scale + text_h + 8)), "white")
     draw = ImageDraw.Draw(grid)
@@ -29,7 +29,7 @@ def caption_grid(images: torch.Tensor, captions: list[str], columns: int = 4, sc
         )
         grid.paste(tile, (x, y))
         # ~6 px per character in the default bitmap font
-        lines = textwrap.wrap(captions[i], width=max(cell_w // 6, 8))[:4]
+        lines = textwrap.wrap(captions[i], width=max(cell_w // 6, 8))[:5]
         draw.multiline_text((x, y + height * scale + 2), "\n".join(lines), fill="black", font=font, spacing=1)
     return grid
 
