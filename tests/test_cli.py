@@ -30,7 +30,10 @@ def test_generate_prints_one_caption_per_image(trained, tmp_path):
         path = tmp_path / f"img{i}.png"
         path.write_bytes(make_sample(ShapesSpec(), "test", i)["png"])
         images.append(str(path))
-    result = run_cli(["xmodal-generate", str(run_dir / "checkpoints" / "last.ckpt"), "--image", *images, "--json"], tmp_path)
+    result = run_cli(
+        ["xmodal-generate", str(run_dir / "checkpoints" / "last.ckpt"), "--image", *images, "--json"],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["image"] for r in rows] == images
@@ -41,7 +44,9 @@ def test_generate_prints_one_caption_per_image(trained, tmp_path):
 
 def test_generate_names_a_missing_file(trained, tmp_path):
     run_dir, _ = trained
-    result = run_cli(["xmodal-generate", str(run_dir / "checkpoints" / "last.ckpt"), "--image", "nope.png"], tmp_path)
+    result = run_cli(
+        ["xmodal-generate", str(run_dir / "checkpoints" / "last.ckpt"), "--image", "nope.png"], tmp_path
+    )
     assert result.returncode == 2 and "image not found: nope.png" in result.stderr
 
 
@@ -64,19 +69,24 @@ def test_eval_requires_a_checkpoint(tmp_path):
 
 def test_checkpoint_alone_rebuilds_the_captioner_and_its_tokenizer(trained):
     run_dir, _ = trained
-    task = CaptionTask.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    task = CaptionTask.load_from_checkpoint(
+        run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
     assert task.tokenizer.vocab == json.loads((run_dir / "tokenizer.json").read_text())["vocab"]
 
 
 def test_wandb_offline_one_run_per_job_finished_even_on_failure(tiny, tmp_path, monkeypatch):
     import wandb
 
-    train(compose_config([*tiny, "logger=wandb", "trainer.max_steps=2", "test_after_fit=false", "run.id=ok"]))
+    steps = ["trainer.max_steps=2", "trainer.val_check_interval=2", "test_after_fit=false"]
+    train(compose_config([*tiny, "logger=wandb", *steps, "run.id=ok"]))
     run_dir = tmp_path / "outputs" / "shapes_caption" / "ok"
     wandb_id = (run_dir / "wandb_id.txt").read_text().strip()
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert [p.name.rsplit("-", 1)[-1] for p in offline_runs] == [wandb_id]
     assert list(offline_runs[0].glob(f"run-{wandb_id}.wandb"))
+    assert list(offline_runs[0].glob("files/media/images/samples/val_*.png"))  # the sample grid
+    assert list(offline_runs[0].glob("files/media/table/samples/val_captions_*.table.json"))  # caption table
     assert wandb.run is None
 
     def explode(*args, **kwargs):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
+from tests.conftest import run_cli
 from xmodal.config import ConfigError, compose_config
 from xmodal.run import RUN_ID_ENV, decide_run
 from xmodal.train import train
@@ -84,3 +86,25 @@ def test_two_runs_get_two_dirs_and_a_given_id_resumes_in_its_dir(tiny, tmp_path)
     assert (run_dir / "cmd.txt").read_text().count("# ") == 2  # one entry per (re)start
     steps_logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == [2, 4, 6, 8]  # the resumed run went on from step 4, not from 0
+
+
+def test_multirun_gives_one_run_dir_per_job_and_one_sweep_dir(tiny, tmp_path):
+    result = run_cli(
+        ["xmodal-train", "-m", *tiny, "logger=none", "debug=fdr", "seed=1,2"],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    experiment_dir = tmp_path / "outputs" / "shapes_caption"
+    runs = sorted(p for p in experiment_dir.iterdir() if p.name != "multirun")
+    sweeps = list((experiment_dir / "multirun").iterdir())
+    assert len(runs) == 2 and len(sweeps) == 1
+    pointers = sorted((sweeps[0] / str(job) / "run_dir.txt").read_text().strip() for job in (0, 1))
+    assert pointers == [str(r) for r in runs]
+    assert sorted(OmegaConf.load(r / "config.yaml").seed for r in runs) == [1, 2]
+
+
+def test_local_multirun_with_several_devices_is_refused_at_once(tiny, tmp_path):
+    result = run_cli(["xmodal-train", "-m", *tiny, "logger=none", "trainer=ddp_cpu", "seed=1,2"], tmp_path)
+    assert result.returncode == 2
+    assert "trainer.devices: a local multirun (-m) cannot start multi-process jobs" in result.stderr
+    assert not list(tmp_path.glob("outputs/shapes_caption/2*"))  # no run dir was made

@@ -126,7 +126,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         }
         if cfg.test_after_fit:
             best = checkpoint.best_model_path or None
-            trainer.test(task, datamodule=datamodule, ckpt_path=best)
+            # A fresh module receives the best weights: a module sharded by FSDP2 during fit
+            # cannot be moved or re-sharded for a second stage.
+            test_task = build_task(cfg, tokenizer) if best else task
+            # Testing needs no optimizer; ModelParallelStrategy would try to load the fit-time
+            # optimizers' states into the fresh module (KeyError in torch's get_optimizer_state_dict).
+            trainer.strategy.optimizers = []
+            trainer.test(test_task, datamodule=datamodule, ckpt_path=best)
             summary["test"] = scalar_metrics(trainer.callback_metrics, "test/")
             metrics.update(summary["test"])
         if trainer.is_global_zero:

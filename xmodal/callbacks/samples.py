@@ -35,14 +35,17 @@ def caption_grid(images: torch.Tensor, captions: list[str], columns: int = 4, sc
 
 
 class CaptionSamples(L.Callback):
-    """Captions a fixed set of validation samples after every validation (rank zero only)."""
+    """Captions a fixed set of validation samples after every validation; rank zero writes them.
+
+    Every rank runs the captioner: with sharded (FSDP2) parameters a forward is a collective.
+    """
 
     def __init__(self, out_dir: Path, num_samples: int):
         self.out_dir = Path(out_dir)
         self.num_samples = num_samples
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or self.num_samples <= 0:
+        if trainer.sanity_checking or self.num_samples <= 0:
             return
         batch = trainer.datamodule.sample_batch(self.num_samples)
         source = batch[pl_module.source].to(pl_module.device)
@@ -50,6 +53,8 @@ class CaptionSamples(L.Callback):
         pl_module.eval()
         captions = pl_module.caption(source)
         pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return
         grid = caption_grid(batch[pl_module.source], captions)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"val_step{trainer.global_step:07d}.png"

@@ -24,6 +24,11 @@ class TransformerTextDecoder(nn.Module):
         self.pad_id = pad_id
         self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
+        # Small init: the tied output layer then starts near uniform logits (loss ≈ ln V) instead
+        # of N(0, 1) embeddings giving logits of size ~sqrt(d_model).
+        nn.init.normal_(self.embed.weight, std=0.02)
+        with torch.no_grad():
+            self.embed.weight[pad_id].zero_()
         self.pos = nn.Parameter(torch.zeros(1, max_len, d_model))
         nn.init.normal_(self.pos, std=0.02)
         layer = nn.TransformerDecoderLayer(
@@ -42,8 +47,14 @@ class TransformerTextDecoder(nn.Module):
         return self.out(x)  # [B, T, V]
 
     @torch.no_grad()
-    def greedy(self, memory: torch.Tensor, bos_id: int, eos_id: int, max_len: int) -> torch.Tensor:
-        """Greedy decoding: ids ``[B, L]`` starting after BOS, padded after each row's EOS."""
+    def greedy(
+        self, memory: torch.Tensor, bos_id: int, eos_id: int, max_len: int, stop_early: bool = True
+    ) -> torch.Tensor:
+        """Greedy decoding: ids ``[B, L]`` starting after BOS, padded after each row's EOS.
+
+        ``stop_early=False`` runs all ``max_len`` steps: sharded (FSDP) parameters are gathered
+        in every forward, so all ranks must take the same number of steps.
+        """
         batch = memory.shape[0]
         tokens = torch.full((batch, 1), bos_id, dtype=torch.long, device=memory.device)  # [B, 1]
         done = torch.zeros(batch, dtype=torch.bool, device=memory.device)
@@ -52,6 +63,6 @@ class TransformerTextDecoder(nn.Module):
             next_ids = next_ids.masked_fill(done, self.pad_id)
             tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
             done |= next_ids == eos_id
-            if bool(done.all()):
+            if stop_early and bool(done.all()):
                 break
         return tokens[:, 1:]

@@ -52,9 +52,11 @@ class CaptionTask(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under ``trainer=fsdp2`` shard each decoder layer, the encoder and the rest (FSDP2)."""
-        if self.device_mesh is None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        # Lightning calls this hook again for test/validate after fit: shard once.
+        if self.device_mesh is None or isinstance(self.decoder, FSDPModule):
             return
-        from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
         for layer in self.decoder.layers.layers:
@@ -76,7 +78,11 @@ class CaptionTask(L.LightningModule):
         """Greedy captions for a batch of source tensors."""
         memory = self.encoder(source)
         ids = self.decoder.greedy(
-            memory, self.tokenizer.bos_id, self.tokenizer.eos_id, self.cfg["max_decode_len"]
+            memory,
+            self.tokenizer.bos_id,
+            self.tokenizer.eos_id,
+            self.cfg["max_decode_len"],
+            stop_early=self.device_mesh is None,
         )
         return [self.tokenizer.decode(row.tolist()) for row in ids]
 
