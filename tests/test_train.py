@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+import lightning as L
 import pytest
 from PIL import Image
 
 from tests.conftest import TINY, run_cli
 from xmodal.config import CONFIG_DIR, compose_config
+from xmodal.factory import build_datamodule, prepare_data
+from xmodal.tasks.seq2seq import CaptionTask
 from xmodal.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -66,7 +69,15 @@ def rank_checksums(run_dir):
 def ddp_run(tmp_path_factory, data_dir):
     """One 2-rank CPU DDP run (gloo), shared by the DDP and FSDP2 tests."""
     root = tmp_path_factory.mktemp("ddp")
-    overrides = [*TINY, f"paths.data_dir={data_dir}", f"paths.output_dir={root / 'outputs'}", *DISTRIBUTED]
+    # Odd split sizes: one rank gets a padding row, which must not count.
+    odd = ["data.shapes.n_val=47", "data.shapes.n_test=45"]
+    overrides = [
+        *TINY,
+        *odd,
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={root / 'outputs'}",
+        *DISTRIBUTED,
+    ]
     result = run_cli(["xmodal-train", *overrides, "trainer=ddp_cpu", "run.id=ddp"], root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return root, overrides
@@ -83,6 +94,20 @@ def test_ddp_cpu_two_ranks_end_with_identical_weights(ddp_run):
     assert ranks[0]["end"] == ranks[1]["end"]  # bit-identical after training
     assert ranks[0]["end"] != ranks[0]["start"]  # and training did change them
     assert not list(root.glob("**/multirun"))  # rank 1 did not start a sweep of its own
+
+
+def test_metrics_on_two_ranks_equal_one_rank_on_the_same_weights(ddp_run):
+    root, overrides = ddp_run
+    run_dir = root / "outputs" / "shapes_caption" / "ddp"
+    two_ranks = json.loads((run_dir / "metrics.json").read_text())["val"]
+    cfg = compose_config(overrides)
+    task = CaptionTask.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    datamodule = build_datamodule(cfg, prepare_data(cfg), tokenizer=task.tokenizer)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    one_rank = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
+    assert one_rank["val/loss"] == pytest.approx(two_ranks["val/loss"], rel=1e-5)
+    assert one_rank["val/bleu1"] == pytest.approx(two_ranks["val/bleu1"], abs=1e-6)
+    assert one_rank["val/bleu4"] == pytest.approx(two_ranks["val/bleu4"], abs=1e-6)
 
 
 def test_fsdp2_two_cpu_ranks_match_ddp_and_resume_from_a_distributed_checkpoint(ddp_run, tmp_path):

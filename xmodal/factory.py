@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from xmodal.callbacks.checksums import RankChecksums
+from xmodal.callbacks.last_checkpoint import LastCheckpoint
 from xmodal.callbacks.metrics_file import MetricsFile
 from xmodal.callbacks.samples import CaptionSamples
 from xmodal.config import absolute, world_size
@@ -70,6 +71,7 @@ def build_datamodule(
         max_text_len=cfg.data.max_text_len,
         min_word_count=cfg.data.min_word_count,
         tokenizer=tokenizer,
+        seed=cfg.seed,
     )
 
 
@@ -124,12 +126,13 @@ def build_callbacks(
         monitor=cfg.callbacks.monitor,
         mode=cfg.callbacks.monitor_mode,
         save_top_k=1,
-        save_last=True,
+        save_last=False,  # LastCheckpoint writes last.ckpt after every validation, improved or not
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
     callbacks: list[Callback] = [
         checkpoint,
+        LastCheckpoint(run.dir / "checkpoints" / "last.ckpt"),
         CaptionSamples(run.dir / "samples", cfg.callbacks.num_samples),
         MetricsFile(run.dir / "metrics.jsonl"),
     ]
@@ -191,6 +194,7 @@ def build_trainer(
         deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar,
         enable_model_summary=True,
+        use_distributed_sampler=False,  # the datamodule splits data exactly-once (see datamodule.py)
         default_root_dir=str(run.dir),
         logger=loggers or False,
         callbacks=callbacks,

@@ -1,9 +1,11 @@
 """A simple in-memory LightningDataModule over WebDataset tar shards.
 
 Foundation version: each split is read once into memory (shapes data is small) and served by
-map-style datasets, so Lightning's DistributedSampler splits it over ranks. The data-layer
-issue replaces this with the streaming contract (exact-once epochs, resume, resampling) while
-keeping the batch format below.
+map-style datasets. Evaluation is exact-once across ranks: each rank takes every world-th
+sample and short ranks are padded with rows marked ``valid=False`` (Lightning's
+DistributedSampler would repeat real samples instead, so 2 ranks would score differently from
+1). The data-layer issue replaces this with the streaming contract (exact-once epochs, resume,
+resampling) while keeping the batch format below.
 
 Batch: ``image`` float ``[B, 3, H, W]`` in [-1, 1]; ``text`` long ``[B, T]`` and ``text_mask`` bool
 ``[B, T]``; ``label`` long ``[B]``; ``valid`` bool ``[B]``; ``captions`` (all references per row) and
@@ -23,7 +25,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from xmodal.data.shards import iter_tar_samples, split_shards
 from xmodal.data.tokenizer import WordTokenizer
@@ -55,6 +57,28 @@ def iter_split(shards_dir: Path, split: str) -> Iterator[dict[str, Any]]:
         yield from iter_tar_samples(shard)
 
 
+PADDING = -1
+"""Sampler index of a padding row: a copy of sample 0 marked ``valid=False``."""
+
+
+class EvenEvalSampler(Sampler[int]):
+    """This rank's share of an evaluation split, every sample exactly once over all ranks.
+
+    Rank r takes indices r, r + world, ...; ranks left one short get a PADDING index, so every
+    rank runs the same number of batches (no collective waits on a rank that has finished).
+    """
+
+    def __init__(self, size: int, rank: int, world: int):
+        self.indices = list(range(rank, size, world))
+        self.indices += [PADDING] * (-(-size // world) - len(self.indices))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class CaptionDataset(Dataset):
     """Decoded samples of one split; ``train=True`` draws one caption per access (fresh each epoch)."""
 
@@ -66,10 +90,10 @@ class CaptionDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.samples[index]
+        sample = self.samples[max(index, 0)]
         captions = sample["captions"]
         caption = random.choice(captions) if self.train else captions[0]
-        return {**sample, "caption": caption}
+        return {**sample, "caption": caption, "valid": index != PADDING}
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -82,8 +106,10 @@ class ShardDataModule(L.LightningDataModule):
         max_text_len: int,
         min_word_count: int = 1,
         tokenizer: WordTokenizer | None = None,
+        seed: int = 0,
     ):
         super().__init__()
+        self.seed = seed
         self.shards_dir = Path(shards_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -139,16 +165,32 @@ class ShardDataModule(L.LightningDataModule):
             "text": text,  # [B, T]
             "text_mask": text_mask,  # [B, T]
             "label": torch.tensor([r["label"] for r in rows], dtype=torch.long),  # [B]
-            "valid": torch.ones(len(rows), dtype=torch.bool),  # [B]
+            "valid": torch.tensor([r["valid"] for r in rows], dtype=torch.bool),  # [B]
             "captions": [r["captions"] for r in rows],
             "__key__": [r["__key__"] for r in rows],
         }
 
+    def _topology(self) -> tuple[int, int]:
+        """(rank, world) of data parallelism; (0, 1) outside a Trainer or on one device."""
+        kwargs = getattr(self.trainer, "distributed_sampler_kwargs", None) if self.trainer else None
+        return (kwargs["rank"], kwargs["num_replicas"]) if kwargs else (0, 1)
+
     def _loader(self, split: str, train: bool) -> DataLoader:
+        # The Trainer runs with use_distributed_sampler=False: the samplers below are the split.
+        dataset = self.load_split(split)
+        rank, world = self._topology()
+        if train:
+            # Equal batch counts per rank by dropping the tail; reshuffled per epoch (Lightning
+            # calls set_epoch) with the same seed on every rank.
+            sampler: Sampler[int] = DistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=True
+            )
+        else:
+            sampler = EvenEvalSampler(len(dataset), rank, world)
         return DataLoader(
-            self.load_split(split),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             collate_fn=self.collate,

@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.text import BLEUScore
 
 from xmodal.data.tokenizer import WordTokenizer, normalize
@@ -47,6 +48,7 @@ class CaptionTask(L.LightningModule):
             max_len=max(max_text_len, model["max_decode_len"]),
             pad_id=self.tokenizer.pad_id,
         )
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_bleu4, self.test_bleu4 = BLEUScore(n_gram=4), BLEUScore(n_gram=4)
         self.val_bleu1, self.test_bleu1 = BLEUScore(n_gram=1), BLEUScore(n_gram=1)
 
@@ -64,14 +66,21 @@ class CaptionTask(L.LightningModule):
         fully_shard(self.encoder, mesh=mesh)
         fully_shard(self.decoder, mesh=mesh)
 
-    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+    def token_losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced cross-entropy per target token ``[B, T-1]`` and its mask ``[B, T-1]``."""
         memory = self.encoder(batch[self.source])  # [B, N, D]
         tokens = batch[self.target]  # [B, T]
         logits = self.decoder(tokens[:, :-1], memory)  # [B, T-1, V]
+        targets = tokens[:, 1:]  # [B, T-1]
         # Loss in fp32 from logits whatever the autocast dtype.
-        return F.cross_entropy(
-            logits.float().transpose(1, 2), tokens[:, 1:], ignore_index=self.tokenizer.pad_id
+        losses = F.cross_entropy(
+            logits.float().transpose(1, 2), targets, ignore_index=self.tokenizer.pad_id, reduction="none"
         )
+        return losses, targets != self.tokenizer.pad_id
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        losses, mask = self.token_losses(batch)
+        return losses.sum() / mask.sum().clamp(min=1)
 
     @torch.no_grad()
     def caption(self, source: torch.Tensor) -> list[str]:
@@ -93,8 +102,11 @@ class CaptionTask(L.LightningModule):
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         valid = batch["valid"]  # [B] False on padding rows
-        batch_size = int(valid.sum())
-        self.log(f"{stage}/loss", self.loss(batch), sync_dist=True, batch_size=max(batch_size, 1))
+        losses, mask = self.token_losses(batch)
+        # A token mean over the whole split, synced as (sum, count): exact for any rank count.
+        mean_loss = getattr(self, f"{stage}_loss")
+        mean_loss.update(losses[mask & valid[:, None]])
+        self.log(f"{stage}/loss", mean_loss)
         hypotheses = self.caption(batch[self.source])
         refs = [[" ".join(normalize(r)) for r in refs] for refs in batch["captions"]]
         keep = valid.tolist()
