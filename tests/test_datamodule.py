@@ -33,3 +33,12 @@ def test_batch_contract_and_padding_rows(tiny):
     assert batch["__key__"] == ["val-0000000", "val-0000000"]
     assert len(batch["captions"][0]) >= 3  # every reference is kept for evaluation
     assert set(batch) == {"image", "text", "text_mask", "label", "valid", "captions", "__key__"}
+
+
+def test_holdout_pairs_configured_for_training_never_reach_train_val_or_test(tiny):
+    cfg = compose_config([*tiny, "data.shapes.holdout=[red circle]"])
+    datamodule = build_datamodule(cfg, prepare_data(cfg))
+    for split in ("train", "val", "test", "holdout"):
+        captions = [" ".join(s["captions"]) for s in datamodule.load_split(split).samples]
+        with_pair = sum("red circle" in c for c in captions)
+        assert with_pair == (len(captions) if split == "holdout" else 0), split

@@ -273,7 +273,13 @@ def _problems(cfg: Any) -> list[str]:
     check(cfg.logger.kind in LOGGERS, "logger.kind", f"must be one of {LOGGERS}")
     check(cfg.callbacks.monitor_mode in ("min", "max"), "callbacks.monitor_mode", "must be min or max")
     if cfg.ckpt_path is not None:
-        check(Path(cfg.ckpt_path).is_file(), "ckpt_path", "no such checkpoint file")
+        # A directory is a distributed (FSDP2) checkpoint.
+        check(Path(cfg.ckpt_path).exists(), "ckpt_path", "no such checkpoint")
+    check(
+        cfg.run.dir is None,
+        "run.dir",
+        "is derived as <paths.output_dir>/<experiment_name>/<run.id>; set those instead",
+    )
     return problems
 
 
