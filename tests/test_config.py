@@ -62,6 +62,8 @@ def test_every_group_option_composes_on_cpu(group, option):
         (["data.shapes.image_size=60"], "data.shapes.image_size: must be >= 16, a multiple of 8"),
         (["model.d_model=130"], "model.d_model: must divide by model.heads=4"),
         (["logger.kind=tensorboard"], "logger.kind: must be one of"),
+        (["data.name=coco"], "data.name: is not a built-in dataset (built-in: 'shapes')"),
+        (["model.source=audio"], "model.source: the caption task reads images for now"),
         (["ckpt_path=/nonexistent.ckpt"], "ckpt_path: no such checkpoint (got '/nonexistent.ckpt')"),
         (["run.dir=/somewhere"], "run.dir: is derived as <paths.output_dir>/<experiment_name>/<run.id>"),
     ],

@@ -24,7 +24,6 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp2", "fsdp")
 LOGGERS = ("wandb", "csv", "none")
 TASKS = ("caption",)
-MODALITIES = ("image", "text", "audio")
 
 
 class ConfigError(ValueError):
@@ -72,7 +71,7 @@ class ShapesConfig:
 @dataclass
 class DataConfig:
     name: str = "shapes"
-    """Dataset name, used in logs and in the cache path of built-in data."""
+    """Dataset name (recorded with the run); without ``shards`` it must name a built-in dataset."""
     shards: str | None = None
     """Directory of WebDataset shards with a ``sizes.json``; unset = built-in shapes data,
     generated into ``paths.data_dir`` on first use."""
@@ -245,7 +244,13 @@ def _problems(cfg: Any) -> list[str]:
         )
     check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     check(d.max_text_len >= 4, "data.max_text_len", "must be >= 4")
-    if d.shards is not None:
+    if d.shards is None:
+        check(
+            d.name == "shapes",
+            "data.name",
+            "is not a built-in dataset (built-in: 'shapes'); point data.shards at your shard directory",
+        )
+    else:
         check(Path(d.shards).is_dir(), "data.shards", "is not a directory")
         if Path(d.shards).is_dir():
             check((Path(d.shards) / "sizes.json").is_file(), "data.shards", "has no sizes.json")
@@ -258,7 +263,11 @@ def _problems(cfg: Any) -> list[str]:
     )
     check(1 <= s.max_shapes <= 2, "data.shapes.max_shapes", "must be 1 or 2")
     check(m.task in TASKS, "model.task", f"must be one of {TASKS}")
-    check(m.source in MODALITIES, "model.source", f"must be one of {MODALITIES}")
+    check(
+        m.source == "image",
+        "model.source",
+        "the caption task reads images for now (audio encoders come with the captioning work)",
+    )
     check(m.target == "text", "model.target", "the caption task produces text")
     check(m.d_model % max(m.heads, 1) == 0, "model.d_model", f"must divide by model.heads={m.heads}")
     check(len(m.encoder_channels) >= 1, "model.encoder_channels", "needs at least one stage")

@@ -46,7 +46,7 @@ def prepare_data(cfg: DictConfig, wait_s: float = 900.0) -> Path:
     if cfg.data.shards is not None:
         return absolute(cfg.data.shards)
     spec = shapes_spec(cfg)
-    out = absolute(cfg.paths.data_dir) / f"shapes-{spec.fingerprint()}"
+    out = absolute(cfg.paths.data_dir) / f"{cfg.data.name}-{spec.fingerprint()}"
     if is_launcher():
         if not (out / "sizes.json").exists():
             log.info("generating the built-in shapes data into %s", out)
