@@ -253,7 +253,8 @@ def _problems(cfg: Any) -> list[str]:
     else:
         check(Path(d.shards).is_dir(), "data.shards", "is not a directory")
         if Path(d.shards).is_dir():
-            check((Path(d.shards) / "sizes.json").is_file(), "data.shards", "has no sizes.json")
+            indexed = (Path(d.shards) / "sizes.json").is_file() or any(Path(d.shards).glob("*_stats.json"))
+            check(indexed, "data.shards", "has no sizes.json (nor img2dataset *_stats.json files)")
     s = d.shapes
     check(s.n_train >= 1 and s.n_val >= 1 and s.n_test >= 1, "data.shapes", "split sizes must be >= 1")
     check(

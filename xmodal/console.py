@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import rich
@@ -53,3 +55,29 @@ def stop_logging_to(handler: logging.Handler) -> None:
     for name in ("xmodal", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).removeHandler(handler)
     handler.close()
+
+
+@contextmanager
+def progress_counter(enabled: bool, label: str, total: int | None = None) -> Iterator[Callable[[], None]]:
+    """Yield ``advance()`` for a rich progress bar (a spinner and a count when ``total`` is unknown),
+    or a no-op when disabled."""
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    if total is None:
+        columns = (SpinnerColumn(), TextColumn(f"{label} {{task.completed}}"), TimeElapsedColumn())
+    else:
+        columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)

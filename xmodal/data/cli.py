@@ -1,10 +1,11 @@
 """``xmodal-shards``: create and inspect WebDataset shard directories.
 
     xmodal-shards synth --out data/shapes --n 8000 --holdout "red circle"
+    xmodal-shards write photos/ --out data/photos --val-fraction 0.05 --resize 256
     xmodal-shards inspect data/shapes
 
 User errors (bad arguments, missing or foreign directories, unsafe shards) print one line to stderr
-and exit with code 2, without a traceback.
+and exit with code 2, without a traceback. ``write`` also exits with 2 when no row could be written.
 """
 
 from __future__ import annotations
@@ -15,12 +16,24 @@ import sys
 import time
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from xmodal.data.shapes import ShapesSpec, synth
 from xmodal.data.shards import ShardError, iter_tar_samples, read_sizes, split_shards
+from xmodal.data.writer import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SHARD_BYTES,
+    FORMATS,
+    IMAGE_FORMATS,
+    WriteOptions,
+    WriteReport,
+    detect_format,
+    rows_from_source,
+    write_shards,
+)
 
 PROG = "xmodal-shards"
 _EXAMPLES_PER_SPLIT = 3
@@ -56,9 +69,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    _add_write_parser(commands)
+
     i = commands.add_parser("inspect", help="summarise a shard directory and show example samples")
-    i.add_argument("dir", type=Path, help="a directory holding sizes.json")
+    i.add_argument("dir", type=Path, help="a directory holding sizes.json (or img2dataset output)")
     return parser
+
+
+def _add_write_parser(commands: Any) -> None:
+    w = commands.add_parser(
+        "write",
+        help="write shards from your own images + captions (folder, JSONL, CSV or COCO)",
+        description="Write WebDataset shards + sizes.json from your own files. Bad rows (missing file, "
+        "unreadable image, empty caption, ...) are skipped, counted by reason and reported.",
+    )
+    w.add_argument(
+        "source",
+        type=Path,
+        help="a folder of pairs (x.jpg + x.txt [+ x.wav] [+ x.cls]), a .jsonl, a .csv/.tsv, or a COCO "
+        "captions .json",
+    )
+    w.add_argument("--out", required=True, type=Path, help="output directory (must not exist, or be empty)")
+    w.add_argument(
+        "--format", default="auto", choices=("auto", *FORMATS), help="source format (auto: by name)"
+    )
+    w.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="COCO image folder; base of relative paths in JSONL/CSV (default: the source file's folder)",
+    )
+    w.add_argument("--split", default=None, help="split for all samples (default train)")
+    w.add_argument(
+        "--val-fraction", type=float, default=0.0, help="share of samples for 'val' (by a hash of the key)"
+    )
+    w.add_argument(
+        "--test-fraction", type=float, default=0.0, help="share of samples for 'test' (by a hash of the key)"
+    )
+    w.add_argument("--samples-per-shard", type=int, default=1000, help="at most this many samples per tar")
+    w.add_argument(
+        "--max-shard-bytes",
+        type=int,
+        default=DEFAULT_MAX_SHARD_BYTES,
+        help="at most this many bytes per tar (a single larger sample gets its own)",
+    )
+    w.add_argument(
+        "--resize", type=int, default=None, metavar="PX", help="shorter side to PX, centre crop PX×PX"
+    )
+    w.add_argument(
+        "--format-image",
+        default="keep",
+        choices=IMAGE_FORMATS,
+        help="keep: copy JPEG/PNG bytes when not resized (other types become PNG); png/jpg: re-encode",
+    )
+    w.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality when encoding jpg (1-100)")
+    w.add_argument(
+        "--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="skip images with more pixels than this"
+    )
+    w.add_argument("--force", action="store_true", help="replace an existing, non-empty --out directory")
+    w.add_argument("--quiet", action="store_true", help="no progress counter")
 
 
 def cmd_synth(args: argparse.Namespace, console: Console) -> int:
@@ -110,6 +179,10 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     if isinstance(sizes.get("spec"), dict):
         spec = ", ".join(f"{k}={v}" for k, v in sizes["spec"].items())
         console.print(f"spec: {spec}")
+    if sizes.get("skipped"):
+        console.print("skipped when written: " + ", ".join(f"{k} {v}" for k, v in sizes["skipped"].items()))
+    if sizes.get("incomplete"):
+        console.print(f"left out (tar without stats, still being written?): {', '.join(sizes['incomplete'])}")
 
     examples = Table(title=f"first {_EXAMPLES_PER_SPLIT} samples of each split")
     for column in ("split", "key", "members", "caption"):
@@ -125,6 +198,65 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_write(args: argparse.Namespace, console: Console) -> int:
+    if args.split is not None and (args.val_fraction or args.test_fraction):
+        raise ValueError("--split puts everything in one split: do not combine it with --val/--test-fraction")
+    options = WriteOptions(
+        split=args.split or "train",
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        samples_per_shard=args.samples_per_shard,
+        max_shard_bytes=args.max_shard_bytes,
+        resize=args.resize,
+        image_format=args.format_image,
+        jpeg_quality=args.jpeg_quality,
+        max_pixels=args.max_pixels,
+        force=args.force,
+        progress=not args.quiet,
+    )
+    fmt = args.format
+    if fmt == "auto" and args.source.exists():
+        fmt = detect_format(args.source)
+    rows = rows_from_source(args.source, fmt, args.images)
+    info = {
+        "path": str(args.source.resolve()),
+        "format": fmt,
+        "images": str(args.images) if args.images else None,
+    }
+    start = time.perf_counter()
+    report = write_shards(rows, args.out, options, source_info=info)
+    print_write_report(report, console, time.perf_counter() - start)
+    return 0 if report.written else 2
+
+
+def print_write_report(report: WriteReport, console: Console, seconds: float) -> None:
+    """Written samples per split, then every skip reason with its count and first examples."""
+    table = Table(title=f"{report.out_dir}" if report.written else "nothing written")
+    for column in ("", "count", "details"):
+        table.add_column(column, justify="right" if column == "count" else "left", overflow="fold")
+    for split, shards in report.shards.items():
+        table.add_row(f"written: {split}", str(sum(shards.values())), f"{len(shards)} shard(s)")
+    for reason, count in report.skipped.most_common():
+        table.add_row(f"skipped: {reason}", str(count), "\n".join(report.examples.get(reason, [])))
+    console.print(table)
+    skipped = sum(report.skipped.values())
+    if report.written and report.empty_splits:
+        console.print(f"warning: no sample fell into split(s) {', '.join(report.empty_splits)}; not written")
+    if report.written:
+        console.print(
+            f"{report.out_dir}: {report.written} samples written, {skipped} rows skipped "
+            f"({', '.join(report.modalities)}; {seconds:.1f} s)"
+        )
+    else:
+        reasons = (
+            ", ".join(f"{reason} ({count})" for reason, count in report.skipped.most_common()) or "no rows"
+        )
+        print(
+            f"{PROG} write: error: nothing written ({reasons}); {report.out_dir} left untouched",
+            file=sys.stderr,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code (0 ok, 2 user error)."""
     parser = build_parser()
@@ -133,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse already printed usage + error (or --help)
         return int(exit_.code or 0)
     console = Console(width=max(Console().width, 120))  # wide enough that captions rarely wrap in logs
-    commands = {"synth": cmd_synth, "inspect": cmd_inspect}
+    commands = {"synth": cmd_synth, "inspect": cmd_inspect, "write": cmd_write}
     try:
         return commands[args.command](args, console)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ShardError) as error:

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from xmodal.console import progress_counter
 from xmodal.data.shards import SIZES_FILE, read_sizes, write_sizes, write_tar_shard
 
 KINDS: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
@@ -482,7 +483,7 @@ def synth(out_dir: str | Path, spec: ShapesSpec, progress: bool = True) -> Path:
     tmp.mkdir()
     try:
         sizes = spec.split_sizes()
-        with _progress_bar(progress, sum(sizes.values())) as advance:
+        with progress_counter(progress, "shapes", sum(sizes.values())) as advance:
             shard_sizes: dict[str, dict[str, int]] = {}
             for split, n in sizes.items():
                 (tmp / split).mkdir()
@@ -505,28 +506,3 @@ def synth(out_dir: str | Path, spec: ShapesSpec, progress: bool = True) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)  # also on KeyboardInterrupt: leave no partial copy
         raise
     return out_dir
-
-
-class _progress_bar:
-    """Context manager yielding an ``advance()`` callback: a rich bar, or a no-op when disabled."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled = enabled
-        self.total = total
-        self._bar: Any = None
-
-    def __enter__(self) -> Callable[[], None]:
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(
-            TextColumn("shapes"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=False
-        )
-        self._bar.__enter__()
-        task = self._bar.add_task("synth", total=self.total)
-        return lambda: self._bar.advance(task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)

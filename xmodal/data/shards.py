@@ -15,6 +15,7 @@ Safety: shard members are only ever handed out as raw bytes, and only for extens
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import tarfile
@@ -123,6 +124,14 @@ def write_tar_shard(
     return count
 
 
+def check_sample(sample: dict[str, bytes | str], path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A sample as ``write_tar_shard`` writes it (bytes values), or ValueError naming ``path``.
+
+    For writers that stream into their own ``TarWriter`` but must follow the same rules.
+    """
+    return _checked_sample(sample, Path(path))
+
+
 def _checked_sample(sample: dict[str, bytes | str], path: Path) -> dict[str, Any]:
     key = sample.get("__key__")
     if not isinstance(key, str) or not key or "." in key.rpartition("/")[2]:
@@ -140,9 +149,16 @@ def _checked_sample(sample: dict[str, bytes | str], path: Path) -> dict[str, Any
 
 
 def read_sizes(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and check ``<directory>/sizes.json`` (FileNotFoundError with instructions if absent)."""
+    """Load and check ``<directory>/sizes.json`` (FileNotFoundError with instructions if absent).
+
+    A directory written by img2dataset (``--output_format webdataset``) has no ``sizes.json`` but a
+    ``NNNNN_stats.json`` next to each ``NNNNN.tar``; its index is synthesized from those
+    (see ``img2dataset_sizes``), so such output is used as-is.
+    """
     path = Path(directory) / SIZES_FILE
     if not path.is_file():
+        if Path(directory).is_dir() and any(Path(directory).glob(f"*{_STATS_SUFFIX}")):
+            return img2dataset_sizes(directory)
         raise FileNotFoundError(
             f"no shard index {path} (is {directory} a shard directory?): {_HOW_TO_CREATE}"
         )
@@ -158,7 +174,64 @@ def read_sizes(directory: str | os.PathLike[str]) -> dict[str, Any]:
     )
     if not well_formed:
         raise ValueError(f'{path} must map "splits" to {{split: {{shard file: sample count}}}}')
+    shard_dirs = sizes.get("shard_dirs", {})
+    if not (isinstance(shard_dirs, dict) and all(isinstance(v, str) for v in shard_dirs.values())):
+        raise ValueError(f'{path}: "shard_dirs" must map split names to folders (strings)')
     return sizes
+
+
+_STATS_SUFFIX = "_stats.json"
+
+
+def img2dataset_sizes(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``sizes.json`` equivalent of an img2dataset webdataset output directory.
+
+    img2dataset writes ``NNNNN.tar`` + ``NNNNN_stats.json`` + ``NNNNN.parquet`` per shard. All
+    shards form split "train", stored at the directory root (``"shard_dirs": {"train": ""}``).
+    Counts come from the stats' ``successes``: failed downloads are rows of the parquet (and part
+    of ``count``) but absent from the tar. A tar without stats is a shard still being written (or
+    interrupted), so it is left out, listed under ``"incomplete"``, and logged, never used silently.
+    """
+    root = Path(directory)
+    shards: dict[str, int] = {}
+    for stats_path in sorted(root.glob(f"*{_STATS_SUFFIX}")):
+        tar_name = stats_path.name[: -len(_STATS_SUFFIX)] + ".tar"
+        if not (root / tar_name).is_file():
+            continue  # a shard where every download failed writes stats but may have no tar
+        try:
+            successes = json.loads(stats_path.read_text(encoding="utf-8"))["successes"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"{stats_path}: not an img2dataset stats file with 'successes' ({error})"
+            ) from error
+        if not isinstance(successes, int) or isinstance(successes, bool) or successes < 0:
+            raise ValueError(f"{stats_path}: 'successes' must be a non-negative integer, got {successes!r}")
+        shards[tar_name] = successes
+    incomplete = sorted(p.name for p in root.glob("*.tar") if p.name not in shards)
+    if incomplete:
+        logging.getLogger(__name__).warning(
+            "%s: %d tar(s) without %s left out (still being written?): %s",
+            root,
+            len(incomplete),
+            _STATS_SUFFIX,
+            ", ".join(incomplete[:5]),
+        )
+    return {
+        "source": {"format": "img2dataset"},
+        "splits": {"train": shards},
+        "shard_dirs": {"train": ""},
+        "modalities": _peek_modalities([root / name for name in shards]),
+        "incomplete": incomplete,
+    }
+
+
+def _peek_modalities(shards: list[Path]) -> list[str]:
+    """Modalities of the first sample of the first non-empty shard (img2dataset writes them all alike)."""
+    names = {"jpg": "image", "jpeg": "image", "png": "image", "txt": "text", "wav": "audio", "flac": "audio"}
+    for shard in shards:
+        for sample in iter_tar_samples(shard):
+            return sorted({names[ext] for ext in sample if ext in names})
+    return []
 
 
 def write_sizes(directory: str | os.PathLike[str], sizes: dict[str, Any]) -> Path:
@@ -170,8 +243,10 @@ def write_sizes(directory: str | os.PathLike[str], sizes: dict[str, Any]) -> Pat
     return path
 
 
-def _split_entry(directory: str | os.PathLike[str], split: str) -> dict[str, int]:
-    splits = read_sizes(directory)["splits"]
+def _split_entry(
+    directory: str | os.PathLike[str], split: str, sizes: dict[str, Any] | None = None
+) -> dict[str, int]:
+    splits = (sizes or read_sizes(directory))["splits"]
     if split not in splits:
         raise ValueError(
             f"split {split!r} not in {Path(directory) / SIZES_FILE}; available: {sorted(splits)}"
@@ -180,8 +255,14 @@ def _split_entry(directory: str | os.PathLike[str], split: str) -> dict[str, int
 
 
 def split_shards(directory: str | os.PathLike[str], split: str) -> list[Path]:
-    """Sorted shard paths of ``split``, as listed in ``sizes.json`` (each one must exist)."""
-    shards = [Path(directory) / split / name for name in sorted(_split_entry(directory, split))]
+    """Sorted shard paths of ``split``, as listed in ``sizes.json`` (each one must exist).
+
+    Shards live in ``<directory>/<split>/`` unless ``sizes["shard_dirs"][split]`` names another
+    folder relative to the directory ("" = the directory itself, as for img2dataset output).
+    """
+    sizes = read_sizes(directory)
+    folder = Path(directory) / sizes.get("shard_dirs", {}).get(split, split)
+    shards = [folder / name for name in sorted(_split_entry(directory, split, sizes))]
     missing = [str(p) for p in shards if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"shards listed in {Path(directory) / SIZES_FILE} are missing: {missing}")
