@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import run_cli
 from xmodal.config import ConfigError, compose_config
-from xmodal.run import RUN_ID_ENV, decide_run
+from xmodal.run import RUN_ID_ENV, decide_run, resume_checkpoint
 from xmodal.train import train
 
 JOB_ENV = (
@@ -108,3 +109,15 @@ def test_local_multirun_with_several_devices_is_refused_at_once(tiny, tmp_path):
     assert result.returncode == 2
     assert "trainer.devices: a local multirun (-m) cannot start multi-process jobs" in result.stderr
     assert not list(tmp_path.glob("outputs/shapes_caption/2*"))  # no run dir was made
+
+
+def test_resume_picks_the_newest_of_last_and_slurm_hpc_checkpoints(tmp_path):
+    assert resume_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"x")
+    assert resume_checkpoint(tmp_path) == last
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    hpc.write_bytes(b"x")
+    os.utime(hpc, ns=(last.stat().st_mtime_ns + 10**9,) * 2)
+    assert resume_checkpoint(tmp_path) == hpc

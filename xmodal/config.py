@@ -166,6 +166,29 @@ class CallbacksConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """SLURM resources for ``xmodal-submit`` (nodes and GPUs per node come from ``trainer``)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "04:00:00"
+    """Wall-time limit per job (sbatch --time); a preempted or timed-out job requeues and resumes."""
+    cpus_per_task: int = 8
+    mem_per_gpu: str | None = None
+    """e.g. "64G"; unset = the partition's default."""
+    gpu_partition: bool = True
+    """False for a CPU-only partition: GPU trainers are then refused when submitting."""
+    signal_seconds: int = 120
+    """Seconds before the time limit at which SLURM sends SIGUSR2 (save, requeue, exit)."""
+    requeue: bool = True
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before ``srun`` (module load, environment activation)."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """Extra ``#SBATCH`` options, e.g. ["--constraint=a100"]."""
+
+
+@dataclass
 class TrainConfig:
     """Root of ``xmodal-train``'s config (conf/train.yaml)."""
 
@@ -178,6 +201,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     test_after_fit: bool = True
     """Run the test split on the best checkpoint after fitting."""
     ckpt_path: str | None = None

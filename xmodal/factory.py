@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from netrc import netrc
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from xmodal.callbacks.checksums import RankChecksums
@@ -176,7 +178,13 @@ def build_trainer(
     # An integer interval counts batches across epochs, which Lightning allows only without the
     # per-epoch schedule.
     every_n_epochs = None if isinstance(t.val_check_interval, int) else t.check_val_every_n_epoch
+    plugins = []
+    if SLURMEnvironment.detect():
+        # submitit and our sbatch scripts send SIGUSR2 before the time limit (NCCL may use USR1);
+        # Lightning then saves hpc_ckpt_N.ckpt into the run dir and requeues the job.
+        plugins.append(SLURMEnvironment(requeue_signal=signal.SIGUSR2))
     return L.Trainer(
+        plugins=plugins or None,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,

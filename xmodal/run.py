@@ -102,9 +102,11 @@ def forget_run_id() -> None:
 
 
 def resume_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint a rerun of this run continues from, if any."""
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return last if last.exists() else None
+    """The checkpoint a rerun of this run continues from: the newest of ``checkpoints/last.ckpt``
+    and the ``hpc_ckpt_N.ckpt`` Lightning writes into the run dir when SLURM preempts the job."""
+    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [path for path in candidates if path.exists()]
+    return max(existing, key=lambda path: path.stat().st_mtime_ns) if existing else None
 
 
 def _git(args: list[str]) -> str:
