@@ -224,6 +224,11 @@ def test_resume_in_process_and_topology_change_refused(shards):
     done = {**stream.state_dict(), "batches_consumed": len(full)}
     resumed.load_state_dict(done)
     assert resumed.epoch == 1
+    # Lightning stores rank 0's state only: rank 1 of the same layout resumes its own remaining batches.
+    rank1_full = rank_batches(ShardStream(shards, "exact", 7, Topology(1, 2, 0), 2))
+    rank1 = ShardStream(shards, "exact", 7, Topology(1, 2, 0), 2)
+    rank1.load_state_dict(stream.state_dict())
+    assert rank_batches(rank1) == rank1_full[2:]
     other = ShardStream(shards, "exact", 7, Topology(0, 2, 1), 2)
     with pytest.raises(ValueError, match=r"saved .*\(0, 2, 0\), now \(0, 2, 1\)"):
         other.load_state_dict(stream.state_dict())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,15 @@ class DataConfig:
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     batch_size: int = 64
     """GLOBAL batch size: split evenly over devices × nodes, so it must divide by the world size."""
+    mode: str = "exact"
+    """Training epochs: ``exact`` (every sample once per epoch over all ranks and workers) or
+    ``resampled`` (``samples_per_epoch`` samples drawn with replacement). Evaluation is always exact."""
+    samples_per_epoch: int | None = None
+    """Global samples per epoch in ``resampled`` mode."""
+    shuffle_buffer: int = 1000
+    """Raw (undecoded) records each loader worker shuffles over."""
+    max_consecutive_failures: int = 100
+    """Unreadable samples in a row before the run stops, naming the shard."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
     max_text_len: int = 32
@@ -179,6 +189,8 @@ class ClusterConfig:
     """e.g. "64G"; unset = the partition's default."""
     gpu_partition: bool = True
     """False for a CPU-only partition: GPU trainers are then refused when submitting."""
+    max_devices_per_node: int = 8
+    """Tasks (GPUs) per node above which a submission is refused as a likely typo."""
     signal_seconds: int = 120
     """Seconds before the time limit at which SLURM sends SIGUSR2 (save, requeue, exit)."""
     requeue: bool = True
@@ -225,8 +237,12 @@ def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
     return unknown
 
 
-def _problems(cfg: Any) -> list[str]:
-    """Collect every semantic problem as '<key>: <why> (got <value>)'."""
+def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
+    """Every semantic problem as '<key>: <why> (got <value>)'.
+
+    ``cuda_available`` overrides what this process sees (a SLURM login node has no GPU, but the
+    job's compute node does)."""
+    cuda = _cuda_available() if cuda_available is None else cuda_available
     problems: list[str] = _unknown_keys(cfg, TrainConfig) if isinstance(cfg, DictConfig) else []
 
     def check(ok: bool, key: str, why: str) -> None:
@@ -240,11 +256,11 @@ def _problems(cfg: Any) -> list[str]:
     check(t.strategy in STRATEGIES, "trainer.strategy", f"must be one of {STRATEGIES}")
     check(t.precision in PRECISIONS, "trainer.precision", f"must be one of {PRECISIONS}")
     check(
-        not (t.accelerator in ("gpu", "cuda") and not _cuda_available()),
+        not (t.accelerator in ("gpu", "cuda") and not cuda),
         "trainer.accelerator",
         "asks for a GPU but torch sees no CUDA device; use trainer=cpu or trainer=ddp_cpu",
     )
-    if t.accelerator == "cpu" or (t.accelerator == "auto" and not _cuda_available()):
+    if t.accelerator == "cpu" or (t.accelerator == "auto" and not cuda):
         check(
             not t.precision.startswith("16"),
             "trainer.precision",
@@ -267,6 +283,14 @@ def _problems(cfg: Any) -> list[str]:
             f"trainer.devices × trainer.num_nodes = {world}",
         )
     check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    check(d.mode in ("exact", "resampled"), "data.mode", "must be exact or resampled")
+    if d.mode == "resampled":
+        check(
+            d.samples_per_epoch is not None and d.samples_per_epoch >= 1,
+            "data.samples_per_epoch",
+            "must be set (>= 1) in resampled mode",
+        )
+    check(d.max_consecutive_failures >= 1, "data.max_consecutive_failures", "must be >= 1")
     check(d.max_text_len >= 4, "data.max_text_len", "must be >= 4")
     if d.shards is None:
         check(
@@ -323,9 +347,11 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def validate(cfg: DictConfig | TrainConfig) -> None:
-    """Raise :class:`ConfigError` listing every invalid key, or return silently."""
-    problems = _problems(cfg)
+def validate(
+    cfg: DictConfig | TrainConfig, cuda_available: bool | None = None, more_problems: Sequence[str] = ()
+) -> None:
+    """Raise :class:`ConfigError` listing every invalid key (and ``more_problems``), or return."""
+    problems = [*config_problems(cfg, cuda_available), *more_problems]
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 

@@ -74,6 +74,10 @@ def build_datamodule(
         min_word_count=cfg.data.min_word_count,
         tokenizer=tokenizer,
         seed=cfg.seed,
+        mode=cfg.data.mode,
+        samples_per_epoch=cfg.data.samples_per_epoch,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        max_consecutive_failures=cfg.data.max_consecutive_failures,
     )
 
 
@@ -202,7 +206,7 @@ def build_trainer(
         deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar,
         enable_model_summary=True,
-        use_distributed_sampler=False,  # the datamodule splits data exactly-once (see datamodule.py)
+        use_distributed_sampler=False,  # the stream splits data over ranks itself (exact-once)
         default_root_dir=str(run.dir),
         logger=loggers or False,
         callbacks=callbacks,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,8 @@ def _in_multirun() -> bool:
 
 def check_launch(cfg: DictConfig) -> None:
     """Refuse launches that Lightning would silently get wrong."""
-    if _in_multirun() and world_size(cfg) > 1 and is_launcher():
+    # Under a SLURM launcher (submitit) srun starts every rank itself: nothing is re-run.
+    if _in_multirun() and world_size(cfg) > 1 and is_launcher() and "SLURM_PROCID" not in os.environ:
         raise ConfigError(
             "invalid config:\n  trainer.devices: a local multirun (-m) cannot start multi-process jobs: "
             "Lightning's DDP launcher re-runs the whole sweep in every child. Run one job per point "
@@ -135,6 +137,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.test(test_task, datamodule=datamodule, ckpt_path=best)
             summary["test"] = scalar_metrics(trainer.callback_metrics, "test/")
             metrics.update(summary["test"])
+        summary["data_skipped"] = datamodule.skipped()
         if trainer.is_global_zero:
             write_json(run.dir / "metrics.json", summary)
         failed = False

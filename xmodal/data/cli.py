@@ -73,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = commands.add_parser("inspect", help="summarise a shard directory and show example samples")
     i.add_argument("dir", type=Path, help="a directory holding sizes.json (or img2dataset output)")
+
+    p = commands.add_parser(
+        "plan", help="dry-run the real loader for a world size × workers layout before paying for a cluster"
+    )
+    p.add_argument("dir", type=Path, help="a directory holding sizes.json (or img2dataset output)")
+    p.add_argument("--world-size", type=int, required=True, help="ranks (devices × nodes)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank (data.num_workers)")
+    p.add_argument("--mode", choices=("exact", "resampled"), default="exact")
+    p.add_argument("--batch-size", type=int, default=64, help="GLOBAL batch size (divided over ranks)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epoch", type=int, default=0)
+    p.add_argument("--samples-per-epoch", type=int, default=None, help="resampled mode")
+    p.add_argument("--dump-keys", type=Path, default=None, help="write 'rank worker epoch key valid' lines")
     return parser
 
 
@@ -257,6 +271,31 @@ def print_write_report(report: WriteReport, console: Console, seconds: float) ->
         )
 
 
+def cmd_plan(args: argparse.Namespace, console: Console) -> int:
+    from xmodal.data.plan import plan_report, print_plan
+
+    if args.world_size < 1 or args.workers < 0:
+        raise ValueError("--world-size must be >= 1 and --workers >= 0")
+    if args.batch_size % args.world_size:
+        raise ValueError(
+            f"--batch-size {args.batch_size} (global) must divide by --world-size {args.world_size}"
+        )
+    report = plan_report(
+        args.dir,
+        args.world_size,
+        args.workers,
+        mode=args.mode,
+        batch_size=args.batch_size // args.world_size,
+        split=args.split,
+        seed=args.seed,
+        epoch=args.epoch,
+        dump_keys=args.dump_keys,
+        samples_per_epoch=args.samples_per_epoch,
+    )
+    print_plan(report, console)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code (0 ok, 2 user error)."""
     parser = build_parser()
@@ -265,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse already printed usage + error (or --help)
         return int(exit_.code or 0)
     console = Console(width=max(Console().width, 120))  # wide enough that captions rarely wrap in logs
-    commands = {"synth": cmd_synth, "inspect": cmd_inspect, "write": cmd_write}
+    commands = {"synth": cmd_synth, "inspect": cmd_inspect, "write": cmd_write, "plan": cmd_plan}
     try:
         return commands[args.command](args, console)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ShardError) as error:

@@ -1,11 +1,10 @@
-"""A simple in-memory LightningDataModule over WebDataset tar shards.
+"""The LightningDataModule: WebDataset tar shards streamed by ``xmodal.data.stream``.
 
-Foundation version: each split is read once into memory (shapes data is small) and served by
-map-style datasets. Evaluation is exact-once across ranks: each rank takes every world-th
-sample and short ranks are padded with rows marked ``valid=False`` (Lightning's
-DistributedSampler would repeat real samples instead, so 2 ranks would score differently from
-1). The data-layer issue replaces this with the streaming contract (exact-once epochs, resume,
-resampling) while keeping the batch format below.
+Training uses ``data.mode`` (``exact``: every sample once per epoch across ranks × workers, short
+slots padded with rows marked ``valid=False``; ``resampled``: a fixed number of samples per epoch
+drawn with replacement). Validation and test are always ``exact``, so metrics over valid rows are
+the same on any number of ranks. The train loader's position is saved in checkpoints and a resumed
+fit continues with the remaining batches of the epoch.
 
 Batch: ``image`` float ``[B, 3, H, W]`` in [-1, 1]; ``text`` long ``[B, T]`` and ``text_mask`` bool
 ``[B, T]``; ``label`` long ``[B]``; ``valid`` bool ``[B]``; ``captions`` (all references per row) and
@@ -17,7 +16,9 @@ from __future__ import annotations
 import io
 import json
 import random
+import warnings
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,14 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from xmodal.data.shards import iter_tar_samples, split_shards
+from xmodal.data.stream import ShardStream, StreamLoader, Topology, shards_from_dir
 from xmodal.data.tokenizer import WordTokenizer
+
+# The stream's __len__ is exact per rank whatever the worker count (each worker plays its own slot
+# of the epoch plan), which Lightning cannot know when it warns about it.
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
 def decode_image(data: bytes, image_size: int) -> torch.Tensor:
@@ -57,43 +62,46 @@ def iter_split(shards_dir: Path, split: str) -> Iterator[dict[str, Any]]:
         yield from iter_tar_samples(shard)
 
 
-PADDING = -1
-"""Sampler index of a padding row: a copy of sample 0 marked ``valid=False``."""
+def decode_sample(raw: dict[str, Any], image_size: int, train: bool) -> dict[str, Any]:
+    """Raw tar record → decoded sample; raises (a counted skip) when a required modality is missing.
 
-
-class EvenEvalSampler(Sampler[int]):
-    """This rank's share of an evaluation split, every sample exactly once over all ranks.
-
-    Rank r takes indices r, r + world, ...; ranks left one short get a PADDING index, so every
-    rank runs the same number of batches (no collective waits on a rank that has finished).
+    Training draws one of the captions at random each time (a fresh choice every epoch);
+    evaluation keeps them all as references and uses the first as the target.
     """
+    image = raw.get("png", raw.get("jpg", raw.get("jpeg")))
+    if image is None:
+        raise ValueError(f"sample {raw['__key__']!r} has no image")
+    captions = sample_captions(raw)
+    if not captions:
+        raise ValueError(f"sample {raw['__key__']!r} has no caption")
+    meta = json.loads(raw["json"]) if "json" in raw else {}
+    return {
+        "__key__": raw["__key__"],
+        "image": decode_image(image, image_size),
+        "captions": captions,
+        "caption": random.choice(captions) if train else captions[0],
+        "label": int(meta.get("label", -1)),
+    }
 
-    def __init__(self, size: int, rank: int, world: int):
-        self.indices = list(range(rank, size, world))
-        self.indices += [PADDING] * (-(-size // world) - len(self.indices))
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
+class CaptionCollate:
+    """Rows → batch (tokenising the target captions). A plain object so spawned workers can pickle it."""
 
-    def __len__(self) -> int:
-        return len(self.indices)
+    def __init__(self, tokenizer: WordTokenizer, max_text_len: int):
+        self.tokenizer = tokenizer
+        self.max_text_len = max_text_len
 
-
-class CaptionDataset(Dataset):
-    """Decoded samples of one split; ``train=True`` draws one caption per access (fresh each epoch)."""
-
-    def __init__(self, samples: list[dict[str, Any]], train: bool):
-        self.samples = samples
-        self.train = train
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.samples[max(index, 0)]
-        captions = sample["captions"]
-        caption = random.choice(captions) if self.train else captions[0]
-        return {**sample, "caption": caption, "valid": index != PADDING}
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        text, text_mask = self.tokenizer.encode_batch([r["caption"] for r in rows], self.max_text_len)
+        return {
+            "image": torch.stack([r["image"] for r in rows]).float() / 127.5 - 1.0,  # [B, 3, H, W]
+            "text": text,  # [B, T]
+            "text_mask": text_mask,  # [B, T]
+            "label": torch.tensor([r["label"] for r in rows], dtype=torch.long),  # [B]
+            "valid": torch.tensor([r.get("valid", True) for r in rows], dtype=torch.bool),  # [B]
+            "captions": [r["captions"] for r in rows],
+            "__key__": [r["__key__"] for r in rows],
+        }
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -107,9 +115,12 @@ class ShardDataModule(L.LightningDataModule):
         min_word_count: int = 1,
         tokenizer: WordTokenizer | None = None,
         seed: int = 0,
+        mode: str = "exact",
+        samples_per_epoch: int | None = None,
+        shuffle_buffer: int = 1000,
+        max_consecutive_failures: int = 100,
     ):
         super().__init__()
-        self.seed = seed
         self.shards_dir = Path(shards_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -117,8 +128,12 @@ class ShardDataModule(L.LightningDataModule):
         self.max_text_len = max_text_len
         self.min_word_count = min_word_count
         self.tokenizer = tokenizer
-        self.datasets: dict[str, CaptionDataset] = {}
-        self.skipped: dict[str, int] = {}
+        self.seed = seed
+        self.mode = mode
+        self.samples_per_epoch = samples_per_epoch
+        self.shuffle_buffer = shuffle_buffer
+        self.max_consecutive_failures = max_consecutive_failures
+        self.streams: dict[str, ShardStream] = {}
 
     def build_tokenizer(self) -> WordTokenizer:
         """Fit the word vocabulary on the training captions only (no val/test leakage)."""
@@ -126,87 +141,58 @@ class ShardDataModule(L.LightningDataModule):
         self.tokenizer = WordTokenizer.fit(captions, self.min_word_count)
         return self.tokenizer
 
-    def load_split(self, split: str) -> CaptionDataset:
-        if split not in self.datasets:
-            samples, skipped = [], 0
-            for raw in iter_split(self.shards_dir, split):
-                captions = sample_captions(raw)
-                image = raw.get("png", raw.get("jpg", raw.get("jpeg")))
-                if image is None or not captions:
-                    skipped += 1  # a required modality is missing: counted, reported in the log
-                    continue
-                meta = json.loads(raw["json"]) if "json" in raw else {}
-                samples.append(
-                    {
-                        "__key__": raw["__key__"],
-                        "image": decode_image(image, self.image_size),
-                        "captions": captions,
-                        "label": int(meta.get("label", -1)),
-                    }
-                )
-            if not samples:
-                raise ValueError(f"split {split!r} of {self.shards_dir} has no usable image+caption sample")
-            self.skipped[split] = skipped
-            self.datasets[split] = CaptionDataset(samples, train=split == "train")
-        return self.datasets[split]
-
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:
             self.build_tokenizer()
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
-        for split in splits[stage]:
-            self.load_split(split)
 
-    def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        assert self.tokenizer is not None
-        text, text_mask = self.tokenizer.encode_batch([r["caption"] for r in rows], self.max_text_len)
-        return {
-            "image": torch.stack([r["image"] for r in rows]).float() / 127.5 - 1.0,  # [B, 3, H, W]
-            "text": text,  # [B, T]
-            "text_mask": text_mask,  # [B, T]
-            "label": torch.tensor([r["label"] for r in rows], dtype=torch.long),  # [B]
-            "valid": torch.tensor([r["valid"] for r in rows], dtype=torch.bool),  # [B]
-            "captions": [r["captions"] for r in rows],
-            "__key__": [r["__key__"] for r in rows],
-        }
-
-    def _topology(self) -> tuple[int, int]:
-        """(rank, world) of data parallelism; (0, 1) outside a Trainer or on one device."""
+    def topology(self) -> Topology:
+        """This rank's place in data parallelism, from the Trainer's strategy (1 rank outside one)."""
         kwargs = getattr(self.trainer, "distributed_sampler_kwargs", None) if self.trainer else None
-        return (kwargs["rank"], kwargs["num_replicas"]) if kwargs else (0, 1)
+        rank, world = (kwargs["rank"], kwargs["num_replicas"]) if kwargs else (0, 1)
+        return Topology(rank, world, self.num_workers)
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        # The Trainer runs with use_distributed_sampler=False: the samplers below are the split.
-        dataset = self.load_split(split)
-        rank, world = self._topology()
-        if train:
-            # Equal batch counts per rank by dropping the tail; reshuffled per epoch (Lightning
-            # calls set_epoch) with the same seed on every rank.
-            sampler: Sampler[int] = DistributedSampler(
-                dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed, drop_last=True
-            )
-        else:
-            sampler = EvenEvalSampler(len(dataset), rank, world)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=train,
-            num_workers=self.num_workers,
-            collate_fn=self.collate,
-            persistent_workers=self.num_workers > 0,
+    def loader(self, split: str, topology: Topology) -> StreamLoader:
+        """The loader of one split for one rank; training follows ``mode``, evaluation is exact."""
+        assert self.tokenizer is not None, "setup() builds the tokenizer first"
+        train = split == "train"
+        stream = ShardStream(
+            shards_from_dir(self.shards_dir, split),
+            self.mode if train else "exact",
+            self.seed,
+            topology,
+            self.batch_size,
+            decode=partial(decode_sample, image_size=self.image_size, train=train),
+            collate=CaptionCollate(self.tokenizer, self.max_text_len),
+            samples_per_epoch=self.samples_per_epoch if train else None,
+            # Evaluation order does not matter, and tar order reads each shard once, sequentially.
+            shuffle_buffer=self.shuffle_buffer if train else 1,
+            max_consecutive_failures=self.max_consecutive_failures,
         )
+        self.streams[split] = stream
+        return StreamLoader(stream, persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+    def train_dataloader(self) -> StreamLoader:
+        return self.loader("train", self.topology())
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+    def val_dataloader(self) -> StreamLoader:
+        return self.loader("val", self.topology())
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+    def test_dataloader(self) -> StreamLoader:
+        return self.loader("test", self.topology())
+
+    def skipped(self) -> dict[str, dict[str, int]]:
+        """Samples skipped as unreadable so far, per split and shard (nothing is dropped silently)."""
+        return {split: counts for split, stream in self.streams.items() if (counts := stream.skip_counts())}
 
     def sample_batch(self, n: int, split: str = "val") -> dict[str, Any]:
-        """The first ``n`` samples of a split as one batch: a fixed set for sample grids."""
-        dataset = self.load_split(split)
-        return self.collate([dataset[i] for i in range(min(n, len(dataset)))])
+        """The first ``n`` decodable samples of a split as one batch: a fixed set for sample grids."""
+        assert self.tokenizer is not None
+        rows = []
+        for raw in iter_split(self.shards_dir, split):
+            try:
+                rows.append(decode_sample(raw, self.image_size, train=False))
+            except ValueError:
+                continue
+            if len(rows) == n:
+                break
+        return CaptionCollate(self.tokenizer, self.max_text_len)(rows)

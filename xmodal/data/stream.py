@@ -567,11 +567,14 @@ class ShardStream(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: the next iteration yields the batches of ``state["epoch"]`` not yet consumed.
 
-        Raises ValueError when the topology, mode, seed or batch size differ (the order would not
-        continue the saved one). A finished epoch resumes at the start of the next one.
+        Raises ValueError when the world size, worker count, mode, seed or batch size differ (the order
+        would not continue the saved one); a state saved by another rank of the same layout is fine.
+        A finished epoch resumes at the start of the next one.
         """
         old = Topology(**state["topology"])
-        if old != self.topology:
+        # Lightning checkpoints rank 0's loader state only. Every rank runs the same number of
+        # batches, so rank 0's position is every rank's: only world size and workers must match.
+        if (old.world_size, old.num_workers) != (self.topology.world_size, self.topology.num_workers):
             raise ValueError(
                 "cannot resume the data stream with a different topology: saved (rank, world_size, "
                 f"num_workers) = ({old.rank}, {old.world_size}, {old.num_workers}), now "

@@ -79,8 +79,10 @@ class CaptionTask(L.LightningModule):
         return losses, targets != self.tokenizer.pad_id
 
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean over real target tokens of valid rows (padding rows of exact epochs count for nothing)."""
         losses, mask = self.token_losses(batch)
-        return losses.sum() / mask.sum().clamp(min=1)
+        mask = mask & batch["valid"][:, None]
+        return (losses * mask).sum() / mask.sum().clamp(min=1)
 
     @torch.no_grad()
     def caption(self, source: torch.Tensor) -> list[str]:
@@ -97,7 +99,7 @@ class CaptionTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch[self.target].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["valid"].sum().clamp(min=1)))
         return loss
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
