@@ -355,3 +355,39 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["inspect", str(tmp_path / "empty")]) == 2
     assert "xmodal-shards synth" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+def test_tar_reader_handles_standard_formats_long_names_and_gzip(tmp_path, fmt, mode):
+    """Our header parser against tars written by Python's tarfile in every standard layout."""
+    deep = "d" * 120 + "/sub"  # longer than the 100-byte name field: prefix / GNU long name / PAX path
+    members = [(f"{deep}/a.txt", b"alpha"), (f"{deep}/a.json", b"{}"), ("b.txt", b"x" * 1000), ("d.txt", b"")]
+    path = tmp_path / ("s.tar.gz" if mode.endswith("gz") else "s.tar")
+    with tarfile.open(path, mode, format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 1.5  # a float mtime makes tarfile write PAX records
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("c.txt")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "b.txt"
+        tar.addfile(link)
+    samples = []
+    with pytest.raises(ShardError, match=r"member 'c.txt' is not a regular file"):
+        for sample in iter_tar_samples(path):
+            samples.append(sample)
+    # Samples completed before the refused member are delivered ("d" was still open: the shard stops).
+    assert [(s["__key__"], s.get("txt"), s.get("json")) for s in samples] == [
+        (f"{deep}/a", b"alpha", b"{}"),
+        ("b", b"x" * 1000, None),
+    ]
+
+
+def test_tar_cut_inside_a_header_is_an_error_not_a_short_shard(tmp_path):
+    path = make_tar(tmp_path / "s.tar", [("a.txt", b"1"), ("b.txt", b"2")])
+    data = path.read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: 512 + 512 + 100])  # inside the second member's header
+    with pytest.raises(ShardError, match="truncated header"):
+        list(iter_tar_samples(tmp_path / "cut.tar"))

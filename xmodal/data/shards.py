@@ -14,12 +14,13 @@ Safety: shard members are only ever handed out as raw bytes, and only for extens
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
 import secrets
-import tarfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,6 +45,91 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
+_BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")  # file, old-style file, contiguous file
+
+
+def _octal(field: bytes) -> int:
+    """A numeric tar header field: octal text, or base-256 when the top bit is set (large sizes)."""
+    if field[:1] and field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """PAX extended header records: ``"<len> <key>=<value>\\n"``, where len counts the whole record."""
+    records, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def _tar_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every regular member, in order.
+
+    Our own reader rather than ``tarfile``: on small members (64×64 JPEGs) tarfile's per-member
+    overhead costs as much as decoding the image, and its streaming mode ends quietly on a tar cut
+    inside a header. Handles ustar, GNU long names and PAX headers (path, size); checks every
+    header checksum; anything but a regular file or directory is refused.
+    """
+    pending: dict[str, str] = {}
+    while True:
+        header = stream.read(_BLOCK)
+        if not header or header == b"\0" * _BLOCK:
+            return  # end of archive (the second zero block and padding need not be read)
+        if len(header) < _BLOCK:
+            raise ShardError(f"{shard}: unreadable tar (truncated header)")
+        stored = _octal(header[148:156])
+        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+            raise ShardError(f"{shard}: unreadable tar (bad header checksum: not a tar, or corrupt)")
+        kind = header[156:157]
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if header[257:262] == b"ustar" and header[345:346] != b"\0":
+            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+        size = int(pending["size"]) if "size" in pending else _octal(header[124:136])
+        padded = -(-size // _BLOCK) * _BLOCK
+        data = stream.read(padded)
+        if len(data) < padded:
+            raise ShardError(f"{shard}: unreadable tar (member {name!r} truncated)")
+        data = data[:size]
+        if kind == b"x":  # PAX header for the next member
+            pending = _pax_records(data)
+            continue
+        if kind == b"L":  # GNU long name for the next member
+            pending = {**pending, "path": data.rstrip(b"\0").decode("utf-8", "surrogateescape")}
+            continue
+        if kind == b"g":  # PAX global header: nothing we use
+            continue
+        name, pending = pending.get("path", name), {}
+        if kind == b"5":
+            continue
+        if kind not in _REGULAR:
+            raise ShardError(f"{shard}: member {name!r} is not a regular file (link or device)")
+        yield name, data
+
+
+@contextmanager
+def _open_tar(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[IO[bytes]]:
+    """The tar's bytes as a stream; gzip-compressed shards (.tar.gz / .tgz) are inflated.
+
+    A stream passed in is left open for its owner; a file opened here is closed here.
+    """
+    with ExitStack() as owned:
+        if hasattr(path, "read"):
+            stream = path
+        else:
+            stream = owned.enter_context(open(os.fspath(path), "rb", buffering=1 << 20))  # type: ignore[arg-type]
+        magic = stream.peek(2)[:2] if hasattr(stream, "peek") else b""  # type: ignore[union-attr]
+        if magic == b"\x1f\x8b":
+            stream = owned.enter_context(gzip.GzipFile(fileobj=stream))  # type: ignore[arg-type]
+        yield stream  # type: ignore[misc]
+
+
 def iter_tar_samples(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[dict[str, bytes | str]]:
     """Stream the samples of one tar shard: ``{"__key__", "__shard__", <ext>: bytes, ...}``.
 
@@ -56,24 +142,16 @@ def iter_tar_samples(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[dict[
     """
     shard = str(getattr(path, "name", "<stream>")) if hasattr(path, "read") else str(path)
     sample: dict[str, bytes | str] = {}
-    # Streaming mode ("r|*"): no seeks, so pipes and remote streams work, and memory stays flat.
-    source = {"fileobj": path} if hasattr(path, "read") else {"name": os.fspath(path)}  # type: ignore[arg-type]
     try:
-        with tarfile.open(mode="r|*", **source) as tar:
-            for member in tar:
-                if member.isdir():
-                    continue
-                if not member.isfile():
-                    raise ShardError(
-                        f"{shard}: member {member.name!r} is not a regular file (link or device)"
-                    )
-                parts = split_member_name(member.name)
+        with _open_tar(path) as stream:
+            for member, data in _tar_members(stream, shard):
+                parts = split_member_name(member)
                 if parts is None:
-                    raise ShardError(f"{shard}: member {member.name!r} has no 'key.extension' name")
+                    raise ShardError(f"{shard}: member {member!r} has no 'key.extension' name")
                 key, ext = parts[0], parts[1].lower()
                 if ext not in SAFE_EXTENSIONS:
                     raise ShardError(
-                        f"{shard}: member {member.name!r} has unsafe extension {ext!r} "
+                        f"{shard}: member {member!r} has unsafe extension {ext!r} "
                         f"(allowed: {sorted(SAFE_EXTENSIONS)}; shard members are never unpickled)"
                     )
                 if sample and sample["__key__"] != key:
@@ -83,10 +161,11 @@ def iter_tar_samples(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[dict[
                     sample = {"__key__": key, "__shard__": shard}
                 if ext in sample:
                     raise ShardError(f"{shard}: sample {key!r} has member {ext!r} twice")
-                data = tar.extractfile(member)
-                sample[ext] = data.read() if data is not None else b""
-    except (tarfile.TarError, EOFError) as error:  # truncated / corrupt / not a tar
-        raise ShardError(f"{shard}: unreadable tar ({error})") from error
+                sample[ext] = data
+    except (OSError, EOFError, ValueError) as error:
+        if isinstance(error, ShardError):
+            raise
+        raise ShardError(f"{shard}: unreadable tar ({error})") from error  # e.g. a corrupt gzip stream
     if sample:
         yield sample
 
