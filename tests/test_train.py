@@ -144,3 +144,36 @@ def test_fsdp2_two_cpu_ranks_match_ddp_and_resume_from_a_distributed_checkpoint(
         6,
         9,
     ]
+
+
+def test_ddp_over_uneven_shards_runs_three_exact_epochs_without_hanging(tiny, tmp_path):
+    """Shards of 7, 3, 5, 2 and 4 samples over 2 ranks: equal batch counts per rank, so no hang."""
+    from xmodal.data.shapes import ShapesSpec, make_sample
+    from xmodal.data.shards import write_sizes, write_tar_shard
+    from xmodal.data.stream import ShardInfo, Topology, plan_epoch
+
+    spec, shards_dir, sizes = ShapesSpec(), tmp_path / "shards", {}
+    for split, counts in {"train": (7, 3, 5, 2, 4), "val": (5, 4), "test": (3,)}.items():
+        (shards_dir / split).mkdir(parents=True)
+        sizes[split], index = {}, 0
+        for number, count in enumerate(counts):
+            name = f"shard-{number:06d}.tar"
+            write_tar_shard(
+                shards_dir / split / name, [make_sample(spec, split, index + i) for i in range(count)]
+            )
+            sizes[split][name], index = count, index + count
+    write_sizes(shards_dir, {"splits": sizes})
+
+    overrides = [o for o in tiny if not o.startswith("data.batch_size")]
+    args = [*overrides, f"data.shards={shards_dir}", "data.batch_size=4", "trainer=ddp_cpu", "run.id=uneven"]
+    args += ["trainer.max_steps=-1", "trainer.max_epochs=3", "trainer.val_check_interval=null", "logger=none"]
+    result = run_cli(["xmodal-train", *args], tmp_path, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    shards = [ShardInfo(str(shards_dir / "train" / n), c) for n, c in sizes["train"].items()]
+    expected = sum(
+        plan_epoch(shards, "exact", 0, epoch, Topology(0, 2, 0), batch_size=2).batches_per_rank
+        for epoch in range(3)
+    )
+    summary = json.loads((tmp_path / "outputs" / "shapes_caption" / "uneven" / "metrics.json").read_text())
+    assert summary["global_step"] == expected
+    assert summary["data_skipped"] == {}
