@@ -334,7 +334,7 @@ def test_submitit_launcher_config_reconciles_the_signal(slurm, tmp_path):
     assert submitit.JobEnvironment.USR_SIG == "USR2"
 
 
-@pytest.mark.parametrize("path", ["/plain/dir", "/tmp/my dir/it's,x=1", "/a\\b", "/end\\", "/q\\'x"])
+@pytest.mark.parametrize("path", ["/plain/dir", "/data/my dir/it's,x=1", "/a\\b", "/end\\", "/q\\'x"])
 def test_absolute_paths_survive_hydra_override_parsing(path):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
