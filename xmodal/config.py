@@ -88,6 +88,8 @@ class DataConfig:
     """Raw (undecoded) records each loader worker shuffles over."""
     max_consecutive_failures: int = 100
     """Unreadable samples in a row before the run stops, naming the shard."""
+    max_image_pixels: int = 50_000_000
+    """Images larger than this (read from the header, before decoding) are skipped and counted."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
     max_text_len: int = 32

@@ -138,6 +138,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             summary["test"] = scalar_metrics(trainer.callback_metrics, "test/")
             metrics.update(summary["test"])
         summary["data_skipped"] = datamodule.skipped()
+        summary["data_errors"] = datamodule.errors()
         if trainer.is_global_zero:
             write_json(run.dir / "metrics.json", summary)
         failed = False

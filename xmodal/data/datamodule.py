@@ -36,9 +36,19 @@ from xmodal.data.tokenizer import WordTokenizer
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
-def decode_image(data: bytes, image_size: int) -> torch.Tensor:
-    """PNG/JPEG bytes → uint8 ``[3, H, W]`` (kept uint8 in memory: 4× smaller than float)."""
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+def decode_image(data: bytes, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """PNG/JPEG bytes → uint8 ``[3, H, W]`` (kept uint8 in memory: 4× smaller than float).
+
+    The size in the header is checked before any pixel is decoded, so a decompression bomb costs
+    nothing; too large or unreadable images raise (a counted skip in the stream).
+    """
     with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ValueError(f"image of {width}×{height} pixels exceeds data.max_image_pixels={max_pixels}")
         img = img.convert("RGB")
         if img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.BICUBIC)
@@ -62,7 +72,9 @@ def iter_split(shards_dir: Path, split: str) -> Iterator[dict[str, Any]]:
         yield from iter_tar_samples(shard)
 
 
-def decode_sample(raw: dict[str, Any], image_size: int, train: bool) -> dict[str, Any]:
+def decode_sample(
+    raw: dict[str, Any], image_size: int, train: bool, max_pixels: int = MAX_IMAGE_PIXELS
+) -> dict[str, Any]:
     """Raw tar record → decoded sample; raises (a counted skip) when a required modality is missing.
 
     Training draws one of the captions at random each time (a fresh choice every epoch);
@@ -77,7 +89,7 @@ def decode_sample(raw: dict[str, Any], image_size: int, train: bool) -> dict[str
     meta = json.loads(raw["json"]) if "json" in raw else {}
     return {
         "__key__": raw["__key__"],
-        "image": decode_image(image, image_size),
+        "image": decode_image(image, image_size, max_pixels),
         "captions": captions,
         "caption": random.choice(captions) if train else captions[0],
         "label": int(meta.get("label", -1)),
@@ -119,6 +131,7 @@ class ShardDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         shuffle_buffer: int = 1000,
         max_consecutive_failures: int = 100,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ):
         super().__init__()
         self.shards_dir = Path(shards_dir)
@@ -133,6 +146,7 @@ class ShardDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.shuffle_buffer = shuffle_buffer
         self.max_consecutive_failures = max_consecutive_failures
+        self.max_image_pixels = max_image_pixels
         self.streams: dict[str, ShardStream] = {}
 
     def build_tokenizer(self) -> WordTokenizer:
@@ -155,13 +169,18 @@ class ShardDataModule(L.LightningDataModule):
         """The loader of one split for one rank; training follows ``mode``, evaluation is exact."""
         assert self.tokenizer is not None, "setup() builds the tokenizer first"
         train = split == "train"
+        shards = shards_from_dir(self.shards_dir, split)
+        if not shards:
+            raise ValueError(f"split {split!r} of {self.shards_dir} lists no shards in its sizes.json")
         stream = ShardStream(
-            shards_from_dir(self.shards_dir, split),
+            shards,
             self.mode if train else "exact",
             self.seed,
             topology,
             self.batch_size,
-            decode=partial(decode_sample, image_size=self.image_size, train=train),
+            decode=partial(
+                decode_sample, image_size=self.image_size, train=train, max_pixels=self.max_image_pixels
+            ),
             collate=CaptionCollate(self.tokenizer, self.max_text_len),
             samples_per_epoch=self.samples_per_epoch if train else None,
             # Evaluation order does not matter, and tar order reads each shard once, sequentially.
@@ -183,6 +202,10 @@ class ShardDataModule(L.LightningDataModule):
     def skipped(self) -> dict[str, dict[str, int]]:
         """Samples skipped as unreadable so far, per split and shard (nothing is dropped silently)."""
         return {split: counts for split, stream in self.streams.items() if (counts := stream.skip_counts())}
+
+    def errors(self) -> dict[str, dict[str, int]]:
+        """Failure events (undecodable samples, unreadable shards) so far, per split and shard."""
+        return {split: counts for split, stream in self.streams.items() if (counts := stream.error_counts())}
 
     def sample_batch(self, n: int, split: str = "val") -> dict[str, Any]:
         """The first ``n`` decodable samples of a split as one batch: a fixed set for sample grids."""
