@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from xmodal.callbacks.checksums import RankChecksums
 from xmodal.callbacks.last_checkpoint import LastCheckpoint
 from xmodal.callbacks.metrics_file import MetricsFile
+from xmodal.callbacks.preemption import Preemption
 from xmodal.callbacks.samples import CaptionSamples
 from xmodal.config import absolute, world_size
 from xmodal.data.datamodule import ShardDataModule
@@ -137,9 +138,11 @@ def build_callbacks(
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
+    last = LastCheckpoint(run.dir / "checkpoints" / "last.ckpt")
     callbacks: list[Callback] = [
         checkpoint,
-        LastCheckpoint(run.dir / "checkpoints" / "last.ckpt"),
+        last,
+        Preemption(last, signal.SIGUSR2),
         CaptionSamples(run.dir / "samples", cfg.callbacks.num_samples),
         MetricsFile(run.dir / "metrics.jsonl"),
     ]
@@ -185,9 +188,9 @@ def build_trainer(
     every_n_epochs = None if isinstance(t.val_check_interval, int) else t.check_val_every_n_epoch
     plugins = []
     if SLURMEnvironment.detect():
-        # submitit and our sbatch scripts send SIGUSR2 before the time limit (NCCL may use USR1);
-        # Lightning then saves hpc_ckpt_N.ckpt into the run dir and requeues the job.
-        plugins.append(SLURMEnvironment(requeue_signal=signal.SIGUSR2))
+        # Our sbatch scripts send SIGUSR2 before the time limit (NCCL may use USR1). The Preemption
+        # callback handles it at a step boundary, so Lightning's own requeue handler stays off.
+        plugins.append(SLURMEnvironment(auto_requeue=False, requeue_signal=signal.SIGUSR2))
     return L.Trainer(
         plugins=plugins or None,
         accelerator=t.accelerator,

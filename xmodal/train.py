@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from xmodal.callbacks.metrics_file import scalar_metrics
+from xmodal.callbacks.preemption import Preemption
 from xmodal.config import CONFIG_DIR, ConfigError, absolute, register_schemas, validate, world_size
 from xmodal.console import log_to_file, print_config_tree, print_error, stop_logging_to
 from xmodal.data.tokenizer import WordTokenizer
@@ -115,6 +116,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer = build_trainer(cfg, run, loggers, callbacks)
         start_from = resume or cfg.ckpt_path
         trainer.fit(task, datamodule=datamodule, ckpt_path=str(start_from) if start_from else None)
+        preemption = next(c for c in callbacks if isinstance(c, Preemption))
         metrics: dict[str, float] = scalar_metrics(trainer.callback_metrics, "val/")
         summary: dict[str, Any] = {
             "run_id": run.id,
@@ -126,7 +128,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             else None,
             "monitor": cfg.callbacks.monitor,
         }
-        if cfg.test_after_fit:
+        summary["preempted"] = preemption.preempted
+        if cfg.test_after_fit and not preemption.preempted:
             best = checkpoint.best_model_path or None
             # A fresh module receives the best weights: a module sharded by FSDP2 during fit
             # cannot be moved or re-sharded for a second stage.

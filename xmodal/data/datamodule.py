@@ -73,12 +73,13 @@ def iter_split(shards_dir: Path, split: str) -> Iterator[dict[str, Any]]:
 
 
 def decode_sample(
-    raw: dict[str, Any], image_size: int, train: bool, max_pixels: int = MAX_IMAGE_PIXELS
+    raw: dict[str, Any], image_size: int, train: bool, max_pixels: int = MAX_IMAGE_PIXELS, seed: int = 0
 ) -> dict[str, Any]:
     """Raw tar record → decoded sample; raises (a counted skip) when a required modality is missing.
 
-    Training draws one of the captions at random each time (a fresh choice every epoch);
-    evaluation keeps them all as references and uses the first as the target.
+    Training draws one of the captions per epoch, seeded by (seed, epoch, key), so a resumed run
+    sees the same captions as an uninterrupted one; evaluation keeps them all as references and
+    uses the first as the target.
     """
     image = raw.get("png", raw.get("jpg", raw.get("jpeg")))
     if image is None:
@@ -91,7 +92,9 @@ def decode_sample(
         "__key__": raw["__key__"],
         "image": decode_image(image, image_size, max_pixels),
         "captions": captions,
-        "caption": random.choice(captions) if train else captions[0],
+        "caption": random.Random(f"{seed}:{raw.get('__epoch__', 0)}:{raw['__key__']}").choice(captions)
+        if train
+        else captions[0],
         "label": int(meta.get("label", -1)),
     }
 

@@ -638,9 +638,9 @@ class ShardStream(IterableDataset):
         slot = (worker + start) % workers  # keeps the round-robin order of an uninterrupted epoch
         skip = max(0, -(-(start - slot) // workers))
         plan = self.plan(epoch).slot(self.topology.rank, slot)
-        yield from self._slot_batches(plan, worker, skip)
+        yield from self._slot_batches(plan, worker, skip, epoch)
 
-    def _slot_batches(self, plan: SlotPlan, worker: int, skip_batches: int) -> Iterator[Any]:
+    def _slot_batches(self, plan: SlotPlan, worker: int, skip_batches: int, epoch: int = 0) -> Iterator[Any]:
         first = skip_batches * self.batch_size
         shard, index, valid = (
             plan.shard[first:].tolist(),
@@ -672,6 +672,8 @@ class ShardStream(IterableDataset):
                 except _Failure:
                     raw = None
                 if raw is not None:
+                    # Decoders see the epoch, so per-epoch choices (which caption) are deterministic.
+                    raw = {**raw, "__epoch__": epoch}
                     try:
                         row = dict(self.decode(raw)) if self.decode is not None else dict(raw)
                     except Exception as error:  # noqa: BLE001 - any decoder error skips the sample

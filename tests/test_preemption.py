@@ -1,0 +1,83 @@
+"""SLURM preemption: SIGUSR2 mid-epoch → checkpoint + requeue → the rerun ends like an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import run_cli
+
+SLURM = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NAME": "xmodal",
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+}
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_requeue_signal_saves_requeues_and_the_rerun_matches_an_uninterrupted_run(tiny, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, **SLURM, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    args = [*tiny, "logger=wandb", "trainer.max_steps=30", "trainer.val_check_interval=6"]
+    args += ["callbacks.rank_checksums=true", "test_after_fit=false"]
+    run_dir = tmp_path / "outputs" / "shapes_caption" / "4242"  # the SLURM job id is the run id
+
+    job = subprocess.Popen(
+        ["xmodal-train", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(lambda: (run_dir / "metrics.jsonl").exists(), 180, "the first validation")
+        job.send_signal(signal.SIGUSR2)
+        output, _ = job.communicate(timeout=180)
+    finally:
+        job.kill()
+    assert job.returncode == 0, output[-3000:]
+    first = json.loads((run_dir / "metrics.json").read_text())
+    assert first["preempted"] is True and 6 <= first["global_step"] < 30
+    assert record.read_text().split() == ["requeue", "4242"]
+    wandb_id = (run_dir / "wandb_id.txt").read_text().strip()
+
+    # The requeued job: same command, same SLURM job id.
+    rerun = subprocess.run(
+        ["xmodal-train", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    second = json.loads((run_dir / "metrics.json").read_text())
+    assert second["preempted"] is False and second["global_step"] == 30
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [6, 12, 18, 24, 30]  # went on from the saved step, no validation lost or repeated
+    assert (run_dir / "wandb_id.txt").read_text().strip() == wandb_id
+    runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(wandb_id) for name in runs)  # one W&B run, resumed
+
+    reference = run_cli(["xmodal-train", *args, "logger=none", "run.id=reference"], tmp_path)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    digest = json.loads((run_dir / "checksums" / "rank0.json").read_text())["end"]
+    uninterrupted = tmp_path / "outputs" / "shapes_caption" / "reference" / "checksums" / "rank0.json"
+    assert digest == json.loads(uninterrupted.read_text())["end"]  # bit-identical final weights
+    assert Path(run_dir / "checkpoints" / "last.ckpt").is_file()
