@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import run_cli
 
 SLURM = {
@@ -81,3 +83,74 @@ def test_requeue_signal_saves_requeues_and_the_rerun_matches_an_uninterrupted_ru
     uninterrupted = tmp_path / "outputs" / "shapes_caption" / "reference" / "checksums" / "rank0.json"
     assert digest == json.loads(uninterrupted.read_text())["end"]  # bit-identical final weights
     assert Path(run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_sigterm_saves_and_stops_without_requeue(tiny, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, **SLURM, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    args = [
+        *tiny,
+        "logger=none",
+        "trainer.max_steps=30",
+        "trainer.val_check_interval=6",
+        "test_after_fit=false",
+    ]
+    run_dir = tmp_path / "outputs" / "shapes_caption" / "4242"
+    job = subprocess.Popen(
+        ["xmodal-train", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(lambda: (run_dir / "metrics.jsonl").exists(), 180, "the first validation")
+        job.send_signal(signal.SIGTERM)
+        output, _ = job.communicate(timeout=180)
+    finally:
+        job.kill()
+    assert job.returncode == 0, output[-3000:]
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["preempted"] is True and 6 <= summary["global_step"] < 30
+    assert not record.exists()  # stopped, not requeued
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one_usable(tmp_path):
+    """kill -9 in the middle of writing last.ckpt: only the temporary file is partial."""
+    import torch
+
+    from xmodal.callbacks.last_checkpoint import LastCheckpoint
+
+    class Strategy:
+        def barrier(self, name: str) -> None:
+            pass
+
+    class Trainer:
+        fast_dev_run = sanity_checking = False
+        is_global_zero = True
+        strategy = Strategy()
+
+        def __init__(self, step: int, crash: bool):
+            self.global_step, self.crash = step, crash
+
+        def save_checkpoint(self, path: Path) -> None:
+            if self.crash:
+                Path(path).write_bytes(b"partial")  # the process dies here
+                raise SystemExit("killed")
+            torch.save({"global_step": self.global_step}, path)
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    path.parent.mkdir()
+    callback = LastCheckpoint(path)
+    callback.save(Trainer(step=5, crash=False))
+    with pytest.raises(SystemExit):
+        callback.save(Trainer(step=6, crash=True))
+    assert torch.load(path)["global_step"] == 5  # the previous checkpoint still loads
+    callback.save(Trainer(step=7, crash=False))  # and the next save replaces the stale temporary
+    assert torch.load(path)["global_step"] == 7 and not path.with_name("last.ckpt.tmp").exists()

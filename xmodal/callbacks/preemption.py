@@ -1,4 +1,4 @@
-"""SLURM preemption: on the requeue signal, checkpoint at the next step boundary, requeue, stop.
+"""Preemption: on SIGUSR2 (requeue) or SIGTERM (stop), checkpoint at the next step boundary and stop.
 
 Why not Lightning's own handler: it saves ``hpc_ckpt_N.ckpt`` from inside the signal handler, at
 whatever point of the step the signal lands, never stops training (the job is then killed at the
@@ -6,8 +6,9 @@ time limit) and cannot agree with the other ranks on where to stop. Here the han
 flag; at the end of the next training batch all ranks agree (any rank signalled → all stop), the
 complete state — model, optimizers, schedulers, loop counters and the data stream position — is
 written to ``checkpoints/last.ckpt`` atomically (``LastCheckpoint``), rank zero runs
-``scontrol requeue <job>``, and fit ends. The requeued job has the same SLURM job id, hence the same
-run id and run dir, and resumes from that checkpoint.
+``scontrol requeue <job>`` (for SIGUSR2 under SLURM), and fit ends. The requeued job has the same
+SLURM job id, hence the same run id and run dir, and resumes from that checkpoint. SIGTERM (a
+cancelled job, a stopping container) saves the same way and is not requeued.
 """
 
 from __future__ import annotations
@@ -36,30 +37,34 @@ class Preemption(L.Callback):
     def __init__(self, last: LastCheckpoint, requeue_signal: signal.Signals = signal.SIGUSR2):
         self.last = last
         self.requeue_signal = requeue_signal
-        self.requested = False
+        self.requested: int | None = None  # the signal received, if any
         self.preempted = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.requested = True  # only a flag: the work happens at a step boundary
+        self.requested = signum  # only a flag: the work happens at a step boundary
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self._previous = signal.signal(self.requeue_signal, self._handler)
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        # After Lightning installed its handlers (they come after on_fit_start): ours replace its
+        # SIGTERM handler for the fit, which would raise and stop the ranks without saving.
+        for sig in (self.requeue_signal, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handler)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if self._previous is not None:
-            signal.signal(self.requeue_signal, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        if not trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
             return
         self.preempted = True
         self.last.save(trainer)
+        requeue = trainer.strategy.reduce_boolean_decision(self.requested == self.requeue_signal, all=False)
         job = slurm_job_id()
-        if trainer.is_global_zero and job is not None:
+        if trainer.is_global_zero and requeue and job is not None:
             result = subprocess.run(["scontrol", "requeue", job], check=False)
             if result.returncode == 0:
                 log.info(
@@ -68,10 +73,7 @@ class Preemption(L.Callback):
             else:
                 log.warning("scontrol requeue %s failed with exit code %d", job, result.returncode)
         elif trainer.is_global_zero:
-            log.info(
-                "stop signal at step %d: checkpoint saved (not under SLURM: nothing requeued)",
-                trainer.global_step,
-            )
+            log.info("stop signal at step %d: checkpoint saved, not requeued", trainer.global_step)
         trainer.should_stop = True
         # Lightning validates once more when a fit stops early; the grace period before the kill
         # is for saving, and the requeued job validates on schedule anyway.
