@@ -91,7 +91,15 @@ def test_two_runs_get_two_dirs_and_a_given_id_resumes_in_its_dir(tiny, tmp_path)
 
 def test_multirun_gives_one_run_dir_per_job_and_one_sweep_dir(tiny, tmp_path):
     result = run_cli(
-        ["xmodal-train", "-m", *tiny, "logger=none", "debug=fdr", "seed=1,2"],
+        [
+            "xmodal-train",
+            "-m",
+            *tiny,
+            "logger=wandb",
+            "trainer.max_steps=2",
+            "test_after_fit=false",
+            "seed=1,2",
+        ],
         tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -102,6 +110,10 @@ def test_multirun_gives_one_run_dir_per_job_and_one_sweep_dir(tiny, tmp_path):
     pointers = sorted((sweeps[0] / str(job) / "run_dir.txt").read_text().strip() for job in (0, 1))
     assert pointers == [str(r) for r in runs]
     assert sorted(OmegaConf.load(r / "config.yaml").seed for r in runs) == [1, 2]
+    # One offline W&B run per job, each under its own run dir, with its own id.
+    wandb_runs = [list((r / "wandb").glob("offline-run-*")) for r in runs]
+    assert [len(w) for w in wandb_runs] == [1, 1]
+    assert wandb_runs[0][0].name.rsplit("-", 1)[-1] != wandb_runs[1][0].name.rsplit("-", 1)[-1]
 
 
 def test_local_multirun_with_several_devices_is_refused_at_once(tiny, tmp_path):

@@ -103,6 +103,16 @@ def wandb_offline(setting: bool | None) -> bool:
         return True
 
 
+def sweep_name() -> str | None:
+    """The multirun's sweep dir name (W&B group of its jobs), or None outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return None
+
+
 def build_loggers(cfg: DictConfig, run: RunIdentity) -> list[Logger]:
     kind = cfg.logger.kind
     if kind == "none":
@@ -115,7 +125,7 @@ def build_loggers(cfg: DictConfig, run: RunIdentity) -> list[Logger]:
             id=wandb_run_id(run.dir, run.id),
             project=cfg.logger.project,
             entity=cfg.logger.entity,
-            group=cfg.logger.group,
+            group=cfg.logger.group or sweep_name(),
             tags=list(cfg.logger.tags),
             job_type=cfg.model.task,
             save_dir=str(run.dir),
