@@ -104,3 +104,20 @@ def test_shards_plan_command_reports_equal_batches_and_dumps_every_row(tiny, tmp
     assert sorted(valid_keys) == sorted(r["__key__"] for r in iter_split(shards_dir, "train"))
     assert main([*args[:-1], "7"]) == 2
     assert "must divide by --world-size 2" in capsys.readouterr().err
+
+
+def test_training_caption_is_a_function_of_seed_epoch_and_key():
+    from xmodal.data.datamodule import decode_sample
+    from xmodal.data.shapes import ShapesSpec, make_sample
+
+    raw = make_sample(ShapesSpec(), "train", 1)
+    captions = json.loads(raw["json"])["captions"]
+
+    def pick(seed: int, epoch: int) -> str:
+        return decode_sample({**raw, "__epoch__": epoch}, 64, train=True, seed=seed)["caption"]
+
+    by_epoch = [pick(0, e) for e in range(12)]
+    assert by_epoch == [pick(0, e) for e in range(12)]  # deterministic: a resumed run sees the same
+    assert len(set(by_epoch)) > 1 and set(by_epoch) <= set(captions)  # varies from epoch to epoch
+    assert [pick(1, e) for e in range(12)] != by_epoch  # and with the seed
+    assert decode_sample(raw, 64, train=False)["caption"] == captions[0]

@@ -182,7 +182,11 @@ class ShardDataModule(L.LightningDataModule):
             topology,
             self.batch_size,
             decode=partial(
-                decode_sample, image_size=self.image_size, train=train, max_pixels=self.max_image_pixels
+                decode_sample,
+                image_size=self.image_size,
+                train=train,
+                max_pixels=self.max_image_pixels,
+                seed=self.seed,
             ),
             collate=CaptionCollate(self.tokenizer, self.max_text_len),
             samples_per_epoch=self.samples_per_epoch if train else None,
