@@ -86,6 +86,21 @@ def finish_wandb(failed: bool) -> None:
         wandb.finish(exit_code=1 if failed else 0)
 
 
+def test_best_checkpoint(
+    cfg: DictConfig, trainer: L.Trainer, checkpoint: Any, task: Any, tokenizer: WordTokenizer, datamodule: Any
+) -> dict[str, float]:
+    """Test metrics of the best checkpoint (of the trained weights when none was saved)."""
+    best = checkpoint.best_model_path or None
+    # A fresh module receives the best weights: a module sharded by FSDP2 during fit cannot be
+    # moved or re-sharded for a second stage.
+    test_task = build_task(cfg, tokenizer) if best else task
+    # Testing needs no optimizer; ModelParallelStrategy would try to load the fit-time optimizers'
+    # states into the fresh module (KeyError in torch's get_optimizer_state_dict).
+    trainer.strategy.optimizers = []
+    trainer.test(test_task, datamodule=datamodule, ckpt_path=best)
+    return scalar_metrics(trainer.callback_metrics, "test/")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test one run described by a composed config; returns its final metrics."""
     validate(cfg)
@@ -127,18 +142,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if checkpoint.best_model_score is not None
             else None,
             "monitor": cfg.callbacks.monitor,
+            "preempted": preemption.preempted,
         }
-        summary["preempted"] = preemption.preempted
         if cfg.test_after_fit and not preemption.preempted:
-            best = checkpoint.best_model_path or None
-            # A fresh module receives the best weights: a module sharded by FSDP2 during fit
-            # cannot be moved or re-sharded for a second stage.
-            test_task = build_task(cfg, tokenizer) if best else task
-            # Testing needs no optimizer; ModelParallelStrategy would try to load the fit-time
-            # optimizers' states into the fresh module (KeyError in torch's get_optimizer_state_dict).
-            trainer.strategy.optimizers = []
-            trainer.test(test_task, datamodule=datamodule, ckpt_path=best)
-            summary["test"] = scalar_metrics(trainer.callback_metrics, "test/")
+            summary["test"] = test_best_checkpoint(cfg, trainer, checkpoint, task, tokenizer, datamodule)
             metrics.update(summary["test"])
         summary["data_skipped"] = datamodule.skipped()
         summary["data_errors"] = datamodule.errors()
