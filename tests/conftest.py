@@ -42,6 +42,19 @@ def tiny(data_dir: Path, tmp_path: Path) -> list[str]:
     return [*TINY, f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path / 'outputs'}"]
 
 
+def make_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A plain tar of (name, bytes) members, for hand-made (and hand-broken) shards."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run an xmodal console script as a user would, capturing its output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

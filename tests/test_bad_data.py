@@ -5,26 +5,17 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import tarfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from tests.conftest import make_tar
 from xmodal.config import compose_config
 from xmodal.data.shapes import ShapesSpec, make_sample
 from xmodal.data.shards import ShardError, iter_tar_samples, write_sizes
 from xmodal.data.stream import Topology
 from xmodal.factory import build_datamodule
-
-
-def tar_of(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def members_of(sample: dict, key: str, drop: tuple[str, ...] = ()) -> list[tuple[str, bytes]]:
@@ -75,17 +66,17 @@ def bad_shards(root: Path) -> dict[str, int]:
     sizes = {}
     (root / "val").mkdir(parents=True)
     for name, members in shards.items():
-        tar_of(root / "val" / f"{name}.tar", members)
+        make_tar(root / "val" / f"{name}.tar", members)
         sizes[f"{name}.tar"] = 4 if name == "good" else 1
-    whole = tar_of(root / "val" / "whole.tar", members_of(good[5], "trunc")).read_bytes()
+    whole = make_tar(root / "val" / "whole.tar", members_of(good[5], "trunc")).read_bytes()
     (root / "val" / "whole.tar").unlink()
     (root / "val" / "truncated_tar.tar").write_bytes(whole[: len(whole) * 2 // 3])  # cut inside a member
     sizes["truncated_tar.tar"] = 1
-    tar_of(root / "val" / "empty.tar", [])
+    make_tar(root / "val" / "empty.tar", [])
     sizes["empty.tar"] = 0
     for split in ("train", "test"):
         (root / split).mkdir()
-        tar_of(root / split / "good.tar", shards["good"])
+        make_tar(root / split / "good.tar", shards["good"])
     write_sizes(root, {"splits": {"val": sizes, "train": {"good.tar": 4}, "test": {"good.tar": 4}}})
     return sizes
 

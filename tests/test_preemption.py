@@ -33,32 +33,37 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_requeue_signal_saves_requeues_and_the_rerun_matches_an_uninterrupted_run(tiny, tmp_path):
+def slurm_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A SLURM-like environment whose `scontrol` records its arguments into the returned file."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     record = tmp_path / "scontrol.log"
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
     (bin_dir / "scontrol").chmod(0o755)
-    env = {**os.environ, **SLURM, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    args = [*tiny, "logger=wandb", "trainer.max_steps=30", "trainer.val_check_interval=6"]
-    args += ["callbacks.rank_checksums=true", "test_after_fit=false"]
-    run_dir = tmp_path / "outputs" / "shapes_caption" / "4242"  # the SLURM job id is the run id
+    return {**os.environ, **SLURM, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, record
 
+
+def train_until_signalled(args: list[str], env: dict[str, str], cwd: Path, run_dir: Path, sig: int) -> None:
+    """Start xmodal-train, send ``sig`` after its first validation, and wait for a clean exit."""
     job = subprocess.Popen(
-        ["xmodal-train", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        ["xmodal-train", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
         wait_for(lambda: (run_dir / "metrics.jsonl").exists(), 180, "the first validation")
-        job.send_signal(signal.SIGUSR2)
+        job.send_signal(sig)
         output, _ = job.communicate(timeout=180)
     finally:
         job.kill()
     assert job.returncode == 0, output[-3000:]
+
+
+def test_requeue_signal_saves_requeues_and_the_rerun_matches_an_uninterrupted_run(tiny, tmp_path):
+    env, record = slurm_env(tmp_path)
+    args = [*tiny, "logger=wandb", "trainer.max_steps=30", "trainer.val_check_interval=6"]
+    args += ["callbacks.rank_checksums=true", "test_after_fit=false"]
+    run_dir = tmp_path / "outputs" / "shapes_caption" / "4242"  # the SLURM job id is the run id
+
+    train_until_signalled(args, env, tmp_path, run_dir, signal.SIGUSR2)
     first = json.loads((run_dir / "metrics.json").read_text())
     assert first["preempted"] is True and 6 <= first["global_step"] < 30
     assert record.read_text().split() == ["requeue", "4242"]
@@ -86,12 +91,7 @@ def test_requeue_signal_saves_requeues_and_the_rerun_matches_an_uninterrupted_ru
 
 
 def test_sigterm_saves_and_stops_without_requeue(tiny, tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    record = tmp_path / "scontrol.log"
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
-    (bin_dir / "scontrol").chmod(0o755)
-    env = {**os.environ, **SLURM, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env, record = slurm_env(tmp_path)
     args = [
         *tiny,
         "logger=none",
@@ -100,21 +100,7 @@ def test_sigterm_saves_and_stops_without_requeue(tiny, tmp_path):
         "test_after_fit=false",
     ]
     run_dir = tmp_path / "outputs" / "shapes_caption" / "4242"
-    job = subprocess.Popen(
-        ["xmodal-train", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_for(lambda: (run_dir / "metrics.jsonl").exists(), 180, "the first validation")
-        job.send_signal(signal.SIGTERM)
-        output, _ = job.communicate(timeout=180)
-    finally:
-        job.kill()
-    assert job.returncode == 0, output[-3000:]
+    train_until_signalled(args, env, tmp_path, run_dir, signal.SIGTERM)
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["preempted"] is True and 6 <= summary["global_step"] < 30
     assert not record.exists()  # stopped, not requeued

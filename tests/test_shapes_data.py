@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import make_tar
 from xmodal.data import shapes
 from xmodal.data.cli import main
 from xmodal.data.shapes import (
@@ -51,15 +52,6 @@ def meta(sample: dict) -> dict:
 
 def has_pair(sample: dict, colour: str, kind: str) -> bool:
     return any(s["colour"] == colour and s["kind"] == kind for s in meta(sample)["shapes"])
-
-
-def make_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 # --- determinism -------------------------------------------------------------------------------
