@@ -20,7 +20,7 @@ from xmodal.config import CONFIG_DIR, ConfigError, absolute, register_schemas, v
 from xmodal.console import print_error
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.factory import build_datamodule, prepare_data
-from xmodal.run import write_json
+from xmodal.files import write_json_atomic
 from xmodal.tasks.seq2seq import CaptionTask
 
 
@@ -60,7 +60,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         table.add_row(key, f"{value:.4f}")
     rich.print(table)
     out = absolute(cfg.ckpt_path).with_suffix(".eval.json")
-    write_json(out, {"ckpt_path": str(absolute(cfg.ckpt_path)), "test": metrics})
+    write_json_atomic(out, {"ckpt_path": str(absolute(cfg.ckpt_path)), "test": metrics})
     rich.print(f"saved {out}")
     return metrics
 

@@ -8,7 +8,6 @@ suffix, and its directory is created with ``exist_ok=False``, so two jobs never 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -141,9 +140,3 @@ def wandb_run_id(run_dir: Path, run_id: str) -> str:
     wid = re.sub(r"[^A-Za-z0-9_-]", "-", run_id)[:64]
     path.write_text(wid + "\n")
     return wid
-
-
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)

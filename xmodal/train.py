@@ -34,13 +34,13 @@ from xmodal.factory import (
     build_trainer,
     prepare_data,
 )
+from xmodal.files import write_json_atomic
 from xmodal.run import (
     decide_run,
     export_run_id,
     forget_run_id,
     is_launcher,
     resume_checkpoint,
-    write_json,
     write_provenance,
 )
 
@@ -72,7 +72,7 @@ def load_or_fit_tokenizer(run_dir: Path, datamodule: Any) -> WordTokenizer:
         return tokenizer
     tokenizer = datamodule.build_tokenizer()
     if is_launcher():
-        write_json(path, {"vocab": tokenizer.vocab})
+        write_json_atomic(path, {"vocab": tokenizer.vocab})
     return tokenizer
 
 
@@ -150,7 +150,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         summary["data_skipped"] = datamodule.skipped()
         summary["data_errors"] = datamodule.errors()
         if trainer.is_global_zero:
-            write_json(run.dir / "metrics.json", summary)
+            write_json_atomic(run.dir / "metrics.json", summary)
         failed = False
         return metrics
     finally:

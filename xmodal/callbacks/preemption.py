@@ -14,7 +14,6 @@ cancelled job, a stopping container) saves the same way and is not requeued.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 from typing import Any
@@ -22,15 +21,9 @@ from typing import Any
 import lightning as L
 
 from xmodal.callbacks.last_checkpoint import LastCheckpoint
+from xmodal.run import slurm_run_id
 
 log = logging.getLogger("xmodal")
-
-
-def slurm_job_id() -> str | None:
-    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:
-        return f"{array_job}_{array_task}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 class Preemption(L.Callback):
@@ -63,7 +56,7 @@ class Preemption(L.Callback):
         self.preempted = True
         self.last.save(trainer)
         requeue = trainer.strategy.reduce_boolean_decision(self.requested == self.requeue_signal, all=False)
-        job = slurm_job_id()
+        job = slurm_run_id()  # the SLURM job, as scontrol names it
         if trainer.is_global_zero and requeue and job is not None:
             result = subprocess.run(["scontrol", "requeue", job], check=False)
             if result.returncode == 0:

@@ -17,7 +17,7 @@ import io
 import json
 import random
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -208,11 +208,14 @@ class ShardDataModule(L.LightningDataModule):
 
     def skipped(self) -> dict[str, dict[str, int]]:
         """Samples skipped as unreadable so far, per split and shard (nothing is dropped silently)."""
-        return {split: counts for split, stream in self.streams.items() if (counts := stream.skip_counts())}
+        return self._per_split(ShardStream.skip_counts)
 
     def errors(self) -> dict[str, dict[str, int]]:
         """Failure events (undecodable samples, unreadable shards) so far, per split and shard."""
-        return {split: counts for split, stream in self.streams.items() if (counts := stream.error_counts())}
+        return self._per_split(ShardStream.error_counts)
+
+    def _per_split(self, counter: Callable[[ShardStream], dict[str, int]]) -> dict[str, dict[str, int]]:
+        return {split: counts for split, stream in self.streams.items() if (counts := counter(stream))}
 
     def sample_batch(self, n: int, split: str = "val") -> dict[str, Any]:
         """The first ``n`` decodable samples of a split as one batch: a fixed set for sample grids."""

@@ -24,6 +24,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from xmodal.files import write_json_atomic
+
 SAFE_EXTENSIONS = {"png", "jpg", "jpeg", "txt", "json", "wav", "flac", "cls"}
 SIZES_FILE = "sizes.json"
 _HOW_TO_CREATE = "create it with `xmodal-shards synth --out DIR` or `xmodal-shards write ...`"
@@ -315,11 +317,7 @@ def _peek_modalities(shards: list[Path]) -> list[str]:
 
 def write_sizes(directory: str | os.PathLike[str], sizes: dict[str, Any]) -> Path:
     """Write ``sizes.json`` atomically, so a reader never sees it half written."""
-    path = Path(directory) / SIZES_FILE
-    tmp = path.with_name(f".{SIZES_FILE}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.write_text(json.dumps(sizes, indent=2) + "\n", encoding="utf-8")  # keeps split order
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(Path(directory) / SIZES_FILE, sizes, sort_keys=False)  # keeps split order
 
 
 def _split_entry(
