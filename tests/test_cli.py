@@ -86,7 +86,7 @@ def test_wandb_offline_one_run_per_job_finished_even_on_failure(tiny, tmp_path, 
     assert [p.name.rsplit("-", 1)[-1] for p in offline_runs] == [wandb_id]
     assert list(offline_runs[0].glob(f"run-{wandb_id}.wandb"))
     assert list(offline_runs[0].glob("files/media/images/samples/val_*.png"))  # the sample grid
-    assert list(offline_runs[0].glob("files/media/table/samples/val_captions_*.table.json"))  # caption table
+    assert list(offline_runs[0].glob("files/media/table/samples/table_*.table.json"))  # caption table
     assert wandb.run is None
 
     def explode(*args, **kwargs):

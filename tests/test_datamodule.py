@@ -107,17 +107,17 @@ def test_shards_plan_command_reports_equal_batches_and_dumps_every_row(tiny, tmp
 
 
 def test_training_caption_is_a_function_of_seed_epoch_and_key():
-    from xmodal.data.datamodule import decode_sample
+    from xmodal.data.datamodule import DecodeSpec, decode_sample
     from xmodal.data.shapes import ShapesSpec, make_sample
 
     raw = make_sample(ShapesSpec(), "train", 1)
     captions = json.loads(raw["json"])["captions"]
 
     def pick(seed: int, epoch: int) -> str:
-        return decode_sample({**raw, "__epoch__": epoch}, 64, train=True, seed=seed)["caption"]
+        return decode_sample({**raw, "__epoch__": epoch}, DecodeSpec(seed=seed), train=True)["caption"]
 
     by_epoch = [pick(0, e) for e in range(12)]
     assert by_epoch == [pick(0, e) for e in range(12)]  # deterministic: a resumed run sees the same
     assert len(set(by_epoch)) > 1 and set(by_epoch) <= set(captions)  # varies from epoch to epoch
     assert [pick(1, e) for e in range(12)] != by_epoch  # and with the seed
-    assert decode_sample(raw, 64, train=False)["caption"] == captions[0]
+    assert decode_sample(raw, DecodeSpec(), train=False)["caption"] == captions[0]

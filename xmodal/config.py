@@ -24,7 +24,11 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true",
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp2", "fsdp")
 LOGGERS = ("wandb", "csv", "none")
-TASKS = ("caption",)
+TASKS = ("caption", "gan", "vae")
+CONDITIONS = ("none", "label", "text", "audio")
+MODALITIES = ("image", "text", "audio")
+GAN_LOSSES = ("ns", "hinge", "wgan-gp")
+VAE_LIKELIHOODS = ("bernoulli", "gaussian", "logistic", "laplace")
 
 
 class ConfigError(ValueError):
@@ -92,6 +96,14 @@ class DataConfig:
     """Images larger than this (read from the header, before decoding) are skipped and counted."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
+    image_size: int = 64
+    """Side of the square images the model sees (decoded images are resized to it)."""
+    image_channels: int = 3
+    """3 = RGB, 1 = grey (e.g. MNIST): decoded images are converted to this many channels."""
+    audio_mels: int = 64
+    """Mel bands of the log-mel spectrogram decoded from ``.wav``/``.flac`` members."""
+    audio_frames: int = 64
+    """Spectrogram frames (10 ms hop) per clip: longer clips are cut, shorter ones padded and masked."""
     max_text_len: int = 32
     """Longest token sequence (including BOS/EOS); longer captions are truncated."""
     min_word_count: int = 1
@@ -99,13 +111,92 @@ class DataConfig:
 
 
 @dataclass
+class GanConfig:
+    """Adversarial task (``model.task=gan``): DCGAN-style G and D under manual optimization.
+
+    One training batch is one *iteration*: ``n_critic`` D steps (fresh noise, detached fakes),
+    then one G step. For this task ``trainer.max_steps`` counts iterations; the factory hands
+    Lightning ``max_steps × (n_critic + 1)`` because Lightning counts every optimizer step.
+    """
+
+    z_dim: int = 64
+    g_width: int = 64
+    """Channels of G's last conv block (earlier blocks double it)."""
+    d_width: int = 64
+    """Channels of D's first conv block (later blocks double it)."""
+    loss: str = "hinge"
+    """ns (non-saturating, softplus) | hinge | wgan-gp."""
+    n_critic: int = 1
+    g_lr: float = 2.0e-4
+    d_lr: float = 2.0e-4
+    g_betas: list[float] = field(default_factory=lambda: [0.0, 0.9])
+    d_betas: list[float] = field(default_factory=lambda: [0.0, 0.9])
+    gp_weight: float = 10.0
+    """Gradient-penalty weight of ``wgan-gp``."""
+    r1_weight: float = 0.0
+    """Lazy R1 penalty weight on real data (0 = off)."""
+    r1_every: int = 16
+    """Apply R1 every N D steps (scaled by N: "lazy" regularisation)."""
+    spectral_norm: bool = True
+    """Spectral normalisation on D's weights."""
+    ema_decay: float = 0.999
+    """EMA of G's weights (used for samples and metrics); 0 = no EMA."""
+    ema_start: int = 0
+    """Iterations before the EMA starts (it copies G until then)."""
+    clip_grad_norm: float | None = None
+    """Max gradient norm per optimizer step, measured on unscaled gradients (also under 16-mixed)."""
+    metric_samples: int = 512
+    """Generated images scored by FID/KID/conditional accuracy at each validation (≤ the val split)."""
+    feature_steps: int = 300
+    """Training steps of the cached domain classifier that supplies FID/KID features."""
+    inception_weights: str | None = None
+    """Path to torch-fidelity InceptionV3 weights: FID/KID on Inception features instead."""
+
+
+@dataclass
+class VaeConfig:
+    """Variational autoencoder (``model.task=vae``): ELBO in nats, β, KL warm-up, IWAE evaluation."""
+
+    z_dim: int = 32
+    width: int = 64
+    """Channels of the first encoder conv block (later blocks double it; the decoder mirrors it)."""
+    likelihood: str = "bernoulli"
+    """bernoulli (logits; binarised data) | gaussian | logistic (discretised) | laplace."""
+    learn_sigma: bool = False
+    """gaussian/laplace: learn one scale per pixel channel (else fixed ``sigma``)."""
+    sigma: float = 0.1
+    binarize: bool = False
+    """Bernoulli targets: sample pixels ~ Bernoulli(intensity) each time (dynamic binarisation)."""
+    beta: float = 1.0
+    kl_warmup_steps: int = 0
+    """Steps over which the KL weight rises linearly 0 → beta (0 = none)."""
+    kl_schedule: str = "linear"
+    """linear | cyclical (the linear ramp repeats ``kl_cycles`` times over ``trainer.max_steps``)."""
+    kl_cycles: int = 4
+    free_bits: float = 0.0
+    """Minimum KL per latent dimension in nats (0 = off)."""
+    iwae_k: int = 64
+    """Importance samples for the IWAE NLL bound at validation/test."""
+    logvar_clamp: float = 10.0
+    """|log σ²| of the posterior is clamped to this."""
+
+
+@dataclass
 class ModelConfig:
     task: str = "caption"
-    """Task family: ``caption`` (seq2seq). GAN and VAE families plug in here."""
+    """Task family: ``caption`` (seq2seq) | ``gan`` (adversarial) | ``vae``."""
     source: str = "image"
-    """Batch key the encoder reads."""
+    """Batch key the encoder reads (caption: ``image`` or ``audio``)."""
     target: str = "text"
-    """Batch key the decoder produces."""
+    """Batch key the model produces (caption: ``text``; gan/vae: ``image``)."""
+    condition: str = "none"
+    """gan/vae conditioning: none | label | text | audio — a condition encoder chosen by config."""
+    num_classes: int = 10
+    """Classes of ``label`` conditioning (and of the domain classifier's label head)."""
+    cond_dim: int = 128
+    """Width of the condition vector the encoders produce."""
+    gan: GanConfig = field(default_factory=GanConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
     d_model: int = 128
     encoder_channels: list[int] = field(default_factory=lambda: [64, 128])
     """Conv stage widths: the first stage patchifies, each later one halves the resolution."""
@@ -313,22 +404,14 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
         "must be >= 16, a multiple of 8",
     )
     check(1 <= s.max_shapes <= 2, "data.shapes.max_shapes", "must be 1 or 2")
-    check(m.task in TASKS, "model.task", f"must be one of {TASKS}")
+    check(d.image_size >= 8, "data.image_size", "must be >= 8")
+    check(d.image_channels in (1, 3), "data.image_channels", "must be 1 (grey) or 3 (RGB)")
     check(
-        m.source == "image",
-        "model.source",
-        "the caption task reads images for now (audio encoders come with the captioning work)",
+        d.audio_mels >= 8 and d.audio_frames >= 8,
+        "data.audio_mels",
+        "audio_mels and audio_frames must be >= 8",
     )
-    check(m.target == "text", "model.target", "the caption task produces text")
-    check(m.d_model % max(m.heads, 1) == 0, "model.d_model", f"must divide by model.heads={m.heads}")
-    check(len(m.encoder_channels) >= 1, "model.encoder_channels", "needs at least one stage")
-    grid_divisor = m.encoder_patch * 2 ** (len(m.encoder_channels) - 1)
-    check(
-        m.encoder_patch >= 1 and s.image_size % grid_divisor == 0,
-        "model.encoder_patch",
-        f"patch × 2^(stages-1) = {grid_divisor} must divide data.shapes.image_size={s.image_size}",
-    )
-    check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    problems += model_problems(cfg)
     check(m.lr > 0, "model.lr", "must be > 0")
     check(cfg.logger.kind in LOGGERS, "logger.kind", f"must be one of {LOGGERS}")
     check(cfg.callbacks.monitor_mode in ("min", "max"), "callbacks.monitor_mode", "must be min or max")
@@ -340,6 +423,70 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
         "run.dir",
         "is derived as <paths.output_dir>/<experiment_name>/<run.id>; set those instead",
     )
+    return problems
+
+
+def model_problems(cfg: Any) -> list[str]:
+    """Problems of the ``model`` node for its task family."""
+    problems: list[str] = []
+    d, m, t = cfg.data, cfg.model, cfg.trainer
+
+    def check(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            problems.append(f"{key}: {why} (got {OmegaConf.select(cfg, key)!r})")
+
+    check(m.task in TASKS, "model.task", f"must be one of {TASKS}")
+    check(m.condition in CONDITIONS, "model.condition", f"must be one of {CONDITIONS}")
+    check(m.d_model % max(m.heads, 1) == 0, "model.d_model", f"must divide by model.heads={m.heads}")
+    check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    check(m.num_classes >= 1, "model.num_classes", "must be >= 1")
+    if m.task == "caption":
+        check(m.source in ("image", "audio"), "model.source", "the caption task reads image or audio")
+        check(m.target == "text", "model.target", "the caption task produces text")
+        check(
+            m.condition == "none", "model.condition", "the caption task has no condition (its source is one)"
+        )
+        check(len(m.encoder_channels) >= 1, "model.encoder_channels", "needs at least one stage")
+        if m.source == "image":
+            grid_divisor = m.encoder_patch * 2 ** (len(m.encoder_channels) - 1)
+            check(
+                m.encoder_patch >= 1 and d.image_size % grid_divisor == 0,
+                "model.encoder_patch",
+                f"patch × 2^(stages-1) = {grid_divisor} must divide data.image_size={d.image_size}",
+            )
+    else:
+        check(m.target == "image", "model.target", f"the {m.task} task generates images")
+        check(d.image_size in (32, 64), "data.image_size", f"the {m.task} task's conv nets take 32 or 64 px")
+    if m.task == "gan":
+        g = m.gan
+        check(g.loss in GAN_LOSSES, "model.gan.loss", f"must be one of {GAN_LOSSES}")
+        check(g.n_critic >= 1, "model.gan.n_critic", "must be >= 1")
+        check(g.g_lr > 0 and g.d_lr > 0, "model.gan.g_lr", "g_lr and d_lr must be > 0")
+        check(0.0 <= g.ema_decay < 1.0, "model.gan.ema_decay", "must be in [0, 1)")
+        check(g.r1_every >= 1, "model.gan.r1_every", "must be >= 1")
+        check(g.metric_samples >= 2, "model.gan.metric_samples", "FID needs >= 2 samples")
+        check(len(g.g_betas) == 2 and len(g.d_betas) == 2, "model.gan.g_betas", "betas are pairs")
+        check(
+            t.strategy != "fsdp",
+            "trainer.strategy",
+            "Lightning's FSDP1 'fsdp' does not support manual optimization (GANs); use trainer=fsdp2",
+        )
+        check(
+            t.accumulate_grad_batches == 1,
+            "trainer.accumulate_grad_batches",
+            "manual optimization (gan) steps every batch; must be 1",
+        )
+        if g.inception_weights is not None:
+            check(Path(g.inception_weights).is_file(), "model.gan.inception_weights", "no such file")
+    if m.task == "vae":
+        v = m.vae
+        check(v.likelihood in VAE_LIKELIHOODS, "model.vae.likelihood", f"must be one of {VAE_LIKELIHOODS}")
+        check(v.beta >= 0, "model.vae.beta", "must be >= 0")
+        check(v.iwae_k >= 1, "model.vae.iwae_k", "must be >= 1")
+        check(v.kl_schedule in ("linear", "cyclical"), "model.vae.kl_schedule", "must be linear or cyclical")
+        check(v.kl_warmup_steps >= 0, "model.vae.kl_warmup_steps", "must be >= 0")
+        check(v.free_bits >= 0, "model.vae.free_bits", "must be >= 0")
+        check(v.sigma > 0, "model.vae.sigma", "must be > 0")
     return problems
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import rich
+import torch
 from omegaconf import DictConfig
 from rich.table import Table
 
@@ -19,19 +20,25 @@ from xmodal.callbacks.metrics_file import scalar_metrics
 from xmodal.config import CONFIG_DIR, ConfigError, absolute, register_schemas, validate
 from xmodal.console import print_error
 from xmodal.data.tokenizer import WordTokenizer
-from xmodal.factory import build_datamodule, prepare_data
+from xmodal.factory import build_datamodule, prepare_data, task_class
 from xmodal.files import write_json_atomic
-from xmodal.tasks.seq2seq import CaptionTask
 
 
-def load_task(ckpt_path: str | Path) -> CaptionTask:
+def load_task(ckpt_path: str | Path) -> L.LightningModule:
+    """The task of a single-file checkpoint, whatever its family (read from its hyperparameters)."""
     path = Path(ckpt_path)
     if path.is_dir():
         raise ConfigError(
             f"invalid config:\n  ckpt_path: {path} is a distributed (FSDP2) checkpoint directory; "
             "evaluate it with the same trainer=fsdp2 run, or consolidate it first"
         )
-    return CaptionTask.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    name = hparams.get("model", {}).get("task")
+    if name is None:
+        raise ConfigError(
+            f"invalid config:\n  ckpt_path: {path} was not written by xmodal-train (no model.task)"
+        )
+    return task_class(name).load_from_checkpoint(path, map_location="cpu", weights_only=False)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:

@@ -24,13 +24,12 @@ from xmodal.callbacks.checksums import RankChecksums
 from xmodal.callbacks.last_checkpoint import LastCheckpoint
 from xmodal.callbacks.metrics_file import MetricsFile
 from xmodal.callbacks.preemption import Preemption
-from xmodal.callbacks.samples import CaptionSamples
+from xmodal.callbacks.samples import ValidationSamples
 from xmodal.config import absolute, world_size
-from xmodal.data.datamodule import ShardDataModule
+from xmodal.data.datamodule import DecodeSpec, ShardDataModule
 from xmodal.data.shapes import ShapesSpec, synth
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.run import RunIdentity, is_launcher, wandb_run_id
-from xmodal.tasks.seq2seq import CaptionTask
 
 log = logging.getLogger("xmodal")
 
@@ -63,6 +62,26 @@ def prepare_data(cfg: DictConfig, wait_s: float = 900.0) -> Path:
     return out
 
 
+def required_modalities(model: DictConfig) -> tuple[str, ...]:
+    """Modalities every sample must have for this task (others are not decoded)."""
+    if model.task == "caption":
+        return (model.source, model.target)
+    return ("image",) if model.condition == "none" else ("image", model.condition)
+
+
+def decode_spec(cfg: DictConfig) -> DecodeSpec:
+    d = cfg.data
+    return DecodeSpec(
+        image_size=d.image_size,
+        image_channels=d.image_channels,
+        audio_mels=d.audio_mels,
+        audio_frames=d.audio_frames,
+        required=required_modalities(cfg.model),
+        max_pixels=d.max_image_pixels,
+        seed=cfg.seed,
+    )
+
+
 def build_datamodule(
     cfg: DictConfig, shards_dir: Path, tokenizer: WordTokenizer | None = None
 ) -> ShardDataModule:
@@ -70,7 +89,7 @@ def build_datamodule(
         shards_dir,
         batch_size=cfg.data.batch_size // world_size(cfg),
         num_workers=cfg.data.num_workers,
-        image_size=cfg.data.shapes.image_size,
+        decode=decode_spec(cfg),
         max_text_len=cfg.data.max_text_len,
         min_word_count=cfg.data.min_word_count,
         tokenizer=tokenizer,
@@ -79,13 +98,43 @@ def build_datamodule(
         samples_per_epoch=cfg.data.samples_per_epoch,
         shuffle_buffer=cfg.data.shuffle_buffer,
         max_consecutive_failures=cfg.data.max_consecutive_failures,
-        max_image_pixels=cfg.data.max_image_pixels,
     )
 
 
+def task_class(name: str) -> type[L.LightningModule]:
+    """The LightningModule of a task family (imported on demand: each pulls in its own nets)."""
+    if name == "caption":
+        from xmodal.tasks.seq2seq import CaptionTask
+
+        return CaptionTask
+    if name == "gan":
+        from xmodal.tasks.adversarial import AdversarialTask
+
+        return AdversarialTask
+    if name == "vae":
+        from xmodal.tasks.vae import VaeTask
+
+        return VaeTask
+    raise ValueError(f"model.task: unknown task {name!r}")
+
+
+def data_shape(cfg: DictConfig) -> dict[str, int]:
+    """What the task needs to know about the data to build its nets (saved in its hparams)."""
+    d = cfg.data
+    return {
+        "image_size": d.image_size,
+        "image_channels": d.image_channels,
+        "audio_mels": d.audio_mels,
+        "audio_frames": d.audio_frames,
+        "max_text_len": d.max_text_len,
+    }
+
+
 def build_task(cfg: DictConfig, tokenizer: WordTokenizer) -> L.LightningModule:
+    """Every task is built as ``Task(model, vocab, data)`` from plain dicts, so a checkpoint's
+    hparams alone rebuild it (``Task.load_from_checkpoint(path)``)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    return CaptionTask(model, tokenizer.vocab, cfg.data.shapes.image_size, cfg.data.max_text_len)
+    return task_class(cfg.model.task)(model, tokenizer.vocab, data_shape(cfg))
 
 
 def wandb_offline(setting: bool | None) -> bool:
@@ -153,7 +202,7 @@ def build_callbacks(
         checkpoint,
         last,
         Preemption(last, signal.SIGUSR2),
-        CaptionSamples(run.dir / "samples", cfg.callbacks.num_samples),
+        ValidationSamples(run.dir / "samples", cfg.callbacks.num_samples),
         MetricsFile(run.dir / "metrics.jsonl"),
     ]
     if cfg.trainer.enable_progress_bar:
@@ -171,11 +220,25 @@ def build_strategy(cfg: DictConfig) -> Any:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         return ModelParallelStrategy(data_parallel_size=world_size(cfg), tensor_parallel_size=1)
-    if name == "ddp":
+    if name in ("ddp", "ddp_spawn"):
         from lightning.pytorch.strategies import DDPStrategy
 
-        return DDPStrategy(find_unused_parameters=False)
+        # A GAN's D backward never touches G's parameters (and the reverse): one DDP around the
+        # whole module then needs to be told that some parameters get no gradient in a step.
+        return DDPStrategy(
+            start_method="spawn" if name == "ddp_spawn" else "popen",
+            find_unused_parameters=cfg.model.task == "gan",
+        )
     return name
+
+
+def lightning_max_steps(cfg: DictConfig) -> int:
+    """Lightning's ``max_steps`` counts optimizer steps; for a GAN ``trainer.max_steps`` counts
+    iterations of ``n_critic`` D steps + 1 G step."""
+    steps = int(cfg.trainer.max_steps)
+    if cfg.model.task == "gan" and steps > 0:
+        return steps * (cfg.model.gan.n_critic + 1)
+    return steps
 
 
 def build_trainer(
@@ -208,11 +271,12 @@ def build_trainer(
         num_nodes=t.num_nodes,
         strategy=build_strategy(cfg),
         precision=t.precision,
-        max_steps=t.max_steps,
+        max_steps=lightning_max_steps(cfg),
         max_epochs=t.max_epochs,
         check_val_every_n_epoch=every_n_epochs,
         log_every_n_steps=t.log_every_n_steps,
-        gradient_clip_val=t.gradient_clip_val,
+        # Manual optimization (gan) clips inside the task (model.gan.clip_grad_norm, unscaled norms).
+        gradient_clip_val=None if cfg.model.task == "gan" else t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches,
         fast_dev_run=t.fast_dev_run,
         overfit_batches=t.overfit_batches,

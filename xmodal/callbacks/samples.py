@@ -1,44 +1,24 @@
-"""Caption samples at every validation: a PNG grid in ``samples/`` and an image + table in W&B."""
+"""Samples at every validation: PNG grids (and a Markdown table) in ``samples/``, the same in W&B.
+
+What to show is the task's business (``pl_module.validation_samples(batch) -> SampleSet``): a
+captioner returns images with generated captions, a GAN samples from a fixed noise bank, a VAE
+returns reconstructions and prior samples. The batch is a fixed set of validation samples, so
+grids from successive validations are comparable.
+"""
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
+
+from xmodal.images import markdown_table
 
 
-def caption_grid(images: torch.Tensor, captions: list[str], columns: int = 4, scale: int = 2) -> Image.Image:
-    """Images ``[B, 3, H, W]`` in [-1, 1] in a grid, each with its caption written under it."""
-    font = ImageFont.load_default()
-    batch, _, height, width = images.shape
-    cell_w, text_h = width * scale, 58
-    rows = (batch + columns - 1) // columns
-    grid = Image.new("RGB", (columns * (cell_w + 8), rows * (height * scale + text_h + 8)), "white")
-    draw = ImageDraw.Draw(grid)
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    for i in range(batch):
-        x = (i % columns) * (cell_w + 8) + 4
-        y = (i // columns) * (height * scale + text_h + 8) + 4
-        tile = Image.fromarray(np.ascontiguousarray(pixels[i])).resize(
-            (cell_w, height * scale), Image.NEAREST
-        )
-        grid.paste(tile, (x, y))
-        # ~6 px per character in the default bitmap font
-        lines = textwrap.wrap(captions[i], width=max(cell_w // 6, 8))[:5]
-        draw.multiline_text((x, y + height * scale + 2), "\n".join(lines), fill="black", font=font, spacing=1)
-    return grid
-
-
-class CaptionSamples(L.Callback):
-    """Captions a fixed set of validation samples after every validation; rank zero writes them.
-
-    Every rank runs the captioner: with sharded (FSDP2) parameters a forward is a collective.
-    """
+class ValidationSamples(L.Callback):
+    """Every rank runs the task's sampler (with sharded FSDP2 parameters a forward is a collective);
+    rank zero writes the files and logs them."""
 
     def __init__(self, out_dir: Path, num_samples: int):
         self.out_dir = Path(out_dir)
@@ -48,23 +28,23 @@ class CaptionSamples(L.Callback):
         if trainer.sanity_checking or self.num_samples <= 0:
             return
         batch = trainer.datamodule.sample_batch(self.num_samples)
-        source = batch[pl_module.source].to(pl_module.device)
         was_training = pl_module.training
         pl_module.eval()
-        captions = pl_module.caption(source)
+        samples = pl_module.validation_samples(batch)
         pl_module.train(was_training)
         if not trainer.is_global_zero:
             return
-        grid = caption_grid(batch[pl_module.source], captions)
+        step = getattr(pl_module, "sample_step", trainer.global_step)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"val_step{trainer.global_step:07d}.png"
-        grid.save(path)
-        grid.save(self.out_dir / "val_latest.png")
+        for name, grid in samples.grids.items():
+            grid.save(self.out_dir / f"{name}_step{step:07d}.png")
+            grid.save(self.out_dir / f"{name}_latest.png")
+        if samples.table_rows:
+            table = markdown_table(samples.table_columns, samples.table_rows)
+            (self.out_dir / f"table_step{step:07d}.md").write_text(table)
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
-                logger.log_image("samples/val", [grid], step=trainer.global_step)
-                rows = [
-                    [k, refs[0], hyp]
-                    for k, refs, hyp in zip(batch["__key__"], batch["captions"], captions, strict=True)
-                ]
-                logger.log_table("samples/val_captions", ["key", "reference", "generated"], rows)
+                for name, grid in samples.grids.items():
+                    logger.log_image(f"samples/{name}", [grid], step=trainer.global_step)
+                if samples.table_rows:
+                    logger.log_table("samples/table", samples.table_columns, samples.table_rows)

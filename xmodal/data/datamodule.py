@@ -6,9 +6,10 @@ drawn with replacement). Validation and test are always ``exact``, so metrics ov
 the same on any number of ranks. The train loader's position is saved in checkpoints and a resumed
 fit continues with the remaining batches of the epoch.
 
-Batch: ``image`` float ``[B, 3, H, W]`` in [-1, 1]; ``text`` long ``[B, T]`` and ``text_mask`` bool
-``[B, T]``; ``label`` long ``[B]``; ``valid`` bool ``[B]``; ``captions`` (all references per row) and
-``__key__`` as lists.
+Batch (see :class:`BatchCollate`): ``image`` float ``[B, C, H, W]`` in [-1, 1] and ``audio``
+log-mel ``[B, 1, M, T]`` + ``audio_mask`` when the task needs them; ``text`` long ``[B, T]`` and
+``text_mask`` bool ``[B, T]``; ``label`` long ``[B]``; ``valid`` bool ``[B]``; ``captions`` (all
+references per row) and ``__key__`` as lists.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import random
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from xmodal.data.audio import decode_audio
 from xmodal.data.shards import iter_tar_samples, split_shards
 from xmodal.data.stream import ShardStream, StreamLoader, Topology, shards_from_dir
 from xmodal.data.tokenizer import WordTokenizer
@@ -37,10 +40,33 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 
 
 MAX_IMAGE_PIXELS = 50_000_000
+AUDIO_EXTENSIONS = ("wav", "flac")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 
 
-def decode_image(data: bytes, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """PNG/JPEG bytes → uint8 ``[3, H, W]`` (kept uint8 in memory: 4× smaller than float).
+@dataclass(frozen=True)
+class DecodeSpec:
+    """How raw records become tensors, and which modalities a sample must have to be kept.
+
+    ``required`` comes from the task (a captioner needs its source and ``text``; a text→image
+    GAN needs ``image`` and ``text``): a sample missing one is skipped and counted, never
+    silently padded. Modalities not required are not decoded (no cost), except captions and
+    labels, which are cheap and feed tables and conditional metrics.
+    """
+
+    image_size: int = 64
+    image_channels: int = 3
+    audio_mels: int = 64
+    audio_frames: int = 64
+    required: tuple[str, ...] = ("image", "text")
+    max_pixels: int = MAX_IMAGE_PIXELS
+    seed: int = 0
+
+
+def decode_image(
+    data: bytes, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS, channels: int = 3
+) -> torch.Tensor:
+    """PNG/JPEG bytes → uint8 ``[C, H, W]`` (kept uint8 in memory: 4× smaller than float).
 
     The size in the header is checked before any pixel is decoded, so a decompression bomb costs
     nothing; too large or unreadable images raise (a counted skip in the stream).
@@ -49,11 +75,12 @@ def decode_image(data: bytes, image_size: int, max_pixels: int = MAX_IMAGE_PIXEL
         width, height = img.size
         if width * height > max_pixels:
             raise ValueError(f"image of {width}×{height} pixels exceeds data.max_image_pixels={max_pixels}")
-        img = img.convert("RGB")
+        img = img.convert("RGB" if channels == 3 else "L")
         if img.size != (image_size, image_size):
             img = img.resize((image_size, image_size), Image.BICUBIC)
-        array = np.asarray(img, dtype=np.uint8)  # [H, W, 3]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # [3, H, W]
+        array = np.asarray(img, dtype=np.uint8)  # [H, W, 3] or [H, W]
+    tensor = torch.from_numpy(array.copy())
+    return tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor[None]  # [C, H, W]
 
 
 def sample_captions(sample: dict[str, Any]) -> list[str]:
@@ -67,40 +94,70 @@ def sample_captions(sample: dict[str, Any]) -> list[str]:
     return []
 
 
+def sample_label(raw: dict[str, Any], meta: dict[str, Any]) -> int | None:
+    """The integer label of a sample: its ``.cls`` member, else ``label`` in its JSON."""
+    if "cls" in raw:
+        try:
+            return int(raw["cls"].decode("utf-8").strip())
+        except ValueError as err:
+            raise ValueError(f"sample {raw['__key__']!r}: .cls is not an integer") from err
+    label = meta.get("label")
+    return None if label is None else int(label)
+
+
 def iter_split(shards_dir: Path, split: str) -> Iterator[dict[str, Any]]:
     for shard in split_shards(shards_dir, split):
         yield from iter_tar_samples(shard)
 
 
-def decode_sample(
-    raw: dict[str, Any], image_size: int, train: bool, max_pixels: int = MAX_IMAGE_PIXELS, seed: int = 0
-) -> dict[str, Any]:
+def _first(raw: dict[str, Any], extensions: tuple[str, ...]) -> tuple[str, bytes] | None:
+    return next(((ext, raw[ext]) for ext in extensions if ext in raw), None)
+
+
+def decode_sample(raw: dict[str, Any], spec: DecodeSpec, train: bool) -> dict[str, Any]:
     """Raw tar record → decoded sample; raises (a counted skip) when a required modality is missing.
 
     Training draws one of the captions per epoch, seeded by (seed, epoch, key), so a resumed run
     sees the same captions as an uninterrupted one; evaluation keeps them all as references and
     uses the first as the target.
     """
-    image = raw.get("png", raw.get("jpg", raw.get("jpeg")))
-    if image is None:
-        raise ValueError(f"sample {raw['__key__']!r} has no image")
+    key = raw["__key__"]
+    out: dict[str, Any] = {"__key__": key}
+    image = _first(raw, IMAGE_EXTENSIONS)
+    if "image" in spec.required:
+        if image is None:
+            raise ValueError(f"sample {key!r} has no image")
+        out["image"] = decode_image(image[1], spec.image_size, spec.max_pixels, spec.image_channels)
+    if "audio" in spec.required:
+        audio = _first(raw, AUDIO_EXTENSIONS)
+        if audio is None:
+            raise ValueError(f"sample {key!r} has no audio")
+        out["audio"], out["audio_mask"] = decode_audio(audio[1], audio[0], spec.audio_mels, spec.audio_frames)
     captions = sample_captions(raw)
-    if not captions:
-        raise ValueError(f"sample {raw['__key__']!r} has no caption")
+    if "text" in spec.required and not captions:
+        raise ValueError(f"sample {key!r} has no caption")
     meta = json.loads(raw["json"]) if "json" in raw else {}
-    return {
-        "__key__": raw["__key__"],
-        "image": decode_image(image, image_size, max_pixels),
-        "captions": captions,
-        "caption": random.Random(f"{seed}:{raw.get('__epoch__', 0)}:{raw['__key__']}").choice(captions)
-        if train
-        else captions[0],
-        "label": int(meta.get("label", -1)),
-    }
+    label = sample_label(raw, meta)
+    if "label" in spec.required and label is None:
+        raise ValueError(f"sample {key!r} has no label (.cls member or 'label' in its JSON)")
+    out["captions"] = captions
+    if not captions:
+        out["caption"] = ""
+    elif train:
+        out["caption"] = random.Random(f"{spec.seed}:{raw.get('__epoch__', 0)}:{key}").choice(captions)
+    else:
+        out["caption"] = captions[0]
+    out["label"] = -1 if label is None else label
+    return out
 
 
-class CaptionCollate:
-    """Rows → batch (tokenising the target captions). A plain object so spawned workers can pickle it."""
+class BatchCollate:
+    """Rows → batch (tokenising the target captions). A plain object so spawned workers can pickle it.
+
+    Keys: ``image`` float ``[B, C, H, W]`` in [-1, 1] and ``audio`` ``[B, 1, M, T]`` +
+    ``audio_mask`` ``[B, T]`` when required; always ``text`` ``[B, T]`` + ``text_mask``,
+    ``label`` ``[B]`` (-1 = none), ``valid`` ``[B]``, ``captions`` and ``__key__`` lists.
+    """
 
     def __init__(self, tokenizer: WordTokenizer, max_text_len: int):
         self.tokenizer = tokenizer
@@ -108,8 +165,7 @@ class CaptionCollate:
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         text, text_mask = self.tokenizer.encode_batch([r["caption"] for r in rows], self.max_text_len)
-        return {
-            "image": torch.stack([r["image"] for r in rows]).float() / 127.5 - 1.0,  # [B, 3, H, W]
+        batch: dict[str, Any] = {
             "text": text,  # [B, T]
             "text_mask": text_mask,  # [B, T]
             "label": torch.tensor([r["label"] for r in rows], dtype=torch.long),  # [B]
@@ -117,6 +173,12 @@ class CaptionCollate:
             "captions": [r["captions"] for r in rows],
             "__key__": [r["__key__"] for r in rows],
         }
+        if "image" in rows[0]:
+            batch["image"] = torch.stack([r["image"] for r in rows]).float() / 127.5 - 1.0  # [B, C, H, W]
+        if "audio" in rows[0]:
+            batch["audio"] = torch.stack([r["audio"] for r in rows])  # [B, 1, M, T]
+            batch["audio_mask"] = torch.stack([r["audio_mask"] for r in rows])  # [B, T]
+        return batch
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -125,7 +187,7 @@ class ShardDataModule(L.LightningDataModule):
         shards_dir: Path,
         batch_size: int,
         num_workers: int,
-        image_size: int,
+        decode: DecodeSpec,
         max_text_len: int,
         min_word_count: int = 1,
         tokenizer: WordTokenizer | None = None,
@@ -134,13 +196,12 @@ class ShardDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         shuffle_buffer: int = 1000,
         max_consecutive_failures: int = 100,
-        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ):
         super().__init__()
         self.shards_dir = Path(shards_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.image_size = image_size
+        self.decode = decode
         self.max_text_len = max_text_len
         self.min_word_count = min_word_count
         self.tokenizer = tokenizer
@@ -149,7 +210,6 @@ class ShardDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.shuffle_buffer = shuffle_buffer
         self.max_consecutive_failures = max_consecutive_failures
-        self.max_image_pixels = max_image_pixels
         self.streams: dict[str, ShardStream] = {}
 
     def build_tokenizer(self) -> WordTokenizer:
@@ -181,14 +241,8 @@ class ShardDataModule(L.LightningDataModule):
             self.seed,
             topology,
             self.batch_size,
-            decode=partial(
-                decode_sample,
-                image_size=self.image_size,
-                train=train,
-                max_pixels=self.max_image_pixels,
-                seed=self.seed,
-            ),
-            collate=CaptionCollate(self.tokenizer, self.max_text_len),
+            decode=partial(decode_sample, spec=self.decode, train=train),
+            collate=BatchCollate(self.tokenizer, self.max_text_len),
             samples_per_epoch=self.samples_per_epoch if train else None,
             # Evaluation order does not matter, and tar order reads each shard once, sequentially.
             shuffle_buffer=self.shuffle_buffer if train else 1,
@@ -223,9 +277,9 @@ class ShardDataModule(L.LightningDataModule):
         rows = []
         for raw in iter_split(self.shards_dir, split):
             try:
-                rows.append(decode_sample(raw, self.image_size, train=False))
+                rows.append(decode_sample(raw, self.decode, train=False))
             except ValueError:
                 continue
             if len(rows) == n:
                 break
-        return CaptionCollate(self.tokenizer, self.max_text_len)(rows)
+        return BatchCollate(self.tokenizer, self.max_text_len)(rows)

@@ -12,32 +12,52 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import BLEUScore
 
 from xmodal.data.tokenizer import WordTokenizer, normalize
+from xmodal.images import SampleSet, caption_grid
+from xmodal.nn.audio import LogMelEncoder
 from xmodal.nn.image import ConvImageEncoder
 from xmodal.nn.text import TransformerTextDecoder
 
 
-class CaptionTask(L.LightningModule):
-    """Image → text captioner.
+def spectrogram_images(mels: torch.Tensor) -> torch.Tensor:
+    """Log-mel ``[B, 1, M, T]`` → grey images ``[B, 1, M, T]`` in [-1, 1], low bands at the bottom."""
+    flat = mels.flatten(1)
+    low, high = flat.min(1).values[:, None, None, None], flat.max(1).values[:, None, None, None]
+    return ((mels - low) / (high - low).clamp(min=1e-6) * 2 - 1).flip(2)
 
-    ``model`` is the ``model`` config node as a plain dict and ``vocab`` the tokenizer's
-    vocabulary; both are saved as hyperparameters, so a checkpoint alone rebuilds the captioner
-    and its tokenizer (``CaptionTask.load_from_checkpoint(path)``).
+
+class CaptionTask(L.LightningModule):
+    """Image → text or audio → text captioner (``model.source`` picks the encoder).
+
+    ``model`` is the ``model`` config node as a plain dict, ``vocab`` the tokenizer's vocabulary
+    and ``data`` the data shape (image size and channels, mel bands and frames, text length); all
+    are saved as hyperparameters, so a checkpoint alone rebuilds the captioner and its tokenizer
+    (``CaptionTask.load_from_checkpoint(path)``).
     """
 
-    def __init__(self, model: dict[str, Any], vocab: list[str], image_size: int, max_text_len: int):
+    def __init__(self, model: dict[str, Any], vocab: list[str], data: dict[str, int]):
         super().__init__()
         self.save_hyperparameters()
         self.cfg = model
         self.tokenizer = WordTokenizer(vocab)
         self.source, self.target = model["source"], model["target"]
         d_model = model["d_model"]
-        self.encoder = ConvImageEncoder(
-            model["encoder_channels"], d_model, image_size, model["encoder_patch"]
-        )
+        if self.source == "audio":
+            self.encoder: nn.Module = LogMelEncoder(
+                model["encoder_channels"], d_model, data["audio_mels"], data["audio_frames"]
+            )
+        else:
+            self.encoder = ConvImageEncoder(
+                model["encoder_channels"],
+                d_model,
+                data["image_size"],
+                model["encoder_patch"],
+                in_channels=data["image_channels"],
+            )
         self.decoder = TransformerTextDecoder(
             vocab_size=len(vocab),
             d_model=d_model,
@@ -45,7 +65,7 @@ class CaptionTask(L.LightningModule):
             heads=model["heads"],
             ffn_mult=model["ffn_mult"],
             dropout=model["dropout"],
-            max_len=max(max_text_len, model["max_decode_len"]),
+            max_len=max(data["max_text_len"], model["max_decode_len"]),
             pad_id=self.tokenizer.pad_id,
         )
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -96,6 +116,18 @@ class CaptionTask(L.LightningModule):
             stop_early=self.device_mesh is None,
         )
         return [self.tokenizer.decode(row.tolist()) for row in ids]
+
+    def validation_samples(self, batch: dict[str, Any]) -> SampleSet:
+        """Sources with generated captions (a grid) and a table of key, references and caption."""
+        source = batch[self.source]
+        captions = self.caption(source.to(self.device))
+        # A spectrogram shows as a grey image (mel bands upwards), scaled to [-1, 1] per clip.
+        shown = source if self.source == "image" else spectrogram_images(source)
+        rows = [
+            [key, " / ".join(refs), hyp]
+            for key, refs, hyp in zip(batch["__key__"], batch["captions"], captions, strict=True)
+        ]
+        return SampleSet({"val": caption_grid(shown, captions)}, ["key", "references", "generated"], rows)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)

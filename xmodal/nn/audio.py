@@ -1,0 +1,55 @@
+"""Audio encoders: a log-mel spectrogram → a sequence of feature tokens over time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class LogMelEncoder(nn.Module):
+    """Conv stages over ``[B, 1, M, T]`` (each halves mel and time), then the mel axis is folded
+    into the channels so every remaining time step is one token ``[B, T', D]``.
+
+    Keeping time as the token axis lets a decoder's cross-attention find *when* a sound happens
+    (on shapes: which slot, i.e. which shape).
+    """
+
+    def __init__(self, channels: Sequence[int], d_model: int, n_mels: int, frames: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 1
+        for out in channels:
+            layers += [
+                nn.Conv2d(width, out, kernel_size=3, stride=2, padding=1),
+                nn.GroupNorm(min(8, out), out),
+                nn.GELU(),
+                nn.Conv2d(out, out, kernel_size=3, padding=1),
+                nn.GroupNorm(min(8, out), out),
+                nn.GELU(),
+            ]
+            width = out
+        self.stem = nn.Sequential(*layers)
+        self.downsample = 2 ** len(channels)
+        mel_out = -(-n_mels // self.downsample)
+        self.num_tokens = -(-frames // self.downsample)
+        self.proj = nn.Linear(width * mel_out, d_model)
+        self.pos = nn.Parameter(torch.zeros(1, self.num_tokens, d_model))
+        nn.init.normal_(self.pos, std=0.02)
+        # Log-mel values sit around -14..+5: a fixed affine map brings them near unit scale.
+        self.register_buffer("offset", torch.tensor(-4.0), persistent=False)
+        self.register_buffer("scale", torch.tensor(0.2), persistent=False)
+
+    def forward(self, mels: torch.Tensor) -> torch.Tensor:
+        features = self.stem((mels - self.offset) * self.scale)  # [B, C, M', T']
+        batch, channels, mel, time = features.shape
+        tokens = features.permute(0, 3, 1, 2).reshape(batch, time, channels * mel)  # [B, T', C*M']
+        return self.proj(tokens) + self.pos[:, :time]  # [B, T', D]
+
+    def token_mask(self, frame_mask: torch.Tensor) -> torch.Tensor:
+        """Frame mask ``[B, T]`` → token mask ``[B, T']``: a token is real if any of its frames is."""
+        batch, frames = frame_mask.shape
+        pad = (-frames) % self.downsample
+        padded = torch.nn.functional.pad(frame_mask, (0, pad))
+        return padded.view(batch, -1, self.downsample).any(-1)  # [B, T']
