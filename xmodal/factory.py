@@ -27,6 +27,7 @@ from xmodal.callbacks.preemption import Preemption
 from xmodal.callbacks.samples import ValidationSamples
 from xmodal.config import absolute, world_size
 from xmodal.data.datamodule import DecodeSpec, ShardDataModule
+from xmodal.data.mnist import MnistSpec, build_mnist
 from xmodal.data.shapes import ShapesSpec, synth
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.run import RunIdentity, is_launcher, wandb_run_id
@@ -47,12 +48,15 @@ def prepare_data(cfg: DictConfig, wait_s: float = 900.0) -> Path:
     """
     if cfg.data.shards is not None:
         return absolute(cfg.data.shards)
-    spec = shapes_spec(cfg)
+    spec: ShapesSpec | MnistSpec = MnistSpec() if cfg.data.name == "mnist" else shapes_spec(cfg)
     out = absolute(cfg.paths.data_dir) / f"{cfg.data.name}-{spec.fingerprint()}"
     if is_launcher():
         if not (out / "sizes.json").exists():
-            log.info("generating the built-in shapes data into %s", out)
-        synth(out, spec, progress=True)
+            log.info("generating the built-in %s data into %s", cfg.data.name, out)
+        if isinstance(spec, MnistSpec):
+            build_mnist(out, spec, progress=True)
+        else:
+            synth(out, spec, progress=True)
         return out
     deadline = time.monotonic() + wait_s
     while not (out / "sizes.json").exists():

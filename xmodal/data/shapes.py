@@ -33,9 +33,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import secrets
-import shutil
 import wave
 import zlib
 from collections.abc import Callable, Sequence
@@ -47,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from xmodal.console import progress_counter
-from xmodal.data.shards import SIZES_FILE, read_sizes, write_sizes, write_tar_shard
+from xmodal.data.shards import SIZES_FILE, publish_dataset, read_sizes, write_sizes, write_tar_shard
 
 KINDS: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -477,11 +474,8 @@ def synth(out_dir: str | Path, spec: ShapesSpec, progress: bool = True) -> Path:
     out_dir = Path(out_dir)
     if _check_existing(out_dir, spec):
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide a shared cache from others.
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+
+    def fill(tmp: Path) -> None:
         sizes = spec.split_sizes()
         with progress_counter(progress, "shapes", sum(sizes.values())) as advance:
             shard_sizes: dict[str, dict[str, int]] = {}
@@ -493,16 +487,8 @@ def synth(out_dir: str | Path, spec: ShapesSpec, progress: bool = True) -> Path:
                     name = f"shard-{start // spec.samples_per_shard:06d}.tar"
                     samples = (make_sample(spec, split, i) for i in indices)
                     shard_sizes[split][name] = write_tar_shard(tmp / split / name, samples, on_sample=advance)
-        sizes_doc = {"spec": spec.to_dict(), "splits": shard_sizes, "modalities": list(MODALITIES)}
-        write_sizes(tmp, sizes_doc)  # last: a directory with sizes.json is complete
-        try:
-            os.rename(tmp, out_dir)  # atomic; fails if another process already put a non-empty dir there
-        except OSError:
-            if not (out_dir / SIZES_FILE).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            _check_existing(out_dir, spec)  # the winner must have written the same spec
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # also on KeyboardInterrupt: leave no partial copy
-        raise
+        write_sizes(tmp, {"spec": spec.to_dict(), "splits": shard_sizes, "modalities": list(MODALITIES)})
+
+    if publish_dataset(out_dir, fill):
+        _check_existing(out_dir, spec)  # another process won the race: it must have written the same spec
     return out_dir

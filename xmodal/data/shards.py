@@ -349,3 +349,33 @@ def split_shards(directory: str | os.PathLike[str], split: str) -> list[Path]:
 def split_size(directory: str | os.PathLike[str], split: str) -> int:
     """Number of samples in ``split`` according to ``sizes.json``."""
     return sum(_split_entry(directory, split).values())
+
+
+def publish_dataset(out_dir: Path, fill: Callable[[Path], None]) -> bool:
+    """Build a dataset directory with ``fill(tmp)`` and rename it into place atomically.
+
+    ``fill`` writes shards and, last, ``sizes.json`` into a temporary sibling directory, so readers
+    never see a partial dataset: an interrupted build leaves nothing at ``out_dir`` (its temporary
+    directory is removed, except after SIGKILL). Returns True when another process published
+    ``out_dir`` first (our copy is discarded; the caller checks theirs matches).
+    """
+    import secrets
+    import shutil
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide a shared cache from others.
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        try:
+            os.rename(tmp, out_dir)  # atomic; fails if another process already put a non-empty dir there
+        except OSError:
+            if not (out_dir / SIZES_FILE).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return True
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # also on KeyboardInterrupt: leave no partial copy
+        raise
+    return False
