@@ -94,6 +94,9 @@ class DataConfig:
     """Raw (undecoded) records each loader worker shuffles over."""
     max_consecutive_failures: int = 100
     """Unreadable samples in a row before the run stops, naming the shard."""
+    allow_pipe: bool = False
+    """Run ``pipe:CMD`` shard entries of sizes.json (CMD's stdout is the tar). Off: a shard list from
+    elsewhere could run any shell command on every rank (webdataset runs them by default)."""
     max_image_pixels: int = 50_000_000
     """Images larger than this (read from the header, before decoding) are skipped and counted."""
     num_workers: int = 0
@@ -398,6 +401,16 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
         if Path(d.shards).is_dir():
             indexed = (Path(d.shards) / "sizes.json").is_file() or any(Path(d.shards).glob("*_stats.json"))
             check(indexed, "data.shards", "has no sizes.json (nor img2dataset *_stats.json files)")
+            if indexed and not d.allow_pipe:
+                from xmodal.data.shards import pipe_urls
+
+                piped = pipe_urls(d.shards)
+                check(
+                    not piped,
+                    "data.allow_pipe",
+                    f"sizes.json lists {len(piped)} pipe: shard(s) that run shell commands, e.g. "
+                    f"{piped[0] if piped else ''!r}; set data.allow_pipe=true to run them",
+                )
     s = d.shapes
     check(s.n_train >= 1 and s.n_val >= 1 and s.n_test >= 1, "data.shapes", "split sizes must be >= 1")
     check(

@@ -102,6 +102,7 @@ def build_datamodule(
         samples_per_epoch=cfg.data.samples_per_epoch,
         shuffle_buffer=cfg.data.shuffle_buffer,
         max_consecutive_failures=cfg.data.max_consecutive_failures,
+        allow_pipe=cfg.data.allow_pipe,
     )
 
 

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from xmodal.data.audio import decode_audio
-from xmodal.data.shards import iter_tar_samples, split_shards
+from xmodal.data.shards import iter_shard, split_shards
 from xmodal.data.stream import ShardStream, StreamLoader, Topology, shards_from_dir
 from xmodal.data.tokenizer import WordTokenizer
 
@@ -105,9 +105,9 @@ def sample_label(raw: dict[str, Any], meta: dict[str, Any]) -> int | None:
     return None if label is None else int(label)
 
 
-def iter_split(shards_dir: Path, split: str) -> Iterator[dict[str, Any]]:
+def iter_split(shards_dir: Path, split: str, allow_pipe: bool = False) -> Iterator[dict[str, Any]]:
     for shard in split_shards(shards_dir, split):
-        yield from iter_tar_samples(shard)
+        yield from iter_shard(shard, allow_pipe)
 
 
 def _first(raw: dict[str, Any], extensions: tuple[str, ...]) -> tuple[str, bytes] | None:
@@ -196,8 +196,10 @@ class ShardDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         shuffle_buffer: int = 1000,
         max_consecutive_failures: int = 100,
+        allow_pipe: bool = False,
     ):
         super().__init__()
+        self.allow_pipe = allow_pipe
         self.shards_dir = Path(shards_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -214,7 +216,8 @@ class ShardDataModule(L.LightningDataModule):
 
     def build_tokenizer(self) -> WordTokenizer:
         """Fit the word vocabulary on the training captions only (no val/test leakage)."""
-        captions = (c for sample in iter_split(self.shards_dir, "train") for c in sample_captions(sample))
+        samples = iter_split(self.shards_dir, "train", self.allow_pipe)
+        captions = (c for sample in samples for c in sample_captions(sample))
         self.tokenizer = WordTokenizer.fit(captions, self.min_word_count)
         return self.tokenizer
 
@@ -247,6 +250,7 @@ class ShardDataModule(L.LightningDataModule):
             # Evaluation order does not matter, and tar order reads each shard once, sequentially.
             shuffle_buffer=self.shuffle_buffer if train else 1,
             max_consecutive_failures=self.max_consecutive_failures,
+            allow_pipe=self.allow_pipe,
         )
         self.streams[split] = stream
         return StreamLoader(stream, persistent_workers=self.num_workers > 0)
@@ -275,7 +279,7 @@ class ShardDataModule(L.LightningDataModule):
         """The first ``n`` decodable samples of a split as one batch: a fixed set for sample grids."""
         assert self.tokenizer is not None
         rows = []
-        for raw in iter_split(self.shards_dir, split):
+        for raw in iter_split(self.shards_dir, split, self.allow_pipe):
             try:
                 rows.append(decode_sample(raw, self.decode, train=False))
             except ValueError:

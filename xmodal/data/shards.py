@@ -26,6 +26,7 @@ from typing import IO, Any
 
 from xmodal.files import write_json_atomic
 
+PIPE_PREFIX = "pipe:"
 SAFE_EXTENSIONS = {"png", "jpg", "jpeg", "txt", "json", "wav", "flac", "cls"}
 SIZES_FILE = "sizes.json"
 _HOW_TO_CREATE = "create it with `xmodal-shards synth --out DIR` or `xmodal-shards write ...`"
@@ -143,6 +144,8 @@ def iter_tar_samples(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[dict[
     ``path`` may also be an open binary stream (e.g. from a remote opener).
     """
     shard = str(getattr(path, "name", "<stream>")) if hasattr(path, "read") else str(path)
+    if is_pipe(path):  # never run here: only iter_shard(url, allow_pipe=True) runs commands
+        raise ShardError(f"{shard}: a pipe: shard runs a shell command; refused unless data.allow_pipe=true")
     sample: dict[str, bytes | str] = {}
     try:
         with _open_tar(path) as stream:
@@ -331,19 +334,66 @@ def _split_entry(
     return splits[split]
 
 
-def split_shards(directory: str | os.PathLike[str], split: str) -> list[Path]:
-    """Sorted shard paths of ``split``, as listed in ``sizes.json`` (each one must exist).
+def split_shard_sizes(directory: str | os.PathLike[str], split: str) -> list[tuple[str, int]]:
+    """Sorted ``(url, samples)`` of ``split``, as listed in ``sizes.json`` (each file must exist).
 
     Shards live in ``<directory>/<split>/`` unless ``sizes["shard_dirs"][split]`` names another
-    folder relative to the directory ("" = the directory itself, as for img2dataset output).
+    folder relative to the directory ("" = the directory itself, as for img2dataset output). A
+    name starting with ``pipe:`` is a shell command whose stdout is the tar; it is kept verbatim
+    and only ever run by :func:`iter_shard` with ``allow_pipe=True``.
     """
     sizes = read_sizes(directory)
     folder = Path(directory) / sizes.get("shard_dirs", {}).get(split, split)
-    shards = [folder / name for name in sorted(_split_entry(directory, split, sizes))]
-    missing = [str(p) for p in shards if not p.is_file()]
+    entries = sorted(_split_entry(directory, split, sizes).items())
+    urls = [(name if is_pipe(name) else str(folder / name), n) for name, n in entries]
+    missing = [url for url, _ in urls if not is_pipe(url) and not Path(url).is_file()]
     if missing:
         raise FileNotFoundError(f"shards listed in {Path(directory) / SIZES_FILE} are missing: {missing}")
-    return shards
+    return urls
+
+
+def split_shards(directory: str | os.PathLike[str], split: str) -> list[Path | str]:
+    """Sorted shards of ``split`` from ``sizes.json``: file paths, or ``pipe:`` command strings."""
+    return [url if is_pipe(url) else Path(url) for url, _ in split_shard_sizes(directory, split)]
+
+
+def is_pipe(url: str | os.PathLike[str]) -> bool:
+    return isinstance(url, str) and url.startswith(PIPE_PREFIX)
+
+
+def pipe_urls(directory: str | os.PathLike[str]) -> list[str]:
+    """Every ``pipe:`` shard listed in ``sizes.json`` (any split)."""
+    return sorted(
+        name for split in read_sizes(directory)["splits"].values() for name in split if is_pipe(name)
+    )
+
+
+def iter_shard(url: str | os.PathLike[str], allow_pipe: bool = False) -> Iterator[dict[str, bytes | str]]:
+    """Samples of one shard url: a tar file, or — only with ``allow_pipe`` — a ``pipe:`` command.
+
+    webdataset runs ``pipe:`` urls by default; a sizes.json from someone else could then run any
+    shell command on every rank, so here it takes ``data.allow_pipe=true``.
+    """
+    if not is_pipe(url):
+        yield from iter_tar_samples(url)
+        return
+    if not allow_pipe:
+        raise ShardError(f"{url}: a pipe: shard runs a shell command; refused unless data.allow_pipe=true")
+    import subprocess
+
+    command = str(url)[len(PIPE_PREFIX) :]
+    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
+    assert proc.stdout is not None
+    finished = False
+    try:
+        yield from iter_tar_samples(proc.stdout)  # type: ignore[arg-type]
+        finished = True
+    finally:
+        proc.stdout.close()
+        code = proc.wait()
+    # Stopping early closes the pipe (SIGPIPE in the writer): only a full read judges the command.
+    if finished and code != 0:
+        raise ShardError(f"{url}: command exited with status {code}")
 
 
 def split_size(directory: str | os.PathLike[str], split: str) -> int:

@@ -6,7 +6,7 @@ The contract (DESIGN.md "Data contract (streaming)"), in two layers:
    batch size). It says, for every (rank, worker) *slot*, which shards the slot reads, in which order
    it yields their samples, and which rows are padding. No tar is opened, so it is cheap to test.
 2. ``ShardStream`` (an ``IterableDataset`` yielding whole *batches*): each DataLoader worker realises
-   its slot of the plan, reading raw tar records (``iter_tar_samples``), shuffling the raw records,
+   its slot of the plan, reading raw tar records (``iter_shard``), shuffling the raw records,
    decoding each with the caller's ``decode``, and collating batches of exactly ``batch_size`` rows.
 
 Topology. ``Topology(rank, world_size, num_workers)`` is computed in the main process after the
@@ -74,14 +74,13 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from xmodal.data.shards import ShardError, iter_tar_samples, read_sizes
+from xmodal.data.shards import ShardError, iter_shard, split_shard_sizes
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +123,7 @@ class ShardInfo:
 
 def shards_from_dir(shard_dir: str | os.PathLike[str], split: str) -> list[ShardInfo]:
     """The shards of ``split`` with their sizes from ``sizes.json`` (sorted by file name)."""
-    sizes = read_sizes(shard_dir)["splits"]
-    if split not in sizes:
-        raise ValueError(f"split {split!r} not in {Path(shard_dir)}/sizes.json; available: {sorted(sizes)}")
-    return [ShardInfo(str(Path(shard_dir) / split / name), n) for name, n in sorted(sizes[split].items())]
+    return [ShardInfo(url, n) for url, n in split_shard_sizes(shard_dir, split)]
 
 
 def _rng(*parts: int) -> np.random.Generator:
@@ -405,8 +401,10 @@ class _SlotReader:
         plan: SlotPlan,
         needed: set[tuple[int, int]],
         on_shard_error: Callable[[int, Exception], None],
+        allow_pipe: bool = False,
     ):
         self.plan, self.needed, self.on_shard_error = plan, needed, on_shard_error
+        self.allow_pipe = allow_pipe
         self.last_needed: dict[int, int] = {}
         for s, i in needed:
             self.last_needed[s] = max(self.last_needed.get(s, -1), i)
@@ -423,7 +421,7 @@ class _SlotReader:
                 raise _Failure
             if self.cur < s and (self.records is None or self.nxt > self.last_needed.get(self.cur, -1)):
                 self.cur = min(p for p in self.last_needed if p > self.cur)  # s itself is needed
-                self.nxt, self.records = 0, iter_tar_samples(self.plan.shards[self.cur])
+                self.nxt, self.records = 0, iter_shard(self.plan.shards[self.cur], self.allow_pipe)
             assert self.records is not None
             try:
                 record = next(self.records)
@@ -464,6 +462,7 @@ class ShardStream(IterableDataset):
         samples_per_epoch, weights, drop_last, shuffle_buffer: see ``plan_epoch``.
         max_consecutive_failures: failures without a good sample in between before RuntimeError.
         log_interval_s: at most one error log line per shard per this many seconds (after the first 3).
+        allow_pipe: run ``pipe:`` shard urls (shell commands); refused otherwise (``data.allow_pipe``).
     """
 
     def __init__(
@@ -482,8 +481,10 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         max_consecutive_failures: int = 100,
         log_interval_s: float = 10.0,
+        allow_pipe: bool = False,
     ):
         super().__init__()
+        self.allow_pipe = allow_pipe
         self.shards = tuple(shards)
         self.mode, self.seed, self.topology, self.batch_size = mode, seed, topology, batch_size
         self.decode, self.collate = decode, collate or collate_rows
@@ -662,7 +663,7 @@ class ShardStream(IterableDataset):
                     f"{self.max_consecutive_failures}); the last in shard {url}: {error}"
                 ) from error
 
-        reader = _SlotReader(plan, needed, fail)
+        reader = _SlotReader(plan, needed, fail, self.allow_pipe)
         rows: list[dict[str, Any]] = []
         for s, i, ok in zip(shard, index, valid, strict=True):
             row = None
@@ -703,7 +704,7 @@ class ShardStream(IterableDataset):
         failures, last = 0, ("", Exception("no shard"))
         for url in dict.fromkeys([*plan.shards, *(sh.url for sh in self.shards)]):
             try:
-                for raw in iter_tar_samples(url):
+                for raw in iter_shard(url, self.allow_pipe):
                     try:
                         row = dict(self.decode(raw)) if self.decode is not None else dict(raw)
                     except Exception as error:  # noqa: BLE001 - any decoder error

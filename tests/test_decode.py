@@ -1,0 +1,121 @@
+"""Decoding beyond images: log-mel audio, .cls labels, required modalities, and gated pipe: shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_tar
+from xmodal.config import ConfigError, compose_config, validate
+from xmodal.data.audio import HOP, SAMPLE_RATE, decode_audio, mel_filterbank
+from xmodal.data.datamodule import BatchCollate, DecodeSpec, decode_sample
+from xmodal.data.shapes import ShapesSpec, make_sample
+from xmodal.data.shards import ShardError, iter_shard, write_sizes, write_tar_shard
+from xmodal.data.stream import ShardStream, Topology, shards_from_dir
+from xmodal.data.tokenizer import WordTokenizer
+
+
+def wav(samples: np.ndarray, rate: int) -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def tone(hz: float, rate: int, seconds: float = 0.5) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return 0.5 * np.sin(2 * np.pi * hz * t)
+
+
+def mel_band_of(hz: float, n_mels: int = 64) -> int:
+    """The filter that responds most to a frequency (from the filterbank itself)."""
+    bins = mel_filterbank(n_mels)  # [M, F]
+    return int(bins[:, round(hz / (SAMPLE_RATE / 2) * (bins.shape[1] - 1))].argmax())
+
+
+def test_a_tone_lights_its_mel_band_and_resampling_keeps_it():
+    for rate in (16_000, 8_000, 44_100):
+        mels, mask = decode_audio(wav(tone(1000.0, rate), rate), "wav", n_mels=64, frames=64)
+        assert mels.shape == (1, 64, 64) and mask.shape == (64,)  # [1, M, T], [T]
+        assert int(mask.sum()) == 0.5 * SAMPLE_RATE // HOP + 1  # 51 centred 10 ms frames
+        loudest = mels[0, :, : int(mask.sum())].mean(1).argmax()
+        assert abs(int(loudest) - mel_band_of(1000.0)) <= 1, rate
+    # Frames past the clip are silence (the log floor), not zeros that would read as loud.
+    assert float(mels[0, :, 60].max()) == pytest.approx(float(np.log(1e-6)))
+
+
+def test_shapes_audio_decodes_and_collates_with_a_mask():
+    raw = make_sample(ShapesSpec(), "train", 3)
+    spec = DecodeSpec(required=("audio", "text"), audio_frames=40)
+    row = decode_sample({"__key__": "k", "wav": raw["wav"], "json": raw["json"]}, spec, train=False)
+    assert "image" not in row  # not required: not decoded
+    batch = BatchCollate(WordTokenizer.fit(row["captions"]), 16)([row, row])
+    assert batch["audio"].shape == (2, 1, 64, 40) and batch["audio_mask"].all()  # cut to 40 frames
+    assert torch.isfinite(batch["audio"]).all()
+
+
+def test_cls_labels_and_missing_required_modalities():
+    spec = DecodeSpec(required=("image", "label"))
+    raw = make_sample(ShapesSpec(), "train", 0)
+    base = {"__key__": "k", "png": raw["png"]}
+    assert decode_sample({**base, "cls": b"7\n"}, spec, train=True)["label"] == 7
+    assert decode_sample({**base, "json": b'{"label": 2}'}, spec, train=True)["label"] == 2
+    with pytest.raises(ValueError, match=r"sample 'k' has no label \(.cls member or 'label' in its JSON\)"):
+        decode_sample(base, spec, train=True)
+    with pytest.raises(ValueError, match=r"sample 'k': .cls is not an integer"):
+        decode_sample({**base, "cls": b"seven"}, spec, train=True)
+    with pytest.raises(ValueError, match="sample 'k' has no audio"):
+        decode_sample(base, DecodeSpec(required=("audio", "text")), train=True)
+    # Not required: a missing label is -1 and the sample is kept.
+    assert decode_sample(base, DecodeSpec(required=("image",)), train=True)["label"] == -1
+
+
+@pytest.fixture
+def piped_dir(tmp_path: Path) -> tuple[Path, Path]:
+    """A shard directory whose sizes.json lists a pipe: shard that cats a real tar (and a marker)."""
+    spec = ShapesSpec()
+    real = tmp_path / "real.tar"
+    write_tar_shard(real, [make_sample(spec, "train", i) for i in range(6)])
+    marker = tmp_path / "ran.txt"
+    root = tmp_path / "shards"
+    root.mkdir()
+    command = f"pipe:touch {marker} && cat {real}"
+    write_sizes(root, {"splits": {"train": {command: 6}}})
+    return root, marker
+
+
+def test_pipe_shards_are_refused_unless_allowed(piped_dir):
+    root, marker = piped_dir
+    cfg = compose_config([f"data.shards={root}"])
+    with pytest.raises(
+        ConfigError, match=r"data.allow_pipe: sizes.json lists 1 pipe: shard\(s\) that run shell"
+    ):
+        validate(cfg)
+    shards = shards_from_dir(root, "train")
+    with pytest.raises(ShardError, match="refused unless data.allow_pipe=true"):
+        list(iter_shard(shards[0].url))
+    refused = ShardStream(shards, "exact", 0, Topology(0, 1, 0), 2, max_consecutive_failures=1)
+    with pytest.raises(RuntimeError, match="refused unless data.allow_pipe=true"):
+        list(refused)
+    assert not marker.exists()  # the command never ran
+
+    validate(compose_config([f"data.shards={root}", "data.allow_pipe=true"]))
+    allowed = ShardStream(shards, "exact", 0, Topology(0, 1, 0), 2, allow_pipe=True)
+    keys = sorted(k for batch in allowed for k in batch["__key__"])
+    assert keys == [f"train-{i:07d}" for i in range(6)] and marker.exists()
+
+
+def test_a_failing_pipe_command_is_a_shard_error(tmp_path):
+    with pytest.raises(ShardError, match="command exited with status 3"):
+        list(iter_shard("pipe:exit 3", allow_pipe=True))
+    bad = make_tar(tmp_path / "x.tar", [("a.json", json.dumps({}).encode())])
+    assert [s["__key__"] for s in iter_shard(f"pipe:cat {bad}", allow_pipe=True)] == ["a"]
