@@ -96,6 +96,31 @@ def test_every_kind_of_bad_sample_is_skipped_and_counted(tiny, tmp_path):
     assert not (root / "pwned.txt").exists()  # the pickle member was refused, never unpickled
 
 
+def test_skip_counts_reach_the_metrics_of_a_training_run(tiny, tmp_path):
+    from xmodal.train import train
+
+    root = tmp_path / "shards"
+    sizes = bad_shards(root)
+    overrides = [*tiny, f"data.shards={root}", "data.batch_size=4", "data.max_image_pixels=10000"]
+    train(
+        compose_config(
+            [
+                *overrides,
+                "logger=csv",
+                "trainer.max_steps=2",
+                "trainer.val_check_interval=null",
+                "run.id=bad",
+                "test_after_fit=false",
+            ]
+        )
+    )
+    run_dir = tmp_path / "outputs" / "shapes_caption" / "bad"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    bad = sum(1 for name, n in sizes.items() if n and name != "good.tar")
+    assert rows[-1]["data/skipped_val"] == bad and rows[-1]["data/skipped_train"] == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["data_skipped"]["val"]
+
+
 def test_unsafe_members_name_the_shard_and_member(tmp_path):
     bad_shards(tmp_path)
     with pytest.raises(ShardError, match=r"pickle_member.tar: member 'evil.pyd' has unsafe extension 'pyd'"):

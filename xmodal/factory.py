@@ -21,6 +21,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from xmodal.callbacks.checksums import RankChecksums
+from xmodal.callbacks.data_health import DataHealth
 from xmodal.callbacks.last_checkpoint import LastCheckpoint
 from xmodal.callbacks.metrics_file import MetricsFile
 from xmodal.callbacks.preemption import Preemption
@@ -208,6 +209,7 @@ def build_callbacks(
         last,
         Preemption(last, signal.SIGUSR2),
         ValidationSamples(run.dir / "samples", cfg.callbacks.num_samples),
+        DataHealth(),  # before MetricsFile, which records what it logs
         MetricsFile(run.dir / "metrics.jsonl"),
     ]
     if cfg.trainer.enable_progress_bar:

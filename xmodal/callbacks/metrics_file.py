@@ -38,5 +38,6 @@ class MetricsFile(L.Callback):
             return
         row = {"step": trainer.global_step, "epoch": trainer.current_epoch}
         row.update(scalar_metrics(trainer.callback_metrics, "val/"))
+        row.update(scalar_metrics(trainer.callback_metrics, "data/"))
         with open(self.path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from xmodal.data.audio import decode_audio
-from xmodal.data.shards import iter_shard, split_shards
+from xmodal.data.shards import ShardError, iter_shard, split_shards
 from xmodal.data.stream import ShardStream, StreamLoader, Topology, shards_from_dir
 from xmodal.data.tokenizer import WordTokenizer
 
@@ -276,14 +276,22 @@ class ShardDataModule(L.LightningDataModule):
         return {split: counts for split, stream in self.streams.items() if (counts := counter(stream))}
 
     def sample_batch(self, n: int, split: str = "val") -> dict[str, Any]:
-        """The first ``n`` decodable samples of a split as one batch: a fixed set for sample grids."""
+        """The first ``n`` decodable samples of a split as one batch: a fixed set for sample grids.
+
+        Bad samples and unreadable shards are passed over here (the stream counts them)."""
         assert self.tokenizer is not None
-        rows = []
-        for raw in iter_split(self.shards_dir, split, self.allow_pipe):
+        rows: list[dict[str, Any]] = []
+        for shard in split_shards(self.shards_dir, split):
             try:
-                rows.append(decode_sample(raw, self.decode, train=False))
-            except ValueError:
+                for raw in iter_shard(shard, self.allow_pipe):
+                    try:
+                        rows.append(decode_sample(raw, self.decode, train=False))
+                    except ValueError:
+                        continue
+                    if len(rows) == n:
+                        return BatchCollate(self.tokenizer, self.max_text_len)(rows)
+            except (ShardError, OSError):
                 continue
-            if len(rows) == n:
-                break
+        if not rows:
+            raise ValueError(f"split {split!r} of {self.shards_dir} has no decodable sample")
         return BatchCollate(self.tokenizer, self.max_text_len)(rows)
