@@ -119,3 +119,36 @@ def test_a_failing_pipe_command_is_a_shard_error(tmp_path):
         list(iter_shard("pipe:exit 3", allow_pipe=True))
     bad = make_tar(tmp_path / "x.tar", [("a.json", json.dumps({}).encode())])
     assert [s["__key__"] for s in iter_shard(f"pipe:cat {bad}", allow_pipe=True)] == ["a"]
+
+
+def striped(width: int, height: int) -> bytes:
+    """An RGB PNG whose red channel is the column index and green the row index."""
+    from PIL import Image
+
+    x = np.broadcast_to(np.arange(width, dtype=np.uint8)[None], (height, width))
+    y = np.broadcast_to(np.arange(height, dtype=np.uint8)[:, None], (height, width))
+    buffer = io.BytesIO()
+    Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_image_fit_modes_stretch_centre_cut_and_seeded_random_cuts():
+    from xmodal.data.datamodule import decode_image
+
+    wide = striped(128, 64)  # 2:1
+    stretched = decode_image(wide, 32, fit="resize")
+    centre = decode_image(wide, 32, fit="center_crop")
+    assert stretched.shape == centre.shape == (3, 32, 32)
+    # Stretching keeps the whole width (columns 0..127); a centre cut keeps the middle half.
+    assert int(stretched[0, :, 0].float().mean()) < 4 and int(stretched[0, :, -1].float().mean()) > 123
+    assert (
+        28 <= int(centre[0, :, 0].float().mean()) <= 36 and 90 <= int(centre[0, :, -1].float().mean()) <= 98
+    )
+
+    spec = DecodeSpec(required=("image",), image_size=32, image_fit="random_crop")
+    raw = {"__key__": "k", "png": wide}
+    cut = [decode_sample({**raw, "__epoch__": e}, spec, train=True)["image"] for e in range(6)]
+    assert torch.equal(cut[0], decode_sample({**raw, "__epoch__": 0}, spec, train=True)["image"])  # seeded
+    assert len({int(c[0, 0, 0]) for c in cut}) > 1  # the cut moves with the epoch
+    evaluated = [decode_sample(raw, spec, train=False)["image"] for _ in range(2)]
+    assert torch.equal(evaluated[0], evaluated[1])  # evaluation: always the centre

@@ -103,6 +103,8 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     image_size: int = 64
     """Side of the square images the model sees (decoded images are resized to it)."""
+    image_fit: str = "resize"
+    """resize (stretch) | center_crop | random_crop (training: a seeded random cut per epoch)."""
     image_channels: int = 3
     """3 = RGB, 1 = grey (e.g. MNIST): decoded images are converted to this many channels."""
     audio_mels: int = 64
@@ -421,6 +423,11 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
     check(1 <= s.max_shapes <= 2, "data.shapes.max_shapes", "must be 1 or 2")
     check(d.image_size >= 8, "data.image_size", "must be >= 8")
     check(d.image_channels in (1, 3), "data.image_channels", "must be 1 (grey) or 3 (RGB)")
+    check(
+        d.image_fit in ("resize", "center_crop", "random_crop"),
+        "data.image_fit",
+        "must be resize, center_crop or random_crop",
+    )
     check(
         d.audio_mels >= 8 and d.audio_frames >= 8,
         "data.audio_mels",

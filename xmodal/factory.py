@@ -79,6 +79,7 @@ def decode_spec(cfg: DictConfig) -> DecodeSpec:
     return DecodeSpec(
         image_size=d.image_size,
         image_channels=d.image_channels,
+        image_fit=d.image_fit,
         audio_mels=d.audio_mels,
         audio_frames=d.audio_frames,
         required=required_modalities(cfg.model),
