@@ -140,3 +140,76 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_usable(tmp_path
     assert torch.load(path)["global_step"] == 5  # the previous checkpoint still loads
     callback.save(Trainer(step=7, crash=False))  # and the next save replaces the stale temporary
     assert torch.load(path)["global_step"] == 7 and not path.with_name("last.ckpt.tmp").exists()
+
+
+def test_a_signal_to_one_rank_stops_both_at_the_same_step_and_the_rerun_finishes(tiny, tmp_path):
+    """2 DDP ranks (gloo): only the launcher (rank 0) gets SIGUSR2; the ranks agree at the next
+    batch end, both save nothing but one checkpoint and stop; rerunning the id goes on to the end."""
+    args = [*tiny, "trainer=ddp_cpu", "logger=none", "trainer.max_steps=24", "trainer.val_check_interval=6"]
+    args += ["callbacks.rank_checksums=true", "test_after_fit=false", "run.id=two"]
+    run_dir = tmp_path / "outputs" / "shapes_caption" / "two"
+    train_until_signalled(args, dict(os.environ), tmp_path, run_dir, signal.SIGUSR2)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["preempted"] is True and 6 <= summary["global_step"] < 24
+    ranks = [json.loads((run_dir / "checksums" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # Rank 1 never saw the signal, yet stopped at the same step with the same weights.
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == summary["global_step"]
+    assert ranks[0]["end"] == ranks[1]["end"]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+    rerun = run_cli(["xmodal-train", *args], tmp_path)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 24
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [6, 12, 18, 24]
+
+
+KILLED_WRITER = """
+import sys, time, torch
+from pathlib import Path
+from xmodal.callbacks.last_checkpoint import LastCheckpoint
+
+class Strategy:
+    def barrier(self, name):
+        pass
+
+class Trainer:
+    fast_dev_run = sanity_checking = False
+    is_global_zero = True
+    strategy = Strategy()
+
+    def __init__(self, step, slow):
+        self.global_step, self.slow = step, slow
+
+    def save_checkpoint(self, path):
+        if not self.slow:
+            torch.save({"global_step": self.global_step}, path)
+            return
+        with open(path, "wb") as f:  # a large checkpoint, written in pieces
+            f.write(b"x" * (1 << 20))
+            f.flush()
+            Path(sys.argv[2]).write_text("writing")
+            time.sleep(60)  # SIGKILLed here, in the middle of the write
+
+callback = LastCheckpoint(Path(sys.argv[1]))
+callback.save(Trainer(5, slow=False))
+callback.save(Trainer(6, slow=True))
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path):
+    import sys
+
+    import torch
+
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    path.parent.mkdir()
+    marker = tmp_path / "writing.txt"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(path), str(marker)])
+    try:
+        wait_for(marker.exists, 60, "the second checkpoint write to start")
+        writer.send_signal(signal.SIGKILL)
+        assert writer.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        writer.kill()
+    assert torch.load(path)["global_step"] == 5  # the partial write never replaced last.ckpt

@@ -114,6 +114,10 @@ def test_multirun_gives_one_run_dir_per_job_and_one_sweep_dir(tiny, tmp_path):
     wandb_runs = [list((r / "wandb").glob("offline-run-*")) for r in runs]
     assert [len(w) for w in wandb_runs] == [1, 1]
     assert wandb_runs[0][0].name.rsplit("-", 1)[-1] != wandb_runs[1][0].name.rsplit("-", 1)[-1]
+    # Both jobs are grouped under the sweep's name (W&B group = sweep dir). The offline run file is
+    # W&B's binary record log; the run record holds the group as a plain UTF-8 string.
+    for (run_file,) in ([next(w.glob("*.wandb"))] for w in (wandb_runs[0][0], wandb_runs[1][0])):
+        assert sweeps[0].name.encode() in run_file.read_bytes()
 
 
 def test_local_multirun_with_several_devices_is_refused_at_once(tiny, tmp_path):
