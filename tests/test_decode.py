@@ -152,3 +152,27 @@ def test_image_fit_modes_stretch_centre_cut_and_seeded_random_cuts():
     assert len({int(c[0, 0, 0]) for c in cut}) > 1  # the cut moves with the epoch
     evaluated = [decode_sample(raw, spec, train=False)["image"] for _ in range(2)]
     assert torch.equal(evaluated[0], evaluated[1])  # evaluation: always the centre
+
+
+def test_optional_modalities_are_masked_when_absent_and_required_ones_skip():
+    raw = make_sample(ShapesSpec(), "val", 1)
+    spec = DecodeSpec(required=("image", "text"), optional=("audio",))
+    with_audio = decode_sample({k: raw[k] for k in ("__key__", "png", "json", "wav")}, spec, train=False)
+    without = decode_sample({k: raw[k] for k in ("__key__", "png", "json")}, spec, train=False)
+    assert with_audio["audio_present"] is True and without["audio_present"] is False
+    batch = BatchCollate(WordTokenizer.fit(with_audio["captions"]), 16)([with_audio, without])
+    assert batch["audio_present"].tolist() == [True, False]
+    assert batch["audio"].shape == (2, 1, 64, 64)  # the absent clip is silence with an empty mask
+    assert batch["audio_mask"][0].any() and not batch["audio_mask"][1].any()
+    assert float(batch["audio"][1].max()) == pytest.approx(float(np.log(1e-6)))
+    with pytest.raises(ValueError, match="has no caption"):
+        decode_sample({k: raw[k] for k in ("__key__", "png", "wav")}, spec, train=False)
+
+
+def test_optional_modalities_come_from_config_without_doubling_required_ones():
+    from xmodal.factory import decode_spec
+
+    spec = decode_spec(compose_config(["data.optional_modalities=[audio,image]"]))
+    assert spec.required == ("image", "text") and spec.optional == ("audio",)
+    with pytest.raises(ConfigError, match="data.optional_modalities: must name modalities"):
+        validate(compose_config(["data.optional_modalities=[smell]"]))

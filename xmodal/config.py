@@ -103,6 +103,9 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     image_size: int = 64
     """Side of the square images the model sees (decoded images are resized to it)."""
+    optional_modalities: list[str] = field(default_factory=list)
+    """Modalities decoded when a sample has them and masked when not (``<name>_present`` in the
+    batch); the task's own modalities are required (a sample without one is skipped and counted)."""
     image_fit: str = "resize"
     """resize (stretch) | center_crop | random_crop (training: a seeded random cut per epoch)."""
     image_channels: int = 3
@@ -217,7 +220,17 @@ class ModelConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     max_decode_len: int = 32
-    """Longest generated caption in tokens (greedy decoding)."""
+    """Longest generated caption in tokens, BOS and EOS included (validation, test, generate)."""
+    min_decode_len: int = 1
+    """Fewest words before EOS may be generated."""
+    beam_size: int = 1
+    """1 = greedy; > 1 = batched beam search (validation, test and xmodal-generate)."""
+    length_penalty: float = 0.0
+    """GNMT length-penalty exponent α for picking the final beam: score / ((5 + len) / 6)^α."""
+    decode_cache: bool = True
+    """Key/value cache while decoding (same tokens, cost linear instead of quadratic in length)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the training cross-entropy (validation/test loss stays plain NLL)."""
 
 
 @dataclass
@@ -424,6 +437,11 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
     check(d.image_size >= 8, "data.image_size", "must be >= 8")
     check(d.image_channels in (1, 3), "data.image_channels", "must be 1 (grey) or 3 (RGB)")
     check(
+        set(d.optional_modalities) <= set(MODALITIES),
+        "data.optional_modalities",
+        f"must name modalities among {MODALITIES}",
+    )
+    check(
         d.image_fit in ("resize", "center_crop", "random_crop"),
         "data.image_fit",
         "must be resize, center_crop or random_crop",
@@ -469,6 +487,14 @@ def model_problems(cfg: Any) -> list[str]:
             m.condition == "none", "model.condition", "the caption task has no condition (its source is one)"
         )
         check(len(m.encoder_channels) >= 1, "model.encoder_channels", "needs at least one stage")
+        check(m.beam_size >= 1, "model.beam_size", "must be >= 1 (1 = greedy)")
+        check(0.0 <= m.label_smoothing < 1.0, "model.label_smoothing", "must be in [0, 1)")
+        check(m.max_decode_len >= 2, "model.max_decode_len", "must be >= 2 (BOS + one token)")
+        check(
+            0 <= m.min_decode_len < m.max_decode_len - 1,
+            "model.min_decode_len",
+            "must be >= 0 and leave room for EOS within model.max_decode_len",
+        )
         if m.source == "image":
             grid_divisor = m.encoder_patch * 2 ** (len(m.encoder_channels) - 1)
             check(

@@ -83,6 +83,7 @@ def decode_spec(cfg: DictConfig) -> DecodeSpec:
         audio_mels=d.audio_mels,
         audio_frames=d.audio_frames,
         required=required_modalities(cfg.model),
+        optional=tuple(m for m in d.optional_modalities if m not in required_modalities(cfg.model)),
         max_pixels=d.max_image_pixels,
         seed=cfg.seed,
     )

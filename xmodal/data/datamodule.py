@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 import warnings
 from collections.abc import Callable, Iterator
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from xmodal.data.audio import decode_audio
+from xmodal.data.audio import LOG_FLOOR, decode_audio
 from xmodal.data.shards import ShardError, iter_shard, split_shards
 from xmodal.data.stream import ShardStream, StreamLoader, Topology, shards_from_dir
 from xmodal.data.tokenizer import WordTokenizer
@@ -50,8 +51,9 @@ class DecodeSpec:
 
     ``required`` comes from the task (a captioner needs its source and ``text``; a text→image
     GAN needs ``image`` and ``text``): a sample missing one is skipped and counted, never
-    silently padded. Modalities not required are not decoded (no cost), except captions and
-    labels, which are cheap and feed tables and conditional metrics.
+    silently padded. ``optional`` modalities are decoded when present and masked when absent
+    (zeros plus ``<modality>_present`` False in the batch). Other modalities are not decoded (no
+    cost), except captions and labels, which are cheap and feed tables and conditional metrics.
     """
 
     image_size: int = 64
@@ -59,6 +61,7 @@ class DecodeSpec:
     audio_mels: int = 64
     audio_frames: int = 64
     required: tuple[str, ...] = ("image", "text")
+    optional: tuple[str, ...] = ()
     max_pixels: int = MAX_IMAGE_PIXELS
     seed: int = 0
     image_fit: str = "resize"
@@ -142,6 +145,18 @@ def _first(raw: dict[str, Any], extensions: tuple[str, ...]) -> tuple[str, bytes
     return next(((ext, raw[ext]) for ext in extensions if ext in raw), None)
 
 
+def _wanted(spec: DecodeSpec, modality: str, present: bool, key: str, out: dict[str, Any]) -> bool:
+    """Whether to decode ``modality``; raises for a missing required one, marks an optional one."""
+    if modality in spec.required:
+        if not present:
+            raise ValueError(f"sample {key!r} has no {'caption' if modality == 'text' else modality}")
+        return True
+    if modality in spec.optional:
+        out[f"{modality}_present"] = present
+        return True
+    return False
+
+
 def decode_sample(raw: dict[str, Any], spec: DecodeSpec, train: bool) -> dict[str, Any]:
     """Raw tar record → decoded sample; raises (a counted skip) when a required modality is missing.
 
@@ -152,22 +167,28 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, train: bool) -> dict[st
     key = raw["__key__"]
     out: dict[str, Any] = {"__key__": key}
     image = _first(raw, IMAGE_EXTENSIONS)
-    if "image" in spec.required:
+    if _wanted(spec, "image", image is not None, key, out):
         if image is None:
-            raise ValueError(f"sample {key!r} has no image")
-        # A training crop moves with the epoch but is the same on a resumed run (seeded like captions).
-        crop_rng = random.Random(f"crop:{spec.seed}:{raw.get('__epoch__', 0)}:{key}") if train else None
-        out["image"] = decode_image(
-            image[1], spec.image_size, spec.max_pixels, spec.image_channels, spec.image_fit, crop_rng
-        )
-    if "audio" in spec.required:
-        audio = _first(raw, AUDIO_EXTENSIONS)
+            out["image"] = torch.zeros(
+                spec.image_channels, spec.image_size, spec.image_size, dtype=torch.uint8
+            )
+        else:
+            # A training crop moves with the epoch but is the same on a resumed run (seeded like captions).
+            crop_rng = random.Random(f"crop:{spec.seed}:{raw.get('__epoch__', 0)}:{key}") if train else None
+            out["image"] = decode_image(
+                image[1], spec.image_size, spec.max_pixels, spec.image_channels, spec.image_fit, crop_rng
+            )
+    audio = _first(raw, AUDIO_EXTENSIONS)
+    if _wanted(spec, "audio", audio is not None, key, out):
         if audio is None:
-            raise ValueError(f"sample {key!r} has no audio")
-        out["audio"], out["audio_mask"] = decode_audio(audio[1], audio[0], spec.audio_mels, spec.audio_frames)
+            out["audio"] = torch.full((1, spec.audio_mels, spec.audio_frames), math.log(LOG_FLOOR))
+            out["audio_mask"] = torch.zeros(spec.audio_frames, dtype=torch.bool)
+        else:
+            out["audio"], out["audio_mask"] = decode_audio(
+                audio[1], audio[0], spec.audio_mels, spec.audio_frames
+            )
     captions = sample_captions(raw)
-    if "text" in spec.required and not captions:
-        raise ValueError(f"sample {key!r} has no caption")
+    _wanted(spec, "text", bool(captions), key, out)
     meta = json.loads(raw["json"]) if "json" in raw else {}
     label = sample_label(raw, meta)
     if "label" in spec.required and label is None:
@@ -187,7 +208,8 @@ class BatchCollate:
     """Rows → batch (tokenising the target captions). A plain object so spawned workers can pickle it.
 
     Keys: ``image`` float ``[B, C, H, W]`` in [-1, 1] and ``audio`` ``[B, 1, M, T]`` +
-    ``audio_mask`` ``[B, T]`` when required; always ``text`` ``[B, T]`` + ``text_mask``,
+    ``audio_mask`` ``[B, T]`` when required or optional (then with ``image_present`` /
+    ``audio_present`` / ``text_present`` bool ``[B]``); always ``text`` ``[B, T]`` + ``text_mask``,
     ``label`` ``[B]`` (-1 = none), ``valid`` ``[B]``, ``captions`` and ``__key__`` lists.
     """
 
@@ -210,6 +232,8 @@ class BatchCollate:
         if "audio" in rows[0]:
             batch["audio"] = torch.stack([r["audio"] for r in rows])  # [B, 1, M, T]
             batch["audio_mask"] = torch.stack([r["audio_mask"] for r in rows])  # [B, T]
+        for key in (k for k in rows[0] if k.endswith("_present")):  # optional modalities
+            batch[key] = torch.tensor([r[key] for r in rows], dtype=torch.bool)  # [B]
         return batch
 
 
