@@ -7,6 +7,9 @@ Rows (samples/s, median of repeats, and the ratio to the bare PIL loop):
 - tar → decoded sample: the same plus PIL decode to a uint8 tensor (xmodal's image decode)
 - bare PIL loop: the same JPEG bytes already in memory, decoded with PIL (the per-core ceiling)
 - folder → decoded sample: one file per sample read from disk and decoded (the usual ImageFolder way)
+- stream → decoded batch, 1 worker: the training pipeline itself (ShardStream planning, shuffle
+  buffer, decode_sample with caption choice, BatchCollate with tokenising, batches of 64) in one
+  DataLoader worker process: samples/s per worker
 Peak RSS of the process is printed at the end.
 """
 
@@ -19,13 +22,16 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from xmodal.data.datamodule import decode_image
+from xmodal.data.datamodule import BatchCollate, DecodeSpec, decode_image, decode_sample
 from xmodal.data.shards import iter_tar_samples, write_tar_shard
+from xmodal.data.stream import ShardInfo, ShardStream, StreamLoader, Topology
+from xmodal.data.tokenizer import WordTokenizer
 
 
 def make_jpegs(count: int, size: int = 64) -> list[bytes]:
@@ -91,17 +97,36 @@ def main() -> None:
         def folder_decoded() -> int:
             return sum(decode_image(path.read_bytes(), 64).shape[0] > 0 for path in files)
 
+        infos = [ShardInfo(str(p), len(range(0, args.per_shard))) for p in shards]
+        infos[-1] = ShardInfo(str(shards[-1]), args.samples - args.per_shard * (len(shards) - 1))
+        stream = ShardStream(
+            infos,
+            "exact",
+            0,
+            Topology(0, 1, 1),
+            64,
+            decode=partial(decode_sample, spec=DecodeSpec(required=("image", "text")), train=True),
+            collate=BatchCollate(WordTokenizer.fit(["a caption"]), 16),
+        )
+        loader = StreamLoader(stream, persistent_workers=True)
+
+        def stream_batches() -> int:
+            return sum(int(batch["valid"].sum()) for batch in loader)
+
+        stream_batches()  # start the persistent worker outside the timing
+
         rows = [
             ("tar → sample (no decode)", timed(tar_samples, args.repeats)),
             ("tar → decoded sample", timed(tar_decoded, args.repeats)),
             ("bare PIL loop (in memory)", timed(bare_pil, args.repeats)),
             ("folder → decoded sample", timed(folder_decoded, args.repeats)),
+            ("stream → decoded batch, 1 worker", timed(stream_batches, args.repeats)),
         ]
     ceiling = rows[2][1]
     print(f"{args.samples} JPEG samples 64×64, {len(shards)} shards, median of {args.repeats}, 1 process")
-    print(f"{'path':<30}{'samples/s':>12}{'vs bare PIL':>14}")
+    print(f"{'path':<34}{'samples/s':>12}{'vs bare PIL':>14}")
     for name, rate in rows:
-        print(f"{name:<30}{rate:>12.0f}{rate / ceiling:>13.2f}×")
+        print(f"{name:<34}{rate:>12.0f}{rate / ceiling:>13.2f}×")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

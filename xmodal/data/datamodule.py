@@ -19,6 +19,7 @@ import json
 import math
 import random
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -145,6 +146,14 @@ def _first(raw: dict[str, Any], extensions: tuple[str, ...]) -> tuple[str, bytes
     return next(((ext, raw[ext]) for ext in extensions if ext in raw), None)
 
 
+def _sample_rng(purpose: str, seed: int, epoch: int, key: str) -> random.Random:
+    """A generator that is a pure function of (purpose, seed, epoch, key), in any process.
+
+    Seeded with an integer: seeding ``random.Random`` with a string runs SHA-512 (~10 µs, as much
+    as reading the sample from its tar)."""
+    return random.Random(zlib.crc32(f"{purpose}:{seed}:{epoch}:{key}".encode()))
+
+
 def _wanted(spec: DecodeSpec, modality: str, present: bool, key: str, out: dict[str, Any]) -> bool:
     """Whether to decode ``modality``; raises for a missing required one, marks an optional one."""
     if modality in spec.required:
@@ -174,7 +183,11 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, train: bool) -> dict[st
             )
         else:
             # A training crop moves with the epoch but is the same on a resumed run (seeded like captions).
-            crop_rng = random.Random(f"crop:{spec.seed}:{raw.get('__epoch__', 0)}:{key}") if train else None
+            crop_rng = (
+                _sample_rng("crop", spec.seed, raw.get("__epoch__", 0), key)
+                if train and spec.image_fit == "random_crop"
+                else None
+            )
             out["image"] = decode_image(
                 image[1], spec.image_size, spec.max_pixels, spec.image_channels, spec.image_fit, crop_rng
             )
@@ -197,7 +210,7 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, train: bool) -> dict[st
     if not captions:
         out["caption"] = ""
     elif train:
-        out["caption"] = random.Random(f"{spec.seed}:{raw.get('__epoch__', 0)}:{key}").choice(captions)
+        out["caption"] = _sample_rng("caption", spec.seed, raw.get("__epoch__", 0), key).choice(captions)
     else:
         out["caption"] = captions[0]
     out["label"] = -1 if label is None else label
@@ -228,7 +241,9 @@ class BatchCollate:
             "__key__": [r["__key__"] for r in rows],
         }
         if "image" in rows[0]:
-            batch["image"] = torch.stack([r["image"] for r in rows]).float() / 127.5 - 1.0  # [B, C, H, W]
+            # In place: one float allocation per batch instead of three (a third of collate time).
+            images = torch.stack([r["image"] for r in rows]).float()  # [B, C, H, W] in 0..255
+            batch["image"] = images.mul_(1 / 127.5).sub_(1.0)  # [B, C, H, W] in [-1, 1]
         if "audio" in rows[0]:
             batch["audio"] = torch.stack([r["audio"] for r in rows])  # [B, 1, M, T]
             batch["audio_mask"] = torch.stack([r["audio_mask"] for r in rows])  # [B, T]

@@ -49,6 +49,7 @@ def split_member_name(name: str) -> tuple[str, str] | None:
 
 
 _BLOCK = 512
+_NUL = b"\0"
 _REGULAR = (b"0", b"\0", b"7")  # file, old-style file, contiguous file
 
 
@@ -56,7 +57,7 @@ def _octal(field: bytes) -> int:
     """A numeric tar header field: octal text, or base-256 when the top bit is set (large sizes)."""
     if field[:1] and field[0] & 0x80:
         return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
+    text = field.partition(b"\0")[0].strip()
     return int(text, 8) if text else 0
 
 
@@ -88,7 +89,9 @@ def _tar_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
         if len(header) < _BLOCK:
             raise ShardError(f"{shard}: unreadable tar (truncated header)")
         stored = _octal(header[148:156])
-        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+        # Byte sum with the checksum field read as spaces. Zero bytes add nothing, and a header is
+        # mostly zeros: deleting them first (bytes.translate, in C) makes the sum ~3× faster.
+        if stored != sum(header.translate(None, _NUL)) - sum(header[148:156].translate(None, _NUL)) + 8 * 32:
             raise ShardError(f"{shard}: unreadable tar (bad header checksum: not a tar, or corrupt)")
         kind = header[156:157]
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
@@ -101,7 +104,8 @@ def _tar_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
             raise ShardError(f"{shard}: unreadable tar (member {name!r} truncated)")
         data = data[:size]
         if kind == b"x":  # PAX header for the next member
-            pending = _pax_records(data)
+            # Writers add PAX headers for mtimes and the like; only path and size matter here.
+            pending = _pax_records(data) if b" path=" in data or b" size=" in data else {}
             continue
         if kind == b"L":  # GNU long name for the next member
             pending = {**pending, "path": data.rstrip(b"\0").decode("utf-8", "surrogateescape")}
@@ -192,7 +196,8 @@ def write_tar_shard(
     count = 0
     try:
         with open(tmp, "wb") as stream:
-            writer = TarWriter(stream, encoder=False, mtime=0.0)
+            # An integer mtime: a float one makes tarfile add a PAX header to every member.
+            writer = TarWriter(stream, encoder=False, mtime=0)
             try:
                 for sample in samples:
                     writer.write(_checked_sample(sample, path))
