@@ -48,8 +48,11 @@ def test_default_experiment_learns_and_leaves_a_complete_run_dir(tiny, tmp_path)
         assert (run_dir / name).is_file(), name
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
     summary = json.loads((run_dir / "metrics.json").read_text())
-    assert summary["best_score"] == pytest.approx(max(h["val/bleu4"] for h in history))
-    assert set(summary["test"]) == {"test/loss", "test/bleu4", "test/bleu1"}
+    # best.ckpt is chosen by CIDEr-D (the caption experiments' monitor).
+    assert summary["monitor"] == "val/cider"
+    assert summary["best_score"] == pytest.approx(max(h["val/cider"] for h in history))
+    caption_metrics = {"bleu1", "bleu2", "bleu3", "bleu4", "cider", "rougeL"}
+    assert set(summary["test"]) == {"test/loss", *(f"test/{m}" for m in caption_metrics)}
     assert metrics["test/bleu4"] == summary["test"]["test/bleu4"]
     grids = sorted((run_dir / "samples").glob("val_step*.png"))
     assert [g.name for g in grids] == [f"val_step{s:07d}.png" for s in (15, 30, 45, 60)]
@@ -113,6 +116,9 @@ def test_metrics_on_two_ranks_equal_one_rank_on_the_same_weights(ddp_run):
     assert one_rank["val/loss"] == pytest.approx(two_ranks["val/loss"], rel=1e-5)
     assert one_rank["val/bleu1"] == pytest.approx(two_ranks["val/bleu1"], abs=1e-6)
     assert one_rank["val/bleu4"] == pytest.approx(two_ranks["val/bleu4"], abs=1e-6)
+    # CIDEr's IDF spans the whole split: only right if every rank's rows are gathered first.
+    assert one_rank["val/cider"] == pytest.approx(two_ranks["val/cider"], abs=1e-6)
+    assert one_rank["val/rougeL"] == pytest.approx(two_ranks["val/rougeL"], abs=1e-6)
 
 
 def test_fsdp2_two_cpu_ranks_match_ddp_and_resume_from_a_distributed_checkpoint(ddp_run, tmp_path):
@@ -135,7 +141,7 @@ def test_fsdp2_two_cpu_ranks_match_ddp_and_resume_from_a_distributed_checkpoint(
     # Same data, same init, same optimizer: FSDP2 reproduces DDP's numbers.
     fsdp = json.loads((run_dir / "metrics.json").read_text())
     ddp = json.loads((root / "outputs" / "shapes_caption" / "ddp" / "metrics.json").read_text())
-    for key in ("val/loss", "val/bleu1"):
+    for key in ("val/loss", "val/bleu1", "val/cider"):
         assert fsdp["val"][key] == pytest.approx(ddp["val"][key], rel=1e-4, abs=1e-6)
     assert fsdp["test"]["test/loss"] == pytest.approx(ddp["test"]["test/loss"], rel=1e-4)
 

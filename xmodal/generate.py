@@ -41,17 +41,18 @@ def main(argv: list[str] | None = None) -> int:
         print_error(f"{args.ckpt} captions {task.source}, not {wanted}: use --{task.source}")
         return 2
     data = task.hparams.data
-    tensors = []
+    tensors, masks = [], []
     for path in files:
         try:
             if args.audio:
-                mels, _ = decode_audio(
+                mels, mask = decode_audio(
                     path.read_bytes(),
                     path.suffix.lstrip(".").lower(),
                     data["audio_mels"],
                     data["audio_frames"],
                 )
                 tensors.append(mels)  # [1, M, T]
+                masks.append(mask)  # [T] True on real frames (padding is hidden from the decoder)
             else:
                 pixels = decode_image(path.read_bytes(), data["image_size"], channels=data["image_channels"])
                 tensors.append(pixels.float() / 127.5 - 1.0)  # [C, H, W] in [-1, 1]
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             print_error(f"cannot read {path}: {err}")
             return 2
     source = torch.stack(tensors)
-    for path, caption in zip(files, task.caption(source), strict=True):
+    captions = task.caption(source, torch.stack(masks)) if masks else task.caption(source)
+    for path, caption in zip(files, captions, strict=True):
         print(json.dumps({wanted: str(path), "caption": caption}) if args.json else f"{path}: {caption}")
     return 0
 

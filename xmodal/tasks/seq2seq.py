@@ -1,7 +1,11 @@
 """Seq2seq captioning: a modality encoder's tokens → a causal text decoder, teacher-forced.
 
-The foundation version (image → text, greedy decoding, corpus BLEU). Beam search, audio
-encoders and CIDEr arrive with the captioning issue; the batch contract stays the same.
+Image → text (conv patches) or audio → text (log-mel time tokens, padded frames masked out of
+cross-attention). Decoding is greedy or batched beam search with a key/value cache (config:
+``model.beam_size``, ``length_penalty``, ``min_decode_len``, ``max_decode_len``), used at validation
+and test. Caption metrics (BLEU-1..4, CIDEr-D, ROUGE-L; xmodal.metrics.caption) are corpus
+metrics: each rank keeps its valid rows' hypotheses and references, they are gathered once per
+evaluation and scored on every rank over the whole split, so 2 ranks report what 1 rank does.
 """
 
 from __future__ import annotations
@@ -11,16 +15,26 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.text import BLEUScore
 
 from xmodal.data.tokenizer import WordTokenizer, normalize
 from xmodal.images import SampleSet, caption_grid
+from xmodal.metrics.caption import caption_scores
 from xmodal.nn.audio import LogMelEncoder
 from xmodal.nn.image import ConvImageEncoder
 from xmodal.nn.text import TransformerTextDecoder
+
+DECODING_DEFAULTS: dict[str, Any] = {
+    "beam_size": 1,
+    "length_penalty": 0.0,
+    "min_decode_len": 1,
+    "max_decode_len": 32,
+    "decode_cache": True,
+}
+"""Decoding options of ``model`` (checkpoints written before an option existed get its default)."""
 
 
 def spectrogram_images(mels: torch.Tensor) -> torch.Tensor:
@@ -69,8 +83,11 @@ class CaptionTask(L.LightningModule):
             pad_id=self.tokenizer.pad_id,
         )
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
-        self.val_bleu4, self.test_bleu4 = BLEUScore(n_gram=4), BLEUScore(n_gram=4)
-        self.val_bleu1, self.test_bleu1 = BLEUScore(n_gram=1), BLEUScore(n_gram=1)
+        # (key, hypothesis, references) of this rank's valid rows in the running evaluation.
+        self.eval_rows: list[tuple[str, str, list[str]]] = []
+        self.scored = False  # this evaluation's caption metrics are logged
+        self.test_prefix = "test"
+        """Metric prefix of ``trainer.test``: ``holdout`` when testing the compositional split."""
 
     def configure_model(self) -> None:
         """Under ``trainer=fsdp2`` shard each decoder layer, the encoder and the rest (FSDP2)."""
@@ -81,46 +98,79 @@ class CaptionTask(L.LightningModule):
             return
 
         mesh = self.device_mesh["data_parallel"]
-        for layer in self.decoder.layers.layers:
+        for layer in self.decoder.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(self.encoder, mesh=mesh)
         fully_shard(self.decoder, mesh=mesh)
 
-    def token_losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def memory(
+        self, source: torch.Tensor, source_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encoder tokens ``[B, N, D]`` and which are real ``[B, N]`` (None: all; audio padding is not)."""
+        memory = self.encoder(source)  # [B, N, D]
+        if self.source == "audio" and source_mask is not None:
+            return memory, self.encoder.token_mask(source_mask.to(memory.device))  # [B, N]
+        return memory, None
+
+    def token_losses(
+        self, batch: dict[str, Any], label_smoothing: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced cross-entropy per target token ``[B, T-1]`` and its mask ``[B, T-1]``."""
-        memory = self.encoder(batch[self.source])  # [B, N, D]
+        memory, keep = self.memory(batch[self.source], batch.get(f"{self.source}_mask"))
         tokens = batch[self.target]  # [B, T]
-        logits = self.decoder(tokens[:, :-1], memory)  # [B, T-1, V]
+        logits = self.decoder(tokens[:, :-1], memory, keep)  # [B, T-1, V]
         targets = tokens[:, 1:]  # [B, T-1]
         # Loss in fp32 from logits whatever the autocast dtype.
         losses = F.cross_entropy(
-            logits.float().transpose(1, 2), targets, ignore_index=self.tokenizer.pad_id, reduction="none"
+            logits.float().transpose(1, 2),
+            targets,
+            ignore_index=self.tokenizer.pad_id,
+            reduction="none",
+            label_smoothing=label_smoothing,
         )
         return losses, targets != self.tokenizer.pad_id
 
-    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+    def loss(self, batch: dict[str, Any], label_smoothing: float = 0.0) -> torch.Tensor:
         """Mean over real target tokens of valid rows (padding rows of exact epochs count for nothing)."""
-        losses, mask = self.token_losses(batch)
+        losses, mask = self.token_losses(batch, label_smoothing)
         mask = mask & batch["valid"][:, None]
         return (losses * mask).sum() / mask.sum().clamp(min=1)
 
     @torch.no_grad()
-    def caption(self, source: torch.Tensor) -> list[str]:
-        """Greedy captions for a batch of source tensors."""
-        memory = self.encoder(source)
-        ids = self.decoder.greedy(
-            memory,
-            self.tokenizer.bos_id,
-            self.tokenizer.eos_id,
-            self.cfg["max_decode_len"],
-            stop_early=self.device_mesh is None,
-        )
+    def generate_ids(
+        self, source: torch.Tensor, source_mask: torch.Tensor | None = None, **options: Any
+    ) -> torch.Tensor:
+        """Caption ids ``[B, L]`` (after BOS, padded after EOS) with the config's decoding options;
+        ``options`` override them (``beam_size``, ``length_penalty``, ``min_decode_len``,
+        ``max_decode_len``, ``decode_cache``)."""
+        cfg = {**DECODING_DEFAULTS, **{k: self.cfg[k] for k in DECODING_DEFAULTS if k in self.cfg}, **options}
+        memory, keep = self.memory(source, source_mask)
+        common = {
+            "bos_id": self.tokenizer.bos_id,
+            "eos_id": self.tokenizer.eos_id,
+            "max_len": cfg["max_decode_len"],
+            "memory_keep": keep,
+            "min_len": cfg["min_decode_len"],
+            "use_cache": cfg["decode_cache"],
+            # Sharded (FSDP2) ranks must all run the same number of steps.
+            "stop_early": self.device_mesh is None,
+        }
+        if cfg["beam_size"] == 1:
+            return self.decoder.greedy(memory, **common)
+        return self.decoder.beam_search(memory, beam=cfg["beam_size"], alpha=cfg["length_penalty"], **common)
+
+    @torch.no_grad()
+    def caption(
+        self, source: torch.Tensor, source_mask: torch.Tensor | None = None, **options: Any
+    ) -> list[str]:
+        """Captions for a batch of sources (``source_mask [B, T]``: real audio frames)."""
+        ids = self.generate_ids(source, source_mask, **options)
         return [self.tokenizer.decode(row.tolist()) for row in ids]
 
     def validation_samples(self, batch: dict[str, Any]) -> SampleSet:
         """Sources with generated captions (a grid) and a table of key, references and caption."""
         source = batch[self.source]
-        captions = self.caption(source.to(self.device))
+        captions = self.caption(source.to(self.device), batch.get(f"{self.source}_mask"))
         # A spectrogram shows as a grey image (mel bands upwards), scaled to [-1, 1] per clip.
         shown = source if self.source == "image" else spectrogram_images(source)
         rows = [
@@ -130,33 +180,71 @@ class CaptionTask(L.LightningModule):
         return SampleSet({"val": caption_grid(shown, captions)}, ["key", "references", "generated"], rows)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
+        loss = self.loss(batch, self.cfg.get("label_smoothing", 0.0))
         self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["valid"].sum().clamp(min=1)))
         return loss
 
-    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+    def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         valid = batch["valid"]  # [B] False on padding rows
+        # Plain NLL (no label smoothing): comparable across configs.
         losses, mask = self.token_losses(batch)
         # A token mean over the whole split, synced as (sum, count): exact for any rank count.
-        mean_loss = getattr(self, f"{stage}_loss")
+        mean_loss = self.val_loss if stage == "val" else self.test_loss
         mean_loss.update(losses[mask & valid[:, None]])
         self.log(f"{stage}/loss", mean_loss)
-        hypotheses = self.caption(batch[self.source])
-        refs = [[" ".join(normalize(r)) for r in refs] for refs in batch["captions"]]
-        keep = valid.tolist()
-        hypotheses = [h for h, k in zip(hypotheses, keep, strict=True) if k]
-        refs = [r for r, k in zip(refs, keep, strict=True) if k]
-        bleu4, bleu1 = getattr(self, f"{stage}_bleu4"), getattr(self, f"{stage}_bleu1")
-        bleu4.update(hypotheses, refs)
-        bleu1.update(hypotheses, refs)
-        self.log(f"{stage}/bleu4", bleu4, prog_bar=True)
-        self.log(f"{stage}/bleu1", bleu1)
+        hypotheses = self.caption(batch[self.source], batch.get(f"{self.source}_mask"))
+        for key, hyp, refs, keep in zip(
+            batch["__key__"], hypotheses, batch["captions"], valid.tolist(), strict=True
+        ):
+            if keep:
+                self.eval_rows.append((str(key), hyp, [" ".join(normalize(r)) for r in refs]))
+        # Scored at the last batch rather than in on_*_epoch_end: callbacks' epoch-end hooks (the
+        # metrics file, checkpoint selection) run before the module's and must see the scores.
+        if batch_idx + 1 >= self._eval_batches():
+            self._log_caption_metrics(stage)
+
+    def _eval_batches(self) -> float:
+        """Batches of the running evaluation on this rank (exact epochs: the same on every rank)."""
+        trainer = self.trainer
+        if trainer.sanity_checking:
+            counts = trainer.num_sanity_val_batches
+        else:
+            counts = trainer.num_test_batches if trainer.testing else trainer.num_val_batches
+        return counts[0] if counts else float("inf")
+
+    def _log_caption_metrics(self, stage: str) -> None:
+        """Score every valid row of the split, gathered from all ranks, once; every rank logs the same."""
+        rows = self.eval_rows
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        rows = sorted(rows)  # the same order whatever the rank count: bit-identical sums
+        self.eval_rows = []
+        self.scored = True
+        scores = caption_scores([hyp for _, hyp, _ in rows], [refs for _, _, refs in rows])
+        for name, value in scores.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("bleu4", "cider"))
+
+    def on_validation_epoch_start(self) -> None:
+        self.eval_rows, self.scored = [], False
+
+    def on_test_epoch_start(self) -> None:
+        self.eval_rows, self.scored = [], False
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.scored:  # a loader of unknown length
+            self._log_caption_metrics("val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, batch_idx, self.test_prefix)
+
+    def on_test_epoch_end(self) -> None:
+        if not self.scored:
+            self._log_caption_metrics(self.test_prefix)
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(
