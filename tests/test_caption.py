@@ -221,3 +221,12 @@ def test_generate_prints_a_caption_for_an_audio_file(data_dir, tmp_path):
     (row,) = [json.loads(line) for line in result.stdout.splitlines()]
     vocab = set(json.loads((run_dir / "tokenizer.json").read_text())["vocab"])
     assert row["audio"] == str(wav) and row["caption"] and set(row["caption"].split()) <= vocab
+
+
+def test_compositional_experiment_also_tests_the_unseen_pairs(tiny, tmp_path):
+    cfg = compose_config([*tiny, "experiment=shapes_caption_compositional", "debug=fdr", "logger=none"])
+    assert len(cfg.data.shapes.holdout) == 4
+    metrics = train(cfg)
+    assert {"holdout/bleu4", "holdout/cider", "holdout/loss", "test/bleu4"} <= set(metrics)
+    run_dir = next((tmp_path / "outputs" / cfg.experiment_name).iterdir())
+    assert "holdout/cider" in json.loads((run_dir / "metrics.json").read_text())["test"]

@@ -98,7 +98,24 @@ def test_best_checkpoint(
     # states into the fresh module (KeyError in torch's get_optimizer_state_dict).
     trainer.strategy.optimizers = []
     trainer.test(test_task, datamodule=datamodule, ckpt_path=best)
-    return scalar_metrics(trainer.callback_metrics, "test/")
+    metrics = scalar_metrics(trainer.callback_metrics, "test/")
+    # The best weights are loaded into test_task now: the compositional split reuses them.
+    return {**metrics, **evaluate_holdout(trainer, test_task, datamodule)}
+
+
+def evaluate_holdout(trainer: L.Trainer, task: Any, datamodule: Any) -> dict[str, float]:
+    """Metrics on the ``holdout`` split (shapes' unseen colour–kind pairs), logged as ``holdout/...``,
+    for tasks that name their test metrics by ``test_prefix``; {} when the data has no such split."""
+    from xmodal.data.shards import read_sizes
+
+    if not hasattr(task, "test_prefix") or "holdout" not in read_sizes(datamodule.shards_dir)["splits"]:
+        return {}
+    task.test_prefix = "holdout"
+    try:
+        trainer.test(task, dataloaders=datamodule.loader("holdout", datamodule.topology()))
+    finally:
+        task.test_prefix = "test"
+    return scalar_metrics(trainer.callback_metrics, "holdout/")
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -9,20 +9,27 @@ from torch import nn
 
 
 class LogMelEncoder(nn.Module):
-    """Conv stages over ``[B, 1, M, T]`` (each halves mel and time), then the mel axis is folded
-    into the channels so every remaining time step is one token ``[B, T', D]``.
+    """Conv stages over ``[B, 1, M, T]``, then the mel axis is folded into the channels so every
+    remaining time step is one token ``[B, T', D]``.
 
-    Keeping time as the token axis lets a decoder's cross-attention find *when* a sound happens
-    (on shapes: which slot, i.e. which shape).
+    The first stage cuts ``patch``×``patch`` patches (as the image encoder does; ``patch=2`` is a
+    3×3 stride-2 conv), each later one halves mel and time. Keeping time as the token axis lets a
+    decoder's cross-attention find *when* a sound happens (on shapes: which slot, i.e. which
+    shape). Patchifying by 4 first is ~4× cheaper on CPU than a full-resolution stride-2 stem.
     """
 
-    def __init__(self, channels: Sequence[int], d_model: int, n_mels: int, frames: int):
+    def __init__(self, channels: Sequence[int], d_model: int, n_mels: int, frames: int, patch: int = 2):
         super().__init__()
         layers: list[nn.Module] = []
         width = 1
-        for out in channels:
+        for stage, out in enumerate(channels):
+            down = (
+                nn.Conv2d(width, out, kernel_size=patch, stride=patch)
+                if stage == 0 and patch != 2
+                else nn.Conv2d(width, out, kernel_size=3, stride=2, padding=1)
+            )
             layers += [
-                nn.Conv2d(width, out, kernel_size=3, stride=2, padding=1),
+                down,
                 nn.GroupNorm(min(8, out), out),
                 nn.GELU(),
                 nn.Conv2d(out, out, kernel_size=3, padding=1),
@@ -31,7 +38,7 @@ class LogMelEncoder(nn.Module):
             ]
             width = out
         self.stem = nn.Sequential(*layers)
-        self.downsample = 2 ** len(channels)
+        self.downsample = patch * 2 ** (len(channels) - 1)
         mel_out = -(-n_mels // self.downsample)
         self.num_tokens = -(-frames // self.downsample)
         self.proj = nn.Linear(width * mel_out, d_model)

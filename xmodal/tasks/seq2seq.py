@@ -62,7 +62,11 @@ class CaptionTask(L.LightningModule):
         d_model = model["d_model"]
         if self.source == "audio":
             self.encoder: nn.Module = LogMelEncoder(
-                model["encoder_channels"], d_model, data["audio_mels"], data["audio_frames"]
+                model["encoder_channels"],
+                d_model,
+                data["audio_mels"],
+                data["audio_frames"],
+                patch=model.get("audio_patch", 2),
             )
         else:
             self.encoder = ConvImageEncoder(
@@ -191,7 +195,7 @@ class CaptionTask(L.LightningModule):
         # A token mean over the whole split, synced as (sum, count): exact for any rank count.
         mean_loss = self.val_loss if stage == "val" else self.test_loss
         mean_loss.update(losses[mask & valid[:, None]])
-        self.log(f"{stage}/loss", mean_loss)
+        self.log(f"{stage}/loss", mean_loss, batch_size=len(valid))
         hypotheses = self.caption(batch[self.source], batch.get(f"{self.source}_mask"))
         for key, hyp, refs, keep in zip(
             batch["__key__"], hypotheses, batch["captions"], valid.tolist(), strict=True
