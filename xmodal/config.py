@@ -212,6 +212,8 @@ class ModelConfig:
     """Conv stage widths: the first stage patchifies, each later one halves the resolution."""
     encoder_patch: int = 4
     """Patch size of the first encoder stage."""
+    audio_patch: int = 2
+    """Audio encoder's first stage: 2 = 3×3 stride-2 conv; ≥ 3 = non-overlapping patches of that size."""
     decoder_layers: int = 2
     heads: int = 4
     ffn_mult: int = 4
@@ -488,6 +490,7 @@ def model_problems(cfg: Any) -> list[str]:
         )
         check(len(m.encoder_channels) >= 1, "model.encoder_channels", "needs at least one stage")
         check(m.beam_size >= 1, "model.beam_size", "must be >= 1 (1 = greedy)")
+        check(m.audio_patch >= 2, "model.audio_patch", "must be >= 2")
         check(0.0 <= m.label_smoothing < 1.0, "model.label_smoothing", "must be in [0, 1)")
         check(m.max_decode_len >= 2, "model.max_decode_len", "must be >= 2 (BOS + one token)")
         check(
