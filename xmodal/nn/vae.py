@@ -1,0 +1,125 @@
+"""Convolutional VAE encoder and decoder over any ``[B, C, H, W]`` target, optionally conditional.
+
+The nets know only (channels, height, width): an image (``[B, 1|3, 32|64, 32|64]``) and a log-mel
+spectrogram (``[B, 1, M, T]``) are the same kind of target, so text→image and text→audio share
+these modules. A condition vector ``[B, cond_dim]`` (from ``xmodal.nn.condition``) is concatenated
+to the encoder's pooled features and to the decoder's latent (the classic CVAE of Sohn et al. 2015).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+LIKELIHOODS = ("bernoulli", "gaussian", "logistic", "laplace")
+
+
+def num_downsamples(height: int, width: int, bottom: int = 4) -> int:
+    """Stride-2 stages that bring the smaller side down to ``bottom`` (32 px → 3, 64 px → 4)."""
+    side = min(height, width)
+    stages = int(math.log2(side // bottom)) if side >= bottom else 0
+    if side != bottom * 2**stages or height % 2**stages or width % 2**stages:
+        raise ValueError(f"VAE nets need sides of {bottom}·2^n (e.g. 32 or 64), got {height}×{width}")
+    return stages
+
+
+def _hidden(base: int, z_dim: int) -> int:
+    """Width of the MLP between conv features and latents (wide enough not to be the bottleneck)."""
+    return max(4 * z_dim, 8 * base)
+
+
+def _widths(width: int, stages: int) -> list[int]:
+    """Channels per stage: doubling from ``width``, capped at 4×, so 64 px does not blow up."""
+    return [width * min(2**i, 4) for i in range(stages)]
+
+
+class ConvEncoder(nn.Module):
+    """``x [B, C, H, W]`` (+ ``cond [B, c]``) → posterior mean and log-variance ``[B, Z]`` each."""
+
+    def __init__(self, channels: int, height: int, width: int, base: int, z_dim: int, cond_dim: int = 0):
+        super().__init__()
+        stages = num_downsamples(height, width)
+        layers: list[nn.Module] = []
+        in_ch = channels
+        for out in _widths(base, stages):
+            layers += [nn.Conv2d(in_ch, out, kernel_size=4, stride=2, padding=1), nn.SiLU()]
+            in_ch = out
+        self.body = nn.Sequential(*layers)
+        flat = in_ch * (height >> stages) * (width >> stages)
+        hidden = _hidden(base, z_dim)
+        self.head = nn.Sequential(nn.Linear(flat + cond_dim, hidden), nn.SiLU(), nn.Linear(hidden, 2 * z_dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x).flatten(1)  # [B, F]
+        if cond is not None:
+            h = torch.cat([h, cond.to(h.dtype)], dim=1)  # [B, F + c]
+        mu, logvar = self.head(h).chunk(2, dim=1)  # [B, Z] each
+        return mu, logvar
+
+
+class ConvDecoder(nn.Module):
+    """``z [B, Z]`` (+ ``cond [B, c]``) → the likelihood's parameters for ``[B, C, H, W]``.
+
+    Returns ``(location, log_scale)``: location holds logits (bernoulli) or means (others);
+    log_scale is None for bernoulli, a per-pixel output for ``logistic``, and for gaussian/laplace
+    either a learned per-channel parameter (``learn_sigma``) or the fixed ``log(sigma)``. The scale
+    lives here, inside a module FSDP2 shards, so every trainable parameter is synced.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        height: int,
+        width: int,
+        base: int,
+        z_dim: int,
+        cond_dim: int = 0,
+        likelihood: str = "bernoulli",
+        learn_sigma: bool = False,
+        sigma: float = 0.1,
+    ):
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        self.likelihood = likelihood
+        self.channels = channels
+        stages = num_downsamples(height, width)
+        widths = _widths(base, stages)[::-1]
+        self.bottom = (widths[0], height >> stages, width >> stages)
+        self.stem = nn.Sequential(
+            nn.Linear(z_dim + cond_dim, _hidden(base, z_dim)),
+            nn.SiLU(),
+            nn.Linear(_hidden(base, z_dim), math.prod(self.bottom)),
+            nn.SiLU(),
+        )
+        layers: list[nn.Module] = []
+        for i, in_ch in enumerate(widths):
+            out = widths[i + 1] if i + 1 < len(widths) else base
+            layers += [nn.ConvTranspose2d(in_ch, out, kernel_size=4, stride=2, padding=1), nn.SiLU()]
+        self.body = nn.Sequential(*layers)
+        per_pixel = 2 if likelihood == "logistic" else 1
+        self.out = nn.Conv2d(base, per_pixel * channels, kernel_size=3, padding=1)
+        self.log_sigma: nn.Parameter | None = None
+        if likelihood in ("gaussian", "laplace"):
+            init = torch.full((channels,), math.log(sigma))
+            if learn_sigma:
+                self.log_sigma = nn.Parameter(init)
+            else:
+                self.register_buffer("fixed_log_sigma", init, persistent=False)
+
+    def forward(
+        self, z: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if cond is not None:
+            z = torch.cat([z, cond.to(z.dtype)], dim=1)  # [B, Z + c]
+        h = self.stem(z).view(-1, *self.bottom)  # [B, C0, h, w]
+        out = self.out(self.body(h))  # [B, k·C, H, W]
+        if self.likelihood == "bernoulli":
+            return out, None
+        if self.likelihood == "logistic":
+            location, log_scale = out.chunk(2, dim=1)  # [B, C, H, W] each
+            return torch.tanh(location), log_scale.clamp(min=-7.0)
+        log_sigma = self.log_sigma if self.log_sigma is not None else self.fixed_log_sigma
+        return out, log_sigma.view(1, -1, 1, 1).expand_as(out)

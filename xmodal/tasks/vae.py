@@ -1,0 +1,383 @@
+"""Variational autoencoder task: ELBO training, β and KL warm-up, free bits, conditional VAE,
+importance-weighted NLL, per-dimension KL and active units.
+
+Units: every loss term is a per-sample sum over data (or latent) dimensions, averaged over the
+batch, in nats per example — the unit of the literature (Burda et al. 2015). ``*_bpd`` divides by
+``C·H·W·ln 2``. The loss is computed in fp32 even under autocast.
+
+Randomness is keyed, not drawn from the global RNG: training noise (reparameterisation ε and
+dynamic binarisation) comes from a generator seeded by (``noise_seed``, step, rank), so a resumed
+run draws exactly what an uninterrupted one would. Evaluation noise (the fixed binarisation and
+the IWAE samples) is seeded per sample by its ``__key__``, so val/test numbers do not depend on
+batch size, rank count or how often validation ran.
+
+The target modality is ``model["target"]`` (``image`` now); the nets see only ``[B, C, H, W]``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from xmodal.data.tokenizer import WordTokenizer
+from xmodal.images import SampleSet, caption_grid, image_grid
+from xmodal.metrics.likelihood import (
+    ActiveUnits,
+    bernoulli_log_prob,
+    discretized_logistic_log_prob,
+    gaussian_kl_per_dim,
+    gaussian_log_prob,
+    iwae_log_likelihood,
+    laplace_log_prob,
+    log_normal_diag,
+    log_standard_normal,
+)
+from xmodal.nn.condition import build_condition_encoder
+from xmodal.nn.vae import ConvDecoder, ConvEncoder
+
+SCALARS = ("nll", "neg_elbo", "recon", "kl", "nll_bpd", "neg_elbo_bpd")
+EVAL_ROWS_PER_PASS = 1024
+"""Decoder rows (samples × importance samples) per forward in IWAE evaluation (bounds memory)."""
+
+
+def kl_weight(
+    step: int, beta: float, warmup_steps: int, schedule: str = "linear", cycles: int = 4, total_steps: int = 0
+) -> float:
+    """Weight of the KL term at optimizer step ``step``.
+
+    ``linear``: rises 0 → β over ``warmup_steps`` then stays at β (Bowman et al. 2016).
+    ``cyclical``: ``total_steps`` is cut into ``cycles`` periods; in each the weight ramps 0 → β
+    over ``warmup_steps`` (half the period when 0) and holds β for the rest (Fu et al. 2019).
+    """
+    if schedule == "cyclical" and total_steps > 0 and cycles > 0:
+        period = max(total_steps // cycles, 1)
+        ramp = warmup_steps if warmup_steps > 0 else max(period // 2, 1)
+        return beta * min(1.0, (step % period) / min(ramp, period))
+    if warmup_steps <= 0:
+        return beta
+    return beta * min(1.0, step / warmup_steps)
+
+
+def key_seed(key: str) -> int:
+    """A fixed seed per sample key (evaluation noise independent of batching and ranks)."""
+    return zlib.crc32(key.encode()) ^ 0x5EED
+
+
+def keyed_noise(
+    keys: list[str], shape: tuple[int, ...], eps_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key: a uniform ``shape`` tensor (fixed binarisation) and a normal ``eps_shape`` one
+    (IWAE samples) from a generator seeded by the key → ``[B, *shape]``, ``[B, *eps_shape]``."""
+    uniforms, normals = [], []
+    for key in keys:
+        g = torch.Generator().manual_seed(key_seed(key))
+        uniforms.append(torch.rand(shape, generator=g))
+        normals.append(torch.randn(eps_shape, generator=g))
+    return torch.stack(uniforms), torch.stack(normals)
+
+
+def log_likelihood(
+    kind: str, location: torch.Tensor, log_scale: torch.Tensor | None, targets: torch.Tensor
+) -> torch.Tensor:
+    """log p(targets | decoder output) per sample ``[B]`` for the configured likelihood."""
+    if kind == "bernoulli":
+        return bernoulli_log_prob(location, targets)
+    assert log_scale is not None
+    if kind == "gaussian":
+        return gaussian_log_prob(location, log_scale, targets)
+    if kind == "laplace":
+        return laplace_log_prob(location, log_scale, targets)
+    return discretized_logistic_log_prob(location, log_scale, targets)
+
+
+class VaeTask(L.LightningModule):
+    """VAE / β-VAE / conditional VAE over ``batch[model["target"]]`` (``[B, C, H, W]``).
+
+    ``model`` is the ``model`` config node as a plain dict (``model["vae"]`` = VaeConfig),
+    ``vocab`` the tokenizer vocabulary (text conditions), ``data`` the data shape; all saved as
+    hyperparameters, so ``VaeTask.load_from_checkpoint(path)`` rebuilds it.
+    """
+
+    def __init__(self, model: dict[str, Any], vocab: list[str], data: dict[str, int]):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg, self.vae = model, model["vae"]
+        self.target = model.get("target", "image")
+        self.likelihood = self.vae["likelihood"]
+        self.shape = self.target_shape(self.target, data)  # (C, H, W)
+        self.dims = math.prod(self.shape)
+        self.tokenizer = WordTokenizer(vocab)
+        self.condition = build_condition_encoder(
+            model,
+            len(vocab),
+            self.tokenizer.pad_id,
+            data["max_text_len"],
+            data.get("audio_mels", 64),
+            data.get("audio_frames", 64),
+        )
+        cond_dim = model["cond_dim"] if self.condition is not None else 0
+        z_dim, width = self.vae["z_dim"], self.vae["width"]
+        self.encoder = ConvEncoder(*self.shape, width, z_dim, cond_dim)
+        self.decoder = ConvDecoder(
+            *self.shape,
+            width,
+            z_dim,
+            cond_dim,
+            likelihood=self.likelihood,
+            learn_sigma=self.vae["learn_sigma"],
+            sigma=self.vae["sigma"],
+        )
+        # Drawn from the (seeded) global RNG once, then saved with the weights: training noise is
+        # a function of (noise_seed, step, rank), so resuming reproduces it.
+        self.register_buffer("noise_seed", torch.randint(0, 2**62, (), dtype=torch.int64))
+        self.total_steps = 0
+        # Split-level metrics synced as sums (exact for any rank count), logged as metric objects
+        # so Lightning computes them in one fixed order on every rank.
+        for stage in ("val", "test"):
+            for name in SCALARS:
+                setattr(self, f"{stage}_{name}", MeanMetric())
+            setattr(self, f"{stage}_kl_dims", nn.ModuleList(MeanMetric() for _ in range(z_dim)))
+            setattr(self, f"{stage}_active", ActiveUnits(z_dim))
+
+    @staticmethod
+    def target_shape(target: str, data: dict[str, int]) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the generated modality: an image, or a log-mel ``[1, M, T]``."""
+        if target == "image":
+            return (data["image_channels"], data["image_size"], data["image_size"])
+        if target == "audio":
+            return (1, data["audio_mels"], data["audio_frames"])
+        raise ValueError(f"model.target: the vae task generates image or audio, got {target!r}")
+
+    # ----------------------------------------------------------------- distributed / setup
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp2`` shard encoder, decoder and condition encoder (FSDP2), once."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        # Lightning calls this hook again for test/validate after fit: shard once.
+        if self.device_mesh is None or isinstance(self.decoder, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        if self.condition is not None:
+            fully_shard(self.condition, mesh=mesh)
+        fully_shard(self.encoder, mesh=mesh)
+        fully_shard(self.decoder, mesh=mesh)
+
+    def on_fit_start(self) -> None:
+        max_steps = self.trainer.max_steps
+        self.total_steps = max_steps if max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+
+    # ----------------------------------------------------------------- model pieces
+    def prepare(
+        self, images: torch.Tensor, uniform: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data in [-1, 1] → (likelihood targets, encoder input).
+
+        Bernoulli targets are intensities in [0, 1], binarised when ``binarize`` by comparing with
+        ``uniform`` (fresh each training step, fixed per sample in evaluation); the encoder then
+        sees the binarised image. Other likelihoods model the [-1, 1] data directly.
+        """
+        if self.likelihood != "bernoulli":
+            return images, images
+        targets = (images.float() + 1) / 2
+        if self.vae["binarize"] and uniform is not None:
+            targets = (uniform < targets).float()
+        return targets, targets * 2 - 1
+
+    def encode(self, x: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encoder(x, cond)
+        clamp = self.vae["logvar_clamp"]
+        return mu.float(), logvar.float().clamp(-clamp, clamp)  # [B, Z] each
+
+    def conditioning(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        return None if self.condition is None else self.condition(batch)  # [B, c]
+
+    def display(self, location: torch.Tensor) -> torch.Tensor:
+        """Decoder output → the mean image in [-1, 1] (probabilities for Bernoulli)."""
+        if self.likelihood == "bernoulli":
+            return torch.sigmoid(location.float()) * 2 - 1
+        return location.float().clamp(-1, 1)
+
+    # ----------------------------------------------------------------- training
+    def train_noise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Binarisation uniforms ``[B, C, H, W]`` and ε ``[B, Z]`` keyed by (seed, step, rank)."""
+        seed = (int(self.noise_seed) * 1_000_003 + self.global_step * 1009 + self.global_rank) % 2**63
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        uniform = torch.rand(x.shape, generator=g, device=x.device)
+        eps = torch.randn((x.shape[0], self.vae["z_dim"]), generator=g, device=x.device)
+        return uniform, eps
+
+    def elbo_terms(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """One-sample ELBO pieces per sample: recon log-likelihood ``[B]``, KL per dim ``[B, Z]``."""
+        images = batch[self.target]  # [B, C, H, W]
+        uniform, eps = self.train_noise(images)
+        targets, x = self.prepare(images, uniform)
+        cond = self.conditioning(batch)
+        mu, logvar = self.encode(x, cond)
+        z = mu + torch.exp(0.5 * logvar) * eps  # [B, Z]
+        location, log_scale = self.decoder(z, cond)
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            recon = log_likelihood(self.likelihood, location.float(), _f32(log_scale), targets.float())
+            kl_dims = gaussian_kl_per_dim(mu, logvar)  # [B, Z]
+        return {"recon": recon, "kl_dims": kl_dims}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        terms = self.elbo_terms(batch)
+        valid = batch["valid"].float()  # [B]
+        n = valid.sum().clamp(min=1)
+        recon = (terms["recon"] * valid).sum() / n
+        kl_dims = (terms["kl_dims"] * valid[:, None]).sum(0) / n  # [Z] batch mean per dimension
+        kl = kl_dims.sum()
+        # Free bits (Kingma et al. 2016): each dimension's batch-mean KL counts at least λ nats.
+        kl_term = kl_dims.clamp(min=self.vae["free_bits"]).sum() if self.vae["free_bits"] > 0 else kl
+        weight = kl_weight(
+            self.global_step,
+            self.vae["beta"],
+            self.vae["kl_warmup_steps"],
+            self.vae["kl_schedule"],
+            self.vae["kl_cycles"],
+            self.total_steps,
+        )
+        loss = -recon + weight * kl_term
+        size = int(n)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/neg_elbo", kl - recon, batch_size=size)
+        self.log("train/recon", -recon, batch_size=size)
+        self.log("train/kl", kl, batch_size=size)
+        self.log("train/kl_weight", weight, batch_size=size)
+        return loss
+
+    # ----------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate_batch(self, batch: dict[str, Any], k: int | None = None) -> dict[str, torch.Tensor]:
+        """Per sample: IWAE-k log-likelihood bound, one-sample recon, KL per dim, posterior mean.
+
+        The fixed binarisation and the k samples come from the sample's key; the ELBO uses the
+        first of the k samples, so IWAE-k ≥ ELBO holds per sample up to that one draw.
+        """
+        k = k or self.vae["iwae_k"]
+        images = batch[self.target]  # [B, C, H, W]
+        b = images.shape[0]
+        z_dim = self.vae["z_dim"]
+        uniform, eps = keyed_noise(batch["__key__"], tuple(images.shape[1:]), (k, z_dim))
+        uniform, eps = uniform.to(images.device), eps.to(images.device)  # [B, C, H, W], [B, k, Z]
+        targets, x = self.prepare(images, uniform)
+        cond = self.conditioning(batch)
+        mu, logvar = self.encode(x, cond)
+        std = torch.exp(0.5 * logvar)
+        chunk = max(1, EVAL_ROWS_PER_PASS // max(b, 1))
+        log_weights, recon_first = [], None
+        for start in range(0, k, chunk):
+            e = eps[:, start : start + chunk]  # [B, m, Z]
+            m = e.shape[1]
+            z = mu[:, None] + std[:, None] * e  # [B, m, Z]
+            cond_m = None if cond is None else cond.repeat_interleave(m, dim=0)  # [B·m, c]
+            location, log_scale = self.decoder(z.reshape(b * m, z_dim), cond_m)
+            with torch.autocast(device_type=images.device.type, enabled=False):
+                rep = targets.float().repeat_interleave(m, dim=0)  # [B·m, C, H, W]
+                log_px = log_likelihood(self.likelihood, location.float(), _f32(log_scale), rep).view(b, m)
+                log_pz = log_standard_normal(z)  # [B, m]
+                log_qz = log_normal_diag(z, mu[:, None], logvar[:, None])  # [B, m]
+            if recon_first is None:
+                recon_first = log_px[:, 0]
+            log_weights.append(log_px + log_pz - log_qz)
+        log_w = torch.cat(log_weights, dim=1).T  # [k, B]
+        return {
+            "log_likelihood": iwae_log_likelihood(log_w),  # [B]
+            "recon": recon_first,  # [B]
+            "kl_dims": gaussian_kl_per_dim(mu, logvar),  # [B, Z]
+            "mu": mu,  # [B, Z]
+        }
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        valid = batch["valid"]  # [B] False on padding rows
+        out = self.evaluate_batch(batch)
+        kl_dims = out["kl_dims"][valid]  # [V, Z]
+        kl, recon, nll = kl_dims.sum(1), -out["recon"][valid], -out["log_likelihood"][valid]
+        bits = self.dims * math.log(2.0)
+        values = {"nll": nll, "neg_elbo": recon + kl, "recon": recon, "kl": kl}
+        values |= {"nll_bpd": nll / bits, "neg_elbo_bpd": (recon + kl) / bits}
+        for name, value in values.items():
+            metric = getattr(self, f"{stage}_{name}")
+            metric.update(value)
+            self.log(f"{stage}/{name}", metric, prog_bar=name == "nll")
+        for i, metric in enumerate(getattr(self, f"{stage}_kl_dims")):
+            metric.update(kl_dims[:, i])
+            self.log(f"{stage}/kl_dim/{i:02d}", metric)
+        active = getattr(self, f"{stage}_active")
+        active.update(out["mu"][valid])
+        self.log(f"{stage}/active_units", active)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    # ----------------------------------------------------------------- samples
+    @torch.no_grad()
+    def sample(self, n: int, cond: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+        """Mean images ``[n, C, H, W]`` in [-1, 1] decoded from prior draws (a fixed bank by seed)."""
+        z = torch.randn((n, self.vae["z_dim"]), generator=torch.Generator().manual_seed(seed)).to(self.device)
+        location, _ = self.decoder(z, cond)
+        return self.display(location)
+
+    @torch.no_grad()
+    def validation_samples(self, batch: dict[str, Any]) -> SampleSet:
+        """Reconstructions (inputs row above, posterior-mean decodes below), prior samples, and for
+        a conditional model samples for the batch's captions/labels."""
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        images = batch[self.target]
+        n = images.shape[0]
+        uniform, _ = keyed_noise(batch["__key__"], tuple(images.shape[1:]), (1, 1))
+        targets, x = self.prepare(images, uniform.to(self.device))
+        cond = self.conditioning(batch)
+        mu, _ = self.encode(x, cond)
+        recon = self.display(self.decoder(mu, cond)[0])
+        columns = min(8, n)
+        rows = []
+        for start in range(0, n, columns):
+            rows += [x[start : start + columns].float(), recon[start : start + columns]]
+        grids = {"reconstruction": image_grid(torch.cat(rows), columns=columns, scale=2)}
+        names = [_condition_text(batch, i, self.cfg["condition"]) for i in range(n)]
+        if cond is None:
+            grids["prior"] = image_grid(self.sample(n), columns=columns, scale=2)
+        else:
+            grids["conditional"] = caption_grid(self.sample(n, cond), names)
+        table = [[key, name] for key, name in zip(batch["__key__"], names, strict=True)]
+        return SampleSet(grids, ["key", "condition"], table)
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"]
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.cfg["warmup_steps"], max(total // 10, 1))
+
+        def schedule(step: int) -> float:
+            # Linear warm-up, then cosine decay to 10 % of the peak rate at the last step.
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+def _condition_text(batch: dict[str, Any], i: int, kind: str) -> str:
+    """What a conditional sample was asked for: its first caption, or its label."""
+    if kind == "label":
+        return f"label {int(batch['label'][i])}"
+    captions = batch.get("captions") or []
+    return captions[i][0] if i < len(captions) and captions[i] else ""
