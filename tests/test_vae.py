@@ -258,6 +258,51 @@ def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
     assert not torch.equal(a["decoder.out.weight"], bars_task(**vae).state_dict()["decoder.out.weight"])
 
 
+@pytest.mark.parametrize(
+    "vae",
+    [
+        {"likelihood": "bernoulli", "binarize": True},
+        {"likelihood": "gaussian", "sigma": 0.2},
+        {"likelihood": "gaussian", "learn_sigma": True},
+        {"likelihood": "laplace", "learn_sigma": True},
+        {"likelihood": "logistic"},
+    ],
+    ids=lambda v: "-".join(str(x) for x in v.values()),
+)
+def test_every_likelihood_trains_with_finite_fp32_loss(vae):
+    task = bars_task(**vae)
+    task.log = lambda *args, **kwargs: None  # no Trainer attached
+    batch = collate(random_bars(32, 3))
+    optimizer = torch.optim.Adam(task.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # loss still computed in fp32
+            loss = task.training_step(batch, 0)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    if vae.get("learn_sigma"):
+        assert task.decoder.log_sigma.grad is not None and task.decoder.log_sigma.grad.abs().sum() > 0
+    out = task.evaluate_batch(batch, k=4)
+    assert torch.isfinite(out["log_likelihood"]).all() and out["recon"].shape == (32,)
+
+
+def test_bf16_mixed_training_gives_finite_metrics(tmp_path):
+    m = fit(bars_task(), 1, tmp_path, precision="bf16-mixed")
+    assert math.isfinite(m["val/nll"]) and m["val/nll"] < 64 * math.log(2)
+
+
+def test_config_refuses_inconsistent_vae_settings(tiny):
+    from xmodal.config import ConfigError, compose_config, validate
+
+    cfg = compose_config([*tiny, "experiment=shapes_vae", "model.vae.binarize=true", "model.vae.kl_cycles=0"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert "model.vae.binarize" in str(err.value) and "model.vae.kl_cycles" in str(err.value)
+
+
 # ----------------------------------------------------------------------------- 2-rank runs (CLI)
 
 DISTRIBUTED = [

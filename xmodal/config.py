@@ -538,6 +538,14 @@ def model_problems(cfg: Any) -> list[str]:
         check(v.kl_warmup_steps >= 0, "model.vae.kl_warmup_steps", "must be >= 0")
         check(v.free_bits >= 0, "model.vae.free_bits", "must be >= 0")
         check(v.sigma > 0, "model.vae.sigma", "must be > 0")
+        check(v.z_dim >= 1 and v.width >= 1, "model.vae.z_dim", "z_dim and width must be >= 1")
+        check(v.kl_cycles >= 1, "model.vae.kl_cycles", "must be >= 1")
+        check(v.logvar_clamp > 0, "model.vae.logvar_clamp", "must be > 0")
+        check(
+            not v.binarize or v.likelihood == "bernoulli",
+            "model.vae.binarize",
+            "binarised targets need likelihood=bernoulli",
+        )
     return problems
 
 
