@@ -1,0 +1,330 @@
+"""The adversarial task: convergence, step accounting, 16-mixed clipping, NaN skipping, resume,
+DDP/FSDP2 on 2 CPU ranks, FSDP1 refusal and the offline FID/KID metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from tests.conftest import TINY, run_cli
+from xmodal.config import ConfigError, compose_config, validate
+from xmodal.data.tokenizer import SPECIALS
+from xmodal.metrics.features import DomainClassifier
+from xmodal.metrics.fid import GenerativeMetrics
+from xmodal.tasks.adversarial import AdversarialTask, unscaled_grad_norm
+from xmodal.train import train
+
+TARGET_MEAN = torch.tensor([2.0, -1.0])
+
+
+@pytest.fixture(autouse=True)
+def feature_cache(tmp_path_factory, monkeypatch):
+    """FID classifiers are cached per test session, not in the user's ~/.cache."""
+    monkeypatch.setenv("XMODAL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "xmodal-cache"))
+
+
+class Points(Dataset):
+    """2-D Gaussian N((2, -1), 0.3² I) as batches of the task's contract (``image`` = a point)."""
+
+    def __init__(self, n: int = 2048, nan_at: int | None = None):
+        self.x = TARGET_MEAN + 0.3 * torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+        if nan_at is not None:
+            self.x[nan_at] = float("nan")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.x[i], "valid": torch.tensor(True)}
+
+
+class MlpG(nn.Module):
+    def __init__(self, z_dim: int = 8, hidden: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2)
+        )
+
+    def forward(self, z: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self.net(z)  # [B, 2]
+
+
+class MlpD(nn.Module):
+    def __init__(self, hidden: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(2, hidden),
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden, hidden),
+            nn.LeakyReLU(0.2),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self.net(x).squeeze(1)  # [B]
+
+
+def point_task(seed: int = 0, **gan: object) -> AdversarialTask:
+    """The task with tiny MLP nets injected (the DCGAN nets are swapped by constructor argument)."""
+    model = OmegaConf.to_container(compose_config(["model=gan"]).model, resolve=True)
+    model["gan"].update(
+        {
+            "z_dim": 8,
+            "loss": "ns",
+            "g_lr": 2e-3,
+            "d_lr": 2e-3,
+            "g_betas": [0.5, 0.999],
+            "d_betas": [0.5, 0.999],
+            "ema_decay": 0.0,
+        }
+    )
+    model["gan"].update(gan)
+    L.seed_everything(seed, verbose=False)
+    data = {"image_size": 32, "image_channels": 1, "audio_mels": 8, "audio_frames": 8, "max_text_len": 8}
+    return AdversarialTask(model, list(SPECIALS), data, nets=(MlpG(), MlpD()))
+
+
+def fit_points(
+    task: AdversarialTask, iterations: int, batch_size: int = 128, plugins=None, dataset=None
+) -> L.Trainer:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=iterations * (task.gan["n_critic"] + 1),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        plugins=plugins,
+    )
+    loader = DataLoader(
+        dataset or Points(), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    trainer.fit(task, loader)
+    return trainer
+
+
+def test_moment_matching_on_a_2d_gaussian():
+    task = point_task()
+    fit_points(task, iterations=600)
+    with torch.no_grad():
+        samples = task.generator(torch.randn(4096, 8, generator=torch.Generator().manual_seed(1)), {})
+    mean, std = samples.mean(0), samples.std(0)
+    # Start: ~2.2 from the target mean. Measured after 600 iterations (seed 0): distance 0.1, std ≈ 0.2.
+    assert float((mean - TARGET_MEAN).norm()) < 0.6
+    assert float(std.min()) > 0.02  # not collapsed to a point
+    assert torch.isfinite(samples).all()
+
+
+def test_iteration_counter_counts_batches_and_lightning_counts_optimizer_steps():
+    task = point_task(n_critic=3)
+    trainer = fit_points(task, iterations=7)
+    assert task.iteration == 7  # our counter: training batches
+    assert trainer.global_step == 7 * (3 + 1)  # Lightning's: every optimizer step
+    assert trainer.fit_loop.total_batch_idx + 1 == 7
+
+
+def test_factory_converts_max_steps_from_iterations():
+    from xmodal.factory import lightning_max_steps
+
+    cfg = compose_config(["experiment=shapes_gan", "model.gan.n_critic=2", "trainer.max_steps=50"])
+    assert lightning_max_steps(cfg) == 150
+
+
+def test_grad_norm_under_a_grad_scaler_is_the_unscaled_norm_and_clipping_uses_it():
+    torch.manual_seed(0)
+    net = nn.Linear(16, 4)
+    x = torch.randn(32, 16)
+    net(x).pow(2).mean().backward()
+    true_norm = float(torch.nn.utils.get_total_norm([p.grad for p in net.parameters()]))
+    true_grads = [p.grad.clone() for p in net.parameters()]
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    net.zero_grad()
+    scaler.scale(net(x).pow(2).mean()).backward()
+    scale = scaler.get_scale()
+    params = list(net.parameters())
+    norm, finite = unscaled_grad_norm(params, max_norm=true_norm / 2, scale=scale)
+    assert finite
+    assert float(norm) == pytest.approx(true_norm, rel=1e-5)  # not 65536 × true
+    # Clipped at (threshold × scale): after unscaling, the true gradients have norm threshold.
+    clipped = float(torch.nn.utils.get_total_norm([p.grad / scale for p in params]))
+    assert clipped == pytest.approx(true_norm / 2, rel=1e-4)
+    for p, g in zip(params, true_grads, strict=True):  # direction kept
+        assert torch.allclose(p.grad / scale, g / 2, rtol=1e-4, atol=1e-7)
+
+
+def test_16_mixed_training_sees_unscaled_norms_and_clips_them():
+    """Lightning's CPU 16-mixed plugin: its GradScaler multiplies gradients by ~2^16 until the
+    optimizer step; the norms our task logs must be the true ones, and clipped steps stay small."""
+    task = point_task(clip_grad_norm=0.5)
+    norms: list[tuple[float, float]] = []
+    step = task.optimizer_step
+
+    def recording_step(opt, loss):
+        norm = step(opt, loss)
+        norms.append((float(norm), task.loss_scale()))
+        return norm
+
+    task.optimizer_step = recording_step
+    plugin = MixedPrecision("16-mixed", "cpu")
+    trainer = fit_points(task, iterations=20, batch_size=64, plugins=[plugin])
+    assert trainer.precision_plugin.scaler is not None
+    finite = [(n, s) for n, s in norms if math.isfinite(n)]
+    assert len(finite) >= 30
+    assert all(s >= 2.0**10 for _, s in finite)  # gradients really were scaled...
+    assert max(n for n, _ in finite) < 50  # ...but the norms seen are the true O(1) ones
+    for p in task.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_non_finite_step_is_skipped_not_applied():
+    task = point_task()
+    # Batch 0 of the unshuffled loader holds a NaN point: its D step must leave D untouched.
+    dataset = Points(n=128, nan_at=5)
+    before = {k: v.clone() for k, v in task.discriminator.state_dict().items()}
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(task, DataLoader(dataset, batch_size=128))
+    assert task.skipped_steps >= 1
+    after = task.discriminator.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert trainer.global_step == 2  # still counted: accounting stays exact
+    for p in task.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_fid_of_identical_sets_is_about_zero_and_grows_with_a_shift():
+    torch.manual_seed(0)
+    extractor = DomainClassifier(channels=1, num_classes=4)
+    images = torch.rand(256, 1, 16, 16) * 2 - 1
+    values = []
+    for shift in (0.0, 0.1, 0.3):
+        metrics = GenerativeMetrics(extractor, kid_subset_size=64)
+        metrics.update(images, (images + shift).clamp(-1, 1), labels=None)
+        values.append(metrics.compute())
+    fids, kids = [v["fid"] for v in values], [v["kid"] for v in values]
+    assert abs(fids[0]) < 1e-3 and abs(kids[0]) < 1e-3
+    assert fids[0] < fids[1] < fids[2]
+    assert kids[0] < kids[1] < kids[2]
+
+
+def test_fsdp1_is_refused_with_a_pointer_to_fsdp2():
+    cfg = compose_config(["experiment=shapes_gan", "trainer.strategy=fsdp", "trainer.accelerator=gpu"])
+    with pytest.raises(ConfigError, match="fsdp2"):
+        validate(cfg, cuda_available=True)
+
+
+GAN_TINY = [
+    "experiment=shapes_gan",
+    "model.gan.g_width=8",
+    "model.gan.d_width=8",
+    "model.gan.feature_steps=20",
+    "model.gan.metric_samples=32",
+    "logger=csv",
+]
+
+
+def last_state(run_dir) -> dict:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return ckpt
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny, tmp_path):
+    base = [*tiny, *GAN_TINY, "trainer.val_check_interval=2", "test_after_fit=false"]
+    train(compose_config([*base, "trainer.max_steps=6", "run.id=straight"]))
+    train(compose_config([*base, "trainer.max_steps=2", "run.id=resumed"]))
+    train(compose_config([*base, "trainer.max_steps=6", "run.id=resumed"]))  # resumes from last.ckpt
+    runs = tmp_path / "outputs" / "shapes_gan"
+    straight, resumed = last_state(runs / "straight"), last_state(runs / "resumed")
+    assert straight["gan_iteration"] == resumed["gan_iteration"] == 6
+    assert straight["global_step"] == resumed["global_step"] == 12
+    assert straight["state_dict"].keys() == resumed["state_dict"].keys()
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key  # G, D, EMA, BN and SN buffers
+    for a, b in zip(straight["optimizer_states"], resumed["optimizer_states"], strict=True):
+        for pa, pb in zip(a["state"].values(), b["state"].values(), strict=True):
+            assert torch.equal(pa["exp_avg"], pb["exp_avg"])
+    # The validation metrics after the resume point are the uninterrupted run's too.
+    lines = [json.loads(x) for x in (runs / "straight" / "metrics.jsonl").read_text().splitlines()]
+    lines_r = [json.loads(x) for x in (runs / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines_r] == [x["step"] for x in lines] == [4, 8, 12]
+    assert lines_r[-1]["val/fid"] == pytest.approx(lines[-1]["val/fid"], rel=1e-6)
+
+
+def test_ddp_two_cpu_ranks_end_with_bit_identical_g_and_d(data_dir, tmp_path):
+    args = [
+        *TINY,
+        *GAN_TINY,
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={tmp_path}",
+        "trainer=ddp_cpu",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "callbacks.rank_checksums=true",
+        "run.id=ddp",
+    ]
+    result = run_cli(["xmodal-train", *args], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "shapes_gan" / "ddp"
+    ranks = [json.loads((run_dir / "checksums" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4 * 2
+    assert ranks[0]["start"] == ranks[1]["start"]
+    assert ranks[0]["end"] == ranks[1]["end"] != ranks[0]["start"]  # G, D and EMA, bit for bit
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert math.isfinite(summary["val"]["val/fid"]) and math.isfinite(summary["test"]["test/fid"])
+
+
+def test_fsdp2_two_cpu_ranks_train_and_resume_from_a_distributed_checkpoint(data_dir, tmp_path):
+    args = [
+        *TINY,
+        *GAN_TINY,
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={tmp_path}",
+        "trainer=fsdp2",
+        "trainer.accelerator=cpu",
+        "trainer.val_check_interval=2",
+        "callbacks.rank_checksums=true",
+        "run.id=f",
+    ]
+    result = run_cli(["xmodal-train", *args, "trainer.max_steps=2"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "shapes_gan" / "f"
+    assert (run_dir / "checkpoints" / "last.ckpt" / ".metadata").is_file()  # sharded checkpoint
+    first = [json.loads((run_dir / "checksums" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert first[0]["end"] == first[1]["end"] != first[0]["start"]
+
+    result = run_cli(["xmodal-train", *args, "trainer.max_steps=4"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["global_step"] == 4 * 2  # resumed at iteration 2, ran 2 more
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [4, 8]
+    second = [json.loads((run_dir / "checksums" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert second[0]["end"] == second[1]["end"] != first[0]["end"]
+
+    # Bit-identical to an uninterrupted 4-iteration FSDP2 run: weights, optimizer states, the
+    # iteration counter (noise seeds) and the data position all came back from the checkpoint.
+    result = run_cli(
+        ["xmodal-train", *args, "trainer.max_steps=4", "run.id=g", "test_after_fit=false"], tmp_path
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    straight = json.loads((tmp_path / "shapes_gan" / "g" / "checksums" / "rank0.json").read_text())
+    assert straight["end"] == second[0]["end"]

@@ -1,0 +1,195 @@
+"""Offline FID/KID features: a small domain classifier trained on the dataset's train split.
+
+InceptionV3 weights are a download (torch-fidelity fetches them on first use) and were trained on
+photos, not on 32 px digits or procedural shapes. A classifier trained on the dataset's own labels
+needs nothing from the network, takes seconds on a CPU, and its penultimate layer is a feature
+space where the dataset's classes are separated; its logits also score generated samples against
+their conditions (conditional accuracy). FID values are therefore comparable only between runs
+with the same feature extractor (same data dir and settings): the cache key records exactly that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xmodal.data.datamodule import DecodeSpec, decode_sample, iter_split
+
+log = logging.getLogger("xmodal")
+
+FEATURES_VERSION = 1
+MAX_TRAIN_SAMPLES = 5000
+
+
+class DomainClassifier(nn.Module):
+    """Images ``[B, C, H, W]`` in [-1, 1] → features ``[B, num_features]`` (``forward``, what
+    torchmetrics' FID/KID call) and class logits ``[B, K]`` (``classify``).
+
+    No batch norm: the same weights give the same features in train and eval mode, and the
+    metric's ``.train()``/``.eval()`` calls cannot change them.
+    """
+
+    def __init__(self, channels: int, num_classes: int, width: int = 16, num_features: int = 64):
+        super().__init__()
+        self.num_features = num_features
+        # Images above 32 px are average-pooled to 32 first: class evidence (digit, shape kind,
+        # colour) survives and a step costs ~15x less on a CPU.
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(4 * width, num_features, 3, padding=1),
+            nn.GELU(),
+        )
+        self.head = nn.Linear(num_features, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()  # [B, C, H, W]
+        if x.shape[-1] > 32:
+            x = F.adaptive_avg_pool2d(x, 32)  # [B, C, 32, 32]
+        return self.net(x).mean(dim=(2, 3))  # [B, F]
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward(images))  # [B, K]
+
+
+def cache_dir() -> Path:
+    """``$XMODAL_CACHE_DIR/features`` or ``~/.cache/xmodal/features`` (never the data dir: user
+    shards may be read-only)."""
+    root = os.environ.get("XMODAL_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "xmodal") / "features"
+
+
+def cache_key(shards_dir: Path, spec: DecodeSpec, num_classes: int, steps: int, seed: int) -> str:
+    """Digest of everything the classifier's weights depend on: the data (dir + its sizes.json),
+    the decoded image shape, the classes, the training length and seed, and this code's version."""
+    sizes = Path(shards_dir) / "sizes.json"
+    payload = {
+        "dir": str(Path(shards_dir).resolve()),
+        "sizes": hashlib.sha256(sizes.read_bytes()).hexdigest() if sizes.exists() else None,
+        "image": [spec.image_size, spec.image_channels, spec.image_fit],
+        "classes": num_classes,
+        "steps": steps,
+        "seed": seed,
+        "version": FEATURES_VERSION,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def load_split(
+    shards_dir: Path, split: str, spec: DecodeSpec, limit: int = MAX_TRAIN_SAMPLES, allow_pipe: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` decodable samples of a split: uint8 images ``[N, C, H, W]``, labels ``[N]``."""
+    spec = DecodeSpec(
+        image_size=spec.image_size,
+        image_channels=spec.image_channels,
+        required=("image",),
+        max_pixels=spec.max_pixels,
+        image_fit=spec.image_fit,
+    )
+    images, labels = [], []
+    for raw in iter_split(Path(shards_dir), split, allow_pipe):
+        try:
+            sample = decode_sample(raw, spec, train=False)
+        except ValueError:
+            continue
+        images.append(sample["image"])
+        labels.append(sample["label"])
+        if len(images) >= limit:
+            break
+    if not images:
+        raise ValueError(f"split {split!r} of {shards_dir} has no decodable image for the FID classifier")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def train_classifier(
+    images: torch.Tensor, labels: torch.Tensor, channels: int, num_classes: int, steps: int, seed: int
+) -> tuple[DomainClassifier, dict[str, Any]]:
+    """Adam on cross-entropy over labelled rows, own RNG (the global one is the training run's).
+
+    Without labels (user shards with none) the classifier stays at its seeded random init: random
+    conv features still rank FID sensibly, but conditional accuracy is then meaningless.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = DomainClassifier(channels, num_classes)
+    labelled = (labels >= 0) & (labels < num_classes)
+    info: dict[str, Any] = {"labelled": int(labelled.sum()), "steps": 0}
+    if not bool(labelled.any()):
+        log.warning("no labels in the train split: FID/KID use an untrained (random) feature extractor")
+        return net.eval(), info
+    x_all, y_all = images[labelled], labels[labelled]
+    rng = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    net.train()
+    for _ in range(steps):
+        idx = torch.randint(len(x_all), (64,), generator=rng)
+        x = x_all[idx].float() / 127.5 - 1.0  # [64, C, H, W]
+        # Light noise so features react smoothly to off-manifold (generated) images.
+        x = x + 0.05 * torch.randn(x.shape, generator=rng)
+        loss = F.cross_entropy(net.classify(x), y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    info["steps"] = steps
+    info["final_loss"] = float(loss.detach())
+    return net.eval(), info
+
+
+@torch.no_grad()
+def accuracy(net: DomainClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    keep = labels >= 0
+    if not bool(keep.any()):
+        return float("nan")
+    correct = 0
+    for start in range(0, int(keep.sum()), 256):
+        x = images[keep][start : start + 256].float() / 127.5 - 1.0
+        correct += int((net.classify(x).argmax(1) == labels[keep][start : start + 256]).sum())
+    return correct / int(keep.sum())
+
+
+def domain_classifier(
+    shards_dir: Path,
+    spec: DecodeSpec,
+    num_classes: int,
+    steps: int,
+    seed: int = 0,
+    allow_pipe: bool = False,
+    train_if_missing: bool = True,
+) -> DomainClassifier | None:
+    """The cached classifier for this data and settings, trained (and cached atomically) on a miss.
+
+    With ``train_if_missing=False`` a miss returns None (other ranks wait for rank zero's file).
+    """
+    path = cache_dir() / f"{cache_key(shards_dir, spec, num_classes, steps, seed)}.pt"
+    net = DomainClassifier(spec.image_channels, num_classes)
+    if path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["weights"])
+        return net.eval()
+    if not train_if_missing:
+        return None
+    images, labels = load_split(shards_dir, "train", spec, allow_pipe=allow_pipe)
+    net, info = train_classifier(images, labels, spec.image_channels, num_classes, steps, seed)
+    try:
+        val_images, val_labels = load_split(shards_dir, "val", spec, limit=1000, allow_pipe=allow_pipe)
+        info["val_accuracy"] = accuracy(net, val_images, val_labels)
+    except ValueError:
+        info["val_accuracy"] = None
+    log.info("FID feature classifier trained on %s: %s", shards_dir, info)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"weights": net.state_dict(), "info": json.dumps(info)}, tmp)
+    os.replace(tmp, path)
+    return net

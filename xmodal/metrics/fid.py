@@ -1,0 +1,122 @@
+"""FID, KID and conditional accuracy of generated images, offline, exact over ranks.
+
+torchmetrics keeps FID as summed moments and KID as feature lists, both reduced over ranks at
+``compute()``, so 2 ranks scoring halves of the validation split give the 1-rank value (up to the
+order of float64 sums). The feature extractor is the cached domain classifier of
+:mod:`xmodal.metrics.features` or, given a weights file, torch-fidelity's InceptionV3.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from xmodal.metrics.features import DomainClassifier
+
+
+class InceptionFeatures(nn.Module):
+    """torch-fidelity's InceptionV3 (2048-d pool features) from a local weights file: no download.
+
+    Takes our ``[-1, 1]`` images (grey ones repeated to RGB) and hands Inception ``[0, 1]`` floats.
+    """
+
+    def __init__(self, weights_path: str):
+        super().__init__()
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+        except ImportError as err:  # pragma: no cover - depends on the optional extra
+            raise ImportError(
+                "model.gan.inception_weights needs torch-fidelity (pip install torch-fidelity)"
+            ) from err
+        self.net = NoTrainInceptionV3(
+            name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
+        )
+        self.num_features = 2048
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float().clamp(-1, 1) + 1) / 2  # [B, C, H, W] in [0, 1]
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.net((x * 255).byte()).float()  # [B, 2048]
+
+
+class GenerativeMetrics:
+    """FID + KID between real and generated images, and the classifier's accuracy on generated
+    images against the labels of the rows whose conditions made them.
+
+    A plain object, not an ``nn.Module``: the task keeps it outside its module tree so neither the
+    feature extractor nor the metric states enter checkpoints, DDP's parameter set or FSDP2's shards.
+    """
+
+    def __init__(
+        self,
+        classifier: DomainClassifier,
+        features: nn.Module | None = None,
+        conditional: bool = False,
+        kid_subset_size: int = 100,
+    ):
+        features = features if features is not None else classifier
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.conditional = conditional
+        self.fid = FrechetInceptionDistance(feature=features, reset_real_features=True)
+        self.kid = KernelInceptionDistance(
+            feature=features, subset_size=kid_subset_size, reset_real_features=True
+        )
+        self.kid_subset_size = kid_subset_size
+        self.cond_acc = MeanMetric()
+        self.real_acc = MeanMetric()
+
+    def to(self, device: torch.device | str) -> GenerativeMetrics:
+        for metric in (self.fid, self.kid, self.cond_acc, self.real_acc):
+            metric.to(device)
+        self.classifier.to(device)
+        return self
+
+    @torch.no_grad()
+    def update(self, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None) -> None:
+        """``real``/``fake`` ``[N, C, H, W]`` in [-1, 1] (valid rows only); ``labels`` ``[N]`` (-1 = none)."""
+        # Also with no rows (a rank may hold only padding rows): torchmetrics needs one update per rank.
+        real, fake = real.float(), fake.float()
+        self.fid.update(real, real=True)
+        self.fid.update(fake, real=False)
+        self.kid.update(real, real=True)
+        self.kid.update(fake, real=False)
+        if labels is not None:
+            # Updated on every rank, even with no rows, so every rank takes part in the reduction.
+            known = labels >= 0  # [N]
+            hits_real = self.classifier.classify(real[known]).argmax(1) == labels[known]
+            self.real_acc.update(hits_real.float())
+            if self.conditional:
+                hits = self.classifier.classify(fake[known]).argmax(1) == labels[known]
+                self.cond_acc.update(hits.float())
+
+    def compute(self) -> dict[str, float]:
+        """Metrics over everything updated on all ranks since the last reset (a collective call)."""
+        out: dict[str, float] = {}
+        # The sample count over all ranks: every rank takes the same branch.
+        n_all = self.fid.fake_features_num_samples.detach().clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(n_all)
+        n_all = int(n_all)
+        if n_all >= 2:
+            out["fid"] = float(self.fid.compute())
+            # KID's subsets must not be larger than the sample.
+            self.kid.subset_size = min(self.kid_subset_size, n_all)
+            out["kid"] = float(self.kid.compute()[0])
+        else:
+            out["fid"] = out["kid"] = math.nan
+        real_acc = float(self.real_acc.compute())
+        if not math.isnan(real_acc):
+            out["real_acc"] = real_acc
+        if self.conditional:
+            out["cond_acc"] = float(self.cond_acc.compute())
+        return out
+
+    def reset(self) -> None:
+        for metric in (self.fid, self.kid, self.cond_acc, self.real_acc):
+            metric.reset()

@@ -1,0 +1,178 @@
+"""DCGAN-style generator and discriminator for 32/64 px images, with the condition in two slots.
+
+The condition (a class label, caption tokens or a log-mel clip) becomes one vector per sample
+through a condition encoder (:mod:`xmodal.nn.condition`) owned by each network; G reads it through
+conditional batch norm (cBN), D through a projection head (Miyato & Koyama 2018). So label→image,
+text→image and audio→image are the same nets with a different encoder: a config, not a module.
+
+Both nets take the batch dict (``G(z, batch)``, ``D(images, batch)``) so a task can swap them for
+anything with the same call signature (the tests use tiny MLPs on 2-D points).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xmodal.nn.condition import build_condition_encoder
+
+
+class SpectralNorm(nn.Module):
+    """``layer`` (Conv2d or Linear) with its weight divided by its largest singular value.
+
+    Our own (not ``torch.nn.utils.parametrizations``): one power iteration per training forward
+    under ``no_grad`` on whatever weight the layer holds at call time, so it works unchanged on
+    FSDP2's unsharded parameters, and ``u``/``v`` are plain buffers (saved, identical on all ranks
+    because every rank iterates on identical weights). ``sigma`` uses clones of ``u``/``v`` so the
+    in-place buffer update never touches a tensor saved for backward (the DDP "modified by an
+    inplace operation" trap).
+    """
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, eps: float = 1e-12):
+        super().__init__()
+        self.layer = layer
+        self.eps = eps
+        out_features = layer.weight.shape[0]
+        in_features = layer.weight[0].numel()
+        self.register_buffer("u", F.normalize(torch.randn(out_features), dim=0, eps=eps))
+        self.register_buffer("v", F.normalize(torch.randn(in_features), dim=0, eps=eps))
+
+    def normalized_weight(self) -> torch.Tensor:
+        weight = self.layer.weight
+        matrix = weight.flatten(1)  # [out, in·k·k]
+        if self.training:
+            with torch.no_grad():
+                mat = matrix.detach().float()
+                v = F.normalize(mat.t() @ self.u, dim=0, eps=self.eps)  # [in·k·k]
+                u = F.normalize(mat @ v, dim=0, eps=self.eps)  # [out]
+                self.v.copy_(v)
+                self.u.copy_(u)
+        u, v = self.u.clone().to(matrix.dtype), self.v.clone().to(matrix.dtype)
+        sigma = torch.dot(u, matrix @ v)
+        return weight / sigma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.normalized_weight()
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, weight, self.layer.bias)
+        return F.linear(x, weight, self.layer.bias)
+
+
+def maybe_sn(layer: nn.Conv2d | nn.Linear, spectral_norm: bool) -> nn.Module:
+    return SpectralNorm(layer) if spectral_norm else layer
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """Batch norm whose scale and shift come from the condition vector (plain affine BN without one)."""
+
+    def __init__(self, channels: int, cond_dim: int | None):
+        super().__init__()
+        self.conditional = cond_dim is not None
+        self.bn = nn.BatchNorm2d(channels, affine=not self.conditional)
+        if cond_dim is not None:
+            self.gain = nn.Linear(cond_dim, channels)
+            self.bias = nn.Linear(cond_dim, channels)
+            nn.init.zeros_(self.gain.weight)
+            nn.init.zeros_(self.gain.bias)
+            nn.init.zeros_(self.bias.weight)
+            nn.init.zeros_(self.bias.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        x = self.bn(x)  # [B, C, H, W]
+        if not self.conditional or cond is None:
+            return x
+        gain = 1 + self.gain(cond)[:, :, None, None]  # [B, C, 1, 1]
+        return x * gain + self.bias(cond)[:, :, None, None]
+
+
+def _blocks(image_size: int) -> int:
+    """Doublings from the 4×4 seed to ``image_size`` (3 for 32 px, 4 for 64 px)."""
+    if image_size not in (32, 64):
+        raise ValueError(f"the DCGAN nets take 32 or 64 px images (got {image_size})")
+    return int(math.log2(image_size // 4))
+
+
+class Generator(nn.Module):
+    """z ``[B, Z]`` (+ condition) → images ``[B, C, H, W]`` in [-1, 1]: 4×4 seed, transposed convs."""
+
+    def __init__(
+        self, z_dim: int, width: int, image_size: int, channels: int, cond: nn.Module | None, cond_dim: int
+    ):
+        super().__init__()
+        n = _blocks(image_size)
+        widths = [width * 2 ** (n - 1 - i) for i in range(n)] + [width]  # e.g. 256,128,64,64
+        self.z_dim = z_dim
+        self.cond = cond
+        c_dim = cond_dim if cond is not None else None
+        self.seed_width = widths[0]
+        self.fc = nn.Linear(z_dim, widths[0] * 16)
+        self.seed_bn = ConditionalBatchNorm2d(widths[0], c_dim)
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i], widths[i + 1], 4, stride=2, padding=1, bias=False) for i in range(n)
+        )
+        self.bns = nn.ModuleList(ConditionalBatchNorm2d(widths[i + 1], c_dim) for i in range(n))
+        self.out = nn.Conv2d(widths[-1], channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        c = self.cond(batch) if self.cond is not None else None  # [B, cond_dim]
+        x = self.fc(z).view(z.shape[0], self.seed_width, 4, 4)  # [B, W0, 4, 4]
+        x = F.relu(self.seed_bn(x, c))
+        for up, bn in zip(self.ups, self.bns, strict=True):
+            x = F.relu(bn(up(x), c))  # [B, Wi, 2h, 2w]
+        return torch.tanh(self.out(x))  # [B, C, H, W]
+
+
+class Discriminator(nn.Module):
+    """Images ``[B, C, H, W]`` (+ condition) → one logit per image ``[B]`` (projection head)."""
+
+    def __init__(
+        self,
+        width: int,
+        image_size: int,
+        channels: int,
+        cond: nn.Module | None,
+        cond_dim: int,
+        spectral_norm: bool = True,
+    ):
+        super().__init__()
+        n = _blocks(image_size)
+        widths = [width * 2**i for i in range(n)]  # e.g. 64,128,256 (+1 block at 64 px)
+        layers: list[nn.Module] = []
+        prev = channels
+        for w in widths:
+            layers += [maybe_sn(nn.Conv2d(prev, w, 4, stride=2, padding=1), spectral_norm), nn.LeakyReLU(0.2)]
+            prev = w
+        self.features = nn.Sequential(*layers)
+        self.cond = cond
+        self.head = maybe_sn(nn.Linear(prev, 1), spectral_norm)
+        self.project = maybe_sn(nn.Linear(cond_dim, prev), spectral_norm) if cond is not None else None
+
+    def forward(self, images: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        h = self.features(images).sum(dim=(2, 3))  # [B, W] (sum-pooled 4×4 map)
+        logits = self.head(h).squeeze(1)  # [B]
+        if self.project is not None:
+            c = self.cond(batch)  # [B, cond_dim]
+            logits = logits + (self.project(c) * h).sum(1)  # projection: <embed(y), h>
+        return logits
+
+
+def build_gan_nets(
+    model: dict[str, Any], vocab_size: int, pad_id: int, data: dict[str, int]
+) -> tuple[Generator, Discriminator]:
+    """G and D from the ``model`` config node (each with its own condition encoder, so G's and
+    D's optimizers never share a parameter)."""
+    g = model["gan"]
+
+    def encoder() -> nn.Module | None:
+        return build_condition_encoder(
+            model, vocab_size, pad_id, data["max_text_len"], data["audio_mels"], data["audio_frames"]
+        )
+
+    size, channels, cond_dim = data["image_size"], data["image_channels"], model["cond_dim"]
+    generator = Generator(g["z_dim"], g["g_width"], size, channels, encoder(), cond_dim)
+    discriminator = Discriminator(g["d_width"], size, channels, encoder(), cond_dim, g["spectral_norm"])
+    return generator, discriminator

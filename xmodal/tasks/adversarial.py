@@ -1,0 +1,397 @@
+"""Adversarial task: a (conditional) GAN under Lightning's manual optimization.
+
+One training batch is one *iteration*: ``n_critic`` D steps on detached fakes, then one G step,
+each ``zero_grad → manual_backward → clip → step`` inside ``toggled_optimizer`` before the next
+optimizer is touched (one GradScaler update per step, never two backwards in flight). Lightning's
+``global_step`` counts every optimizer step, so the task keeps its own ``iteration`` counter (saved
+in checkpoints) and the factory turns ``trainer.max_steps`` (iterations) into Lightning's count.
+
+Pitfalls handled here (see shared/anchors/generative-tasks.md): losses from logits in fp32
+(BCE is unsafe under autocast); gradient norms measured unscaled under 16-mixed and clipping at
+``threshold × scale``; non-finite steps skipped, never applied; an EMA generator of our own for
+samples and metrics; noise drawn from a generator seeded by (seed, rank, iteration), so a resumed
+run draws exactly what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import zlib
+from contextlib import nullcontext
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xmodal.data.tokenizer import WordTokenizer
+from xmodal.images import SampleSet, caption_grid, image_grid
+from xmodal.nn.ema import update_ema
+from xmodal.nn.gan import build_gan_nets
+
+SAMPLE_SEED = 1234
+"""Seed of the fixed noise bank behind every validation sample grid."""
+
+
+def d_loss_terms(loss: str, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """Per-row D loss ``[B]`` from fp32 logits."""
+    if loss == "ns":
+        return F.softplus(-d_real) + F.softplus(d_fake)
+    if loss == "hinge":
+        return F.relu(1 - d_real) + F.relu(1 + d_fake)
+    if loss == "wgan-gp":
+        return d_fake - d_real
+    raise ValueError(f"model.gan.loss: unknown loss {loss!r}")
+
+
+def g_loss_terms(loss: str, d_fake: torch.Tensor) -> torch.Tensor:
+    """Per-row G loss ``[B]`` from fp32 logits (non-saturating for ns)."""
+    return F.softplus(-d_fake) if loss == "ns" else -d_fake
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over rows with weight 1 (padding rows of exact epochs weigh 0; none at all → 0, not NaN)."""
+    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def unscaled_grad_norm(
+    params: list[torch.Tensor], max_norm: float | None, scale: float = 1.0
+) -> tuple[torch.Tensor, bool]:
+    """Total gradient norm as it would be without loss scaling, clipping to ``max_norm`` of it.
+
+    Under 16-mixed the gradients hold ``scale × true`` until the optimizer step unscales them;
+    clipping is linear, so clipping the scaled gradients at ``max_norm × scale`` is clipping the
+    true ones at ``max_norm``. Returns (true norm, finite). Works on FSDP2's DTensor gradients.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(()), True
+    norm = torch.nn.utils.get_total_norm(grads)
+    if hasattr(norm, "full_tensor"):  # DTensor (FSDP2): the norm over all shards
+        norm = norm.full_tensor()
+    finite = bool(torch.isfinite(norm))
+    if max_norm is not None and finite:
+        coef = min(1.0, max_norm * scale / (float(norm) + 1e-6))
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+    return norm.detach().float() / scale, finite
+
+
+def row_noise(keys: list[str], z_dim: int, salt: int = 0) -> torch.Tensor:
+    """One noise vector per sample key ``[B, Z]``: the same for a key whatever its rank or batch, so
+    metrics on 2 ranks score the very images 1 rank would."""
+    rows = [
+        torch.randn(z_dim, generator=torch.Generator().manual_seed(zlib.crc32(f"{salt}:{k}".encode())))
+        for k in keys
+    ]
+    return torch.stack(rows)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class AdversarialTask(L.LightningModule):
+    """GAN over ``batch[model.target]`` (images), conditioned on ``model.condition`` (none, label,
+    text, audio).
+
+    ``model``, ``vocab`` and ``data`` as for every task (plain dicts, saved as hyperparameters).
+    ``nets=(G, D)`` swaps the DCGAN nets for any pair called as ``G(z, batch)`` and
+    ``D(x, batch) -> logits [B]`` (not saved: pass them again to ``load_from_checkpoint``).
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        vocab: list[str],
+        data: dict[str, int],
+        nets: tuple[nn.Module, nn.Module] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["nets"])
+        self.automatic_optimization = False
+        self.cfg = model
+        self.gan: dict[str, Any] = model["gan"]
+        self.target = model["target"]
+        self.conditional = model["condition"] != "none"
+        self.tokenizer = WordTokenizer(vocab)
+        if nets is None:
+            nets = build_gan_nets(model, len(vocab), self.tokenizer.pad_id, data)
+        self.generator, self.discriminator = nets
+        self.ema: nn.Module | None = None
+        if self.gan["ema_decay"] > 0:
+            self.ema = copy.deepcopy(self.generator).requires_grad_(False)
+        self.iteration = 0
+        """Training batches done (n_critic D steps + 1 G step each); saved in checkpoints."""
+        self.skipped_steps = 0
+        """Optimizer steps skipped because their gradients were not finite."""
+        self.sample_step = 0
+        # Kept out of the module tree (a plain dict): no checkpoint, DDP or FSDP2 ever sees them.
+        self._metrics: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------------------- setup
+
+    @property
+    def seed(self) -> int:
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+    def setup(self, stage: str) -> None:
+        """Build the offline FID/KID/accuracy metrics from the datamodule's data (cached classifier)."""
+        if self._metrics:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "shards_dir"):
+            return  # e.g. a plain DataLoader in tests: no image metrics
+        from xmodal.metrics.features import domain_classifier
+        from xmodal.metrics.fid import GenerativeMetrics, InceptionFeatures
+
+        args = (datamodule.shards_dir, datamodule.decode, self.cfg["num_classes"], self.gan["feature_steps"])
+        strategy = self.trainer.strategy
+        classifier = None
+        if strategy.is_global_zero:
+            classifier = domain_classifier(*args, allow_pipe=datamodule.allow_pipe)
+        strategy.barrier("xmodal-gan-features")
+        if classifier is None:
+            classifier = domain_classifier(*args, allow_pipe=datamodule.allow_pipe, train_if_missing=False)
+            if classifier is None:
+                raise RuntimeError("rank zero's FID feature classifier is missing from the cache dir")
+        weights = self.gan["inception_weights"]
+        features = InceptionFeatures(weights) if weights else None
+        for stage_name in ("val", "test"):
+            self._metrics[stage_name] = GenerativeMetrics(
+                copy.deepcopy(classifier),
+                copy.deepcopy(features) if features is not None else None,
+                conditional=self.conditional,
+                kid_subset_size=min(100, self.gan["metric_samples"]),
+            )
+
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp2`` shard G, D and the EMA copy (FSDP2), bf16 compute under bf16-mixed."""
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        # Lightning calls this hook again for test/validate after fit: shard once.
+        if self.device_mesh is None or isinstance(self.generator, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        policy = MixedPrecisionPolicy()
+        if "bf16" in str(self.trainer.precision):
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for net in (self.generator, self.discriminator, self.ema):
+            if net is not None:
+                fully_shard(net, mesh=mesh, mp_policy=policy)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        g, gan = self.generator, self.gan
+        g_opt = torch.optim.Adam(g.parameters(), lr=gan["g_lr"], betas=tuple(gan["g_betas"]))
+        d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=gan["d_lr"], betas=tuple(gan["d_betas"]))
+        return [g_opt, d_opt]
+
+    # ----------------------------------------------------------------------------- training
+
+    def noise(self, n: int, salt: int) -> torch.Tensor:
+        """``[n, Z]`` from a generator seeded by (seed, rank, iteration, salt): no RNG state to save."""
+        seed = (((self.seed * 1009 + self.global_rank) * 1_000_003 + self.iteration) * 31 + salt) % (2**63)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return torch.randn(n, self.gan["z_dim"], generator=gen, device=self.device)
+
+    def loss_scale(self) -> float:
+        """The GradScaler's current scale under 16-mixed, else 1."""
+        trainer = self._trainer
+        scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+        return float(scaler.get_scale()) if scaler is not None else 1.0
+
+    def penalty_grad(self, outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """d(sum outputs)/d inputs with a graph, computed on scaled outputs under 16-mixed (fp16
+        double-backward underflows otherwise) and unscaled after."""
+        scale = self.loss_scale()
+        (grad,) = torch.autograd.grad(outputs.float().sum() * scale, inputs, create_graph=True)
+        return grad.float() / scale
+
+    def optimizer_step(self, opt: Any, loss: torch.Tensor) -> torch.Tensor:
+        """zero_grad → backward → clip on unscaled norms → step; returns the true gradient norm.
+
+        A non-finite gradient never reaches the weights: under a GradScaler its own step skips it
+        (and lowers the scale); otherwise the gradients are dropped and the step is a no-op (Adam
+        skips parameters without gradients), which Lightning still counts, so iteration
+        accounting stays exact.
+        """
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        params = [p for group in opt.param_groups for p in group["params"]]
+        scale = self.loss_scale()
+        norm, finite = unscaled_grad_norm(params, self.gan["clip_grad_norm"], scale)
+        if not finite:
+            self.skipped_steps += 1
+            if scale == 1.0:
+                opt.zero_grad(set_to_none=True)
+        opt.step()
+        return norm
+
+    def only(self, opt: Any) -> Any:
+        """``toggled_optimizer(opt)``: only this optimizer's parameters get gradients.
+
+        Not under FSDP2: it builds its unsharded parameters once, with the ``requires_grad`` the
+        sharded ones had then, so toggling later would freeze G for good. There D simply computes
+        gradients during the G step too (wasted, never applied: every step starts with zero_grad,
+        and G's optimizer steps only G).
+        """
+        return nullcontext() if self.device_mesh is not None else self.toggled_optimizer(opt)
+
+    def d_loss(
+        self,
+        real: torch.Tensor,
+        fake: torch.Tensor,
+        batch: dict[str, Any],
+        weights: torch.Tensor,
+        d_step: int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        gan = self.gan
+        r1 = gan["r1_weight"] > 0 and d_step % gan["r1_every"] == 0
+        real_in = real.detach().requires_grad_(True) if r1 else real
+        d_real = self.discriminator(real_in, batch).float()  # [B] logits, fp32
+        d_fake = self.discriminator(fake, batch).float()  # [B]
+        loss = weighted_mean(d_loss_terms(gan["loss"], d_real, d_fake), weights)
+        stats = {
+            "d_real": weighted_mean(d_real.detach(), weights),
+            "d_fake": weighted_mean(d_fake.detach(), weights),
+        }
+        if gan["loss"] == "wgan-gp":
+            alpha = self.noise(real.shape[0], salt=10_000 + d_step)[:, :1]  # [B, 1]
+            alpha = torch.sigmoid(alpha).view(-1, *([1] * (real.dim() - 1)))  # [B, 1, ...] in (0, 1)
+            mixed = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+            grad = self.penalty_grad(self.discriminator(mixed, batch), mixed)
+            gp = weighted_mean((grad.flatten(1).norm(dim=1) - 1) ** 2, weights)
+            loss = loss + gan["gp_weight"] * gp
+            stats["gp"] = gp.detach()
+        if r1:
+            grad = self.penalty_grad(d_real, real_in)
+            penalty = weighted_mean(grad.flatten(1).pow(2).sum(1), weights)
+            # Lazy: every r1_every steps, weighted up by r1_every (same expected penalty).
+            loss = loss + 0.5 * gan["r1_weight"] * gan["r1_every"] * penalty
+            stats["r1"] = penalty.detach()
+        return loss, stats
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        g_opt, d_opt = self.optimizers()
+        gan = self.gan
+        real = batch[self.target]  # [B, C, H, W] (any [B, ...] for injected nets)
+        n = real.shape[0]
+        valid = batch.get("valid")
+        weights = valid.float() if valid is not None else torch.ones(n, device=real.device)  # [B]
+        for k in range(gan["n_critic"]):
+            with self.only(d_opt):
+                with torch.no_grad():
+                    fake = self.generator(self.noise(n, salt=k), batch)
+                d_loss, stats = self.d_loss(
+                    real, fake.detach(), batch, weights, self.iteration * gan["n_critic"] + k
+                )
+                d_norm = self.optimizer_step(d_opt, d_loss)
+        with self.only(g_opt):
+            fake = self.generator(self.noise(n, salt=gan["n_critic"]), batch)
+            g_loss = weighted_mean(
+                g_loss_terms(gan["loss"], self.discriminator(fake, batch).float()), weights
+            )
+            g_norm = self.optimizer_step(g_opt, g_loss)
+        if self.ema is not None:
+            decay = gan["ema_decay"] if self.iteration >= gan["ema_start"] else 0.0
+            update_ema(self.ema, self.generator, decay)
+        self.iteration += 1
+        self.sample_step = self.iteration
+        logged = {
+            "train/d_loss": d_loss.detach(),
+            "train/g_loss": g_loss.detach(),
+            "train/d_grad_norm": d_norm,
+            "train/g_grad_norm": g_norm,
+            **{f"train/{k}": v for k, v in stats.items()},
+        }
+        self.log_dict(logged, prog_bar=False, batch_size=n)
+        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=n)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["gan_iteration"] = self.iteration
+        checkpoint["gan_skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.iteration = int(checkpoint.get("gan_iteration", 0))
+        self.skipped_steps = int(checkpoint.get("gan_skipped_steps", 0))
+        self.sample_step = self.iteration
+
+    # ----------------------------------------------------------------------------- evaluation
+
+    @property
+    def sampler(self) -> nn.Module:
+        """The generator used for samples and metrics: the EMA copy when there is one."""
+        return self.ema if self.ema is not None else self.generator
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Any], z: torch.Tensor) -> torch.Tensor:
+        """Images for noise ``z [B, Z]`` under the conditions of ``batch``'s rows."""
+        return self.sampler(z.to(self.device), batch)
+
+    def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
+        # Every rank runs the generator on every batch (under FSDP2 a forward is a collective).
+        fake = self.generate(batch, row_noise(batch["__key__"], self.gan["z_dim"]))  # [B, C, H, W]
+        metrics = self._metrics.get(stage)
+        if metrics is None:
+            return
+        metrics.to(self.device)
+        valid = batch["valid"]  # [B] False on padding rows
+        labels = batch.get("label")
+        metrics.update(batch[self.target][valid], fake[valid], labels[valid] if labels is not None else None)
+        if batch_idx + 1 == self._num_batches(stage):
+            self._log_metrics(stage)
+
+    def _num_batches(self, stage: str) -> int:
+        trainer = self.trainer
+        if stage == "test":
+            return int(trainer.num_test_batches[0])
+        if trainer.sanity_checking:
+            return int(trainer.num_sanity_val_batches[0])
+        return int(trainer.num_val_batches[0])
+
+    def _log_metrics(self, stage: str) -> None:
+        """Reduce and log the metrics of a pass, at its last batch on every rank.
+
+        Not in ``on_validation_epoch_end``: callbacks run before that hook, and one that reads
+        ``trainer.callback_metrics`` on rank zero only starts a collective (synced logged values)
+        that would pair with our reduction on the other ranks and hang. All ranks have the same
+        number of evaluation batches (exact epochs pad), so the last batch is a common point.
+        """
+        metrics = self._metrics[stage]
+        values = metrics.compute()  # reduced over ranks: the same on every rank, no sync_dist needed
+        metrics.reset()
+        for name, value in values.items():
+            if not math.isnan(value):
+                self.log(
+                    f"{stage}/{name}",
+                    value,
+                    prog_bar=name == "fid",
+                    on_step=False,
+                    on_epoch=True,
+                    batch_size=1,
+                )
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def validation_samples(self, batch: dict[str, Any]) -> SampleSet:
+        """Samples from the fixed noise bank under the fixed conditions of the sample batch."""
+        n = len(batch["__key__"])
+        z = torch.randn(n, self.gan["z_dim"], generator=torch.Generator().manual_seed(SAMPLE_SEED))
+        fake = self.generate(to_device(batch, self.device), z).cpu()  # [N, C, H, W]
+        if not self.conditional:
+            return SampleSet({"val": image_grid(fake)})
+        condition = self.cfg["condition"]
+        if condition == "label":
+            shown = [f"label {int(y)}" for y in batch["label"]]
+        else:
+            shown = [caps[0] if caps else "" for caps in batch["captions"]]
+        rows = [[key, cond] for key, cond in zip(batch["__key__"], shown, strict=True)]
+        return SampleSet({"val": caption_grid(fake, shown)}, ["key", condition], rows)
