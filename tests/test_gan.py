@@ -113,19 +113,29 @@ def fit_points(
     return trainer
 
 
-def test_moment_matching_on_a_2d_gaussian():
+@pytest.fixture
+def one_thread():
+    """Tiny MLPs run faster on one thread (and much faster on a shared, loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_moment_matching_on_a_2d_gaussian(one_thread):
     task = point_task()
-    fit_points(task, iterations=600)
+    fit_points(task, iterations=300)
     with torch.no_grad():
         samples = task.generator(torch.randn(4096, 8, generator=torch.Generator().manual_seed(1)), {})
     mean, std = samples.mean(0), samples.std(0)
-    # Start: ~2.2 from the target mean. Measured after 600 iterations (seed 0): distance 0.1, std ≈ 0.2.
+    # Start: ~2.2 from the target mean. Measured after 300 iterations, seeds 0/1/2: distance
+    # 0.27/0.33/0.13, smallest std 0.10/0.23/0.16 (target std 0.3: GANs under-disperse).
     assert float((mean - TARGET_MEAN).norm()) < 0.6
     assert float(std.min()) > 0.02  # not collapsed to a point
     assert torch.isfinite(samples).all()
 
 
-def test_iteration_counter_counts_batches_and_lightning_counts_optimizer_steps():
+def test_iteration_counter_counts_batches_and_lightning_counts_optimizer_steps(one_thread):
     task = point_task(n_critic=3)
     trainer = fit_points(task, iterations=7)
     assert task.iteration == 7  # our counter: training batches
@@ -163,7 +173,7 @@ def test_grad_norm_under_a_grad_scaler_is_the_unscaled_norm_and_clipping_uses_it
         assert torch.allclose(p.grad / scale, g / 2, rtol=1e-4, atol=1e-7)
 
 
-def test_16_mixed_training_sees_unscaled_norms_and_clips_them():
+def test_16_mixed_training_sees_unscaled_norms_and_clips_them(one_thread):
     """Lightning's CPU 16-mixed plugin: its GradScaler multiplies gradients by ~2^16 until the
     optimizer step; the norms our task logs must be the true ones, and clipped steps stay small."""
     task = point_task(clip_grad_norm=0.5)

@@ -156,9 +156,11 @@ class GanConfig:
     clip_grad_norm: float | None = None
     """Max gradient norm per optimizer step, measured on unscaled gradients (also under 16-mixed)."""
     metric_samples: int = 512
-    """Generated images scored by FID/KID/conditional accuracy at each validation (≤ the val split)."""
-    feature_steps: int = 300
-    """Training steps of the cached domain classifier that supplies FID/KID features."""
+    """Evaluation rows scored per pass (real and generated alike, one sample per row's condition):
+    each rank scores its first ⌈metric_samples / world size⌉ valid rows, so metrics are exact
+    across rank counts when this covers the split (512 = the shapes val split)."""
+    feature_steps: int = 1000
+    """Training steps of the cached domain classifier that supplies FID/KID features (one-time)."""
     inception_weights: str | None = None
     """Path to torch-fidelity InceptionV3 weights: FID/KID on Inception features instead."""
 

@@ -132,6 +132,7 @@ class AdversarialTask(L.LightningModule):
         self.sample_step = 0
         # Kept out of the module tree (a plain dict): no checkpoint, DDP or FSDP2 ever sees them.
         self._metrics: dict[str, Any] = {}
+        self._scored = 0  # valid rows scored so far in this evaluation pass (this rank)
 
     # ----------------------------------------------------------------------------- setup
 
@@ -339,7 +340,11 @@ class AdversarialTask(L.LightningModule):
         if metrics is None:
             return
         metrics.to(self.device)
-        valid = batch["valid"]  # [B] False on padding rows
+        valid = batch["valid"].clone()  # [B] False on padding rows
+        # At most ceil(metric_samples / world) valid rows per rank and pass (all of a split it covers).
+        room = max(math.ceil(self.gan["metric_samples"] / self.trainer.world_size) - self._scored, 0)
+        valid[valid.cumsum(0) > room] = False
+        self._scored += int(valid.sum())
         labels = batch.get("label")
         metrics.update(batch[self.target][valid], fake[valid], labels[valid] if labels is not None else None)
         if batch_idx + 1 == self._num_batches(stage):
@@ -362,6 +367,7 @@ class AdversarialTask(L.LightningModule):
         number of evaluation batches (exact epochs pad), so the last batch is a common point.
         """
         metrics = self._metrics[stage]
+        self._scored = 0
         values = metrics.compute()  # reduced over ranks: the same on every rank, no sync_dist needed
         metrics.reset()
         for name, value in values.items():
