@@ -169,7 +169,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     nets = build_gan_nets(model_config(args), len(SPECIALS), 0, data_shape(args))
@@ -180,7 +183,8 @@ def main() -> None:
     task, hand = statistics.median(task_rates), statistics.median(hand_rates)
     print(
         f"device={args.device} precision={args.precision} size={args.size} width={args.width} "
-        f"batch={args.batch} n_critic={args.n_critic} iterations={args.iterations}×{args.repeats}"
+        f"batch={args.batch} n_critic={args.n_critic} iterations={args.iterations}×{args.repeats} "
+        f"threads={torch.get_num_threads()}"
     )
     print(f"hand-written loop : {hand:8.3f} it/s  runs {[round(r, 3) for r in hand_rates]}")
     print(f"AdversarialTask   : {task:8.3f} it/s  runs {[round(r, 3) for r in task_rates]}")

@@ -19,7 +19,7 @@ from xmodal.config import ConfigError, compose_config, validate
 from xmodal.data.tokenizer import SPECIALS
 from xmodal.metrics.features import DomainClassifier
 from xmodal.metrics.fid import GenerativeMetrics
-from xmodal.tasks.adversarial import AdversarialTask, unscaled_grad_norm
+from xmodal.tasks.adversarial import AdversarialTask, ema_decay, unscaled_grad_norm
 from xmodal.train import train
 
 TARGET_MEAN = torch.tensor([2.0, -1.0])
@@ -218,6 +218,13 @@ def test_non_finite_step_is_skipped_not_applied():
     assert trainer.global_step == 2  # still counted: accounting stays exact
     for p in task.parameters():
         assert torch.isfinite(p).all()
+
+
+def test_ema_copies_g_before_its_start_then_warms_up_to_its_decay():
+    assert ema_decay(0.999, iteration=5, start=10) == 0.0
+    assert ema_decay(0.999, iteration=10, start=10) == pytest.approx(0.1)
+    assert ema_decay(0.999, iteration=100, start=10) == pytest.approx(91 / 100)
+    assert ema_decay(0.999, iteration=100_000, start=0) == 0.999
 
 
 def test_fid_of_identical_sets_is_about_zero_and_grows_with_a_shift():

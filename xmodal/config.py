@@ -152,7 +152,8 @@ class GanConfig:
     ema_decay: float = 0.999
     """EMA of G's weights (used for samples and metrics); 0 = no EMA."""
     ema_start: int = 0
-    """Iterations before the EMA starts (it copies G until then)."""
+    """Iterations before the EMA starts (it copies G until then); from there its decay warms up
+    as ``min(ema_decay, (1+t)/(10+t))``, so short runs do not average in G's random init."""
     clip_grad_norm: float | None = None
     """Max gradient norm per optimizer step, measured on unscaled gradients (also under 16-mixed)."""
     metric_samples: int = 512

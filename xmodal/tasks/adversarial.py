@@ -81,6 +81,16 @@ def unscaled_grad_norm(
     return norm.detach().float() / scale, finite
 
 
+def ema_decay(decay: float, iteration: int, start: int) -> float:
+    """EMA decay at an iteration: 0 (copy G) before ``start``, then ``min(decay, (1+t)/(10+t))``
+    with t the iterations since ``start``: a fixed 0.999 would keep >50 % of G's random init for
+    the first ~700 iterations, i.e. for a whole short CPU run."""
+    if iteration < start:
+        return 0.0
+    t = iteration - start
+    return min(decay, (1 + t) / (10 + t))
+
+
 def row_noise(keys: list[str], z_dim: int, salt: int = 0) -> torch.Tensor:
     """One noise vector per sample key ``[B, Z]``: the same for a key whatever its rank or batch, so
     metrics on 2 ranks score the very images 1 rank would."""
@@ -298,7 +308,7 @@ class AdversarialTask(L.LightningModule):
             )
             g_norm = self.optimizer_step(g_opt, g_loss)
         if self.ema is not None:
-            decay = gan["ema_decay"] if self.iteration >= gan["ema_start"] else 0.0
+            decay = ema_decay(gan["ema_decay"], self.iteration, gan["ema_start"])
             update_ema(self.ema, self.generator, decay)
         self.iteration += 1
         self.sample_step = self.iteration
