@@ -29,15 +29,19 @@ class MetricsFile(L.Callback):
         lines = self.path.read_text().splitlines()
         return json.loads(lines[-1])["step"] if lines else -1
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        # After the module's own epoch-end hook (so what it logs there is in this row), and read
+        # on every rank: reading callback_metrics computes synced metrics, a collective that
+        # deadlocks DDP when rank zero alone runs it.
+        if trainer.sanity_checking:
             return
+        metrics = trainer.callback_metrics
+        row = {"step": trainer.global_step, "epoch": trainer.current_epoch}
+        row.update(scalar_metrics(metrics, "val/"))
+        row.update(scalar_metrics(metrics, "data/"))
         # Lightning repeats the validation a mid-epoch checkpoint was saved in when it resumes
         # from it; that step is already recorded.
-        if trainer.global_step <= self._last_step():
+        if not trainer.is_global_zero or trainer.global_step <= self._last_step():
             return
-        row = {"step": trainer.global_step, "epoch": trainer.current_epoch}
-        row.update(scalar_metrics(trainer.callback_metrics, "val/"))
-        row.update(scalar_metrics(trainer.callback_metrics, "data/"))
         with open(self.path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
