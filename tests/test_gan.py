@@ -292,6 +292,11 @@ def test_ddp_two_cpu_ranks_end_with_bit_identical_g_and_d(data_dir, tmp_path):
         f"paths.data_dir={data_dir}",
         f"paths.output_dir={tmp_path}",
         "trainer=ddp_cpu",
+        # The hardest path: double backward (gradient penalty, lazy R1) and 2 D steps per batch.
+        "model.gan.loss=wgan-gp",
+        "model.gan.r1_weight=1.0",
+        "model.gan.r1_every=2",
+        "model.gan.n_critic=2",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
         "callbacks.rank_checksums=true",
@@ -302,7 +307,7 @@ def test_ddp_two_cpu_ranks_end_with_bit_identical_g_and_d(data_dir, tmp_path):
     run_dir = tmp_path / "shapes_gan" / "ddp"
     ranks = [json.loads((run_dir / "checksums" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
-    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4 * 2
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4 * (2 + 1)
     assert ranks[0]["start"] == ranks[1]["start"]
     assert ranks[0]["end"] == ranks[1]["end"] != ranks[0]["start"]  # G, D and EMA, bit for bit
     summary = json.loads((run_dir / "metrics.json").read_text())
