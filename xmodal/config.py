@@ -157,9 +157,8 @@ class GanConfig:
     clip_grad_norm: float | None = None
     """Max gradient norm per optimizer step, measured on unscaled gradients (also under 16-mixed)."""
     metric_samples: int = 512
-    """Evaluation rows scored per pass (real and generated alike, one sample per row's condition):
-    each rank scores its first ⌈metric_samples / world size⌉ valid rows, so metrics are exact
-    across rank counts when this covers the split (512 = the shapes val split)."""
+    """Evaluation rows scored per pass and rank (real and generated alike, one sample per row's
+    condition): metrics are exact across rank counts when this covers the split (512 = shapes val)."""
     feature_steps: int = 1000
     """Training steps of the cached domain classifier that supplies FID/KID features (one-time)."""
     inception_weights: str | None = None

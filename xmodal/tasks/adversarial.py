@@ -351,8 +351,10 @@ class AdversarialTask(L.LightningModule):
             return
         metrics.to(self.device)
         valid = batch["valid"].clone()  # [B] False on padding rows
-        # At most ceil(metric_samples / world) valid rows per rank and pass (all of a split it covers).
-        room = max(math.ceil(self.gan["metric_samples"] / self.trainer.world_size) - self._scored, 0)
+        # At most metric_samples valid rows per rank and pass. Not divided by the world size: the
+        # stream splits by shard, so one rank may hold most of a split, and a cap that covers the
+        # split then scores every row on any number of ranks (exact).
+        room = max(self.gan["metric_samples"] - self._scored, 0)
         valid[valid.cumsum(0) > room] = False
         self._scored += int(valid.sum())
         labels = batch.get("label")
