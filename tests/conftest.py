@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ sys.path.insert(0, str(NETBLOCK))
 import sitecustomize  # noqa: E402,F401  (blocks non-loopback sockets in this process)
 
 os.environ["WANDB_MODE"] = "offline"
+# The GAN metrics' cached domain classifier: never into the user's ~/.cache from tests.
+os.environ.setdefault("XMODAL_CACHE_DIR", tempfile.mkdtemp(prefix="xmodal-test-cache-"))
 os.environ["WANDB_SILENT"] = "true"
 os.environ.pop("WANDB_API_KEY", None)
 # Subprocesses load the same guard through PYTHONPATH.
