@@ -36,6 +36,7 @@ from xmodal.data.datamodule import decode_image, iter_split
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.factory import build_datamodule, build_task, prepare_data
 from xmodal.nn.vae import ConvDecoder, ConvEncoder
+from xmodal.tasks.schedule import warmup_cosine
 from xmodal.tasks.vae import keyed_noise
 
 WARMUP_STEPS = 20  # steps excluded from throughput (allocator, first-batch costs)
@@ -48,19 +49,6 @@ def load_split(shards: object, split: str, size: int) -> tuple[torch.Tensor, lis
         images.append(decode_image(raw["png"], size, channels=1))
         keys.append(raw["__key__"])
     return torch.stack(images).float() / 255.0, keys
-
-
-def schedule(total: int, warmup_steps: int):
-    """The VaeTask's learning-rate multiplier: linear warm-up, cosine to 10 % (same formula)."""
-    warmup = min(warmup_steps, max(total // 10, 1))
-
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return fn
 
 
 class StepTimer(L.Callback):
@@ -79,13 +67,9 @@ class StepTimer(L.Callback):
         self.steps = trainer.global_step - WARMUP_STEPS
 
 
-def run_xmodal(cfg, steps: int, test: bool = True) -> tuple[torch.nn.Module, float, float]:
-    """Train VaeTask with Lightning on the shard stream; (task, images/s, its own test/nll)."""
-    L.seed_everything(cfg.seed)
-    datamodule = build_datamodule(cfg, prepare_data(cfg))
-    task = build_task(cfg, datamodule.build_tokenizer())
-    timer = StepTimer()
-    trainer = L.Trainer(
+def bare_trainer(cfg, steps: int, timer: L.Callback) -> L.Trainer:
+    """The Lightning side of both xmodal rows: CPU, no validation, logging or checkpoints."""
+    return L.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=steps,
@@ -97,6 +81,15 @@ def run_xmodal(cfg, steps: int, test: bool = True) -> tuple[torch.nn.Module, flo
         enable_model_summary=False,
         callbacks=[timer],
     )
+
+
+def run_xmodal(cfg, steps: int, test: bool = True) -> tuple[torch.nn.Module, float, float]:
+    """Train VaeTask with Lightning on the shard stream; (task, images/s, its own test/nll)."""
+    L.seed_everything(cfg.seed)
+    datamodule = build_datamodule(cfg, prepare_data(cfg))
+    task = build_task(cfg, datamodule.build_tokenizer())
+    timer = StepTimer()
+    trainer = bare_trainer(cfg, steps, timer)
     trainer.fit(task, datamodule=datamodule)
     rate = timer.steps * cfg.data.batch_size / timer.elapsed
     if not test:
@@ -126,18 +119,7 @@ def run_xmodal_in_memory(cfg, train_x: torch.Tensor, steps: int) -> float:
     L.seed_everything(cfg.seed)
     task = build_task(cfg, WordTokenizer(["<pad>", "<bos>", "<eos>", "<unk>"]))
     timer = StepTimer()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        gradient_clip_val=cfg.trainer.gradient_clip_val,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
+    trainer = bare_trainer(cfg, steps, timer)
     loader = torch.utils.data.DataLoader(
         InMemoryBatches(train_x, cfg.data.batch_size, cfg.seed), batch_size=None
     )
@@ -154,7 +136,7 @@ def run_plain(cfg, train_x: torch.Tensor, steps: int) -> tuple[torch.nn.Module, 
     decoder = ConvDecoder(*shape, v.width, v.z_dim, likelihood="bernoulli")
     params = [*encoder.parameters(), *decoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=m.lr, weight_decay=m.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(steps, m.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, m.warmup_steps))
     batch, n = cfg.data.batch_size, len(train_x)
     order, position, start = torch.randperm(n), 0, None
     for step in range(steps):

@@ -151,6 +151,12 @@ def _add_write_parser(commands: Any) -> None:
     w.add_argument("--quiet", action="store_true", help="no progress counter")
 
 
+def split_counts(directory: Path) -> str:
+    """ "train 4000, val 500, test 500": samples per split from sizes.json."""
+    sizes = read_sizes(directory)["splits"]
+    return ", ".join(f"{split} {sum(shards.values())}" for split, shards in sizes.items())
+
+
 def cmd_synth(args: argparse.Namespace, console: Console) -> int:
     spec = ShapesSpec(
         n_train=args.n_train,
@@ -164,17 +170,15 @@ def cmd_synth(args: argparse.Namespace, console: Console) -> int:
     )
     start = time.perf_counter()
     out = synth(args.out, spec, progress=not args.quiet)
-    sizes = read_sizes(out)["splits"]
-    counts = ", ".join(f"{split} {sum(shards.values())}" for split, shards in sizes.items())
-    console.print(f"{out}: {counts} samples (spec {spec.fingerprint()}, {time.perf_counter() - start:.1f} s)")
+    console.print(
+        f"{out}: {split_counts(out)} samples (spec {spec.fingerprint()}, {time.perf_counter() - start:.1f} s)"
+    )
     return 0
 
 
 def cmd_mnist(args: argparse.Namespace, console: Console) -> int:
     out = build_mnist(args.out, MnistSpec(n_val=args.n_val, n_test=args.n_test), progress=not args.quiet)
-    sizes = read_sizes(out)["splits"]
-    counts = ", ".join(f"{split} {sum(shards.values())}" for split, shards in sizes.items())
-    console.print(f"{out}: {counts} digits")
+    console.print(f"{out}: {split_counts(out)} digits")
     return 0
 
 

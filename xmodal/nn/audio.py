@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from xmodal.nn.image import conv_stages
+
 
 class LogMelEncoder(nn.Module):
     """Conv stages over ``[B, 1, M, T]``, then the mel axis is folded into the channels so every
@@ -20,24 +22,8 @@ class LogMelEncoder(nn.Module):
 
     def __init__(self, channels: Sequence[int], d_model: int, n_mels: int, frames: int, patch: int = 2):
         super().__init__()
-        layers: list[nn.Module] = []
-        width = 1
-        for stage, out in enumerate(channels):
-            down = (
-                nn.Conv2d(width, out, kernel_size=patch, stride=patch)
-                if stage == 0 and patch != 2
-                else nn.Conv2d(width, out, kernel_size=3, stride=2, padding=1)
-            )
-            layers += [
-                down,
-                nn.GroupNorm(min(8, out), out),
-                nn.GELU(),
-                nn.Conv2d(out, out, kernel_size=3, padding=1),
-                nn.GroupNorm(min(8, out), out),
-                nn.GELU(),
-            ]
-            width = out
-        self.stem = nn.Sequential(*layers)
+        # patch 2: the first stage halves with a 3×3 conv like the others (as before audio_patch).
+        self.stem, width = conv_stages(1, channels, patch, patchify_first=patch != 2)
         self.downsample = patch * 2 ** (len(channels) - 1)
         mel_out = -(-n_mels // self.downsample)
         self.num_tokens = -(-frames // self.downsample)

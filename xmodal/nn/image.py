@@ -8,6 +8,32 @@ import torch
 from torch import nn
 
 
+def conv_stages(
+    in_channels: int, channels: Sequence[int], patch: int, patchify_first: bool
+) -> tuple[nn.Sequential, int]:
+    """Downsampling conv stages (down conv, GroupNorm, GELU, 3×3 conv, GroupNorm, GELU) and their
+    output width. Stage 0 cuts ``patch``×``patch`` patches when ``patchify_first``, else it halves
+    like every later stage (3×3, stride 2)."""
+    layers: list[nn.Module] = []
+    width = in_channels
+    for stage, out in enumerate(channels):
+        down = (
+            nn.Conv2d(width, out, kernel_size=patch, stride=patch)
+            if stage == 0 and patchify_first
+            else nn.Conv2d(width, out, kernel_size=3, stride=2, padding=1)
+        )
+        layers += [
+            down,
+            nn.GroupNorm(min(8, out), out),
+            nn.GELU(),
+            nn.Conv2d(out, out, kernel_size=3, padding=1),
+            nn.GroupNorm(min(8, out), out),
+            nn.GELU(),
+        ]
+        width = out
+    return nn.Sequential(*layers), width
+
+
 class ConvImageEncoder(nn.Module):
     """Conv stages: the first cuts ``patch``×``patch`` patches, each later one halves the resolution;
     the final grid becomes the token sequence.
@@ -21,24 +47,7 @@ class ConvImageEncoder(nn.Module):
         self, channels: Sequence[int], d_model: int, image_size: int, patch: int = 4, in_channels: int = 3
     ):
         super().__init__()
-        layers: list[nn.Module] = []
-        width = in_channels
-        for stage, out in enumerate(channels):
-            down = (
-                nn.Conv2d(width, out, kernel_size=patch, stride=patch)
-                if stage == 0
-                else (nn.Conv2d(width, out, kernel_size=3, stride=2, padding=1))
-            )
-            layers += [
-                down,
-                nn.GroupNorm(min(8, out), out),
-                nn.GELU(),
-                nn.Conv2d(out, out, kernel_size=3, padding=1),
-                nn.GroupNorm(min(8, out), out),
-                nn.GELU(),
-            ]
-            width = out
-        self.stem = nn.Sequential(*layers)
+        self.stem, width = conv_stages(in_channels, channels, patch, patchify_first=True)
         self.proj = nn.Linear(width, d_model)
         grid = image_size // (patch * 2 ** (len(channels) - 1))
         self.num_tokens = grid * grid

@@ -10,7 +10,6 @@ evaluation and scored on every rank over the whole split, so 2 ranks report what
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning as L
@@ -26,6 +25,7 @@ from xmodal.metrics.caption import caption_scores
 from xmodal.nn.audio import LogMelEncoder
 from xmodal.nn.image import ConvImageEncoder
 from xmodal.nn.text import TransformerTextDecoder
+from xmodal.tasks.schedule import with_warmup_cosine
 
 DECODING_DEFAULTS: dict[str, Any] = {
     "beam_size": 1,
@@ -254,15 +254,6 @@ class CaptionTask(L.LightningModule):
         optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"], betas=(0.9, 0.98)
         )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(self.cfg["warmup_steps"], max(total // 10, 1))
-
-        def schedule(step: int) -> float:
-            # Linear warm-up, then cosine decay to 10 % of the peak rate at the last step.
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return with_warmup_cosine(
+            optimizer, int(self.trainer.estimated_stepping_batches), self.cfg["warmup_steps"]
+        )

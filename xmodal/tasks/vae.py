@@ -40,6 +40,7 @@ from xmodal.metrics.likelihood import (
 )
 from xmodal.nn.condition import build_condition_encoder
 from xmodal.nn.vae import ConvDecoder, ConvEncoder
+from xmodal.tasks.schedule import with_warmup_cosine
 
 SCALARS = ("nll", "neg_elbo", "recon", "kl", "nll_bpd", "neg_elbo_bpd")
 EVAL_ROWS_PER_PASS = 1024
@@ -357,18 +358,9 @@ class VaeTask(L.LightningModule):
         optimizer = torch.optim.AdamW(
             self.parameters(), lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"]
         )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(self.cfg["warmup_steps"], max(total // 10, 1))
-
-        def schedule(step: int) -> float:
-            # Linear warm-up, then cosine decay to 10 % of the peak rate at the last step.
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return with_warmup_cosine(
+            optimizer, int(self.trainer.estimated_stepping_batches), self.cfg["warmup_steps"]
+        )
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
