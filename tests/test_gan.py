@@ -198,6 +198,28 @@ def test_16_mixed_training_sees_unscaled_norms_and_clips_them(one_thread):
         assert torch.isfinite(p).all()
 
 
+def test_bf16_mixed_training_learns_with_fp32_losses(one_thread):
+    """bf16-mixed (autocast, no scaler): losses come from logits in fp32 and G still moves to
+    the target; the same moment test as 32-true, fewer iterations."""
+    task = point_task()
+    losses: list[torch.Tensor] = []
+    d_loss = task.d_loss
+
+    def recording_d_loss(*args, **kwargs):
+        loss, stats = d_loss(*args, **kwargs)
+        losses.append(loss.detach())
+        return loss, stats
+
+    task.d_loss = recording_d_loss
+    trainer = fit_points(task, iterations=150, plugins=[MixedPrecision("bf16-mixed", "cpu")])
+    assert getattr(trainer.precision_plugin, "scaler", None) is None  # bf16: no loss scaling
+    assert losses and all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses)
+    with torch.no_grad():
+        samples = task.generator(torch.randn(4096, 8, generator=torch.Generator().manual_seed(1)), {})
+    # Measured: 2.19 from the target before, 0.05 after 150 iterations.
+    assert float((samples.float().mean(0) - TARGET_MEAN).norm()) < 0.6
+
+
 def test_non_finite_step_is_skipped_not_applied():
     task = point_task()
     # Batch 0 of the unshuffled loader holds a NaN point: its D step must leave D untouched.
