@@ -82,11 +82,33 @@ class ConditionalBatchNorm2d(nn.Module):
             nn.init.zeros_(self.bias.bias)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        x = self.bn(x)  # [B, C, H, W]
+        x = self._normalize_fp32(x).to(x.dtype)  # [B, C, H, W]
         if not self.conditional or cond is None:
             return x
         gain = 1 + self.gain(cond)[:, :, None, None]  # [B, C, 1, 1]
         return x * gain + self.bias(cond)[:, :, None, None]
+
+
+    def _normalize_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.bn(x)`` computed in fp32 whatever dtype the input and affine weights arrive in.
+
+        Under FSDP2's bf16 parameter policy the affine weights are cast to bf16 while the running
+        statistics (buffers) stay fp32, and ``batch_norm`` refuses the mix; fp32 statistics are the
+        numerically safe choice under any autocast anyway.
+        """
+        bn = self.bn
+        momentum = bn.momentum
+        if bn.training and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as nn.BatchNorm2d does it
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        weight = bn.weight.float() if bn.weight is not None else None
+        bias = bn.bias.float() if bn.bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            return F.batch_norm(
+                x.float(), bn.running_mean, bn.running_var, weight, bias,
+                training=bn.training, momentum=momentum or 0.0, eps=bn.eps,
+            )
 
 
 def _blocks(image_size: int) -> int:
