@@ -88,7 +88,6 @@ class ConditionalBatchNorm2d(nn.Module):
         gain = 1 + self.gain(cond)[:, :, None, None]  # [B, C, 1, 1]
         return x * gain + self.bias(cond)[:, :, None, None]
 
-
     def _normalize_fp32(self, x: torch.Tensor) -> torch.Tensor:
         """``self.bn(x)`` computed in fp32 whatever dtype the input and affine weights arrive in.
 
@@ -106,8 +105,14 @@ class ConditionalBatchNorm2d(nn.Module):
         bias = bn.bias.float() if bn.bias is not None else None
         with torch.autocast(x.device.type, enabled=False):
             return F.batch_norm(
-                x.float(), bn.running_mean, bn.running_var, weight, bias,
-                training=bn.training, momentum=momentum or 0.0, eps=bn.eps,
+                x.float(),
+                bn.running_mean,
+                bn.running_var,
+                weight,
+                bias,
+                training=bn.training,
+                momentum=momentum or 0.0,
+                eps=bn.eps,
             )
 
 
