@@ -66,7 +66,10 @@ def test_every_group_option_composes_on_cpu(group, option):
         (["model.source=label"], "model.source: the caption task reads image or audio"),
         (["model.task=gan"], "model.target: the gan task generates images (got 'text')"),
         (["model.task=gan", "model.target=image", "model.gan.loss=bce"], "model.gan.loss: must be one of"),
-        (["model.task=vae", "model.target=image", "model.vae.likelihood=mse"], "model.vae.likelihood: must be"),
+        (
+            ["model.task=vae", "model.target=image", "model.vae.likelihood=mse"],
+            "model.vae.likelihood: must be",
+        ),
         (["model.condition=colour"], "model.condition: must be one of ('none', 'label', 'text', 'audio')"),
         (["data.image_channels=2"], "data.image_channels: must be 1 (grey) or 3 (RGB)"),
         (["ckpt_path=/nonexistent.ckpt"], "ckpt_path: no such checkpoint (got '/nonexistent.ckpt')"),
