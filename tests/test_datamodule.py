@@ -10,6 +10,10 @@ from xmodal.config import compose_config
 from xmodal.data.datamodule import iter_split, sample_captions
 from xmodal.data.stream import Topology
 from xmodal.factory import build_datamodule, prepare_data
+from xmodal.tasks.adversarial import AdversarialTask
+from xmodal.tasks.base import XmodalTask
+from xmodal.tasks.seq2seq import CaptionTask
+from xmodal.tasks.vae import VaeTask
 
 
 def datamodule_for(overrides):
@@ -22,8 +26,17 @@ def datamodule_for(overrides):
 def test_batch_contract(tiny):
     datamodule = datamodule_for(tiny)
     batch = next(iter(datamodule.loader("val", Topology(0, 1, 0))))
-    assert batch["image"].shape == (16, 3, 64, 64) and batch["image"].dtype == torch.float32
+    # Loaders move uint8 images; every task turns them into float in [-1, 1] on its device.
+    pixels = batch["image"]
+    assert pixels.shape == (16, 3, 64, 64) and pixels.dtype == torch.uint8
+    for task in (CaptionTask, AdversarialTask, VaeTask):
+        assert issubclass(task, XmodalTask)
+    batch = XmodalTask().on_after_batch_transfer(batch, 0)
+    assert batch["image"].dtype == torch.float32
     assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+    assert torch.equal(batch["image"][pixels == 0], torch.full_like(batch["image"][pixels == 0], -1.0))
+    assert torch.equal(batch["image"][pixels == 255], torch.full_like(batch["image"][pixels == 255], 1.0))
+    assert torch.allclose(batch["image"], pixels.float() / 127.5 - 1.0)
     assert batch["text"].dtype == torch.long and batch["text"].shape == batch["text_mask"].shape
     assert batch["valid"].dtype == torch.bool and batch["valid"].all()
     assert len(batch["captions"][0]) >= 3  # every reference is kept for evaluation

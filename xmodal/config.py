@@ -27,6 +27,7 @@ LOGGERS = ("wandb", "csv", "none")
 TASKS = ("caption", "gan", "vae")
 BUILTIN_DATA = ("shapes", "mnist")
 CONDITIONS = ("none", "label", "text", "audio")
+IMAGE_ENCODERS = ("conv", "factorized")
 MODALITIES = ("image", "text", "audio")
 GAN_LOSSES = ("ns", "hinge", "wgan-gp")
 VAE_LIKELIHOODS = ("bernoulli", "gaussian", "logistic", "laplace")
@@ -214,6 +215,9 @@ class ModelConfig:
     """Conv stage widths: the first stage patchifies, each later one halves the resolution."""
     encoder_patch: int = 4
     """Patch size of the first encoder stage."""
+    image_encoder: str = "conv"
+    """conv: conv stages on RGB; factorized: conv stages on brightness + per-patch colour (shape
+    detectors that do not depend on colour: unseen colour–kind pairs are named right)."""
     audio_patch: int = 2
     """Audio encoder's first stage: 2 = 3×3 stride-2 conv; ≥ 3 = non-overlapping patches of that size."""
     decoder_layers: int = 2
@@ -235,6 +239,9 @@ class ModelConfig:
     """Key/value cache while decoding (same tokens, cost linear instead of quadratic in length)."""
     label_smoothing: float = 0.0
     """Label smoothing of the training cross-entropy (validation/test loss stays plain NLL)."""
+    token_dropout: float = 0.0
+    """Training only: rate at which teacher-forced input words become ``<unk>`` (word dropout), so
+    the decoder reads words from the source rather than from the words before them."""
 
 
 @dataclass
@@ -494,6 +501,7 @@ def model_problems(cfg: Any) -> list[str]:
         check(m.beam_size >= 1, "model.beam_size", "must be >= 1 (1 = greedy)")
         check(m.audio_patch >= 2, "model.audio_patch", "must be >= 2")
         check(0.0 <= m.label_smoothing < 1.0, "model.label_smoothing", "must be in [0, 1)")
+        check(0.0 <= m.token_dropout < 1.0, "model.token_dropout", "must be in [0, 1)")
         check(m.max_decode_len >= 2, "model.max_decode_len", "must be >= 2 (BOS + one token)")
         check(
             0 <= m.min_decode_len < m.max_decode_len - 1,
@@ -501,6 +509,9 @@ def model_problems(cfg: Any) -> list[str]:
             "must be >= 0 and leave room for EOS within model.max_decode_len",
         )
         if m.source == "image":
+            check(
+                m.image_encoder in IMAGE_ENCODERS, "model.image_encoder", f"must be one of {IMAGE_ENCODERS}"
+            )
             grid_divisor = m.encoder_patch * 2 ** (len(m.encoder_channels) - 1)
             check(
                 m.encoder_patch >= 1 and d.image_size % grid_divisor == 0,

@@ -58,3 +58,46 @@ class ConvImageEncoder(nn.Module):
         features = self.stem(images)  # [B, C, h, w]
         tokens = features.flatten(2).transpose(1, 2)  # [B, h*w, C]
         return self.proj(tokens) + self.pos  # [B, N, D]
+
+
+class FactorizedImageEncoder(nn.Module):
+    """Shape from brightness, colour from a bag of pixels, summed per token.
+
+    A conv stem on RGB learns shape detectors tied to the colours it saw them in: trained without
+    blue triangles, it calls a blue triangle a diamond (the shapes compositional split). Here the
+    conv stages see only the HSV value ``max(R, G, B)``, in which every saturated colour looks alike,
+    and colour enters through per-pixel 1×1 convs averaged over each token's patch, which cannot
+    see shape. Same token grid, positions and output as :class:`ConvImageEncoder`.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        d_model: int,
+        image_size: int,
+        patch: int = 4,
+        in_channels: int = 3,
+        colour_width: int = 32,
+    ):
+        super().__init__()
+        self.stem, width = conv_stages(1, channels, patch, patchify_first=True)
+        self.proj = nn.Linear(width, d_model)
+        stride = patch * 2 ** (len(channels) - 1)
+        self.colour = nn.Sequential(
+            nn.Conv2d(in_channels, colour_width, kernel_size=1),
+            nn.GELU(),
+            nn.Conv2d(colour_width, colour_width, kernel_size=1),
+            nn.GELU(),
+            nn.AvgPool2d(stride),
+        )
+        self.colour_proj = nn.Linear(colour_width, d_model)
+        grid = image_size // stride
+        self.num_tokens = grid * grid
+        self.pos = nn.Parameter(torch.zeros(1, self.num_tokens, d_model))
+        nn.init.normal_(self.pos, std=0.02)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        value = images.amax(dim=1, keepdim=True)  # [B, 1, H, W]
+        shape = self.stem(value).flatten(2).transpose(1, 2)  # [B, N, C]
+        colour = self.colour(images).flatten(2).transpose(1, 2)  # [B, N, Cc]
+        return self.proj(shape) + self.colour_proj(colour) + self.pos  # [B, N, D]

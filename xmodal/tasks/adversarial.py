@@ -22,7 +22,6 @@ import zlib
 from contextlib import nullcontext
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +30,7 @@ from xmodal.data.tokenizer import WordTokenizer
 from xmodal.images import SampleSet, caption_grid, image_grid
 from xmodal.nn.ema import update_ema
 from xmodal.nn.gan import build_gan_nets
+from xmodal.tasks.base import XmodalTask
 
 SAMPLE_SEED = 1234
 """Seed of the fixed noise bank behind every validation sample grid."""
@@ -105,7 +105,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-class AdversarialTask(L.LightningModule):
+class AdversarialTask(XmodalTask):
     """GAN over ``batch[model.target]`` (images), conditioned on ``model.condition`` (none, label,
     text, audio).
 

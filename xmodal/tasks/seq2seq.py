@@ -10,9 +10,10 @@ evaluation and scored on every rank over the whole split, so 2 ranks report what
 
 from __future__ import annotations
 
+import os
+import zlib
 from typing import Any
 
-import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -23,8 +24,9 @@ from xmodal.data.tokenizer import WordTokenizer, normalize
 from xmodal.images import SampleSet, caption_grid
 from xmodal.metrics.caption import caption_scores
 from xmodal.nn.audio import LogMelEncoder
-from xmodal.nn.image import ConvImageEncoder
+from xmodal.nn.image import ConvImageEncoder, FactorizedImageEncoder
 from xmodal.nn.text import TransformerTextDecoder
+from xmodal.tasks.base import XmodalTask
 from xmodal.tasks.schedule import with_warmup_cosine
 
 DECODING_DEFAULTS: dict[str, Any] = {
@@ -44,7 +46,7 @@ def spectrogram_images(mels: torch.Tensor) -> torch.Tensor:
     return ((mels - low) / (high - low).clamp(min=1e-6) * 2 - 1).flip(2)
 
 
-class CaptionTask(L.LightningModule):
+class CaptionTask(XmodalTask):
     """Image → text or audio → text captioner (``model.source`` picks the encoder).
 
     ``model`` is the ``model`` config node as a plain dict, ``vocab`` the tokenizer's vocabulary
@@ -69,7 +71,12 @@ class CaptionTask(L.LightningModule):
                 patch=model.get("audio_patch", 2),
             )
         else:
-            self.encoder = ConvImageEncoder(
+            image_encoder = (
+                FactorizedImageEncoder
+                if model.get("image_encoder", "conv") == "factorized"
+                else ConvImageEncoder
+            )
+            self.encoder = image_encoder(
                 model["encoder_channels"],
                 d_model,
                 data["image_size"],
@@ -122,7 +129,7 @@ class CaptionTask(L.LightningModule):
         """Teacher-forced cross-entropy per target token ``[B, T-1]`` and its mask ``[B, T-1]``."""
         memory, keep = self.memory(batch[self.source], batch.get(f"{self.source}_mask"))
         tokens = batch[self.target]  # [B, T]
-        logits = self.decoder(tokens[:, :-1], memory, keep)  # [B, T-1, V]
+        logits = self.decoder(self.drop_input_tokens(tokens[:, :-1]), memory, keep)  # [B, T-1, V]
         targets = tokens[:, 1:]  # [B, T-1]
         # Loss in fp32 from logits whatever the autocast dtype.
         losses = F.cross_entropy(
@@ -133,6 +140,26 @@ class CaptionTask(L.LightningModule):
             label_smoothing=label_smoothing,
         )
         return losses, targets != self.tokenizer.pad_id
+
+    def drop_input_tokens(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced inputs ``[B, T]`` with words replaced by ``<unk>`` at rate ``model.token_dropout``.
+
+        Word dropout (Bowman et al. 2016) while training only: with the previous words sometimes
+        hidden, the decoder must read each word from the source instead of from the words before
+        it, which is what lets it name colour–kind pairs it never saw together. The mask comes from
+        a generator seeded by (seed, rank, step): a resumed run drops the same words.
+        """
+        rate = float(self.cfg.get("token_dropout", 0.0))
+        if not self.training or rate == 0.0:
+            return inputs
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        gen = torch.Generator().manual_seed(
+            zlib.crc32(f"{seed}:{self.global_rank}:{self.global_step}".encode())
+        )
+        drop = torch.rand(inputs.shape, generator=gen).to(inputs.device) < rate  # [B, T]
+        drop[:, 0] = False  # BOS stays: it starts every caption
+        drop &= inputs != self.tokenizer.pad_id
+        return inputs.masked_fill(drop, self.tokenizer.unk_id)
 
     def loss(self, batch: dict[str, Any], label_smoothing: float = 0.0) -> torch.Tensor:
         """Mean over real target tokens of valid rows (padding rows of exact epochs count for nothing)."""

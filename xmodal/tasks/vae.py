@@ -20,7 +20,6 @@ import math
 import zlib
 from typing import Any
 
-import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
@@ -40,6 +39,7 @@ from xmodal.metrics.likelihood import (
 )
 from xmodal.nn.condition import build_condition_encoder
 from xmodal.nn.vae import ConvDecoder, ConvEncoder
+from xmodal.tasks.base import XmodalTask
 from xmodal.tasks.schedule import with_warmup_cosine
 
 SCALARS = ("nll", "neg_elbo", "recon", "kl", "nll_bpd", "neg_elbo_bpd")
@@ -97,7 +97,7 @@ def log_likelihood(
     return discretized_logistic_log_prob(location, log_scale, targets)
 
 
-class VaeTask(L.LightningModule):
+class VaeTask(XmodalTask):
     """VAE / β-VAE / conditional VAE over ``batch[model["target"]]`` (``[B, C, H, W]``).
 
     ``model`` is the ``model`` config node as a plain dict (``model["vae"]`` = VaeConfig),
