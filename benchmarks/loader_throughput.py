@@ -5,11 +5,13 @@
 Rows (samples/s, median of repeats, and the ratio to the bare PIL loop):
 - tar → sample: xmodal's safe tar reader, raw bytes grouped per sample (no decode)
 - tar → decoded sample: the same plus PIL decode to a uint8 tensor (xmodal's image decode)
+- tar → decoded batch: the same, stacked into uint8 batches of 64 (what loaders hand over)
 - bare PIL loop: the same JPEG bytes already in memory, decoded with PIL (the per-core ceiling)
 - folder → decoded sample: one file per sample read from disk and decoded (the usual ImageFolder way)
 - stream → decoded batch, 1 worker: the training pipeline itself (ShardStream planning, shuffle
   buffer, decode_sample with caption choice, BatchCollate with tokenising, batches of 64) in one
-  DataLoader worker process: samples/s per worker
+  DataLoader worker process: samples/s per worker; and the same in the benchmark's own process
+  (no worker, no hand-over), which separates the pipeline's cost from the process boundary's
 Peak RSS of the process is printed at the end.
 """
 
@@ -26,6 +28,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from xmodal.data.datamodule import BatchCollate, DecodeSpec, decode_image, decode_sample
@@ -46,14 +49,16 @@ def make_jpegs(count: int, size: int = 64) -> list[bytes]:
     return images
 
 
-def timed(fn: Callable[[], int], repeats: int) -> float:
-    """Median samples/s over repeats."""
-    rates = []
+def timed(paths: list[tuple[str, Callable[[], int]]], repeats: int) -> list[tuple[str, float]]:
+    """Median samples/s of each path over ``repeats`` rounds; each round runs every path once, so
+    a change of machine load during the run touches all rows alike."""
+    rates: dict[str, list[float]] = {name: [] for name, _ in paths}
     for _ in range(repeats):
-        start = time.perf_counter()
-        count = fn()
-        rates.append(count / (time.perf_counter() - start))
-    return statistics.median(rates)
+        for name, fn in paths:
+            start = time.perf_counter()
+            count = fn()
+            rates[name].append(count / (time.perf_counter() - start))
+    return [(name, statistics.median(rates[name])) for name, _ in paths]
 
 
 def main() -> None:
@@ -64,6 +69,8 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    # One process = one core, as in a DataLoader worker (which runs torch with one thread too).
+    torch.set_num_threads(1)
 
     jpegs = make_jpegs(args.samples)
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,6 +98,16 @@ def main() -> None:
                 decode_image(s["jpg"], 64).shape[0] > 0 for shard in shards for s in iter_tar_samples(shard)
             )
 
+        def tar_decoded_batches() -> int:
+            count, images = 0, []
+            for shard in shards:
+                for sample in iter_tar_samples(shard):
+                    images.append(decode_image(sample["jpg"], 64))
+                    if len(images) == 64:
+                        count += len(torch.stack(images))  # [64, 3, 64, 64] uint8
+                        images = []
+            return count + (len(torch.stack(images)) if images else 0)
+
         def bare_pil() -> int:
             return sum(decode_image(data, 64).shape[0] > 0 for data in jpegs)
 
@@ -99,34 +116,48 @@ def main() -> None:
 
         infos = [ShardInfo(str(p), len(range(0, args.per_shard))) for p in shards]
         infos[-1] = ShardInfo(str(shards[-1]), args.samples - args.per_shard * (len(shards) - 1))
-        stream = ShardStream(
-            infos,
-            "exact",
-            0,
-            Topology(0, 1, 1),
-            64,
-            decode=partial(decode_sample, spec=DecodeSpec(required=("image", "text")), train=True),
-            collate=BatchCollate(WordTokenizer.fit(["a caption"]), 16),
-        )
-        loader = StreamLoader(stream, persistent_workers=True)
+
+        def training_stream(workers: int) -> ShardStream:
+            return ShardStream(
+                infos,
+                "exact",
+                0,
+                Topology(0, 1, workers),
+                64,
+                decode=partial(decode_sample, spec=DecodeSpec(required=("image", "text")), train=True),
+                collate=BatchCollate(WordTokenizer.fit(["a caption"]), 16),
+            )
+
+        loader = StreamLoader(training_stream(1), persistent_workers=True)
+        in_process = training_stream(0)
 
         def stream_batches() -> int:
             return sum(int(batch["valid"].sum()) for batch in loader)
 
+        def stream_in_process() -> int:
+            return sum(int(batch["valid"].sum()) for batch in in_process.iter_worker(0))
+
         stream_batches()  # start the persistent worker outside the timing
 
-        rows = [
-            ("tar → sample (no decode)", timed(tar_samples, args.repeats)),
-            ("tar → decoded sample", timed(tar_decoded, args.repeats)),
-            ("bare PIL loop (in memory)", timed(bare_pil, args.repeats)),
-            ("folder → decoded sample", timed(folder_decoded, args.repeats)),
-            ("stream → decoded batch, 1 worker", timed(stream_batches, args.repeats)),
-        ]
-    ceiling = rows[2][1]
-    print(f"{args.samples} JPEG samples 64×64, {len(shards)} shards, median of {args.repeats}, 1 process")
-    print(f"{'path':<34}{'samples/s':>12}{'vs bare PIL':>14}")
+        rows = timed(
+            [
+                ("tar → sample (no decode)", tar_samples),
+                ("tar → decoded sample", tar_decoded),
+                ("tar → decoded batch", tar_decoded_batches),
+                ("bare PIL loop (in memory)", bare_pil),
+                ("folder → decoded sample", folder_decoded),
+                ("stream → decoded batch, in process", stream_in_process),
+                ("stream → decoded batch, 1 worker", stream_batches),
+            ],
+            args.repeats,
+        )
+    ceiling = rows[3][1]
+    print(
+        f"{args.samples} JPEG samples 64×64, {len(shards)} shards, median of {args.repeats} interleaved rounds, 1 process"
+    )
+    print(f"{'path':<38}{'samples/s':>12}{'vs bare PIL':>14}")
     for name, rate in rows:
-        print(f"{name:<34}{rate:>12.0f}{rate / ceiling:>13.2f}×")
+        print(f"{name:<38}{rate:>12.0f}{rate / ceiling:>13.2f}×")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

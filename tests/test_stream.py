@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.fabric.utilities.types import _Stateful
 from rich.console import Console
@@ -19,6 +20,7 @@ from xmodal.data.stream import (
     ShardStream,
     StreamLoader,
     Topology,
+    pack_small_tensors,
     plan_epoch,
     shards_from_dir,
     shuffle_order,
@@ -142,6 +144,42 @@ def test_dataloader_workers_yield_the_rank_plan(shards, context):
     loader = StreamLoader(stream, multiprocessing_context=context)
     assert isinstance(loader, _Stateful) and len(loader) == len(expected)
     assert loader_batches(loader) == expected
+
+
+def test_small_tensors_cross_packed_and_come_back_equal(shards):
+    # Workers pack ids, masks, labels and flags into one buffer; the loader unpacks them as they were.
+    def collate(rows):
+        n = len(rows)
+        return {
+            "image": torch.arange(n * 3 * 64 * 64).to(torch.uint8).view(n, 3, 64, 64),  # [B, 3, 64, 64]
+            "text": torch.tensor([[len(r["txt"]), 7, -3] for r in rows]),  # [B, 3] int64
+            "text_mask": torch.tensor([[True, False, True]] * n),  # [B, 3] bool
+            "score": torch.linspace(-1, 1, n, dtype=torch.float64),  # [B]
+            "valid": torch.tensor([r["valid"] for r in rows]),  # [B]
+            "__key__": [r["__key__"] for r in rows],
+        }
+
+    topology = Topology(0, 1, 2)
+    in_process = ShardStream(shards, "exact", 3, topology, 4, collate=collate)
+    expected, iterators = [], [in_process.iter_worker(w) for w in (0, 1)]
+    while iterators:  # round-robin over workers, as the DataLoader does
+        batches = [(it, next(it, None)) for it in iterators]
+        expected += [batch for _, batch in batches if batch is not None]
+        iterators = [it for it, batch in batches if batch is not None]
+    loader = StreamLoader(
+        ShardStream(shards, "exact", 3, topology, 4, collate=collate), multiprocessing_context="fork"
+    )
+    got = list(loader)
+    assert len(got) == len(expected) > 2
+    packed = pack_small_tensors(expected[0])
+    assert set(packed) == {"image", "__key__", "__packed_tensors__"}  # image is big enough to go alone
+    for batch, want in zip(got, expected, strict=True):
+        assert list(batch) == list(want)  # key order kept
+        for key, value in want.items():
+            if isinstance(value, torch.Tensor):
+                assert batch[key].dtype == value.dtype and torch.equal(batch[key], value), key
+            else:
+                assert batch[key] == value
 
 
 @pytest.mark.slow

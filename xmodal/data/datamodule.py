@@ -115,12 +115,13 @@ def decode_image(
     return tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor[None]  # [C, H, W]
 
 
-def sample_captions(sample: dict[str, Any]) -> list[str]:
-    """All captions of a sample: the ``captions`` list of its JSON, else its ``.txt``."""
-    if "json" in sample:
+def sample_captions(sample: dict[str, Any], meta: dict[str, Any] | None = None) -> list[str]:
+    """All captions of a sample: the ``captions`` list of its JSON (``meta``: already parsed), else
+    its ``.txt``."""
+    if meta is None and "json" in sample:
         meta = json.loads(sample["json"])
-        if meta.get("captions"):
-            return [str(c) for c in meta["captions"]]
+    if meta and meta.get("captions"):
+        return [str(c) for c in meta["captions"]]
     if "txt" in sample:
         return [sample["txt"].decode("utf-8").strip()]
     return []
@@ -200,17 +201,19 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, train: bool) -> dict[st
             out["audio"], out["audio_mask"] = decode_audio(
                 audio[1], audio[0], spec.audio_mels, spec.audio_frames
             )
-    captions = sample_captions(raw)
-    _wanted(spec, "text", bool(captions), key, out)
     meta = json.loads(raw["json"]) if "json" in raw else {}
+    captions = sample_captions(raw, meta)
+    _wanted(spec, "text", bool(captions), key, out)
     label = sample_label(raw, meta)
     if "label" in spec.required and label is None:
         raise ValueError(f"sample {key!r} has no label (.cls member or 'label' in its JSON)")
     out["captions"] = captions
     if not captions:
         out["caption"] = ""
-    elif train:
-        out["caption"] = _sample_rng("caption", spec.seed, raw.get("__epoch__", 0), key).choice(captions)
+    elif train and len(captions) > 1:
+        # A hash, not a seeded Random: 0.2 µs instead of 5 µs per sample, and as reproducible.
+        pick = zlib.crc32(f"caption:{spec.seed}:{raw.get('__epoch__', 0)}:{key}".encode()) % len(captions)
+        out["caption"] = captions[pick]
     else:
         out["caption"] = captions[0]
     out["label"] = -1 if label is None else label
