@@ -198,6 +198,24 @@ def test_16_mixed_training_sees_unscaled_norms_and_clips_them(one_thread):
         assert torch.isfinite(p).all()
 
 
+def test_gradient_penalty_and_r1_under_a_loss_scale_equal_their_fp32_values(one_thread):
+    # Under 16-mixed the penalties' inner gradients are taken on scaled outputs (fp16 double
+    # backward underflows otherwise) and unscaled after: the penalty must not depend on the scale.
+    task = point_task(loss="wgan-gp", r1_weight=1.0, r1_every=1)
+    real = torch.stack([Points()[i]["image"] for i in range(64)])  # [64, 2]
+    fake = task.generator(torch.randn(64, 8, generator=torch.Generator().manual_seed(3)), {}).detach()
+    weights = torch.ones(64)
+    _, plain = task.d_loss(real, fake, {}, weights, d_step=0)
+    # A scale the GradScaler would settle at for these nets (at 2^16 the fp16 inner gradients
+    # overflow: a non-finite step, which the scaler skips while it lowers the scale).
+    task.loss_scale = lambda: 2.0**8
+    with torch.autocast("cpu", dtype=torch.float16):
+        _, scaled = task.d_loss(real, fake, {}, weights, d_step=0)
+    assert float(plain["gp"]) > 1e-3 and float(plain["r1"]) > 1e-3
+    assert float(scaled["gp"]) == pytest.approx(float(plain["gp"]), rel=2e-2)
+    assert float(scaled["r1"]) == pytest.approx(float(plain["r1"]), rel=2e-2)
+
+
 def test_bf16_mixed_training_learns_with_fp32_losses(one_thread):
     """bf16-mixed (autocast, no scaler): losses come from logits in fp32 and G still moves to
     the target; the same moment test as 32-true, fewer iterations."""
