@@ -11,9 +11,12 @@ from torch import nn
 from tests.conftest import TINY, run_cli
 from xmodal.config import compose_config
 from xmodal.data.shapes import ShapesSpec, make_sample
+from xmodal.data.tokenizer import WordTokenizer
+from xmodal.factory import build_task
 from xmodal.metrics.caption import caption_scores, cider_d, corpus_bleu, rouge_l
 from xmodal.nn.attention import padding_bias
 from xmodal.nn.audio import LogMelEncoder
+from xmodal.nn.image import FactorizedImageEncoder
 from xmodal.nn.text import TransformerTextDecoder
 from xmodal.train import train
 
@@ -230,3 +233,35 @@ def test_compositional_experiment_also_tests_the_unseen_pairs(tiny, tmp_path):
     assert {"holdout/bleu4", "holdout/cider", "holdout/loss", "test/bleu4"} <= set(metrics)
     run_dir = next((tmp_path / "outputs" / cfg.experiment_name).iterdir())
     assert "holdout/cider" in json.loads((run_dir / "metrics.json").read_text())["test"]
+
+
+def test_factorized_encoder_sees_shape_without_colour_and_colour_without_outline():
+    torch.manual_seed(0)
+    encoder = FactorizedImageEncoder([16, 32], d_model=32, image_size=32, patch=4)
+    square = torch.full((1, 3, 32, 32), -1.0)  # [1, 3, H, W] a dark background
+    square[:, 0, 8:20, 8:20] = 0.8  # a red square
+    blue = square[:, [2, 1, 0]]  # the same square in blue: channels swapped, brightness kept
+    shape_path = lambda x: encoder.stem(x.amax(dim=1, keepdim=True))  # noqa: E731
+    assert torch.equal(shape_path(square), shape_path(blue))  # shape features ignore colour
+    assert not torch.allclose(encoder(square), encoder(blue))  # ...but the tokens still say which
+    assert encoder(square).shape == (1, encoder.num_tokens, 32) == (1, 16, 32)  # [B, N, D] as the conv one
+    # The colour path pools each patch's pixels: shuffling pixels inside a patch changes nothing.
+    shuffled = square.clone()
+    patch = shuffled[:, :, 8:16, 8:16].flatten(2)
+    shuffled[:, :, 8:16, 8:16] = patch[:, :, torch.randperm(64)].view(1, 3, 8, 8)
+    assert torch.allclose(encoder.colour(square), encoder.colour(shuffled), atol=1e-6)
+
+
+def test_word_dropout_hides_only_words_only_in_training_and_is_seeded_by_step(tiny):
+    cfg = compose_config([*tiny, "model.token_dropout=0.5"])
+    task = build_task(cfg, WordTokenizer.fit(["a red circle on the left"]))
+    pad, bos, unk = task.tokenizer.pad_id, task.tokenizer.bos_id, task.tokenizer.unk_id
+    inputs = torch.tensor([[bos, 4, 5, 6, 7, 8, pad, pad]] * 64)  # [B, T]
+    task.train()
+    dropped = task.drop_input_tokens(inputs)
+    hidden = dropped == unk
+    assert not hidden[:, 0].any() and not hidden[:, 6:].any()  # BOS and padding are never hidden
+    assert 0.4 < float(hidden[:, 1:6].float().mean()) < 0.6  # about the configured rate of words
+    assert torch.equal(dropped, task.drop_input_tokens(inputs))  # same step, rank, seed: same words
+    task.eval()
+    assert torch.equal(task.drop_input_tokens(inputs), inputs)  # evaluation sees every word
