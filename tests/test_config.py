@@ -71,6 +71,32 @@ def test_every_group_option_composes_on_cpu(group, option):
             "model.vae.likelihood: must be",
         ),
         (["model.condition=colour"], "model.condition: must be one of ('none', 'label', 'text', 'audio')"),
+        (
+            ["model.task=gan", "model.target=audio"],
+            "model.target: the gan task generates images (got 'audio')",
+        ),
+        (["model.task=vae"], "model.target: the vae task generates image or audio (got 'text')"),
+        (
+            ["experiment=shapes_text2audio_vae", "data.audio_mels=48"],
+            "data.audio_mels: an audio target's conv nets take 32 or 64 (mels and frames) (got 48)",
+        ),
+        (
+            ["experiment=shapes_text2audio_vae", "data.audio_frames=100"],
+            "data.audio_frames: an audio target's conv nets take 32 or 64 (mels and frames) (got 100)",
+        ),
+        (
+            ["experiment=shapes_text2audio_vae", "model.vae.likelihood=bernoulli"],
+            "model.vae.likelihood: an audio target (real-valued log-mel) needs gaussian or laplace; "
+            "bernoulli and logistic model pixel intensities (got 'bernoulli')",
+        ),
+        (
+            ["experiment=shapes_text2audio_vae", "model.vae.likelihood=logistic"],
+            "model.vae.likelihood: an audio target (real-valued log-mel) needs gaussian or laplace",
+        ),
+        (
+            ["experiment=shapes_text2audio_vae", "model.condition=audio"],
+            "model.condition: an audio target cannot be conditioned on itself (got 'audio')",
+        ),
         (["data.image_channels=2"], "data.image_channels: must be 1 (grey) or 3 (RGB)"),
         (["ckpt_path=/nonexistent.ckpt"], "ckpt_path: no such checkpoint (got '/nonexistent.ckpt')"),
         (["run.dir=/somewhere"], "run.dir: is derived as <paths.output_dir>/<experiment_name>/<run.id>"),
@@ -80,6 +106,22 @@ def test_bad_values_are_refused_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
         validate(compose_config(overrides))
     assert message in str(err.value)
+
+
+def test_an_audio_target_ignores_image_size_and_needs_its_own_modalities():
+    from xmodal.factory import required_modalities
+
+    # The image-size check is about image nets: an audio VAE does not decode images at all.
+    cfg = compose_config(["experiment=shapes_text2audio_vae", "data.image_size=48", "data.audio_mels=32"])
+    validate(cfg)
+    assert required_modalities(cfg.model) == ("audio", "text")
+    assert required_modalities(compose_config(["experiment=shapes_vae"]).model) == ("image",)
+    assert required_modalities(compose_config(["experiment=shapes_text2image_vae"]).model) == (
+        "image",
+        "text",
+    )
+    with pytest.raises(ConfigError, match=r"data.image_size: the vae task's conv nets take 32 or 64 px"):
+        validate(compose_config(["experiment=shapes_text2image_vae", "data.image_size=48"]))
 
 
 def test_all_problems_are_reported_at_once():

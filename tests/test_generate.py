@@ -49,3 +49,24 @@ def test_conditions_that_do_not_fit_the_model_are_refused(text_vae, tmp_path):
     assert result.returncode == 2 and "is conditioned on text: give --caption TEXT" in result.stderr
     result = run_cli(["xmodal-generate", str(text_vae), "--label", "3"], tmp_path)
     assert result.returncode == 2 and "is conditioned on 'text': --label does not apply" in result.stderr
+
+
+def test_a_text_to_audio_vae_writes_spectrogram_pngs_per_caption(data_dir, tmp_path):
+    from tests.conftest import TINY
+
+    overrides = [*TINY, f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path}", "logger=none"]
+    overrides += ["experiment=shapes_text2audio_vae", "data.audio_mels=32", "trainer.max_steps=2"]
+    overrides += ["run.id=a", "test_after_fit=false", "trainer.val_check_interval=null"]
+    train(compose_config(overrides))
+    ckpt = tmp_path / "shapes_text2audio_vae" / "a" / "checkpoints" / "last.ckpt"
+    args = ["xmodal-generate", str(ckpt), "--caption", "a red circle", "a blue square", "--num", "2"]
+    result = run_cli([*args, "--out", str(tmp_path / "gen")], tmp_path)
+    assert result.returncode == 0, result.stderr
+    files = sorted((tmp_path / "gen").glob("sample_*.png"))
+    assert len(files) == 4 and "a blue square" in result.stdout.splitlines()[3]
+    for file in files:
+        with Image.open(file) as image:
+            assert image.size == (64, 32)  # time across (64 frames), 32 mel bands up
+            red, green, blue = image.convert("RGB").split()
+            assert red.tobytes() == green.tobytes() == blue.tobytes()  # a grey spectrogram
+    assert (tmp_path / "gen" / "grid.png").is_file()

@@ -201,7 +201,8 @@ class ModelConfig:
     source: str = "image"
     """Batch key the encoder reads (caption: ``image`` or ``audio``)."""
     target: str = "text"
-    """Batch key the model produces (caption: ``text``; gan/vae: ``image``)."""
+    """Batch key the model produces (caption: ``text``; gan: ``image``; vae: ``image`` or ``audio``,
+    a log-mel ``[1, data.audio_mels, data.audio_frames]`` with gaussian or laplace likelihood)."""
     condition: str = "none"
     """gan/vae conditioning: none | label | text | audio — a condition encoder chosen by config."""
     num_classes: int = 10
@@ -518,8 +519,11 @@ def model_problems(cfg: Any) -> list[str]:
                 "model.encoder_patch",
                 f"patch × 2^(stages-1) = {grid_divisor} must divide data.image_size={d.image_size}",
             )
+    elif m.task == "vae":
+        check(m.target in ("image", "audio"), "model.target", "the vae task generates image or audio")
     else:
         check(m.target == "image", "model.target", f"the {m.task} task generates images")
+    if m.task != "caption" and m.target == "image":
         check(d.image_size in (32, 64), "data.image_size", f"the {m.task} task's conv nets take 32 or 64 px")
     if m.task == "gan":
         g = m.gan
@@ -559,6 +563,27 @@ def model_problems(cfg: Any) -> list[str]:
             "model.vae.binarize",
             "binarised targets need likelihood=bernoulli",
         )
+        if m.target == "audio":
+            problems += _audio_target_problems(cfg)
+    return problems
+
+
+def _audio_target_problems(cfg: Any) -> list[str]:
+    """A vae generating log-mels: conv-net sizes, a continuous likelihood, a distinct condition."""
+    d, m = cfg.data, cfg.model
+    problems = []
+    for key in ("audio_mels", "audio_frames"):
+        if d[key] not in (32, 64):
+            problems.append(
+                f"data.{key}: an audio target's conv nets take 32 or 64 (mels and frames) (got {d[key]!r})"
+            )
+    if m.vae.likelihood not in ("gaussian", "laplace"):
+        problems.append(
+            "model.vae.likelihood: an audio target (real-valued log-mel) needs gaussian or laplace; "
+            f"bernoulli and logistic model pixel intensities (got {m.vae.likelihood!r})"
+        )
+    if m.condition == "audio":
+        problems.append("model.condition: an audio target cannot be conditioned on itself (got 'audio')")
     return problems
 
 

@@ -68,10 +68,12 @@ def prepare_data(cfg: DictConfig, wait_s: float = 900.0) -> Path:
 
 
 def required_modalities(model: DictConfig) -> tuple[str, ...]:
-    """Modalities every sample must have for this task (others are not decoded)."""
+    """Modalities every sample must have for this task (others are not decoded): the caption
+    task's source and text; a generator's target plus its condition's modality (text→audio:
+    ``("audio", "text")``)."""
     if model.task == "caption":
         return (model.source, model.target)
-    return ("image",) if model.condition == "none" else ("image", model.condition)
+    return (model.target,) if model.condition in ("none", model.target) else (model.target, model.condition)
 
 
 def decode_spec(cfg: DictConfig) -> DecodeSpec:

@@ -12,6 +12,10 @@ print their paths; the condition depends on the model:
     xmodal-generate gan.ckpt --caption "a large red circle" --num 8   # text → image
     xmodal-generate vae.ckpt --label 3 7 --num 4                 # class → image
     xmodal-generate vae.ckpt --audio clip.wav --num 4            # audio → image
+    xmodal-generate t2a.ckpt --caption "a small blue square" --num 4   # text → audio
+
+A VAE whose target is audio writes its log-mel samples as spectrogram PNGs (mel bands up, low
+ones at the bottom; time across), on the model's fixed scale, so brightness compares between files.
 
 Samples are seeded (``--seed``): the same command writes the same images.
 """
@@ -117,14 +121,15 @@ def condition_batch(task: Any, args: argparse.Namespace) -> tuple[dict[str, Any]
 
 @torch.no_grad()
 def sample_images(task: Any, batch: dict[str, Any], seed: int) -> torch.Tensor:
-    """Images ``[N, C, H, W]`` in [-1, 1] for the rows of ``batch``, seeded."""
+    """Images ``[N, C, H, W]`` in [-1, 1] for the rows of ``batch``, seeded (an audio VAE's
+    log-mels as spectrogram images ``[N, 1, M, T]``)."""
     rows = int(batch["valid"].shape[0])
     batch = {k: v.to(task.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     if task.hparams.model["task"] == "gan":
         generator = torch.Generator().manual_seed(seed)
         z = torch.randn(rows, task.hparams.model["gan"]["z_dim"], generator=generator)  # [N, Z]
         return task.generate(batch, z).float()
-    return task.sample(rows, task.conditioning(batch), seed=seed).float()
+    return task.as_images(task.sample(rows, task.conditioning(batch), seed=seed)).float()
 
 
 def write_images(images: torch.Tensor, names: list[str], out: Path) -> list[Path]:
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("ckpt", type=Path, help="a .ckpt file written by xmodal-train")
     parser.add_argument("--image", type=Path, nargs="+", help="image file(s) to caption")
     parser.add_argument("--audio", type=Path, nargs="+", help="audio file(s): to caption, or as conditions")
-    parser.add_argument("--caption", nargs="+", help="text condition(s) of a text → image model")
+    parser.add_argument("--caption", nargs="+", help="text condition(s) of a text → image/audio model")
     parser.add_argument("--label", type=int, nargs="+", help="class condition(s) of a label → image model")
     parser.add_argument("--num", type=int, default=4, help="images per condition (default 4)")
     parser.add_argument("--seed", type=int, default=0)

@@ -31,6 +31,22 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).numpy()
 
 
+def spectrogram_images(mels: torch.Tensor, value_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """Log-mel ``[B, 1, M, T]`` → grey images ``[B, 1, M, T]`` in [-1, 1], low bands at the bottom.
+
+    ``value_range`` None stretches each spectrogram over its own min..max (shows any clip's
+    structure); a fixed ``(low, high)`` maps every one alike, so an input and its reconstruction
+    (or samples from two runs) can be compared by brightness.
+    """
+    if value_range is None:
+        flat = mels.flatten(1)
+        low, high = flat.min(1).values[:, None, None, None], flat.max(1).values[:, None, None, None]
+        span = (high - low).clamp(min=1e-6)
+    else:
+        low, span = value_range[0], max(value_range[1] - value_range[0], 1e-6)
+    return ((mels.float() - low) / span * 2 - 1).clamp(-1, 1).flip(2)
+
+
 def image_grid(images: torch.Tensor, columns: int = 8, scale: int = 1, gap: int = 2) -> Image.Image:
     """Images ``[B, C, H, W]`` in [-1, 1] tiled row-major on a white background."""
     pixels = to_pixels(images)

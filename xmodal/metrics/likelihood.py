@@ -18,8 +18,12 @@ from torchmetrics import Metric
 LOG_2PI = math.log(2 * math.pi)
 
 
-def _per_sample(values: torch.Tensor) -> torch.Tensor:
-    """``[B, ...]`` → ``[B]`` sum over every non-batch dimension."""
+def _per_sample(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, ...]`` → ``[B]`` sum over every non-batch dimension, counting only entries where
+    ``mask`` (broadcastable to ``values``) is True: padding then costs nothing, whatever it holds
+    (``where``, not a product, so even an inf/NaN there cannot leak into the sum)."""
+    if mask is not None:
+        values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
     return values.flatten(1).sum(1)
 
 
@@ -30,17 +34,23 @@ def bernoulli_log_prob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -_per_sample(nll)
 
 
-def gaussian_log_prob(mean: torch.Tensor, log_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log N(x | mean, exp(log_scale)²) per sample ``[B]`` (a density: continuous data)."""
+def gaussian_log_prob(
+    mean: torch.Tensor, log_scale: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log N(x | mean, exp(log_scale)²) per sample ``[B]`` (a density: continuous data), summed
+    over the entries where ``mask`` (broadcastable to ``x``, e.g. real audio frames) is True."""
     mean, log_scale, x = mean.float(), log_scale.float(), x.float()
     z = (x - mean) * torch.exp(-log_scale)
-    return _per_sample(-0.5 * z * z - log_scale - 0.5 * LOG_2PI)
+    return _per_sample(-0.5 * z * z - log_scale - 0.5 * LOG_2PI, mask)
 
 
-def laplace_log_prob(loc: torch.Tensor, log_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log Laplace(x | loc, exp(log_scale)) per sample ``[B]`` (a density)."""
+def laplace_log_prob(
+    loc: torch.Tensor, log_scale: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log Laplace(x | loc, exp(log_scale)) per sample ``[B]`` (a density), over ``mask`` like
+    :func:`gaussian_log_prob`."""
     loc, log_scale, x = loc.float(), log_scale.float(), x.float()
-    return _per_sample(-(x - loc).abs() * torch.exp(-log_scale) - log_scale - math.log(2.0))
+    return _per_sample(-(x - loc).abs() * torch.exp(-log_scale) - log_scale - math.log(2.0), mask)
 
 
 def discretized_logistic_log_prob(

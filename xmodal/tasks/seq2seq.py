@@ -21,7 +21,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from xmodal.data.tokenizer import WordTokenizer, normalize
-from xmodal.images import SampleSet, caption_grid
+from xmodal.images import SampleSet, caption_grid, spectrogram_images
 from xmodal.metrics.caption import caption_scores
 from xmodal.nn.audio import LogMelEncoder
 from xmodal.nn.image import ConvImageEncoder, FactorizedImageEncoder
@@ -37,13 +37,6 @@ DECODING_DEFAULTS: dict[str, Any] = {
     "decode_cache": True,
 }
 """Decoding options of ``model`` (checkpoints written before an option existed get its default)."""
-
-
-def spectrogram_images(mels: torch.Tensor) -> torch.Tensor:
-    """Log-mel ``[B, 1, M, T]`` → grey images ``[B, 1, M, T]`` in [-1, 1], low bands at the bottom."""
-    flat = mels.flatten(1)
-    low, high = flat.min(1).values[:, None, None, None], flat.max(1).values[:, None, None, None]
-    return ((mels - low) / (high - low).clamp(min=1e-6) * 2 - 1).flip(2)
 
 
 class CaptionTask(XmodalTask):

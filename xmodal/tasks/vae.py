@@ -11,7 +11,11 @@ run draws exactly what an uninterrupted one would. Evaluation noise (the fixed b
 the IWAE samples) is seeded per sample by its ``__key__``, so val/test numbers do not depend on
 batch size, rank count or how often validation ran.
 
-The target modality is ``model["target"]`` (``image`` now); the nets see only ``[B, C, H, W]``.
+The target modality is ``model["target"]``: ``image`` (``[B, C, H, W]`` in [-1, 1]) or ``audio``
+(log-mel ``[B, 1, M, T]``, mapped to about [-1, 1] by the fixed :func:`log_mel_to_unit`); the nets
+see only ``[B, C, H, W]``, so text→image and text→audio are the same code. Audio frames past a
+clip's end (``audio_mask`` False) are set to silence before the encoder and left out of every
+log-likelihood sum, so padding costs nothing; ``*_bpd`` then divides by the real dimensions only.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from xmodal.data.audio import LOG_FLOOR
 from xmodal.data.tokenizer import WordTokenizer
-from xmodal.images import SampleSet, caption_grid, image_grid
+from xmodal.images import SampleSet, caption_grid, image_grid, spectrogram_images
 from xmodal.metrics.likelihood import (
     ActiveUnits,
     bernoulli_log_prob,
@@ -45,6 +50,25 @@ from xmodal.tasks.schedule import with_warmup_cosine
 SCALARS = ("nll", "neg_elbo", "recon", "kl", "nll_bpd", "neg_elbo_bpd")
 EVAL_ROWS_PER_PASS = 1024
 """Decoder rows (samples × importance samples) per forward in IWAE evaluation (bounds memory)."""
+
+# A fixed affine, not data statistics, so every split, rank, resumed run and checkpoint sees the
+# same map and NLLs stay comparable between runs. The low end is the log-mel front end's floor
+# log(LOG_FLOOR = 1e-6) ≈ -13.8 (silence, and what padded frames hold) → -1; the high end 8.0 sits
+# above the loudest shapes clip (≈ 7.1 on 64 mels: three tones at 0.3 of full scale) → +1. Louder
+# data merely lands above 1: the Gaussian and Laplace likelihoods are unbounded, only the displayed
+# images clip.
+LOG_MEL_LOW = math.log(LOG_FLOOR)
+LOG_MEL_HIGH = 8.0
+
+
+def log_mel_to_unit(mels: torch.Tensor) -> torch.Tensor:
+    """Natural-log mel power → model units: LOG_MEL_LOW → -1, LOG_MEL_HIGH → +1 (same shape)."""
+    return (mels.float() - LOG_MEL_LOW) * (2.0 / (LOG_MEL_HIGH - LOG_MEL_LOW)) - 1.0
+
+
+def unit_to_log_mel(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`log_mel_to_unit` (model units → natural-log mel power)."""
+    return (x.float() + 1.0) * ((LOG_MEL_HIGH - LOG_MEL_LOW) / 2.0) + LOG_MEL_LOW
 
 
 def kl_weight(
@@ -84,21 +108,29 @@ def keyed_noise(
 
 
 def log_likelihood(
-    kind: str, location: torch.Tensor, log_scale: torch.Tensor | None, targets: torch.Tensor
+    kind: str,
+    location: torch.Tensor,
+    log_scale: torch.Tensor | None,
+    targets: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """log p(targets | decoder output) per sample ``[B]`` for the configured likelihood."""
+    """log p(targets | decoder output) per sample ``[B]`` for the configured likelihood, summed
+    over the entries where ``mask`` (``[B, 1, 1, T]`` real audio frames; None = all) is True."""
     if kind == "bernoulli":
+        assert mask is None, "masked targets (audio) take the gaussian or laplace likelihood"
         return bernoulli_log_prob(location, targets)
     assert log_scale is not None
     if kind == "gaussian":
-        return gaussian_log_prob(location, log_scale, targets)
+        return gaussian_log_prob(location, log_scale, targets, mask)
     if kind == "laplace":
-        return laplace_log_prob(location, log_scale, targets)
+        return laplace_log_prob(location, log_scale, targets, mask)
+    assert mask is None, "masked targets (audio) take the gaussian or laplace likelihood"
     return discretized_logistic_log_prob(location, log_scale, targets)
 
 
 class VaeTask(XmodalTask):
-    """VAE / β-VAE / conditional VAE over ``batch[model["target"]]`` (``[B, C, H, W]``).
+    """VAE / β-VAE / conditional VAE over ``batch[model["target"]]`` (``[B, C, H, W]`` images or
+    ``[B, 1, M, T]`` log-mels).
 
     ``model`` is the ``model`` config node as a plain dict (``model["vae"]`` = VaeConfig),
     ``vocab`` the tokenizer vocabulary (text conditions), ``data`` the data shape; all saved as
@@ -134,6 +166,10 @@ class VaeTask(XmodalTask):
             learn_sigma=self.vae["learn_sigma"],
             sigma=self.vae["sigma"],
         )
+        if self.target == "audio":
+            # Most log-mel bins are silence (-1 in model units): starting the decoder there lets the
+            # first steps learn the tones instead of walking the whole output down from 0.
+            nn.init.constant_(self.decoder.out.bias, -1.0)
         # Drawn from the (seeded) global RNG once, then saved with the weights: training noise is
         # a function of (noise_seed, step, rank), so resuming reproduces it.
         self.register_buffer("noise_seed", torch.randint(0, 2**62, (), dtype=torch.int64))
@@ -174,6 +210,34 @@ class VaeTask(XmodalTask):
         self.total_steps = max_steps if max_steps > 0 else int(self.trainer.estimated_stepping_batches)
 
     # ----------------------------------------------------------------- model pieces
+    def target_data(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The generated modality in model units and the mask of what counts in its likelihood.
+
+        Images: ``[B, C, H, W]`` in [-1, 1], no mask. Audio: log-mels in model units with padded
+        frames set to silence (-1), so the encoder cannot read what padding holds, and the real-frame
+        mask ``[B, 1, 1, T]`` that keeps it out of the log-likelihood.
+        """
+        data = batch[self.target]
+        if self.target != "audio":
+            return data, None
+        mask = batch["audio_mask"].bool()[:, None, None, :]  # [B, 1, 1, T] True on real frames
+        silence = torch.full((), -1.0, device=data.device)
+        return torch.where(mask, log_mel_to_unit(data), silence), mask  # [B, 1, M, T], mask
+
+    def real_dims(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """Data dimensions each sample's likelihood sums over ``[B]`` (bits/dim divide by these)."""
+        if mask is None:
+            return torch.full((batch_size,), float(self.dims), device=self.device)
+        per_frame = self.dims // self.shape[-1]  # C·M values per frame
+        return mask.flatten(1).sum(1).float() * per_frame  # [B]
+
+    def as_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-unit samples ``[B, C, H, W]`` → displayable images in [-1, 1] (audio: a
+        spectrogram on the fixed model scale, low bands at the bottom)."""
+        if self.target == "audio":
+            return spectrogram_images(x, value_range=(-1.0, 1.0))
+        return x
+
     def prepare(
         self, images: torch.Tensor, uniform: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +279,7 @@ class VaeTask(XmodalTask):
 
     def elbo_terms(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """One-sample ELBO pieces per sample: recon log-likelihood ``[B]``, KL per dim ``[B, Z]``."""
-        images = batch[self.target]  # [B, C, H, W]
+        images, mask = self.target_data(batch)  # [B, C, H, W], [B, 1, 1, T] | None
         uniform, eps = self.train_noise(images)
         targets, x = self.prepare(images, uniform)
         cond = self.conditioning(batch)
@@ -223,7 +287,7 @@ class VaeTask(XmodalTask):
         z = mu + torch.exp(0.5 * logvar) * eps  # [B, Z]
         location, log_scale = self.decoder(z, cond)
         with torch.autocast(device_type=images.device.type, enabled=False):
-            recon = log_likelihood(self.likelihood, location.float(), _f32(log_scale), targets.float())
+            recon = log_likelihood(self.likelihood, location.float(), _f32(log_scale), targets.float(), mask)
             kl_dims = gaussian_kl_per_dim(mu, logvar)  # [B, Z]
         return {"recon": recon, "kl_dims": kl_dims}
 
@@ -262,7 +326,7 @@ class VaeTask(XmodalTask):
         first of the k samples, so IWAE-k ≥ ELBO holds per sample up to that one draw.
         """
         k = k or self.vae["iwae_k"]
-        images = batch[self.target]  # [B, C, H, W]
+        images, mask = self.target_data(batch)  # [B, C, H, W], [B, 1, 1, T] | None
         b = images.shape[0]
         z_dim = self.vae["z_dim"]
         uniform, eps = keyed_noise(batch["__key__"], tuple(images.shape[1:]), (k, z_dim))
@@ -281,7 +345,10 @@ class VaeTask(XmodalTask):
             location, log_scale = self.decoder(z.reshape(b * m, z_dim), cond_m)
             with torch.autocast(device_type=images.device.type, enabled=False):
                 rep = targets.float().repeat_interleave(m, dim=0)  # [B·m, C, H, W]
-                log_px = log_likelihood(self.likelihood, location.float(), _f32(log_scale), rep).view(b, m)
+                rep_mask = None if mask is None else mask.repeat_interleave(m, dim=0)  # [B·m, 1, 1, T]
+                log_px = log_likelihood(
+                    self.likelihood, location.float(), _f32(log_scale), rep, rep_mask
+                ).view(b, m)
                 log_pz = log_standard_normal(z)  # [B, m]
                 log_qz = log_normal_diag(z, mu[:, None], logvar[:, None])  # [B, m]
             if recon_first is None:
@@ -293,6 +360,7 @@ class VaeTask(XmodalTask):
             "recon": recon_first,  # [B]
             "kl_dims": gaussian_kl_per_dim(mu, logvar),  # [B, Z]
             "mu": mu,  # [B, Z]
+            "dims": self.real_dims(mask, b),  # [B] dimensions the likelihood counted
         }
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
@@ -300,7 +368,7 @@ class VaeTask(XmodalTask):
         out = self.evaluate_batch(batch)
         kl_dims = out["kl_dims"][valid]  # [V, Z]
         kl, recon, nll = kl_dims.sum(1), -out["recon"][valid], -out["log_likelihood"][valid]
-        bits = self.dims * math.log(2.0)
+        bits = out["dims"][valid] * math.log(2.0)  # [V] real dimensions only (audio padding is free)
         values = {"nll": nll, "neg_elbo": recon + kl, "recon": recon, "kl": kl}
         values |= {"nll_bpd": nll / bits, "neg_elbo_bpd": (recon + kl) / bits}
         for name, value in values.items():
@@ -323,7 +391,8 @@ class VaeTask(XmodalTask):
     # ----------------------------------------------------------------- samples
     @torch.no_grad()
     def sample(self, n: int, cond: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
-        """Mean images ``[n, C, H, W]`` in [-1, 1] decoded from prior draws (a fixed bank by seed)."""
+        """Means ``[n, C, H, W]`` in [-1, 1] (model units) decoded from prior draws (a fixed bank by
+        seed); :meth:`as_images` makes them displayable."""
         z = torch.randn((n, self.vae["z_dim"]), generator=torch.Generator().manual_seed(seed)).to(self.device)
         location, _ = self.decoder(z, cond)
         return self.display(location)
@@ -331,25 +400,28 @@ class VaeTask(XmodalTask):
     @torch.no_grad()
     def validation_samples(self, batch: dict[str, Any]) -> SampleSet:
         """Reconstructions (inputs row above, posterior-mean decodes below), prior samples, and for
-        a conditional model samples for the batch's captions/labels."""
+        a conditional model samples for the batch's captions/labels (the batch is a fixed set of
+        validation samples). Audio targets are shown as spectrograms on the fixed model scale."""
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        images = batch[self.target]
+        images, mask = self.target_data(batch)  # [B, C, H, W], [B, 1, 1, T] | None
         n = images.shape[0]
         uniform, _ = keyed_noise(batch["__key__"], tuple(images.shape[1:]), (1, 1))
         targets, x = self.prepare(images, uniform.to(self.device))
         cond = self.conditioning(batch)
         mu, _ = self.encode(x, cond)
-        recon = self.display(self.decoder(mu, cond)[0])
+        recon = self.display(self.decoder(mu, cond)[0])  # [B, C, H, W]
+        if mask is not None:  # padded frames are not modelled: show them as the silence they hold
+            recon = torch.where(mask, recon, x.float())
         columns = min(8, n)
         rows = []
         for start in range(0, n, columns):
             rows += [x[start : start + columns].float(), recon[start : start + columns]]
-        grids = {"reconstruction": image_grid(torch.cat(rows), columns=columns, scale=2)}
+        grids = {"reconstruction": image_grid(self.as_images(torch.cat(rows)), columns=columns, scale=2)}
         names = [_condition_text(batch, i, self.cfg["condition"]) for i in range(n)]
         if cond is None:
-            grids["prior"] = image_grid(self.sample(n), columns=columns, scale=2)
+            grids["prior"] = image_grid(self.as_images(self.sample(n)), columns=columns, scale=2)
         else:
-            grids["conditional"] = caption_grid(self.sample(n, cond), names)
+            grids["conditional"] = caption_grid(self.as_images(self.sample(n, cond)), names)
         table = [[key, name] for key, name in zip(batch["__key__"], names, strict=True)]
         return SampleSet(grids, ["key", "condition"], table)
 
