@@ -71,6 +71,8 @@ def test_every_group_option_composes_on_cpu(group, option):
             "model.vae.likelihood: must be",
         ),
         (["model.condition=colour"], "model.condition: must be one of ('none', 'label', 'text', 'audio')"),
+        (["model.image_encoder=vit"], "model.image_encoder: must be one of ('conv', 'factorized')"),
+        (["model.token_dropout=1.0"], "model.token_dropout: must be in [0, 1)"),
         (
             ["model.task=gan", "model.target=audio"],
             "model.target: the gan task generates images (got 'audio')",
