@@ -98,11 +98,10 @@ def _tar_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
         if header[257:262] == b"ustar" and header[345:346] != b"\0":
             name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
         size = int(pending["size"]) if "size" in pending else _octal(header[124:136])
-        padded = -(-size // _BLOCK) * _BLOCK
-        data = stream.read(padded)
-        if len(data) < padded:
+        padding = -(-size // _BLOCK) * _BLOCK - size
+        data = stream.read(size)  # exactly the member: slicing off the padding would copy it again
+        if len(data) < size or len(stream.read(padding)) < padding:
             raise ShardError(f"{shard}: unreadable tar (member {name!r} truncated)")
-        data = data[:size]
         if kind == b"x":  # PAX header for the next member
             # Writers add PAX headers for mtimes and the like; only path and size matter here.
             pending = _pax_records(data) if b" path=" in data or b" size=" in data else {}
