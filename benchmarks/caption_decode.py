@@ -29,6 +29,7 @@ import lightning as L
 import torch
 
 from xmodal.config import compose_config
+from xmodal.data.datamodule import images_to_float
 from xmodal.evaluate import load_task
 from xmodal.factory import build_datamodule, build_task, prepare_data
 from xmodal.tasks.seq2seq import CaptionTask
@@ -106,7 +107,7 @@ def plain_steps(cfg, tokenizer, datamodule, steps: int) -> float:
     for step, batch in enumerate(itertools.islice(iter(datamodule.train_dataloader()), steps + 5)):
         if step == 5:
             start = time.perf_counter()
-        loss = task.loss(batch, smoothing)
+        loss = task.loss(images_to_float(batch), smoothing)  # the task's own hook does this under Lightning
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(task.parameters(), 1.0)
