@@ -20,7 +20,7 @@ from xmodal.data.stream import (
     ShardStream,
     StreamLoader,
     Topology,
-    pack_small_tensors,
+    pack_tensors,
     plan_epoch,
     shards_from_dir,
     shuffle_order,
@@ -146,8 +146,8 @@ def test_dataloader_workers_yield_the_rank_plan(shards, context):
     assert loader_batches(loader) == expected
 
 
-def test_small_tensors_cross_packed_and_come_back_equal(shards):
-    # Workers pack ids, masks, labels and flags into one buffer; the loader unpacks them as they were.
+def test_tensors_cross_packed_in_one_buffer_and_come_back_equal(shards):
+    # Workers pack images, ids, masks, labels and flags into one buffer; the loader unpacks them as they were.
     def collate(rows):
         n = len(rows)
         return {
@@ -171,8 +171,8 @@ def test_small_tensors_cross_packed_and_come_back_equal(shards):
     )
     got = list(loader)
     assert len(got) == len(expected) > 2
-    packed = pack_small_tensors(expected[0])
-    assert set(packed) == {"image", "__key__", "__packed_tensors__"}  # image is big enough to go alone
+    packed = pack_tensors(expected[0])
+    assert set(packed) == {"__key__", "__packed_tensors__"}  # every tensor crosses in one buffer
     for batch, want in zip(got, expected, strict=True):
         assert list(batch) == list(want)  # key order kept
         for key, value in want.items():
