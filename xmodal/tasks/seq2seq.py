@@ -139,8 +139,9 @@ class CaptionTask(XmodalTask):
 
         Word dropout (Bowman et al. 2016) while training only: with the previous words sometimes
         hidden, the decoder must read each word from the source instead of from the words before
-        it, which is what lets it name colour–kind pairs it never saw together. The mask comes from
-        a generator seeded by (seed, rank, step): a resumed run drops the same words.
+        it (meant for unseen attribute pairs; on the shapes compositional split it did not help,
+        see BENCHMARKS.md). The mask comes from a generator seeded by (seed, rank, step): a resumed
+        run drops the same words.
         """
         rate = float(self.cfg.get("token_dropout", 0.0))
         if not self.training or rate == 0.0:
