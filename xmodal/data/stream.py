@@ -783,7 +783,7 @@ def unpack_tensors(batch: Any) -> Any:
         return batch
     buffer, layout, order = batch.pop(_PACKED)
     for key, dtype, shape, start in layout:
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        size = math.prod(shape) * dtype.itemsize
         batch[key] = buffer[start : start + size].view(dtype).view(shape)
     return {key: batch[key] for key in order}
 
