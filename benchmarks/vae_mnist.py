@@ -1,6 +1,6 @@
 """xmodal's VaeTask vs a plain-PyTorch VAE on binarised MNIST-5k, side by side in one process.
 
-    python benchmarks/vae_mnist.py [--steps 2000] [--threads 1] [--iwae-k 64] [--rounds 3]
+    python benchmarks/vae_mnist.py [--steps 2000] [--threads 1] [--iwae-k 64] [--paired-steps 300] [--rounds 0]
 
 Both sides use the same nets (``xmodal.nn.vae`` ConvEncoder/ConvDecoder from the ``mnist_vae``
 experiment's config), the same data (the built-in ``data=mnist`` shards: 4,000 train digits,
@@ -12,7 +12,9 @@ loop holds the decoded digits in one tensor and shuffles them itself.
 Printed: test NLL of each model from one shared IWAE-k evaluator written here from
 ``torch.distributions`` (nats; goal: xmodal within 1 nat), xmodal's own ``test/nll``, and
 training throughput in images/s over the steps after a warm-up (goal: xmodal ≥ 0.97× plain).
-On a shared machine the load drifts over minutes, so throughput is also measured in ``--rounds``
+On a shared machine the load drifts over minutes, so throughput is measured twice more:
+``--paired-steps``, where a plain step runs after every xmodal step in the same trainer (see
+``PlainStepsBetween``: both sides of each pair see the same load), and ``--rounds``
 short alternating runs (xmodal in-memory, i.e. fed the plain loop's decoded tensors; xmodal on
 the shard stream with ``data.num_workers`` 0 and 1; then plain) and the median ratio of each
 round is printed; ``--steps 0`` runs only those.
@@ -129,36 +131,13 @@ def run_xmodal_in_memory(cfg, train_x: torch.Tensor, steps: int) -> float:
 
 def run_plain(cfg, train_x: torch.Tensor, steps: int) -> tuple[torch.nn.Module, torch.nn.Module, float]:
     """The same VAE in a hand-written loop; (encoder, decoder, images/s)."""
-    torch.manual_seed(cfg.seed)
-    m, v = cfg.model, cfg.model.vae
-    shape = (1, cfg.data.image_size, cfg.data.image_size)
-    encoder = ConvEncoder(*shape, v.width, v.z_dim)
-    decoder = ConvDecoder(*shape, v.width, v.z_dim, likelihood="bernoulli")
-    params = [*encoder.parameters(), *decoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=m.lr, weight_decay=m.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, m.warmup_steps))
-    batch, n = cfg.data.batch_size, len(train_x)
-    order, position, start = torch.randperm(n), 0, None
-    for step in range(steps):
-        if step == WARMUP_STEPS:
+    step, encoder, decoder = plain_stepper(cfg, train_x, steps)
+    start = None
+    for i in range(steps):
+        if i == WARMUP_STEPS:
             start = time.perf_counter()
-        if position + batch > n:
-            order, position = torch.randperm(n), 0
-        x = torch.bernoulli(train_x[order[position : position + batch]])  # [B, 1, H, W] dynamic
-        position += batch
-        mu, logvar = encoder(x * 2 - 1)
-        logvar = logvar.clamp(-v.logvar_clamp, v.logvar_clamp)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        logits, _ = decoder(z)
-        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
-        loss = (recon + kl).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.trainer.gradient_clip_val)
-        optimizer.step()
-        scheduler.step()
-    rate = (steps - WARMUP_STEPS) * batch / (time.perf_counter() - start)
+        step()
+    rate = (steps - WARMUP_STEPS) * cfg.data.batch_size / (time.perf_counter() - start)
     return encoder, decoder, rate
 
 
@@ -177,6 +156,95 @@ def iwae_nll(encoder, decoder, x: torch.Tensor, k: int, seed: int = 1) -> float:
         log_w = log_px + D.Normal(0.0, 1.0).log_prob(z).sum(2) - q.log_prob(z).sum(2)  # [k, B]
         total += (math.log(k) - torch.logsumexp(log_w, 0)).sum().item()
     return total / len(x)
+
+
+class PlainStepsBetween(L.Callback):
+    """Pairs every xmodal step with one plain-PyTorch step in the same process: after each
+    Lightning batch ends, one step of the hand-written loop runs. Wall time from the end of one
+    plain step to the end of the next Lightning batch is xmodal's step (its batch fetch, hooks,
+    forward, backward, clipping and optimizer step); the plain step is timed on its own. Machine
+    load then touches both sides of each pair alike, which separate runs minutes apart cannot
+    promise on a shared VM (their ratio moved ±5 % from round to round)."""
+
+    def __init__(self, plain_step) -> None:
+        self.plain_step = plain_step
+        self.mark: float | None = None
+        self.xmodal: list[float] = []
+        self.plain: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self.mark is not None and trainer.global_step > WARMUP_STEPS:
+            self.xmodal.append(now - self.mark)
+        self.plain_step()
+        plain_end = time.perf_counter()
+        if trainer.global_step > WARMUP_STEPS:
+            self.plain.append(plain_end - now)
+        self.mark = plain_end
+
+
+def plain_stepper(cfg, train_x: torch.Tensor, steps: int):
+    """The hand-written loop as (one-step function, encoder, decoder): the same nets, optimizer,
+    schedule and clipping as the task, data held in memory and shuffled here."""
+    torch.manual_seed(cfg.seed)
+    m, v = cfg.model, cfg.model.vae
+    shape = (1, cfg.data.image_size, cfg.data.image_size)
+    encoder = ConvEncoder(*shape, v.width, v.z_dim)
+    decoder = ConvDecoder(*shape, v.width, v.z_dim, likelihood="bernoulli")
+    params = [*encoder.parameters(), *decoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=m.lr, weight_decay=m.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, m.warmup_steps))
+    batch, n = cfg.data.batch_size, len(train_x)
+    state = {"order": torch.randperm(n), "position": 0}
+
+    def step() -> None:
+        if state["position"] + batch > n:
+            state["order"], state["position"] = torch.randperm(n), 0
+        rows = state["order"][state["position"] : state["position"] + batch]
+        state["position"] += batch
+        x = torch.bernoulli(train_x[rows])  # [B, 1, H, W] dynamic
+        mu, logvar = encoder(x * 2 - 1)
+        logvar = logvar.clamp(-v.logvar_clamp, v.logvar_clamp)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        logits, _ = decoder(z)
+        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
+        loss = (recon + kl).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.trainer.gradient_clip_val)
+        optimizer.step()
+        scheduler.step()
+
+    return step, encoder, decoder
+
+
+def throughput_paired(cfg, train_x: torch.Tensor, steps: int) -> None:
+    """xmodal (in-memory, shard stream with 0 and 1 workers) with a plain step after each of its
+    steps; images/s of each side and the ratio of their summed step times."""
+    from omegaconf import open_dict
+
+    print(f"throughput, paired steps ({steps} steps, {WARMUP_STEPS} warm-up excluded; images/s):")
+    batch = cfg.data.batch_size
+    for name in ("in-memory", "0 workers", "1 worker"):
+        pairing = PlainStepsBetween(plain_stepper(cfg, train_x, steps)[0])
+        L.seed_everything(cfg.seed)
+        trainer = bare_trainer(cfg, steps, pairing)
+        if name == "in-memory":
+            task = build_task(cfg, WordTokenizer(["<pad>", "<bos>", "<eos>", "<unk>"]))
+            loader = torch.utils.data.DataLoader(InMemoryBatches(train_x, batch, cfg.seed), batch_size=None)
+            trainer.fit(task, train_dataloaders=loader)
+        else:
+            with open_dict(cfg):
+                cfg.data.num_workers = int(name[0])
+            datamodule = build_datamodule(cfg, prepare_data(cfg))
+            trainer.fit(build_task(cfg, datamodule.build_tokenizer()), datamodule=datamodule)
+        x_time, p_time = sum(pairing.xmodal), sum(pairing.plain[: len(pairing.xmodal)])
+        n = len(pairing.xmodal)
+        print(
+            f"  xmodal, {name:10}{n * batch / x_time:8.0f}   plain {n * batch / p_time:6.0f}"
+            f"   ratio {p_time / x_time:.3f}"
+        )
 
 
 def throughput_rounds(cfg, train_x: torch.Tensor, rounds: int, steps: int) -> None:
@@ -214,7 +282,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--iwae-k", type=int, default=64)
     parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--paired-steps", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=0)
     parser.add_argument("--round-steps", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -237,6 +306,8 @@ def main() -> None:
     print(
         f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}"
     )
+    if args.paired_steps > 0:
+        throughput_paired(cfg, train_x, args.paired_steps)
     if args.rounds > 0:
         throughput_rounds(cfg, train_x, args.rounds, args.round_steps)
     if args.steps <= 0:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import make_tar
 from xmodal.config import ConfigError, compose_config, validate
@@ -193,3 +194,73 @@ def test_optional_modalities_come_from_config_without_doubling_required_ones():
     assert spec.required == ("image", "text") and spec.optional == ("audio",)
     with pytest.raises(ConfigError, match="data.optional_modalities: must name modalities"):
         validate(compose_config(["data.optional_modalities=[smell]"]))
+
+
+def encoded(mode: str, fmt: str, size: tuple[int, int] = (48, 40), **options) -> bytes:
+    """Noisy pixels in ``mode``, saved as ``fmt`` (noise: every decoder difference would show)."""
+    pixels = np.random.default_rng(len(mode) + len(fmt)).integers(
+        0, 255, (size[1], size[0], 4), dtype=np.uint8
+    )
+    image = Image.fromarray(pixels, "RGBA")
+    image = image.convert(mode) if mode == "RGBA" else image.convert("RGB").convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+# (mode, format, options, channels) → whether libspng / libjpeg-turbo decode it (else PIL does).
+FAST_CASES = [
+    ("RGB", "JPEG", {}, 3, True),
+    ("RGB", "JPEG", {"subsampling": 0}, 3, True),
+    ("L", "JPEG", {}, 3, True),
+    ("L", "JPEG", {}, 1, True),
+    ("RGB", "JPEG", {}, 1, False),  # PIL's luma weights, not the JPEG's Y channel
+    ("CMYK", "JPEG", {}, 3, False),
+    ("RGB", "PNG", {}, 3, True),
+    ("L", "PNG", {}, 1, True),
+    ("L", "PNG", {}, 3, False),
+    ("RGBA", "PNG", {}, 3, False),
+    ("P", "PNG", {}, 3, False),
+    ("RGB", "WEBP", {}, 3, False),
+]
+
+
+@pytest.mark.parametrize(("mode", "fmt", "options", "channels", "fast"), FAST_CASES)
+def test_fast_decoders_give_the_same_pixels_as_pil(mode, fmt, options, channels, fast):
+    from xmodal.data.pixels import _decode_fast, decode_image, decode_pil
+
+    data = encoded(mode, fmt, **options)
+    by_pil = np.asarray(decode_pil(data, channels, 10**9)).reshape(40, 48, channels)  # [H, W, C]
+    by_library = _decode_fast(data, channels, 10**9)
+    assert (by_library is not None) == fast
+    if fast:
+        assert by_library.shape == by_pil.shape and np.array_equal(by_library, by_pil)
+    # The public path agrees with PIL for every case, fitted or not.
+    assert torch.equal(
+        decode_image(data, 40, channels=channels, fit="center_crop"), decode_image_by_pil(data, 40, channels)
+    )
+
+
+def decode_image_by_pil(data: bytes, size: int, channels: int) -> torch.Tensor:
+    from xmodal.data.pixels import _fit, decode_pil
+
+    fitted = np.asarray(_fit(decode_pil(data, channels, 10**9), size, "center_crop", None))
+    return torch.from_numpy(fitted.reshape(size, size, channels).copy()).permute(2, 0, 1)
+
+
+def test_fast_path_refuses_oversized_and_broken_files_with_the_pil_path_s_errors():
+    from PIL import UnidentifiedImageError
+
+    from xmodal.data.pixels import decode_image
+
+    for fmt in ("PNG", "JPEG"):
+        with pytest.raises(ValueError, match=r"image of 48×40 pixels exceeds data.max_image_pixels=1000"):
+            decode_image(encoded("RGB", fmt), 40, max_pixels=1000)
+    jpeg = encoded("RGB", "JPEG")
+    with pytest.raises(OSError, match="truncated"):  # not returned grey-filled by libjpeg-turbo
+        decode_image(jpeg[: len(jpeg) // 2], 40)
+    png = encoded("RGB", "PNG")
+    with pytest.raises(OSError):
+        decode_image(png[: len(png) // 2], 40)
+    with pytest.raises(UnidentifiedImageError):
+        decode_image(b"\xff\xd8<html>not a jpeg</html>", 40)

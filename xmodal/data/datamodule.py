@@ -14,7 +14,6 @@ references per row) and ``__key__`` as lists.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
@@ -27,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from PIL import Image
 
 from xmodal.data.audio import LOG_FLOOR, decode_audio
+from xmodal.data.pixels import MAX_IMAGE_PIXELS, decode_image
 from xmodal.data.shards import ShardError, iter_shard, split_shards
 from xmodal.data.stream import ShardStream, StreamLoader, Topology, shards_from_dir
 from xmodal.data.tokenizer import WordTokenizer
@@ -41,7 +39,6 @@ from xmodal.data.tokenizer import WordTokenizer
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
-MAX_IMAGE_PIXELS = 50_000_000
 AUDIO_EXTENSIONS = ("wav", "flac")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 
@@ -68,51 +65,6 @@ class DecodeSpec:
     image_fit: str = "resize"
     """resize (stretch to a square) | center_crop (short side to size, centre cut) | random_crop
     (short side to 9/8 × size, a random cut per epoch in training, the centre in evaluation)."""
-
-
-IMAGE_FITS = ("resize", "center_crop", "random_crop")
-
-
-def _fit(img: Image.Image, size: int, fit: str, rng: random.Random | None) -> Image.Image:
-    """Bring an image to ``size``×``size``: stretched, or scaled by its short side and cut."""
-    if fit == "resize":
-        return img if img.size == (size, size) else img.resize((size, size), Image.BICUBIC)
-    short = size if fit == "center_crop" else -(-size * 9 // 8)
-    width, height = img.size
-    scale = short / min(width, height)
-    scaled = (max(short, round(width * scale)), max(short, round(height * scale)))
-    if scaled != img.size:
-        img = img.resize(scaled, Image.BICUBIC)
-    spare_x, spare_y = scaled[0] - size, scaled[1] - size
-    if rng is None:  # centre
-        left, top = spare_x // 2, spare_y // 2
-    else:
-        left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
-    return img.crop((left, top, left + size, top + size))
-
-
-def decode_image(
-    data: bytes,
-    image_size: int,
-    max_pixels: int = MAX_IMAGE_PIXELS,
-    channels: int = 3,
-    fit: str = "resize",
-    rng: random.Random | None = None,
-) -> torch.Tensor:
-    """PNG/JPEG bytes → uint8 ``[C, H, W]`` (kept uint8 in memory: 4× smaller than float).
-
-    The size in the header is checked before any pixel is decoded, so a decompression bomb costs
-    nothing; too large or unreadable images raise (a counted skip in the stream). ``rng`` places
-    a ``random_crop`` (None: the centre).
-    """
-    with Image.open(io.BytesIO(data)) as img:
-        width, height = img.size
-        if width * height > max_pixels:
-            raise ValueError(f"image of {width}×{height} pixels exceeds data.max_image_pixels={max_pixels}")
-        img = _fit(img.convert("RGB" if channels == 3 else "L"), image_size, fit, rng)
-        array = np.asarray(img, dtype=np.uint8)  # [H, W, 3] or [H, W]
-    tensor = torch.from_numpy(array.copy())
-    return tensor.permute(2, 0, 1) if tensor.ndim == 3 else tensor[None]  # [C, H, W]
 
 
 def sample_captions(sample: dict[str, Any], meta: dict[str, Any] | None = None) -> list[str]:

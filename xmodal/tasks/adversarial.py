@@ -319,8 +319,7 @@ class AdversarialTask(XmodalTask):
             "train/g_grad_norm": g_norm,
             **{f"train/{k}": v for k, v in stats.items()},
         }
-        self.log_dict(logged, prog_bar=False, batch_size=n)
-        self.log("train/skipped_steps", float(self.skipped_steps), batch_size=n)
+        self.log_train_scalars({**logged, "train/skipped_steps": float(self.skipped_steps)}, n)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gan_iteration"] = self.iteration

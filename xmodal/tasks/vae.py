@@ -309,12 +309,8 @@ class VaeTask(XmodalTask):
             self.total_steps,
         )
         loss = -recon + weight * kl_term
-        size = int(n)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/neg_elbo", kl - recon, batch_size=size)
-        self.log("train/recon", -recon, batch_size=size)
-        self.log("train/kl", kl, batch_size=size)
-        self.log("train/kl_weight", weight, batch_size=size)
+        scalars = {"train/loss": loss, "train/neg_elbo": kl - recon, "train/recon": -recon, "train/kl": kl}
+        self.log_train_scalars({**scalars, "train/kl_weight": weight}, int(n), prog_bar=("train/loss",))
         return loss
 
     # ----------------------------------------------------------------- evaluation
