@@ -11,10 +11,11 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from xmodal.data.datamodule import images_to_float
 
-# The hook lives on the task, so it also runs for dataloaders handed to trainer.test directly (the
-# holdout split, xmodal-eval); Lightning warns when a datamodule is passed too, then uses this one.
+# The hooks live on the task, so they also run for dataloaders handed to trainer.test directly (the
+# holdout split, xmodal-eval); Lightning warns when a datamodule is passed too, then uses these.
 warnings.filterwarnings(
-    "ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule`"
+    "ignore",
+    message="You have overridden `(on_after_batch_transfer|transfer_batch_to_device)` in `LightningModule`",
 )
 
 # Batch entries that are per-row Python metadata (see BatchCollate): never tensors, never moved.
