@@ -22,7 +22,6 @@ import torch
 from PIL import Image
 
 MAX_IMAGE_PIXELS = 50_000_000
-IMAGE_FITS = ("resize", "center_crop", "random_crop")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_START = b"\xff\xd8"
