@@ -69,7 +69,7 @@ class StepTimer(L.Callback):
         self.steps = trainer.global_step - WARMUP_STEPS
 
 
-def bare_trainer(cfg, steps: int, timer: L.Callback) -> L.Trainer:
+def bare_trainer(cfg, steps: int, *callbacks: L.Callback) -> L.Trainer:
     """The Lightning side of both xmodal rows: CPU, no validation, logging or checkpoints."""
     return L.Trainer(
         accelerator="cpu",
@@ -81,17 +81,19 @@ def bare_trainer(cfg, steps: int, timer: L.Callback) -> L.Trainer:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=list(callbacks),
     )
 
 
-def run_xmodal(cfg, steps: int, test: bool = True) -> tuple[torch.nn.Module, float, float]:
+def run_xmodal(
+    cfg, steps: int, test: bool = True, *callbacks: L.Callback
+) -> tuple[torch.nn.Module, float, float]:
     """Train VaeTask with Lightning on the shard stream; (task, images/s, its own test/nll)."""
     L.seed_everything(cfg.seed)
     datamodule = build_datamodule(cfg, prepare_data(cfg))
     task = build_task(cfg, datamodule.build_tokenizer())
     timer = StepTimer()
-    trainer = bare_trainer(cfg, steps, timer)
+    trainer = bare_trainer(cfg, steps, timer, *callbacks)
     trainer.fit(task, datamodule=datamodule)
     rate = timer.steps * cfg.data.batch_size / timer.elapsed
     if not test:
@@ -115,13 +117,13 @@ class InMemoryBatches(torch.utils.data.IterableDataset):
                 yield {"image": self.images[rows], "valid": torch.ones(len(rows), dtype=torch.bool)}
 
 
-def run_xmodal_in_memory(cfg, train_x: torch.Tensor, steps: int) -> float:
+def run_xmodal_in_memory(cfg, train_x: torch.Tensor, steps: int, *callbacks: L.Callback) -> float:
     """VaeTask under Lightning fed the plain loop's in-memory tensors: images/s without the shard
     stream (isolates the task + Lightning overhead from PNG decoding)."""
     L.seed_everything(cfg.seed)
     task = build_task(cfg, WordTokenizer(["<pad>", "<bos>", "<eos>", "<unk>"]))
     timer = StepTimer()
-    trainer = bare_trainer(cfg, steps, timer)
+    trainer = bare_trainer(cfg, steps, timer, *callbacks)
     loader = torch.utils.data.DataLoader(
         InMemoryBatches(train_x, cfg.data.batch_size, cfg.seed), batch_size=None
     )
@@ -228,17 +230,12 @@ def throughput_paired(cfg, train_x: torch.Tensor, steps: int) -> None:
     batch = cfg.data.batch_size
     for name in ("in-memory", "0 workers", "1 worker"):
         pairing = PlainStepsBetween(plain_stepper(cfg, train_x, steps)[0])
-        L.seed_everything(cfg.seed)
-        trainer = bare_trainer(cfg, steps, pairing)
         if name == "in-memory":
-            task = build_task(cfg, WordTokenizer(["<pad>", "<bos>", "<eos>", "<unk>"]))
-            loader = torch.utils.data.DataLoader(InMemoryBatches(train_x, batch, cfg.seed), batch_size=None)
-            trainer.fit(task, train_dataloaders=loader)
+            run_xmodal_in_memory(cfg, train_x, steps, pairing)
         else:
             with open_dict(cfg):
                 cfg.data.num_workers = int(name[0])
-            datamodule = build_datamodule(cfg, prepare_data(cfg))
-            trainer.fit(build_task(cfg, datamodule.build_tokenizer()), datamodule=datamodule)
+            run_xmodal(cfg, steps, False, pairing)
         x_time, p_time = sum(pairing.xmodal), sum(pairing.plain[: len(pairing.xmodal)])
         n = len(pairing.xmodal)
         print(

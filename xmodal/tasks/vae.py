@@ -309,8 +309,14 @@ class VaeTask(XmodalTask):
             self.total_steps,
         )
         loss = -recon + weight * kl_term
-        scalars = {"train/loss": loss, "train/neg_elbo": kl - recon, "train/recon": -recon, "train/kl": kl}
-        self.log_train_scalars({**scalars, "train/kl_weight": weight}, int(n), prog_bar=("train/loss",))
+        scalars = {
+            "train/loss": loss,
+            "train/neg_elbo": kl - recon,
+            "train/recon": -recon,
+            "train/kl": kl,
+            "train/kl_weight": weight,
+        }
+        self.log_train_scalars(scalars, int(n), prog_bar=("train/loss",))
         return loss
 
     # ----------------------------------------------------------------- evaluation
