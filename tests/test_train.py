@@ -31,6 +31,34 @@ def test_every_experiment_runs_with_fast_dev_run(experiment, tiny, tmp_path):
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == steps
 
 
+def test_a_finished_run_destroys_the_process_group_and_a_failed_one_leaves_it(tiny, monkeypatch):
+    # Exiting with gloo's threads alive aborted 2-rank runs now and then ("terminate called without
+    # an active exception"); a failed rank must not destroy it (its peers may sit in a collective).
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        with monkeypatch.context() as patch:
+
+            def fail_in_test(*args, **kwargs):
+                raise RuntimeError("test stage failed")
+
+            patch.setattr("xmodal.train.test_best_checkpoint", fail_in_test)
+            with pytest.raises(RuntimeError, match="test stage failed"):
+                train(compose_config([*tiny, "debug=fdr"]))
+        assert dist.is_initialized()
+        train(compose_config([*tiny, "debug=fdr"]))
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_default_experiment_learns_and_leaves_a_complete_run_dir(tiny, tmp_path):
     overrides = [*tiny, "logger=csv", "trainer.max_steps=60", "trainer.val_check_interval=15", "run.id=learn"]
     metrics = train(compose_config(overrides))

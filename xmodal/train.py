@@ -86,6 +86,21 @@ def finish_wandb(failed: bool) -> None:
         wandb.finish(exit_code=1 if failed else 0)
 
 
+def release_process_group() -> None:
+    """Destroy the default process group once a run has finished well.
+
+    Lightning leaves it alive. A process that then exits with gloo's worker threads still holding
+    work objects can die in interpreter teardown with SIGABRT ("terminate called without an active
+    exception", pytorch/pytorch#179291): seen now and then on 2 CPU ranks under load. Only after
+    success: a rank that failed may have left its peers inside a collective, and destroying the group
+    then can hang instead of exiting (pytorch/torchtitan#1342).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def test_best_checkpoint(
     cfg: DictConfig, trainer: L.Trainer, checkpoint: Any, task: Any, tokenizer: WordTokenizer, datamodule: Any
 ) -> dict[str, float]:
@@ -168,6 +183,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         summary["data_errors"] = datamodule.errors()
         if trainer.is_global_zero:
             write_json_atomic(run.dir / "metrics.json", summary)
+        release_process_group()
         failed = False
         return metrics
     finally:

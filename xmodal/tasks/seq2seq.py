@@ -249,7 +249,8 @@ class CaptionTask(XmodalTask):
         self.scored = True
         scores = caption_scores([hyp for _, hyp, _ in rows], [refs for _, _, refs in rows])
         for name, value in scores.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name in ("bleu4", "cider"))
+            # One value per split, logged once: batch_size=1 spares Lightning guessing from the batch.
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("bleu4", "cider"), batch_size=1)
 
     def on_validation_epoch_start(self) -> None:
         self.eval_rows, self.scored = [], False
