@@ -16,7 +16,7 @@ from xmodal.factory import build_task
 from xmodal.metrics.caption import caption_scores, cider_d, corpus_bleu, rouge_l
 from xmodal.nn.attention import padding_bias
 from xmodal.nn.audio import LogMelEncoder
-from xmodal.nn.image import FactorizedImageEncoder
+from xmodal.nn.image import FactorizedImageEncoder, saturated_value
 from xmodal.nn.text import TransformerTextDecoder
 from xmodal.train import train
 
@@ -238,18 +238,30 @@ def test_compositional_experiment_also_tests_the_unseen_pairs(tiny, tmp_path):
 def test_factorized_encoder_sees_shape_without_colour_and_colour_without_outline():
     torch.manual_seed(0)
     encoder = FactorizedImageEncoder([16, 32], d_model=32, image_size=32, patch=4)
-    square = torch.full((1, 3, 32, 32), -1.0)  # [1, 3, H, W] a dark background
-    square[:, 0, 8:20, 8:20] = 0.8  # a red square
-    blue = square[:, [2, 1, 0]]  # the same square in blue: channels swapped, brightness kept
-    shape_path = lambda x: encoder.stem(x.amax(dim=1, keepdim=True))  # noqa: E731
-    assert torch.equal(shape_path(square), shape_path(blue))  # shape features ignore colour
-    assert not torch.allclose(encoder(square), encoder(blue))  # ...but the tokens still say which
-    assert encoder(square).shape == (1, encoder.num_tokens, 32) == (1, 16, 32)  # [B, N, D] as the conv one
-    # The colour path pools each patch's pixels: shuffling pixels inside a patch changes nothing.
-    shuffled = square.clone()
-    patch = shuffled[:, :, 8:16, 8:16].flatten(2)
-    shuffled[:, :, 8:16, 8:16] = patch[:, :, torch.randperm(64)].view(1, 3, 8, 8)
-    assert torch.allclose(encoder.colour(square), encoder.colour(shuffled), atol=1e-6)
+    background = torch.full((1, 3, 32, 32), -0.86)  # [1, 3, H, W] dark, as the shapes background
+    green, blue = background.clone(), background.clone()
+    green[:, 1, 9:20, 9:20] = 190 / 127.5 - 1  # the palette's green square (peak 190)...
+    blue[:, 2, 9:20, 9:20] = 235 / 127.5 - 1  # ...and a blue one, brighter: value alone differs
+    assert not torch.equal(green.amax(dim=1), blue.amax(dim=1))
+    shape_path = lambda x: encoder.stem(saturated_value(x))  # noqa: E731
+    assert torch.equal(shape_path(green), shape_path(blue))  # shape features ignore colour
+    assert not torch.allclose(encoder(green), encoder(blue))  # ...but the tokens still say which
+    assert encoder(green).shape == (1, encoder.num_tokens, 32) == (1, 16, 32)  # [B, N, D] as the conv one
+    # The colour path takes the max over pixels: it says which colours are in and near a patch,
+    # not where in it or over how much of it (the area of a shape differs by kind).
+    speck = background.clone()
+    speck[:, 1, 12, 12] = 190 / 127.5 - 1  # one green pixel where the square covers 49 of 64
+    in_patch = lambda x: encoder.colour(x)[:, :, 1, 1]  # noqa: E731  [1, Cc] of pixels 8..15 × 8..15
+    assert torch.allclose(in_patch(speck), in_patch(green), atol=1e-6)
+    assert not torch.allclose(in_patch(speck), in_patch(background), atol=1e-3)
+    # ...and colour reaches the neighbouring tokens (a blurred footprint), no further.
+    colour_of = lambda x, row, col: encoder.colour(x)[:, :, row, col]  # noqa: E731
+    assert torch.allclose(colour_of(speck, 2, 2), in_patch(speck), atol=1e-6)
+    assert torch.allclose(colour_of(speck, 3, 3), colour_of(background, 3, 3), atol=1e-6)
+    with torch.no_grad():  # silence the colour path: what is left of the tokens is colour-blind
+        encoder.colour_proj.weight.zero_()
+        encoder.colour_proj.bias.zero_()
+    assert torch.equal(encoder(green), encoder(blue))
 
 
 def test_word_dropout_hides_only_words_only_in_training_and_is_seeded_by_step(tiny):

@@ -217,8 +217,9 @@ class ModelConfig:
     encoder_patch: int = 4
     """Patch size of the first encoder stage."""
     image_encoder: str = "conv"
-    """conv: conv stages on RGB; factorized: conv stages on brightness + per-patch colour (shape
-    detectors that do not depend on colour: unseen colour–kind pairs are named right)."""
+    """conv: conv stages on RGB; factorized: conv stages on saturated brightness + coarse colour
+    (shape detectors that do not depend on colour; with label smoothing and 3000 steps unseen
+    colour–kind pairs are named right, BENCHMARKS.md). About twice the conv encoder's step time."""
     audio_patch: int = 2
     """Audio encoder's first stage: 2 = 3×3 stride-2 conv; ≥ 3 = non-overlapping patches of that size."""
     decoder_layers: int = 2

@@ -60,16 +60,29 @@ class ConvImageEncoder(nn.Module):
         return self.proj(tokens) + self.pos  # [B, N, D]
 
 
+def saturated_value(images: torch.Tensor, knee: float = 0.5) -> torch.Tensor:
+    """HSV value ``max(R, G, B)`` in [0, 1], scaled by ``1 / knee`` and clipped at 1.
+
+    The value alone still tells colours apart by brightness (the shapes palette's green peaks at
+    190, blue at 235), enough for a conv stem to tie shape to colour again. Clipping makes every
+    colour brighter than the knee exactly 1 while a dark background keeps its (scaled) texture.
+    ``images`` are ``[B, C, H, W]`` in [-1, 1]; returns ``[B, 1, H, W]`` in [0, 1].
+    """
+    value = images.amax(dim=1, keepdim=True).add(1.0).mul(0.5)  # [B, 1, H, W] in [0, 1]
+    return value.mul(1.0 / knee).clamp(max=1.0)
+
+
 class FactorizedImageEncoder(nn.Module):
-    """Shape from brightness, colour from a bag of pixels, summed per token.
+    """Shape from saturated brightness, colour from a coarse bag of pixels, summed per token.
 
     A conv stem on RGB learns shape detectors tied to the colours it saw them in: trained without
     blue triangles, it calls a blue triangle a diamond (the shapes compositional split). Here the
-    conv stages see only the HSV value ``max(R, G, B)``, in which every saturated colour looks alike,
-    and colour enters through per-pixel 1×1 convs averaged over each token's patch, which cannot
-    see shape. Same token grid, positions and output as :class:`ConvImageEncoder`. On the shapes
-    compositional split it names more unseen pairs right than the conv encoder (25 % vs 14 %) but
-    is far from closing the gap (BENCHMARKS.md).
+    conv stages see only :func:`saturated_value`, in which every colour brighter than the knee is
+    the same 1, and colour enters through per-pixel 1×1 convs max-pooled over each token's patch and
+    then over its 3×3 neighbourhood of tokens: which colours are near a token, not the outline of
+    the region they fill (a colour footprint on the token grid still tells a triangle from a
+    diamond). Same token grid, positions and output as :class:`ConvImageEncoder`. On the shapes
+    compositional split it names unseen pairs far better than the conv encoder (BENCHMARKS.md).
     """
 
     def __init__(
@@ -90,7 +103,10 @@ class FactorizedImageEncoder(nn.Module):
             nn.GELU(),
             nn.Conv2d(colour_width, colour_width, kernel_size=1),
             nn.GELU(),
-            nn.AvgPool2d(stride),
+            # Max, not mean: a mean over the patch grows with the shape's area, which differs by
+            # kind, so colour features would carry shape. The max only says which colours are there.
+            nn.MaxPool2d(stride),  # [B, Cc, grid, grid]
+            nn.MaxPool2d(3, stride=1, padding=1),  # blur the footprint: colour at low resolution
         )
         self.colour_proj = nn.Linear(colour_width, d_model)
         grid = image_size // stride
@@ -99,7 +115,6 @@ class FactorizedImageEncoder(nn.Module):
         nn.init.normal_(self.pos, std=0.02)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        value = images.amax(dim=1, keepdim=True)  # [B, 1, H, W]
-        shape = self.stem(value).flatten(2).transpose(1, 2)  # [B, N, C]
+        shape = self.stem(saturated_value(images)).flatten(2).transpose(1, 2)  # [B, N, C]
         colour = self.colour(images).flatten(2).transpose(1, 2)  # [B, N, Cc]
         return self.proj(shape) + self.colour_proj(colour) + self.pos  # [B, N, D]
