@@ -206,7 +206,8 @@ class CaptionTask(XmodalTask):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch, self.cfg.get("label_smoothing", 0.0))
-        self.log("train/loss", loss, prog_bar=True, batch_size=int(batch["valid"].sum().clamp(min=1)))
+        rows = int(batch["valid"].sum().clamp(min=1))
+        self.log_train_scalars({"train/loss": loss}, rows, prog_bar=("train/loss",))
         return loss
 
     def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
