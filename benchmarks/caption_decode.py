@@ -29,10 +29,10 @@ import lightning as L
 import torch
 
 from xmodal.config import compose_config
-from xmodal.data.datamodule import images_to_float
+from xmodal.data.batch import to_model_units
 from xmodal.evaluate import load_task
 from xmodal.factory import build_datamodule, build_task, prepare_data
-from xmodal.tasks.seq2seq import CaptionTask
+from xmodal.tasks.caption.task import CaptionTask
 
 
 def captions_per_second(task: CaptionTask, images: torch.Tensor, repeats: int, **options: object) -> float:
@@ -45,7 +45,7 @@ def captions_per_second(task: CaptionTask, images: torch.Tensor, repeats: int, *
 
 def decode_table(task: CaptionTask, images: torch.Tensor, forced: bool, rounds: int = 3) -> list[str]:
     """Best of ``rounds`` interleaved measurements per setting (a shared machine only slows runs down)."""
-    max_len = int(task.cfg["max_decode_len"])
+    max_len = int(task.cfg.max_decode_len)
     settings = [(beam, cache) for beam in (1, 5) for cache in (True, False)]
     rates: dict[tuple[int, bool], float] = {s: 0.0 for s in settings}
     for _ in range(rounds):
@@ -102,12 +102,12 @@ def plain_steps(cfg, tokenizer, datamodule, steps: int) -> float:
     task.trainer = _Trainer()  # type: ignore[assignment]
     config = opt_config(task)
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
-    smoothing = task.cfg.get("label_smoothing", 0.0)
+    smoothing = task.cfg.label_smoothing
     start = 0.0
     for step, batch in enumerate(itertools.islice(iter(datamodule.train_dataloader()), steps + 5)):
         if step == 5:
             start = time.perf_counter()
-        loss = task.loss(images_to_float(batch), smoothing)  # the task's own hook does this under Lightning
+        loss = task.loss(to_model_units(batch), smoothing)  # the task's own hook does this under Lightning
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(task.parameters(), 1.0)

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from xmodal.config import compose_config
 from xmodal.data.tokenizer import SPECIALS
 from xmodal.nn.gan import build_gan_nets
-from xmodal.tasks.adversarial import AdversarialTask
+from xmodal.tasks.gan.config import GanModelConfig
+from xmodal.tasks.gan.task import AdversarialTask
 
 
 class Images(Dataset):
@@ -175,7 +176,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
-    nets = build_gan_nets(model_config(args), len(SPECIALS), 0, data_shape(args))
+    nets = build_gan_nets(GanModelConfig.from_node(model_config(args)), len(SPECIALS), 0, data_shape(args))
     task_rates, hand_rates = [], []
     for _ in range(args.repeats):
         hand_rates.append(hand_run(args, nets))

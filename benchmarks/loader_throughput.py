@@ -36,7 +36,8 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from xmodal.data.datamodule import BatchCollate, DecodeSpec, decode_image, decode_sample
+from xmodal.data.datamodule import BatchCollate, DecodeSpec, decode_sample
+from xmodal.data.pixels import decode_image
 from xmodal.data.shards import iter_tar_samples, write_tar_shard
 from xmodal.data.stream import ShardInfo, ShardStream, StreamLoader, Topology
 from xmodal.data.tokenizer import WordTokenizer

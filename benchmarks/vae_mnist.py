@@ -34,12 +34,12 @@ import torch.nn.functional as F
 from torch import distributions as D
 
 from xmodal.config import compose_config
-from xmodal.data.datamodule import decode_image, iter_split
+from xmodal.data.pixels import decode_image, iter_split
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.factory import build_datamodule, build_task, prepare_data
 from xmodal.nn.vae import ConvDecoder, ConvEncoder
 from xmodal.tasks.schedule import warmup_cosine
-from xmodal.tasks.vae import keyed_noise
+from xmodal.tasks.vae.task import keyed_noise
 
 WARMUP_STEPS = 20  # steps excluded from throughput (allocator, first-batch costs)
 

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import TINY, run_cli
 from xmodal.config import compose_config
 from xmodal.data.shapes import ShapesSpec, make_sample
-from xmodal.tasks.seq2seq import CaptionTask
+from xmodal.tasks.caption.task import CaptionTask
 from xmodal.train import train
 
 

@@ -63,21 +63,30 @@ def test_every_group_option_composes_on_cpu(group, option):
         (["model.d_model=130"], "model.d_model: must divide by model.heads=4"),
         (["logger.kind=tensorboard"], "logger.kind: must be one of"),
         (["data.name=coco"], "data.name: is not a built-in dataset (built-in: ('shapes', 'mnist'))"),
-        (["model.source=label"], "model.source: the caption task reads image or audio"),
-        (["model.task=gan"], "model.target: the gan task generates images (got 'text')"),
-        (["model.task=gan", "model.target=image", "model.gan.loss=bce"], "model.gan.loss: must be one of"),
+        (["model.source=label"], "model.source: has no built-in encoder for modality 'label'"),
         (
-            ["model.task=vae", "model.target=image", "model.vae.likelihood=mse"],
-            "model.vae.likelihood: must be",
+            ["model.source=smell"],
+            "model: the task reads role 'smell', which is no modality and not in data.roles",
         ),
-        (["model.condition=colour"], "model.condition: must be one of ('none', 'label', 'text', 'audio')"),
+        (["model=gan", "model.target=text"], "model.target: the gan task generates images (got 'text')"),
+        (["model=gan", "model.gan.loss=bce"], "model.gan.loss: must be one of"),
+        (["model=vae", "model.vae.likelihood=mse"], "model.vae.likelihood: must be"),
+        (
+            ["model=gan", "model.condition=colour"],
+            "model.condition: must be one of ('none', 'label', 'text', 'audio')",
+        ),
+        # The task family is chosen with its node (model=gan): a caption node renamed to another
+        # family carries keys that family does not have, and each is named.
+        (["model.task=gan"], "model.encoder_channels: not a config key of GanModelConfig"),
+        (["model.task=nosuch"], "model.task: unknown task 'nosuch' (registered: caption, gan, vae;"),
+        (["model.task=nosuch.module:Task"], "model.task: cannot import 'nosuch.module:Task'"),
         (["model.image_encoder=vit"], "model.image_encoder: must be one of ('conv', 'factorized')"),
         (["model.token_dropout=1.0"], "model.token_dropout: must be in [0, 1)"),
+        (["model=gan", "model.target=audio"], "model.target: the gan task generates images (got 'audio')"),
         (
-            ["model.task=gan", "model.target=audio"],
-            "model.target: the gan task generates images (got 'audio')",
+            ["model=vae", "model.target=text"],
+            "model.target: the vae task generates image or audio (got 'text')",
         ),
-        (["model.task=vae"], "model.target: the vae task generates image or audio (got 'text')"),
         (
             ["experiment=shapes_text2audio_vae", "data.audio_mels=48"],
             "data.audio_mels: an audio target's conv nets take 32 or 64 (mels and frames) (got 48)",
@@ -111,14 +120,14 @@ def test_bad_values_are_refused_naming_the_key(overrides, message):
 
 
 def test_an_audio_target_ignores_image_size_and_needs_its_own_modalities():
-    from xmodal.factory import required_modalities
+    from xmodal.factory import required_roles
 
     # The image-size check is about image nets: an audio VAE does not decode images at all.
     cfg = compose_config(["experiment=shapes_text2audio_vae", "data.image_size=48", "data.audio_mels=32"])
     validate(cfg)
-    assert required_modalities(cfg.model) == ("audio", "text")
-    assert required_modalities(compose_config(["experiment=shapes_vae"]).model) == ("image",)
-    assert required_modalities(compose_config(["experiment=shapes_text2image_vae"]).model) == (
+    assert required_roles(cfg) == ("audio", "text")
+    assert required_roles(compose_config(["experiment=shapes_vae"])) == ("image",)
+    assert required_roles(compose_config(["experiment=shapes_text2image_vae"])) == (
         "image",
         "text",
     )

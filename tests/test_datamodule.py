@@ -10,10 +10,10 @@ from xmodal.config import compose_config
 from xmodal.data.datamodule import iter_split, sample_captions
 from xmodal.data.stream import Topology
 from xmodal.factory import build_datamodule, prepare_data
-from xmodal.tasks.adversarial import AdversarialTask
 from xmodal.tasks.base import XmodalTask
-from xmodal.tasks.seq2seq import CaptionTask
-from xmodal.tasks.vae import VaeTask
+from xmodal.tasks.caption.task import CaptionTask
+from xmodal.tasks.gan.task import AdversarialTask
+from xmodal.tasks.vae.task import VaeTask
 
 
 def datamodule_for(overrides):

@@ -151,7 +151,7 @@ def striped(width: int, height: int) -> bytes:
 
 
 def test_image_fit_modes_stretch_centre_cut_and_seeded_random_cuts():
-    from xmodal.data.datamodule import decode_image
+    from xmodal.data.pixels import decode_image
 
     wide = striped(128, 64)  # 2:1
     stretched = decode_image(wide, 32, fit="resize")

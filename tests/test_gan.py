@@ -20,7 +20,7 @@ from xmodal.data.tokenizer import SPECIALS
 from xmodal.factory import build_datamodule, prepare_data
 from xmodal.metrics.features import DomainClassifier
 from xmodal.metrics.fid import GenerativeMetrics
-from xmodal.tasks.adversarial import AdversarialTask, ema_decay, unscaled_grad_norm
+from xmodal.tasks.gan.task import AdversarialTask, ema_decay, unscaled_grad_norm
 from xmodal.train import train
 
 TARGET_MEAN = torch.tensor([2.0, -1.0])
@@ -99,7 +99,7 @@ def fit_points(
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
-        max_steps=iterations * (task.gan["n_critic"] + 1),
+        max_steps=iterations * (task.gan.n_critic + 1),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

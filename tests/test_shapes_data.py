@@ -279,12 +279,20 @@ def test_iter_tar_samples_groups_members_by_key(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("name", ["x.pyd", "x.pth", "x.pkl", "x.tar.pyd", "x.seg.png", "noext"])
+@pytest.mark.parametrize("name", ["x.pyd", "x.pth", "x.pkl", "x.tar.pyd", "x.a.b.png", "x.Seg!.png", "noext"])
 def test_iter_tar_samples_refuses_unsafe_members(tmp_path, name):
     path = make_tar(tmp_path / "bad.tar", [("x.png", b"P"), (name, b"payload")])
     with pytest.raises(ShardError, match=re.escape(repr(name))) as error:
         list(iter_tar_samples(path))
     assert str(path) in str(error.value)
+
+
+def test_iter_tar_samples_reads_role_members(tmp_path):
+    # webdataset's key.<role>.<ext>: a second image of the sample is member "seg.png" (role seg).
+    path = make_tar(tmp_path / "roles.tar", [("x.png", b"P"), ("x.seg.png", b"S"), ("x.txt", b"t")])
+    assert list(iter_tar_samples(path)) == [
+        {"__key__": "x", "__shard__": str(path), "png": b"P", "seg.png": b"S", "txt": b"t"}
+    ]
 
 
 def test_iter_tar_samples_refuses_duplicate_members_and_garbage(tmp_path):

@@ -12,7 +12,7 @@ from PIL import Image
 from tests.conftest import TINY, run_cli
 from xmodal.config import CONFIG_DIR, compose_config
 from xmodal.factory import build_datamodule, prepare_data
-from xmodal.tasks.seq2seq import CaptionTask
+from xmodal.tasks.caption.task import CaptionTask
 from xmodal.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))

@@ -29,7 +29,7 @@ from xmodal.metrics.likelihood import (
     log_normal_diag,
     log_standard_normal,
 )
-from xmodal.tasks.vae import VaeTask, kl_weight, log_mel_to_unit, unit_to_log_mel
+from xmodal.tasks.vae.task import VaeTask, kl_weight, log_mel_to_unit, unit_to_log_mel
 
 # ----------------------------------------------------------------------------- likelihood maths
 

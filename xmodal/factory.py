@@ -1,7 +1,8 @@
 """Config → objects: data, task, loggers, callbacks, strategy and Trainer.
 
 Kept apart from the entry points so ``xmodal-train``, ``xmodal-eval``, tests and notebooks build
-exactly the same objects from the same config.
+exactly the same objects from the same config. Tasks, modalities and built-in datasets are looked
+up by name (xmodal/registry.py, xmodal/data/builtin.py); nothing here knows one by name.
 """
 
 from __future__ import annotations
@@ -27,38 +28,30 @@ from xmodal.callbacks.metrics_file import MetricsFile
 from xmodal.callbacks.preemption import Preemption
 from xmodal.callbacks.samples import ValidationSamples
 from xmodal.config import absolute, world_size
+from xmodal.data.builtin import BUILTIN_DATASETS
 from xmodal.data.datamodule import DecodeSpec, ShardDataModule
-from xmodal.data.mnist import MnistSpec, build_mnist
-from xmodal.data.shapes import ShapesSpec, synth
 from xmodal.data.tokenizer import WordTokenizer
+from xmodal.registry import TASKS
 from xmodal.run import RunIdentity, is_launcher, wandb_run_id
+from xmodal.tasks.config import task_config
 
 log = logging.getLogger("xmodal")
 
 
-def shapes_spec(cfg: DictConfig) -> ShapesSpec:
-    fields = OmegaConf.to_container(cfg.data.shapes, resolve=True)
-    fields["holdout"] = tuple(fields["holdout"])
-    return ShapesSpec(**fields)
-
-
 def prepare_data(cfg: DictConfig, wait_s: float = 900.0) -> Path:
-    """The shard directory of this config, generating the built-in data on first use.
+    """The shard directory of this config, generating a built-in dataset on first use.
 
     Only the launcher generates; ranks started by srun wait for its ``sizes.json``.
     """
     if cfg.data.shards is not None:
         return absolute(cfg.data.shards)
-    spec: ShapesSpec | MnistSpec = MnistSpec() if cfg.data.name == "mnist" else shapes_spec(cfg)
+    dataset = BUILTIN_DATASETS[cfg.data.name]
+    spec = dataset.spec(cfg.data)
     out = absolute(cfg.paths.data_dir) / f"{cfg.data.name}-{spec.fingerprint()}"
     if is_launcher():
         if not (out / "sizes.json").exists():
             log.info("generating the built-in %s data into %s", cfg.data.name, out)
-        if isinstance(spec, MnistSpec):
-            build_mnist(out, spec, progress=True)
-        else:
-            synth(out, spec, progress=True)
-        return out
+        return dataset.build(out, spec)
     deadline = time.monotonic() + wait_s
     while not (out / "sizes.json").exists():
         if time.monotonic() > deadline:
@@ -67,13 +60,10 @@ def prepare_data(cfg: DictConfig, wait_s: float = 900.0) -> Path:
     return out
 
 
-def required_modalities(model: DictConfig) -> tuple[str, ...]:
-    """Modalities every sample must have for this task (others are not decoded): the caption
-    task's source and text; a generator's target plus its condition's modality (text→audio:
-    ``("audio", "text")``)."""
-    if model.task == "caption":
-        return (model.source, model.target)
-    return (model.target,) if model.condition in ("none", model.target) else (model.target, model.condition)
+def required_roles(cfg: DictConfig) -> tuple[str, ...]:
+    """Roles every sample must have for this task (others are not decoded), e.g. a text→audio
+    VAE's ``("audio", "text")``: the task family's config says."""
+    return task_config(cfg).roles()
 
 
 def decode_spec(cfg: DictConfig) -> DecodeSpec:
@@ -84,10 +74,12 @@ def decode_spec(cfg: DictConfig) -> DecodeSpec:
         image_fit=d.image_fit,
         audio_mels=d.audio_mels,
         audio_frames=d.audio_frames,
-        required=required_modalities(cfg.model),
-        optional=tuple(m for m in d.optional_modalities if m not in required_modalities(cfg.model)),
+        required=required_roles(cfg),
+        optional=tuple(m for m in d.optional_modalities if m not in required_roles(cfg)),
         max_pixels=d.max_image_pixels,
         seed=cfg.seed,
+        roles=tuple(sorted(dict(d.roles).items())),
+        options=OmegaConf.to_container(d.options, resolve=True),
     )
 
 
@@ -112,23 +104,11 @@ def build_datamodule(
 
 
 def task_class(name: str) -> type[L.LightningModule]:
-    """The LightningModule of a task family (imported on demand: each pulls in its own nets)."""
-    if name == "caption":
-        from xmodal.tasks.seq2seq import CaptionTask
-
-        return CaptionTask
-    if name == "gan":
-        from xmodal.tasks.adversarial import AdversarialTask
-
-        return AdversarialTask
-    if name == "vae":
-        from xmodal.tasks.vae import VaeTask
-
-        return VaeTask
-    raise ValueError(f"model.task: unknown task {name!r}")
+    """The LightningModule of a task family: a registered name or an import path."""
+    return TASKS.get(name)
 
 
-def data_shape(cfg: DictConfig) -> dict[str, int]:
+def data_shape(cfg: DictConfig) -> dict[str, Any]:
     """What the task needs to know about the data to build its nets (saved in its hparams)."""
     d = cfg.data
     return {
@@ -137,6 +117,8 @@ def data_shape(cfg: DictConfig) -> dict[str, int]:
         "audio_mels": d.audio_mels,
         "audio_frames": d.audio_frames,
         "max_text_len": d.max_text_len,
+        "roles": dict(d.roles),
+        "options": OmegaConf.to_container(d.options, resolve=True),
     }
 
 
@@ -234,22 +216,19 @@ def build_strategy(cfg: DictConfig) -> Any:
     if name in ("ddp", "ddp_spawn"):
         from lightning.pytorch.strategies import DDPStrategy
 
-        # A GAN's D backward never touches G's parameters (and the reverse): one DDP around the
-        # whole module then needs to be told that some parameters get no gradient in a step.
+        # e.g. a GAN's D backward never touches G's parameters (and the reverse): one DDP around
+        # the whole module then needs to be told that some parameters get no gradient in a step.
         return DDPStrategy(
             start_method="spawn" if name == "ddp_spawn" else "popen",
-            find_unused_parameters=cfg.model.task == "gan",
+            find_unused_parameters=task_class(cfg.model.task).find_unused_parameters,
         )
     return name
 
 
 def lightning_max_steps(cfg: DictConfig) -> int:
-    """Lightning's ``max_steps`` counts optimizer steps; for a GAN ``trainer.max_steps`` counts
-    iterations of ``n_critic`` D steps + 1 G step."""
-    steps = int(cfg.trainer.max_steps)
-    if cfg.model.task == "gan" and steps > 0:
-        return steps * (cfg.model.gan.n_critic + 1)
-    return steps
+    """Lightning's ``max_steps`` counts optimizer steps; the task family says what its
+    ``trainer.max_steps`` counts (a GAN: iterations of ``n_critic`` D steps + 1 G step)."""
+    return task_config(cfg).lightning_max_steps(int(cfg.trainer.max_steps))
 
 
 def build_trainer(
@@ -286,8 +265,8 @@ def build_trainer(
         max_epochs=t.max_epochs,
         check_val_every_n_epoch=every_n_epochs,
         log_every_n_steps=t.log_every_n_steps,
-        # Manual optimization (gan) clips inside the task (model.gan.clip_grad_norm, unscaled norms).
-        gradient_clip_val=None if cfg.model.task == "gan" else t.gradient_clip_val,
+        # Manual optimization clips inside the task (a GAN: model.gan.clip_grad_norm, unscaled norms).
+        gradient_clip_val=None if task_class(cfg.model.task).clips_own_gradients else t.gradient_clip_val,
         accumulate_grad_batches=t.accumulate_grad_batches,
         fast_dev_run=t.fast_dev_run,
         overfit_batches=t.overfit_batches,

@@ -101,8 +101,16 @@ def forget_run_id() -> None:
 
 
 def resume_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint a rerun of this run continues from: the newest of ``checkpoints/last.ckpt``
-    and the ``hpc_ckpt_N.ckpt`` Lightning writes into the run dir when SLURM preempts the job."""
+    """The checkpoint a rerun of this run continues from: the newest (by mtime) of
+    ``checkpoints/last.ckpt`` and any ``hpc_ckpt_N.ckpt`` in the run dir, or None.
+
+    xmodal itself only writes ``last.ckpt``: on SIGUSR2/SIGTERM its ``Preemption`` callback saves
+    it, and Lightning's ``SLURMEnvironment`` is built with ``auto_requeue=False``
+    (:func:`xmodal.factory.build_trainer`), so Lightning writes no ``hpc_ckpt_N.ckpt``. Those files
+    come from Lightning's own SLURM auto-requeue (on by default), which saves them into
+    ``default_root_dir``: they are accepted so that a run dir a plain Lightning setup was preempted
+    in still resumes from its newest state.
+    """
     candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
     existing = [path for path in candidates if path.exists()]
     return max(existing, key=lambda path: path.stat().st_mtime_ns) if existing else None

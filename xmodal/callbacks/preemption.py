@@ -39,7 +39,9 @@ class Preemption(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         # After Lightning installed its handlers (they come after on_fit_start): ours replace its
-        # SIGTERM handler for the fit, which would raise and stop the ranks without saving.
+        # SIGTERM handler for the fit, which would raise and stop the ranks without saving. They
+        # also replace any SIGUSR2 handler already there (submitit's, under Hydra's submitit
+        # launcher); on_fit_end puts the previous handlers back.
         for sig in (self.requeue_signal, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handler)
 

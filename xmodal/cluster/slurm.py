@@ -3,8 +3,10 @@
 One script per sweep point: ``#SBATCH`` resources come from ``trainer`` (nodes, processes per node)
 and ``cluster`` (partition, account, time, …); the body runs ``cluster.setup``, exports the
 rendezvous address and port, and starts one ``xmodal-train`` process per device with ``srun``.
-Lightning's ``SLURMEnvironment`` reads each process's rank from ``SLURM_PROCID`` and is set (in
-:mod:`xmodal.factory`) to the same requeue signal as the ``--signal=USR2@N`` line written here.
+Lightning's ``SLURMEnvironment`` reads each process's rank from ``SLURM_PROCID``; its own requeue
+handler is off (``auto_requeue=False`` in :mod:`xmodal.factory`). The SIGUSR2 that the
+``--signal=USR2@N`` line written here asks for is handled by :mod:`xmodal.callbacks.preemption`:
+it writes ``checkpoints/last.ckpt`` at the next step boundary and runs ``scontrol requeue``.
 
 The script never sets ``run.id``: every rank derives it from ``$SLURM_JOB_ID``, which a requeued job
 keeps, so the job finds its own run dir, checkpoints and W&B run again.
@@ -51,7 +53,7 @@ _DERIVED_OPTIONS = {
     "qos": "cluster.qos",
     "q": "cluster.qos",
     "mem-per-gpu": "cluster.mem_per_gpu",
-    "signal": "cluster.signal_seconds (the signal is always USR2, matching Lightning's SLURMEnvironment)",
+    "signal": "cluster.signal_seconds (the signal is always USR2, as xmodal's Preemption callback expects)",
     "requeue": "cluster.requeue",
     "no-requeue": "cluster.requeue",
     "open-mode": "nothing: logs are always appended so a requeued job keeps its earlier output",
@@ -256,9 +258,11 @@ def render_sbatch(
         if value:
             lines.append(f"#SBATCH --{option}={value}")
     lines += [
-        f"# SIGUSR2 {c.signal_seconds} s before the time limit (cluster.signal_seconds): Lightning saves",
-        "# hpc_ckpt_N.ckpt into the run dir and requeues the job (USR2, not Lightning's default USR1,",
-        "# which NCCL may catch; submitit uses USR2 too).",
+        f"# SIGUSR2 {c.signal_seconds} s before the time limit (cluster.signal_seconds): xmodal's Preemption",
+        "# callback stops at the next step boundary, writes checkpoints/last.ckpt atomically (with the",
+        "# data-stream position) and runs `scontrol requeue`; the requeued job resumes from it. SIGTERM",
+        "# (scancel) saves the same way without requeueing. Lightning's requeue handler is off, so it",
+        "# writes no hpc_ckpt_N.ckpt. USR2, not USR1, which NCCL may catch; submitit uses USR2 too.",
         f"#SBATCH --signal=USR2@{c.signal_seconds}",
     ]
     lines.append("#SBATCH --requeue" if c.requeue else "#SBATCH --no-requeue")

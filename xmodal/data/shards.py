@@ -6,8 +6,9 @@ A shard directory holds ``<split>/<shard>.tar`` files and a ``sizes.json``::
      "modalities": ["image", "text", ...],
      "spec": {...}}            # optional: how the data was generated (shapes data)
 
-Safety: shard members are only ever handed out as raw bytes, and only for extensions in
-``SAFE_EXTENSIONS`` (images, text, JSON, audio, class ids). Anything else — ``.pyd``, ``.pkl``,
+Safety: shard members are only ever handed out as raw bytes, and only for extensions that a
+registered modality reads (:func:`safe_extensions`: images, text, JSON, audio, class ids, and
+whatever plug-in modalities declare), optionally after a role (``key.src.png``). Anything else — ``.pyd``, ``.pkl``,
 ``.pth``, ... which a generic WebDataset decoder would unpickle or ``torch.load`` — makes
 ``iter_tar_samples`` raise instead of being silently skipped, so a tampered shard is noticed.
 """
@@ -27,9 +28,32 @@ from typing import IO, Any
 from xmodal.files import write_json_atomic
 
 PIPE_PREFIX = "pipe:"
-SAFE_EXTENSIONS = {"png", "jpg", "jpeg", "txt", "json", "wav", "flac", "cls"}
+SAFE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "txt", "json", "wav", "flac", "cls"})
+"""What the built-in modalities read; :func:`safe_extensions` adds plug-in modalities' extensions."""
+_ROLE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 SIZES_FILE = "sizes.json"
 _HOW_TO_CREATE = "create it with `xmodal-shards synth --out DIR` or `xmodal-shards write ...`"
+
+
+_safe_cache: tuple[int, frozenset[str]] = (-1, SAFE_EXTENSIONS)
+
+
+def safe_extensions() -> frozenset[str]:
+    """Member extensions handed to decoders: the built-ins' and every registered modality's."""
+    global _safe_cache
+    from xmodal.registry import MODALITIES
+
+    names = MODALITIES.names()  # loads built-ins and plug-ins first
+    if _safe_cache[0] != MODALITIES.version:
+        extensions = {e for name in names for e in MODALITIES.get(name).extensions}
+        _safe_cache = (MODALITIES.version, SAFE_EXTENSIONS | extensions)
+    return _safe_cache[1]
+
+
+def member_is_safe(ext: str, safe: frozenset[str]) -> bool:
+    """``png`` or ``<role>.png`` (a role of letters, digits, ``_`` and ``-``) with a safe last part."""
+    role, dot, last = ext.rpartition(".")
+    return last in safe and (not dot or (bool(role) and set(role) <= _ROLE_CHARS))
 
 
 class ShardError(ValueError):
@@ -140,8 +164,8 @@ def iter_tar_samples(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[dict[
     """Stream the samples of one tar shard: ``{"__key__", "__shard__", <ext>: bytes, ...}``.
 
     Consecutive members with the same key form a sample (tar order, as in WebDataset).
-    Extensions are lower-cased and must be one of ``SAFE_EXTENSIONS`` exactly (``x.seg.png`` is
-    refused too: only plain extensions reach decoders). Raises ``ShardError`` (a ValueError) naming
+    Extensions are lower-cased and must be one of :func:`safe_extensions`, after an optional role
+    (``x.seg.png`` is member ``seg.png``: role ``seg``). Raises ``ShardError`` (a ValueError) naming
     the shard and member for an unsafe extension, a member without key or extension, a link or
     other non-file member, a member repeated within a sample, or an unreadable tar.
     ``path`` may also be an open binary stream (e.g. from a remote opener).
@@ -150,6 +174,7 @@ def iter_tar_samples(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[dict[
     if is_pipe(path):  # never run here: only iter_shard(url, allow_pipe=True) runs commands
         raise ShardError(f"{shard}: a pipe: shard runs a shell command; refused unless data.allow_pipe=true")
     sample: dict[str, bytes | str] = {}
+    safe = safe_extensions()
     try:
         with _open_tar(path) as stream:
             for member, data in _tar_members(stream, shard):
@@ -157,10 +182,10 @@ def iter_tar_samples(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[dict[
                 if parts is None:
                     raise ShardError(f"{shard}: member {member!r} has no 'key.extension' name")
                 key, ext = parts[0], parts[1].lower()
-                if ext not in SAFE_EXTENSIONS:
+                if not member_is_safe(ext, safe):
                     raise ShardError(
                         f"{shard}: member {member!r} has unsafe extension {ext!r} "
-                        f"(allowed: {sorted(SAFE_EXTENSIONS)}; shard members are never unpickled)"
+                        f"(allowed: {sorted(safe)}, optionally after a role; shard members are never unpickled)"
                     )
                 if sample and sample["__key__"] != key:
                     yield sample
@@ -228,9 +253,9 @@ def _checked_sample(sample: dict[str, bytes | str], path: Path) -> dict[str, Any
     for ext, value in sample.items():
         if ext == "__key__":
             continue
-        if ext not in SAFE_EXTENSIONS:
+        if not member_is_safe(ext, safe_extensions()):
             raise ValueError(
-                f"{path}: sample {key!r} field {ext!r} is not a safe extension {sorted(SAFE_EXTENSIONS)}"
+                f"{path}: sample {key!r} field {ext!r} is not a safe extension {sorted(safe_extensions())}"
             )
         out[ext] = value.encode("utf-8") if isinstance(value, str) else bytes(value)
     return out

@@ -1,6 +1,6 @@
 """Streaming epochs over tar shards: a pure epoch plan, and the ``IterableDataset`` that realises it.
 
-The contract (DESIGN.md "Data contract (streaming)"), in two layers:
+The streaming contract (docs/ARCHITECTURE.md "Data"), in two layers:
 
 1. ``plan_epoch(...)`` → ``EpochPlan``: a pure function of (shard sizes, mode, seed, epoch, topology,
    batch size). It says, for every (rank, worker) *slot*, which shards the slot reads, in which order

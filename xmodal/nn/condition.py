@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from xmodal.nn.audio import LogMelEncoder
+from xmodal.nn.slots import build_slot
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -88,17 +89,19 @@ class AudioCondition(nn.Module):
 
 
 def build_condition_encoder(
-    model: dict[str, Any], vocab_size: int, pad_id: int, max_text_len: int, n_mels: int = 64, frames: int = 64
+    model: Any, vocab_size: int, pad_id: int, max_text_len: int, n_mels: int = 64, frames: int = 64
 ) -> nn.Module | None:
-    """The encoder ``model["condition"]`` names, or None for unconditional models."""
-    kind = model["condition"]
-    cond_dim = model["cond_dim"]
+    """The encoder ``model.condition`` names (or ``model.condition_encoder``'s ``_target_``), or
+    None for unconditional models. ``model`` is a typed config with the condition fields."""
+    kind, cond_dim = model.condition, model.cond_dim
     if kind == "none":
         return None
+    if model.condition_encoder is not None:
+        return build_slot(model.condition_encoder, lambda: nn.Identity())
     if kind == "label":
-        return LabelCondition(model["num_classes"], cond_dim)
+        return LabelCondition(model.num_classes, cond_dim)
     if kind == "text":
-        return TextCondition(vocab_size, pad_id, cond_dim, model["d_model"], model["heads"], max_text_len)
+        return TextCondition(vocab_size, pad_id, cond_dim, model.d_model, model.heads, max_text_len)
     if kind == "audio":
-        return AudioCondition(cond_dim, model["d_model"], n_mels, frames)
+        return AudioCondition(cond_dim, model.d_model, n_mels, frames)
     raise ValueError(f"model.condition: unknown condition {kind!r}")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmodal.nn.condition import build_condition_encoder
+from xmodal.nn.slots import build_slot
 
 
 class SpectralNorm(nn.Module):
@@ -188,18 +189,24 @@ class Discriminator(nn.Module):
 
 
 def build_gan_nets(
-    model: dict[str, Any], vocab_size: int, pad_id: int, data: dict[str, int]
-) -> tuple[Generator, Discriminator]:
-    """G and D from the ``model`` config node (each with its own condition encoder, so G's and
-    D's optimizers never share a parameter)."""
-    g = model["gan"]
+    model: Any, vocab_size: int, pad_id: int, data: dict[str, Any]
+) -> tuple[nn.Module, nn.Module]:
+    """G and D from the typed ``model`` node (each with its own condition encoder, so G's and D's
+    optimizers never share a parameter); a ``model.generator`` / ``model.discriminator``
+    ``_target_`` replaces the built-in net."""
+    g = model.gan
 
     def encoder() -> nn.Module | None:
         return build_condition_encoder(
             model, vocab_size, pad_id, data["max_text_len"], data["audio_mels"], data["audio_frames"]
         )
 
-    size, channels, cond_dim = data["image_size"], data["image_channels"], model["cond_dim"]
-    generator = Generator(g["z_dim"], g["g_width"], size, channels, encoder(), cond_dim)
-    discriminator = Discriminator(g["d_width"], size, channels, encoder(), cond_dim, g["spectral_norm"])
+    size, channels, cond_dim = data["image_size"], data["image_channels"], model.cond_dim
+    generator = build_slot(
+        model.generator, lambda: Generator(g.z_dim, g.g_width, size, channels, encoder(), cond_dim)
+    )
+    discriminator = build_slot(
+        model.discriminator,
+        lambda: Discriminator(g.d_width, size, channels, encoder(), cond_dim, g.spectral_norm),
+    )
     return generator, discriminator

@@ -1,15 +1,34 @@
-"""What every xmodal task shares, whatever it generates."""
+"""The task protocol: what every xmodal task (built-in or plug-in) implements and inherits.
+
+A task is a LightningModule built as ``Task(model, vocab, data)`` from plain dicts (the ``model``
+config node, the tokenizer's vocabulary, the data shape of ``xmodal.factory.data_shape``), all
+saved as hyperparameters, so a checkpoint alone rebuilds it. Besides Lightning's own hooks
+(``training_step``, ``validation_step``, ``test_step``, ``configure_optimizers``) a task says:
+
+- ``config_class``: its typed ``model`` node (a :class:`~xmodal.tasks.config.TaskConfig`);
+- ``validation_samples(batch) -> SampleSet``: what the samples callback draws and logs;
+- ``generate_outputs(inputs, args) -> rows``: what ``xmodal-generate`` prints or writes;
+- ``parallelize(mesh)``: how FSDP2 shards it (each family's ``parallelize.py``);
+- class-level hints for the Trainer: ``find_unused_parameters`` (DDP), ``clips_own_gradients``
+  (manual optimization), ``tests_holdout`` (a ``holdout`` split is tested with ``test_prefix``).
+
+It inherits: uint8 → model units after the device transfer (each role's modality converts its own
+entries), the run seed, logger-aware step scalars and the "last evaluation batch" test.
+"""
 
 from __future__ import annotations
 
+import os
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from xmodal.data.datamodule import images_to_float
+from xmodal.data.batch import to_model_units
+from xmodal.images import SampleSet
+from xmodal.tasks.config import TaskConfig
 
 # The hooks live on the task, so they also run for dataloaders handed to trainer.test directly (the
 # holdout split, xmodal-eval); Lightning warns when a datamodule is passed too, then uses these.
@@ -22,13 +41,62 @@ warnings.filterwarnings(
 METADATA_KEYS = frozenset({"captions", "__key__"})
 
 
-class XmodalTask(L.LightningModule):
-    """A LightningModule that receives loader batches with uint8 images and sees float ones.
+class GenerateError(ValueError):
+    """``xmodal-generate`` arguments that do not fit this checkpoint (printed, exit code 2)."""
 
-    Loader workers collate images as uint8 (a quarter of the bytes between processes); the float
-    conversion runs here, after the batch reached the task's device, for fit, validate and test
-    alike, whichever dataloader Lightning was handed.
-    """
+
+class XmodalTask(L.LightningModule):
+    """Base of every task: receives loader batches with compact dtypes and sees model units."""
+
+    config_class: ClassVar[type[TaskConfig]] = TaskConfig
+    find_unused_parameters: ClassVar[bool] = False
+    """DDP hint: some parameters get no gradient in a backward (a GAN's D step leaves G alone)."""
+    clips_own_gradients: ClassVar[bool] = False
+    """Manual optimization clipping inside the task: the Trainer gets no ``gradient_clip_val``."""
+    tests_holdout: ClassVar[bool] = False
+    """After the test split, also test a ``holdout`` split when the data has one."""
+
+    test_prefix: str = "test"
+    """Metric prefix of ``trainer.test`` (``holdout`` while testing that split)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.test_prefix = "test"
+
+    # ----------------------------------------------------------------- hooks a task implements
+    def validation_samples(self, batch: dict[str, Any]) -> SampleSet:
+        """Grids and a table for a fixed batch of validation samples (model units, on CPU)."""
+        raise NotImplementedError
+
+    def generate_outputs(self, inputs: dict[str, list[Any]], args: Any) -> list[dict[str, str]]:
+        """``xmodal-generate``: ``inputs`` maps a modality to the values given for it (``--image``
+        files, ``--caption`` texts, ...); ``args`` has ``num``, ``seed`` and ``out``. Returns one
+        row per output (printed as JSON or text); raises :class:`GenerateError` for inputs that do
+        not fit."""
+        raise GenerateError(f"{type(self).__name__} does not generate")
+
+    def parallelize(self, mesh: Any) -> None:
+        """Shard the nets for FSDP2 on the data-parallel ``mesh`` (called once, from configure_model)."""
+        raise NotImplementedError(f"{type(self).__name__} has no FSDP2 plan")
+
+    @property
+    def sample_step(self) -> int:
+        """The step samples are named by (a GAN: its iteration counter)."""
+        return int(self.global_step)
+
+    # ----------------------------------------------------------------- what every task shares
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp2`` apply the family's plan; Lightning calls this hook again for
+        test/validate after fit, so shard once."""
+        if self.device_mesh is None or getattr(self, "_parallelized", False):
+            return
+        self.parallelize(self.device_mesh["data_parallel"])
+        self._parallelized = True
+
+    @property
+    def run_seed(self) -> int:
+        """The run's seed (``L.seed_everything`` exports it to every rank and worker)."""
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         if not isinstance(batch, dict):
@@ -36,17 +104,20 @@ class XmodalTask(L.LightningModule):
         # Lightning's default walks every element of the caption and key lists: several hundred
         # Python calls a batch (~0.5 ms on CPU) to move nothing.
         non_blocking = device.type == "cuda"
-        return {
-            key: value.to(device, non_blocking=non_blocking)
-            if isinstance(value, torch.Tensor)
-            else value
-            if key in METADATA_KEYS
-            else move_data_to_device(value, device)
-            for key, value in batch.items()
-        }
+        moved = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                moved[key] = value.to(device, non_blocking=non_blocking)
+            elif key in METADATA_KEYS:
+                moved[key] = value
+            else:
+                moved[key] = move_data_to_device(value, device)
+        return moved
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return images_to_float(batch) if isinstance(batch, dict) else batch
+        if not isinstance(batch, dict):
+            return batch
+        return to_model_units(batch, self.hparams.get("data", {}).get("roles"))
 
     def log_train_scalars(
         self, scalars: dict[str, Any], batch_size: int, prog_bar: tuple[str, ...] = ()
@@ -70,3 +141,28 @@ class XmodalTask(L.LightningModule):
         if trainer is None or connector is None:
             return True
         return bool(connector.should_update_logs or trainer.fast_dev_run)
+
+    def eval_batches(self) -> float:
+        """Batches of the running evaluation on this rank (exact epochs: the same on every rank)."""
+        trainer = self.trainer
+        if trainer.sanity_checking:
+            counts = trainer.num_sanity_val_batches
+        else:
+            counts = trainer.num_test_batches if trainer.testing else trainer.num_val_batches
+        return counts[0] if counts else float("inf")
+
+    def is_last_eval_batch(self, batch_idx: int) -> bool:
+        """Whether this is the running evaluation's last batch: split-level scores are computed
+        there rather than in ``on_*_epoch_end``, because callbacks' epoch-end hooks (the metrics
+        file, checkpoint selection) run before the module's and must see them, and all ranks
+        reach it together (exact epochs pad), so a reduction there pairs up across ranks."""
+        return batch_idx + 1 >= self.eval_batches()
+
+
+def condition_names(batch: dict[str, Any], condition: str) -> list[str]:
+    """What each row of a conditional sample batch was asked for: its label, or its first caption."""
+    rows = len(batch["__key__"])
+    if condition == "label":
+        return [f"label {int(y)}" for y in batch["label"]]
+    captions = batch.get("captions") or [[] for _ in range(rows)]
+    return [caps[0] if caps else "" for caps in captions]

@@ -10,7 +10,6 @@ evaluation and scored on every rank over the whole split, so 2 ranks report what
 
 from __future__ import annotations
 
-import os
 import zlib
 from typing import Any
 
@@ -21,98 +20,88 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from xmodal.data.tokenizer import WordTokenizer, normalize
-from xmodal.images import SampleSet, caption_grid, spectrogram_images
+from xmodal.images import SampleSet, caption_grid
 from xmodal.metrics.caption import caption_scores
+from xmodal.modalities.roles import modality_of
 from xmodal.nn.audio import LogMelEncoder
 from xmodal.nn.image import ConvImageEncoder, FactorizedImageEncoder
+from xmodal.nn.slots import build_slot
 from xmodal.nn.text import TransformerTextDecoder
-from xmodal.tasks.base import XmodalTask
+from xmodal.tasks.base import GenerateError, XmodalTask
+from xmodal.tasks.caption.config import CaptionConfig
+from xmodal.tasks.caption.parallelize import parallelize_caption
+from xmodal.tasks.generation import flag_of, only_inputs, role_inputs
 from xmodal.tasks.schedule import with_warmup_cosine
 
-DECODING_DEFAULTS: dict[str, Any] = {
-    "beam_size": 1,
-    "length_penalty": 0.0,
-    "min_decode_len": 1,
-    "max_decode_len": 32,
-    "decode_cache": True,
-}
-"""Decoding options of ``model`` (checkpoints written before an option existed get its default)."""
+DECODING_OPTIONS = ("beam_size", "length_penalty", "min_decode_len", "max_decode_len", "decode_cache")
 
 
 class CaptionTask(XmodalTask):
     """Image → text or audio → text captioner (``model.source`` picks the encoder).
 
-    ``model`` is the ``model`` config node as a plain dict, ``vocab`` the tokenizer's vocabulary
-    and ``data`` the data shape (image size and channels, mel bands and frames, text length); all
-    are saved as hyperparameters, so a checkpoint alone rebuilds the captioner and its tokenizer
-    (``CaptionTask.load_from_checkpoint(path)``).
+    ``model`` is the ``model`` config node as a plain dict (typed as :class:`CaptionConfig`),
+    ``vocab`` the tokenizer's vocabulary and ``data`` the data shape; all are saved as
+    hyperparameters, so a checkpoint alone rebuilds the captioner and its tokenizer
+    (``CaptionTask.load_from_checkpoint(path)``), including nets given by ``_target_``.
     """
 
-    def __init__(self, model: dict[str, Any], vocab: list[str], data: dict[str, int]):
+    config_class = CaptionConfig
+    tests_holdout = True
+
+    def __init__(self, model: dict[str, Any], vocab: list[str], data: dict[str, Any]):
         super().__init__()
         self.save_hyperparameters()
-        self.cfg = model
+        self.cfg = cfg = CaptionConfig.from_node(model)
         self.tokenizer = WordTokenizer(vocab)
-        self.source, self.target = model["source"], model["target"]
-        d_model = model["d_model"]
-        if self.source == "audio":
-            self.encoder: nn.Module = LogMelEncoder(
-                model["encoder_channels"],
-                d_model,
-                data["audio_mels"],
-                data["audio_frames"],
-                patch=model.get("audio_patch", 2),
-            )
-        else:
-            image_encoder = (
-                FactorizedImageEncoder
-                if model.get("image_encoder", "conv") == "factorized"
-                else ConvImageEncoder
-            )
-            self.encoder = image_encoder(
-                model["encoder_channels"],
-                d_model,
-                data["image_size"],
-                model["encoder_patch"],
-                in_channels=data["image_channels"],
-            )
-        self.decoder = TransformerTextDecoder(
-            vocab_size=len(vocab),
-            d_model=d_model,
-            layers=model["decoder_layers"],
-            heads=model["heads"],
-            ffn_mult=model["ffn_mult"],
-            dropout=model["dropout"],
-            max_len=max(data["max_text_len"], model["max_decode_len"]),
-            pad_id=self.tokenizer.pad_id,
+        self.source, self.target = cfg.source, cfg.target
+        self.encoder: nn.Module = build_slot(cfg.encoder, lambda: self.default_encoder(cfg, data))
+        self.decoder = build_slot(
+            cfg.decoder,
+            lambda: TransformerTextDecoder(
+                vocab_size=len(vocab),
+                d_model=cfg.d_model,
+                layers=cfg.decoder_layers,
+                heads=cfg.heads,
+                ffn_mult=cfg.ffn_mult,
+                dropout=cfg.dropout,
+                max_len=max(data["max_text_len"], cfg.max_decode_len),
+                pad_id=self.tokenizer.pad_id,
+            ),
         )
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         # (key, hypothesis, references) of this rank's valid rows in the running evaluation.
         self.eval_rows: list[tuple[str, str, list[str]]] = []
         self.scored = False  # this evaluation's caption metrics are logged
-        self.test_prefix = "test"
-        """Metric prefix of ``trainer.test``: ``holdout`` when testing the compositional split."""
 
-    def configure_model(self) -> None:
-        """Under ``trainer=fsdp2`` shard each decoder layer, the encoder and the rest (FSDP2)."""
-        from torch.distributed.fsdp import FSDPModule, fully_shard
+    @staticmethod
+    def default_encoder(cfg: CaptionConfig, data: dict[str, Any]) -> nn.Module:
+        """The built-in encoder of the source's modality (conv stages on pixels or log-mels)."""
+        if modality_of(cfg.source, data.get("roles")).name == "audio":
+            return LogMelEncoder(
+                cfg.encoder_channels,
+                cfg.d_model,
+                data["audio_mels"],
+                data["audio_frames"],
+                patch=cfg.audio_patch,
+            )
+        image_encoder = FactorizedImageEncoder if cfg.image_encoder == "factorized" else ConvImageEncoder
+        return image_encoder(
+            cfg.encoder_channels,
+            cfg.d_model,
+            data["image_size"],
+            cfg.encoder_patch,
+            in_channels=data["image_channels"],
+        )
 
-        # Lightning calls this hook again for test/validate after fit: shard once.
-        if self.device_mesh is None or isinstance(self.decoder, FSDPModule):
-            return
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.decoder.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.encoder, mesh=mesh)
-        fully_shard(self.decoder, mesh=mesh)
+    def parallelize(self, mesh: Any) -> None:
+        parallelize_caption(self, mesh)
 
     def memory(
         self, source: torch.Tensor, source_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Encoder tokens ``[B, N, D]`` and which are real ``[B, N]`` (None: all; audio padding is not)."""
         memory = self.encoder(source)  # [B, N, D]
-        if self.source == "audio" and source_mask is not None:
+        if source_mask is not None and hasattr(self.encoder, "token_mask"):  # audio padding
             return memory, self.encoder.token_mask(source_mask.to(memory.device))  # [B, N]
         return memory, None
 
@@ -143,12 +132,11 @@ class CaptionTask(XmodalTask):
         see BENCHMARKS.md). The mask comes from a generator seeded by (seed, rank, step): a resumed
         run drops the same words.
         """
-        rate = float(self.cfg.get("token_dropout", 0.0))
+        rate = self.cfg.token_dropout
         if not self.training or rate == 0.0:
             return inputs
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         gen = torch.Generator().manual_seed(
-            zlib.crc32(f"{seed}:{self.global_rank}:{self.global_step}".encode())
+            zlib.crc32(f"{self.run_seed}:{self.global_rank}:{self.global_step}".encode())
         )
         drop = torch.rand(inputs.shape, generator=gen).to(inputs.device) < rate  # [B, T]
         drop[:, 0] = False  # BOS stays: it starts every caption
@@ -168,7 +156,7 @@ class CaptionTask(XmodalTask):
         """Caption ids ``[B, L]`` (after BOS, padded after EOS) with the config's decoding options;
         ``options`` override them (``beam_size``, ``length_penalty``, ``min_decode_len``,
         ``max_decode_len``, ``decode_cache``)."""
-        cfg = {**DECODING_DEFAULTS, **{k: self.cfg[k] for k in DECODING_DEFAULTS if k in self.cfg}, **options}
+        cfg = {**{k: getattr(self.cfg, k) for k in DECODING_OPTIONS}, **options}
         memory, keep = self.memory(source, source_mask)
         common = {
             "bos_id": self.tokenizer.bos_id,
@@ -196,8 +184,7 @@ class CaptionTask(XmodalTask):
         """Sources with generated captions (a grid) and a table of key, references and caption."""
         source = batch[self.source]
         captions = self.caption(source.to(self.device), batch.get(f"{self.source}_mask"))
-        # A spectrogram shows as a grey image (mel bands upwards), scaled to [-1, 1] per clip.
-        shown = source if self.source == "image" else spectrogram_images(source)
+        shown = modality_of(self.source, self.hparams.data.get("roles")).show(source)
         rows = [
             [key, " / ".join(refs), hyp]
             for key, refs, hyp in zip(batch["__key__"], batch["captions"], captions, strict=True)
@@ -205,7 +192,7 @@ class CaptionTask(XmodalTask):
         return SampleSet({"val": caption_grid(shown, captions)}, ["key", "references", "generated"], rows)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch, self.cfg.get("label_smoothing", 0.0))
+        loss = self.loss(batch, self.cfg.label_smoothing)
         rows = int(batch["valid"].sum().clamp(min=1))
         self.log_train_scalars({"train/loss": loss}, rows, prog_bar=("train/loss",))
         return loss
@@ -224,19 +211,8 @@ class CaptionTask(XmodalTask):
         ):
             if keep:
                 self.eval_rows.append((str(key), hyp, [" ".join(normalize(r)) for r in refs]))
-        # Scored at the last batch rather than in on_*_epoch_end: callbacks' epoch-end hooks (the
-        # metrics file, checkpoint selection) run before the module's and must see the scores.
-        if batch_idx + 1 >= self._eval_batches():
+        if self.is_last_eval_batch(batch_idx):
             self._log_caption_metrics(stage)
-
-    def _eval_batches(self) -> float:
-        """Batches of the running evaluation on this rank (exact epochs: the same on every rank)."""
-        trainer = self.trainer
-        if trainer.sanity_checking:
-            counts = trainer.num_sanity_val_batches
-        else:
-            counts = trainer.num_test_batches if trainer.testing else trainer.num_val_batches
-        return counts[0] if counts else float("inf")
 
     def _log_caption_metrics(self, stage: str) -> None:
         """Score every valid row of the split, gathered from all ranks, once; every rank logs the same."""
@@ -275,8 +251,31 @@ class CaptionTask(XmodalTask):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(
-            self.parameters(), lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"], betas=(0.9, 0.98)
+            self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.98)
         )
         return with_warmup_cosine(
-            optimizer, int(self.trainer.estimated_stepping_batches), self.cfg["warmup_steps"]
+            optimizer, int(self.trainer.estimated_stepping_batches), self.cfg.warmup_steps
         )
+
+    # ----------------------------------------------------------------- xmodal-generate
+    def generate_outputs(self, inputs: dict[str, list[Any]], args: Any) -> list[dict[str, str]]:
+        """One caption per input of the source's modality (``--image FILE …``, ``--audio FILE …``)."""
+        modality = modality_of(self.source, self.hparams.data.get("roles"))
+        given = [name for name, values in inputs.items() if values]
+        if not given:
+            raise GenerateError(f"{args.ckpt} is a captioner: give {flag_of(modality)} FILE …")
+        if modality.name not in given:
+            raise GenerateError(
+                f"{args.ckpt} captions {modality.name}, not {given[0]}: use {flag_of(modality)}"
+            )
+        only_inputs(args.ckpt, inputs, modality.name, f"a {modality.name} captioner")
+        values = inputs[modality.name]
+        batch = {
+            k: v.to(self.device) if torch.is_tensor(v) else v
+            for k, v in role_inputs(self, self.source, values).items()
+        }
+        captions = self.caption(batch[self.source], batch.get(f"{self.source}_mask"))
+        return [
+            {modality.name: str(value), "caption": caption}
+            for value, caption in zip(values, captions, strict=True)
+        ]

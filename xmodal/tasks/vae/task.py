@@ -43,9 +43,13 @@ from xmodal.metrics.likelihood import (
     log_standard_normal,
 )
 from xmodal.nn.condition import build_condition_encoder
+from xmodal.nn.slots import build_slot
 from xmodal.nn.vae import ConvDecoder, ConvEncoder
-from xmodal.tasks.base import XmodalTask
+from xmodal.tasks.base import XmodalTask, condition_names
+from xmodal.tasks.generation import conditional_batch, write_images
 from xmodal.tasks.schedule import with_warmup_cosine
+from xmodal.tasks.vae.config import VaeModelConfig
+from xmodal.tasks.vae.parallelize import parallelize_vae
 
 SCALARS = ("nll", "neg_elbo", "recon", "kl", "nll_bpd", "neg_elbo_bpd")
 EVAL_ROWS_PER_PASS = 1024
@@ -132,39 +136,46 @@ class VaeTask(XmodalTask):
     """VAE / β-VAE / conditional VAE over ``batch[model["target"]]`` (``[B, C, H, W]`` images or
     ``[B, 1, M, T]`` log-mels).
 
-    ``model`` is the ``model`` config node as a plain dict (``model["vae"]`` = VaeConfig),
+    ``model`` is the ``model`` config node as a plain dict (typed as :class:`VaeModelConfig`),
     ``vocab`` the tokenizer vocabulary (text conditions), ``data`` the data shape; all saved as
-    hyperparameters, so ``VaeTask.load_from_checkpoint(path)`` rebuilds it.
+    hyperparameters, so ``VaeTask.load_from_checkpoint(path)`` rebuilds it (``model.encoder`` /
+    ``model.decoder`` ``_target_`` nets included).
     """
 
-    def __init__(self, model: dict[str, Any], vocab: list[str], data: dict[str, int]):
+    config_class = VaeModelConfig
+
+    def __init__(self, model: dict[str, Any], vocab: list[str], data: dict[str, Any]):
         super().__init__()
         self.save_hyperparameters()
-        self.cfg, self.vae = model, model["vae"]
-        self.target = model.get("target", "image")
-        self.likelihood = self.vae["likelihood"]
+        self.cfg = cfg = VaeModelConfig.from_node(model)
+        self.vae = cfg.vae
+        self.target = cfg.target
+        self.likelihood = self.vae.likelihood
         self.shape = self.target_shape(self.target, data)  # (C, H, W)
         self.dims = math.prod(self.shape)
         self.tokenizer = WordTokenizer(vocab)
         self.condition = build_condition_encoder(
-            model,
+            cfg,
             len(vocab),
             self.tokenizer.pad_id,
             data["max_text_len"],
             data.get("audio_mels", 64),
             data.get("audio_frames", 64),
         )
-        cond_dim = model["cond_dim"] if self.condition is not None else 0
-        z_dim, width = self.vae["z_dim"], self.vae["width"]
-        self.encoder = ConvEncoder(*self.shape, width, z_dim, cond_dim)
-        self.decoder = ConvDecoder(
-            *self.shape,
-            width,
-            z_dim,
-            cond_dim,
-            likelihood=self.likelihood,
-            learn_sigma=self.vae["learn_sigma"],
-            sigma=self.vae["sigma"],
+        cond_dim = cfg.cond_dim if self.condition is not None else 0
+        z_dim, width = self.vae.z_dim, self.vae.width
+        self.encoder = build_slot(cfg.encoder, lambda: ConvEncoder(*self.shape, width, z_dim, cond_dim))
+        self.decoder = build_slot(
+            cfg.decoder,
+            lambda: ConvDecoder(
+                *self.shape,
+                width,
+                z_dim,
+                cond_dim,
+                likelihood=self.likelihood,
+                learn_sigma=self.vae.learn_sigma,
+                sigma=self.vae.sigma,
+            ),
         )
         if self.target == "audio":
             # Most log-mel bins are silence (-1 in model units): starting the decoder there lets the
@@ -192,18 +203,8 @@ class VaeTask(XmodalTask):
         raise ValueError(f"model.target: the vae task generates image or audio, got {target!r}")
 
     # ----------------------------------------------------------------- distributed / setup
-    def configure_model(self) -> None:
-        """Under ``trainer=fsdp2`` shard encoder, decoder and condition encoder (FSDP2), once."""
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        # Lightning calls this hook again for test/validate after fit: shard once.
-        if self.device_mesh is None or isinstance(self.decoder, FSDPModule):
-            return
-        mesh = self.device_mesh["data_parallel"]
-        if self.condition is not None:
-            fully_shard(self.condition, mesh=mesh)
-        fully_shard(self.encoder, mesh=mesh)
-        fully_shard(self.decoder, mesh=mesh)
+    def parallelize(self, mesh: Any) -> None:
+        parallelize_vae(self, mesh)
 
     def on_fit_start(self) -> None:
         max_steps = self.trainer.max_steps
@@ -250,13 +251,13 @@ class VaeTask(XmodalTask):
         if self.likelihood != "bernoulli":
             return images, images
         targets = (images.float() + 1) / 2
-        if self.vae["binarize"] and uniform is not None:
+        if self.vae.binarize and uniform is not None:
             targets = (uniform < targets).float()
         return targets, targets * 2 - 1
 
     def encode(self, x: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(x, cond)
-        clamp = self.vae["logvar_clamp"]
+        clamp = self.vae.logvar_clamp
         return mu.float(), logvar.float().clamp(-clamp, clamp)  # [B, Z] each
 
     def conditioning(self, batch: dict[str, Any]) -> torch.Tensor | None:
@@ -274,7 +275,7 @@ class VaeTask(XmodalTask):
         seed = (int(self.noise_seed) * 1_000_003 + self.global_step * 1009 + self.global_rank) % 2**63
         g = torch.Generator(device=x.device).manual_seed(seed)
         uniform = torch.rand(x.shape, generator=g, device=x.device)
-        eps = torch.randn((x.shape[0], self.vae["z_dim"]), generator=g, device=x.device)
+        eps = torch.randn((x.shape[0], self.vae.z_dim), generator=g, device=x.device)
         return uniform, eps
 
     def elbo_terms(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -299,13 +300,13 @@ class VaeTask(XmodalTask):
         kl_dims = (terms["kl_dims"] * valid[:, None]).sum(0) / n  # [Z] batch mean per dimension
         kl = kl_dims.sum()
         # Free bits (Kingma et al. 2016): each dimension's batch-mean KL counts at least λ nats.
-        kl_term = kl_dims.clamp(min=self.vae["free_bits"]).sum() if self.vae["free_bits"] > 0 else kl
+        kl_term = kl_dims.clamp(min=self.vae.free_bits).sum() if self.vae.free_bits > 0 else kl
         weight = kl_weight(
             self.global_step,
-            self.vae["beta"],
-            self.vae["kl_warmup_steps"],
-            self.vae["kl_schedule"],
-            self.vae["kl_cycles"],
+            self.vae.beta,
+            self.vae.kl_warmup_steps,
+            self.vae.kl_schedule,
+            self.vae.kl_cycles,
             self.total_steps,
         )
         loss = -recon + weight * kl_term
@@ -327,10 +328,10 @@ class VaeTask(XmodalTask):
         The fixed binarisation and the k samples come from the sample's key; the ELBO uses the
         first of the k samples, so IWAE-k ≥ ELBO holds per sample up to that one draw.
         """
-        k = k or self.vae["iwae_k"]
+        k = k or self.vae.iwae_k
         images, mask = self.target_data(batch)  # [B, C, H, W], [B, 1, 1, T] | None
         b = images.shape[0]
-        z_dim = self.vae["z_dim"]
+        z_dim = self.vae.z_dim
         uniform, eps = keyed_noise(batch["__key__"], tuple(images.shape[1:]), (k, z_dim))
         uniform, eps = uniform.to(images.device), eps.to(images.device)  # [B, C, H, W], [B, k, Z]
         targets, x = self.prepare(images, uniform)
@@ -395,7 +396,7 @@ class VaeTask(XmodalTask):
     def sample(self, n: int, cond: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
         """Means ``[n, C, H, W]`` in [-1, 1] (model units) decoded from prior draws (a fixed bank by
         seed); :meth:`as_images` makes them displayable."""
-        z = torch.randn((n, self.vae["z_dim"]), generator=torch.Generator().manual_seed(seed)).to(self.device)
+        z = torch.randn((n, self.vae.z_dim), generator=torch.Generator().manual_seed(seed)).to(self.device)
         location, _ = self.decoder(z, cond)
         return self.display(location)
 
@@ -419,7 +420,7 @@ class VaeTask(XmodalTask):
         for start in range(0, n, columns):
             rows += [x[start : start + columns].float(), recon[start : start + columns]]
         grids = {"reconstruction": image_grid(self.as_images(torch.cat(rows)), columns=columns, scale=2)}
-        names = [_condition_text(batch, i, self.cfg["condition"]) for i in range(n)]
+        names = condition_names(batch, self.cfg.condition)
         if cond is None:
             grids["prior"] = image_grid(self.as_images(self.sample(n)), columns=columns, scale=2)
         else:
@@ -429,21 +430,27 @@ class VaeTask(XmodalTask):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(
-            self.parameters(), lr=self.cfg["lr"], weight_decay=self.cfg["weight_decay"]
-        )
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         return with_warmup_cosine(
-            optimizer, int(self.trainer.estimated_stepping_batches), self.cfg["warmup_steps"]
+            optimizer, int(self.trainer.estimated_stepping_batches), self.cfg.warmup_steps
         )
+
+    # ----------------------------------------------------------------- xmodal-generate
+    @torch.no_grad()
+    def generate_outputs(self, inputs: dict[str, list[Any]], args: Any) -> list[dict[str, str]]:
+        """``args.num`` seeded samples per condition as PNGs plus ``grid.png`` in ``args.out`` (an
+        audio target's log-mels as spectrograms on the fixed model scale)."""
+        from xmodal.tasks.gan.task import check_labels
+
+        batch, names = conditional_batch(self, self.cfg.condition, inputs, args)
+        check_labels(batch, self.cfg)
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        images = (
+            self.as_images(self.sample(len(names), self.conditioning(batch), seed=args.seed)).float().cpu()
+        )
+        paths = write_images(images, names, args.out)
+        return [{"image": str(path), "condition": name} for path, name in zip(paths, names, strict=True)]
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float()
-
-
-def _condition_text(batch: dict[str, Any], i: int, kind: str) -> str:
-    """What a conditional sample was asked for: its first caption, or its label."""
-    if kind == "label":
-        return f"label {int(batch['label'][i])}"
-    captions = batch.get("captions") or []
-    return captions[i][0] if i < len(captions) and captions[i] else ""

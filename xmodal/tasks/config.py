@@ -1,0 +1,197 @@
+"""The ``model`` config node: a typed dataclass per task family, and how one is found and checked.
+
+Each task family owns a :class:`TaskConfig` subclass next to its code (``CaptionConfig`` in
+xmodal/tasks/caption/config.py, ...). Hydra types the ``model`` group's YAML files with it (each
+file starts with ``defaults: [<task>_schema, _self_]``), so a key the family does not have is
+refused while composing; the central validator merges the node onto the class again (a task given
+by import path has no stored schema) and calls :meth:`TaskConfig.problems`. Tasks read their
+config as attributes of that dataclass, never as ``dict.get(key, default)``: one default per key.
+
+This module imports no nets and no Lightning: composing and validating a config stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+from xmodal.problems import Problems, unknown_keys
+from xmodal.registry import TASKS, import_object
+
+C = TypeVar("C", bound="TaskConfig")
+
+
+@dataclass
+class TaskConfig:
+    """What every task family's ``model`` node has."""
+
+    task: str = ""
+    """Task family: a registered name (``caption``, ``gan``, ``vae``, or a plug-in's) or an import
+    path ``pkg.module:TaskClass``."""
+
+    def roles(self) -> tuple[str, ...]:
+        """Batch roles every sample must have (a sample without one is skipped and counted)."""
+        raise NotImplementedError
+
+    def problems(self, cfg: Any) -> list[str]:
+        """Problems of this node (and of the keys elsewhere it depends on), as
+        ``<key>: <why> (got <value>)`` with keys from the root (``model.lr``)."""
+        return []
+
+    def lightning_max_steps(self, max_steps: int) -> int:
+        """Lightning's ``max_steps`` for ``trainer.max_steps`` (which counts what this task calls a step)."""
+        return max_steps
+
+    @classmethod
+    def from_node(cls: type[C], node: Mapping[str, Any] | DictConfig, strict: bool = False) -> C:
+        """The typed config of a ``model`` node or a checkpoint's hparams dict.
+
+        Not strict: keys the class lacks are dropped (checkpoints written before the per-task
+        split carried every family's keys). Strict: such keys raise ``KeyError`` naming them all.
+        """
+        plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        unknown = [key for key, _ in unknown_keys(plain, cls)]
+        if unknown and strict:
+            raise KeyError(", ".join(unknown))
+        typed = OmegaConf.merge(OmegaConf.structured(cls), _known(plain, cls))
+        return typing.cast(C, OmegaConf.to_object(typed))
+
+
+def _known(node: Mapping[str, Any], schema: type) -> dict[str, Any]:
+    types = typing.get_type_hints(schema)
+    out = {}
+    for key, value in node.items():
+        if key not in types:
+            continue
+        nested = types[key]
+        out[key] = (
+            _known(value, nested)
+            if dataclasses.is_dataclass(nested) and isinstance(value, Mapping)
+            else value
+        )
+    return out
+
+
+_BUILTIN_CONFIGS: dict[str, str] = {}
+
+
+def register_config(task_name: str, config_path: str) -> None:
+    """Declare where a built-in task's config class lives, so composing a config does not import
+    the task's nets (the task class itself is registered in xmodal/tasks/__init__.py)."""
+    _BUILTIN_CONFIGS[task_name] = config_path
+
+
+def config_class(task: str) -> type[TaskConfig]:
+    """The config dataclass of a task name or import path (``RegistryError`` if there is none)."""
+    if task in TASKS and task in _BUILTIN_CONFIGS:  # `in TASKS` loads built-ins and plug-ins first
+        return import_object(_BUILTIN_CONFIGS[task])
+    cls = getattr(TASKS.get(task), "config_class", None)
+    if not (isinstance(cls, type) and issubclass(cls, TaskConfig)):
+        from xmodal.registry import RegistryError
+
+        raise RegistryError(f"model.task: {task!r} has no config_class (a TaskConfig subclass)")
+    return cls
+
+
+def task_config(cfg: Any) -> TaskConfig:
+    """The typed ``model`` node of a composed root config (keys it lacks are dropped)."""
+    return config_class(cfg.model.task).from_node(cfg.model)
+
+
+def model_node_problems(cfg: Any) -> list[str]:
+    """Every problem of ``cfg.model``: unknown task, keys the family lacks, wrong types, and the
+    family's own checks."""
+    task = cfg.model.get("task") if isinstance(cfg.model, (DictConfig, Mapping)) else None
+    if not task:
+        return ["model.task: must name a task family (got None)"]
+    from xmodal.registry import RegistryError
+
+    try:
+        cls = config_class(task)
+    except RegistryError as err:
+        return [str(err)]
+    plain = OmegaConf.to_container(cfg.model, resolve=True)
+    problems = [f"model.{key}: not a config key of {schema}" for key, schema in unknown_keys(plain, cls)]
+    try:
+        typed = cls.from_node(plain)
+    except Exception as err:  # omegaconf ValidationError: a value of the wrong type
+        return [*problems, f"model: {str(err).splitlines()[0]}"]
+    return [*problems, *typed.problems(cfg)]
+
+
+# ------------------------------------------------------------------ shared by several families
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up then cosine decay (the caption and VAE families)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+
+
+def optimizer_problems(problems: Problems, m: OptimizerConfig) -> None:
+    problems.check(m.lr > 0, "model.lr", "must be > 0")
+    problems.check(m.weight_decay >= 0, "model.weight_decay", "must be >= 0")
+    problems.check(m.warmup_steps >= 0, "model.warmup_steps", "must be >= 0")
+
+
+CONDITIONS = ("none", "label", "text", "audio")
+
+
+@dataclass
+class ConditionConfig:
+    """What a conditional generator (GAN, VAE) is conditioned on, through one condition-encoder slot."""
+
+    condition: str = "none"
+    """none | label | text | audio: the batch role the condition encoder reads."""
+    num_classes: int = 10
+    """Classes of ``label`` conditioning (and of the domain classifier's label head)."""
+    cond_dim: int = 128
+    """Width of the condition vector the encoder produces."""
+    d_model: int = 128
+    """Width of the text / audio condition encoders."""
+    heads: int = 4
+    dropout: float = 0.0
+    condition_encoder: Any = None
+    """``_target_`` of any module called as ``encoder(batch) -> [B, cond_dim]`` (instantiated with
+    the keys given here; interpolate ``${model.cond_dim}``); unset = the built-in for ``condition``."""
+
+
+def condition_problems(problems: Problems, m: ConditionConfig, target: str) -> None:
+    problems.check(m.condition in CONDITIONS, "model.condition", f"must be one of {CONDITIONS}")
+    problems.check(m.d_model % max(m.heads, 1) == 0, "model.d_model", f"must divide by model.heads={m.heads}")
+    problems.check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    problems.check(m.num_classes >= 1, "model.num_classes", "must be >= 1")
+    problems.check(m.cond_dim >= 1, "model.cond_dim", "must be >= 1")
+    if m.condition == target:
+        article = "an" if target[:1] in "aeiou" else "a"
+        problems.append(
+            f"model.condition: {article} {target} target cannot be conditioned on itself (got {target!r})"
+        )
+    check_slot(problems, "model.condition_encoder", m.condition_encoder)
+
+
+def condition_roles(target: str, condition: str) -> tuple[str, ...]:
+    return (target,) if condition in ("none", target) else (target, condition)
+
+
+def check_slot(problems: Problems, key: str, slot: Any) -> None:
+    """A net slot is unset or a mapping with an importable ``_target_``."""
+    if slot is None:
+        return
+    target = slot.get("_target_") if isinstance(slot, Mapping) else None
+    if not isinstance(target, str):
+        problems.append(f"{key}: must be unset or a mapping with _target_ (got {slot!r})")
+        return
+    try:
+        import_object(target)
+    except (ImportError, AttributeError) as err:
+        problems.append(f"{key}._target_: cannot import {target!r} ({err})")
+

@@ -1,0 +1,1 @@
+"""The gan task family: config.py (model node), task.py (LightningModule), parallelize.py (FSDP2)."""

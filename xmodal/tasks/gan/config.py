@@ -1,0 +1,119 @@
+"""``model`` node of the adversarial family (``model.task=gan``): noise (+ condition) → image."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xmodal.problems import Problems
+from xmodal.tasks.config import (
+    ConditionConfig,
+    TaskConfig,
+    check_slot,
+    condition_problems,
+    condition_roles,
+)
+
+GAN_LOSSES = ("ns", "hinge", "wgan-gp")
+
+
+@dataclass
+class GanConfig:
+    """``model.gan``: DCGAN-style G and D under manual optimization.
+
+    One training batch is one *iteration*: ``n_critic`` D steps (fresh noise, detached fakes),
+    then one G step. For this task ``trainer.max_steps`` counts iterations; Lightning is handed
+    ``max_steps × (n_critic + 1)`` because it counts every optimizer step.
+    """
+
+    z_dim: int = 64
+    g_width: int = 32
+    """Channels of G's last conv block (earlier blocks double it)."""
+    d_width: int = 32
+    """Channels of D's first conv block (later blocks double it)."""
+    loss: str = "hinge"
+    """ns (non-saturating, softplus) | hinge | wgan-gp."""
+    n_critic: int = 1
+    g_lr: float = 2.0e-4
+    d_lr: float = 2.0e-4
+    g_betas: list[float] = field(default_factory=lambda: [0.0, 0.9])
+    d_betas: list[float] = field(default_factory=lambda: [0.0, 0.9])
+    gp_weight: float = 10.0
+    """Gradient-penalty weight of ``wgan-gp``."""
+    r1_weight: float = 0.0
+    """Lazy R1 penalty weight on real data (0 = off)."""
+    r1_every: int = 16
+    """Apply R1 every N D steps (scaled by N: "lazy" regularisation)."""
+    spectral_norm: bool = True
+    """Spectral normalisation on D's weights."""
+    ema_decay: float = 0.999
+    """EMA of G's weights (used for samples and metrics); 0 = no EMA."""
+    ema_start: int = 0
+    """Iterations before the EMA starts (it copies G until then); from there its decay warms up
+    as ``min(ema_decay, (1+t)/(10+t))``, so short runs do not average in G's random init."""
+    clip_grad_norm: float | None = None
+    """Max gradient norm per optimizer step, measured on unscaled gradients (also under 16-mixed)."""
+    metric_samples: int = 512
+    """Evaluation rows scored per pass and rank (real and generated alike, one sample per row's
+    condition): metrics are exact across rank counts when this covers the split (512 = shapes val)."""
+    feature_steps: int = 1000
+    """Training steps of the cached domain classifier that supplies FID/KID features (one-time)."""
+    inception_weights: str | None = None
+    """Path to torch-fidelity InceptionV3 weights: FID/KID on Inception features instead."""
+
+
+@dataclass
+class GanModelConfig(ConditionConfig, TaskConfig):
+    """A (conditional) GAN over the ``target`` role; conditioned through one condition-encoder slot."""
+
+    task: str = "gan"
+    target: str = "image"
+    """Batch role G generates and D judges (``image``)."""
+    gan: GanConfig = field(default_factory=GanConfig)
+    generator: Any = None
+    """``_target_`` of any G called as ``G(z [B, z_dim], batch) -> images [B, C, H, W]`` in [-1, 1];
+    unset = the built-in DCGAN generator (conditional BN)."""
+    discriminator: Any = None
+    """``_target_`` of any D called as ``D(images, batch) -> logits [B]``; unset = the built-in
+    (projection head, spectral norm)."""
+
+    def roles(self) -> tuple[str, ...]:
+        return condition_roles(self.target, self.condition)
+
+    def lightning_max_steps(self, max_steps: int) -> int:
+        return max_steps * (self.gan.n_critic + 1) if max_steps > 0 else max_steps
+
+    def problems(self, cfg: Any) -> list[str]:
+        p = Problems(cfg)
+        g, t = self.gan, cfg.trainer
+        p.check(self.target == "image", "model.target", f"the {self.task} task generates images")
+        condition_problems(p, self, self.target)
+        if self.generator is None or self.discriminator is None:
+            p.check(
+                cfg.data.image_size in (32, 64),
+                "data.image_size",
+                f"the {self.task} task's conv nets take 32 or 64 px",
+            )
+        p.one_of("model.gan.loss", GAN_LOSSES)
+        p.check(g.n_critic >= 1, "model.gan.n_critic", "must be >= 1")
+        p.check(g.g_lr > 0 and g.d_lr > 0, "model.gan.g_lr", "g_lr and d_lr must be > 0")
+        p.check(0.0 <= g.ema_decay < 1.0, "model.gan.ema_decay", "must be in [0, 1)")
+        p.check(g.r1_every >= 1, "model.gan.r1_every", "must be >= 1")
+        p.check(g.metric_samples >= 2, "model.gan.metric_samples", "FID needs >= 2 samples")
+        p.check(len(g.g_betas) == 2 and len(g.d_betas) == 2, "model.gan.g_betas", "betas are pairs")
+        p.check(
+            t.strategy != "fsdp",
+            "trainer.strategy",
+            "Lightning's FSDP1 'fsdp' does not support manual optimization (GANs); use trainer=fsdp2",
+        )
+        p.check(
+            t.accumulate_grad_batches == 1,
+            "trainer.accumulate_grad_batches",
+            "manual optimization (gan) steps every batch; must be 1",
+        )
+        if g.inception_weights is not None:
+            p.check(Path(g.inception_weights).is_file(), "model.gan.inception_weights", "no such file")
+        check_slot(p, "model.generator", self.generator)
+        check_slot(p, "model.discriminator", self.discriminator)
+        return p

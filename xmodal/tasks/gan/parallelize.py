@@ -1,0 +1,23 @@
+"""How a GAN is sharded under ``trainer=fsdp2``: G, D and the EMA copy each one FSDP2 unit.
+
+Under bf16-mixed the parameters are gathered in bf16 and gradients reduced in fp32. The nets'
+FSDP2-specific details (spectral norm's buffers, batch norm statistics in fp32, the EMA update on
+sharded tensors) are handled in xmodal/nn/gan.py and xmodal/nn/ema.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def parallelize_gan(task: Any, mesh: Any) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy()
+    if "bf16" in str(task.trainer.precision):
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for net in (task.generator, task.discriminator, task.ema):
+        if net is not None:
+            fully_shard(net, mesh=mesh, mp_policy=policy)

@@ -1,0 +1,106 @@
+"""What ``generate_outputs`` implementations share: inputs → batches, and sample files.
+
+``inputs`` maps a modality name to the values given on the command line (``--image`` files,
+``--caption`` texts, ``--label`` ids; a plug-in modality gets ``--<name>``), as built by
+xmodal/generate.py from the modality registry.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xmodal.data.batch import BatchCollate, DecodeSpec
+from xmodal.images import caption_grid, image_grid, to_pixels
+from xmodal.modalities.base import Modality
+from xmodal.modalities.roles import modality_of
+from xmodal.tasks.base import GenerateError
+
+
+def flag_of(modality: Modality) -> str:
+    return f"--{modality.input_flag or modality.name}"
+
+
+def decode_spec_of(data: dict[str, Any]) -> DecodeSpec:
+    """The decoding of a checkpoint's data shape (how its inputs were prepared in training)."""
+    return DecodeSpec(
+        image_size=data["image_size"],
+        image_channels=data["image_channels"],
+        audio_mels=data["audio_mels"],
+        audio_frames=data["audio_frames"],
+        roles=tuple(sorted(data.get("roles", {}).items())),
+        options=data.get("options", {}),
+    )
+
+
+def role_inputs(task: Any, role: str, values: list[Any], repeat: int = 1) -> dict[str, Any]:
+    """A batch holding ``role`` for each input value (each ``repeat`` times), in model units."""
+    data = task.hparams.data
+    modality = modality_of(role, data.get("roles"))
+    try:
+        batch = modality.read_inputs(
+            values, decode_spec_of(data), BatchCollate(task.tokenizer, data["max_text_len"])
+        )
+    except (OSError, ValueError) as err:
+        raise GenerateError(f"cannot read {flag_of(modality)} input: {err}") from err
+    if role != modality.name:  # read as the modality's default role: rename to the task's role
+        batch = {
+            k.replace(modality.name, role, 1) if k.startswith(modality.name) else k: v
+            for k, v in batch.items()
+        }
+    if repeat > 1:
+        batch = {
+            k: v.repeat_interleave(repeat, 0) if torch.is_tensor(v) else [x for x in v for _ in range(repeat)]
+            for k, v in batch.items()
+        }
+    return batch
+
+
+def only_inputs(ckpt: Any, inputs: dict[str, list[Any]], wanted: str | None, what: str) -> None:
+    """Refuse inputs of any modality but ``wanted`` (None: no inputs at all)."""
+    from xmodal.registry import MODALITIES
+
+    extra = [flag_of(MODALITIES.get(name)()) for name, values in inputs.items() if values and name != wanted]
+    if extra:
+        raise GenerateError(f"{ckpt} is {what}: {' '.join(extra)} does not apply")
+
+
+def write_images(images: torch.Tensor, names: list[str], out: Path) -> list[Path]:
+    """One PNG per image ``[N, C, H, W]`` in [-1, 1] plus ``grid.png`` (captioned when named)."""
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, pixels in enumerate(to_pixels(images)):
+        path = out / f"sample_{i:04d}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    grid = caption_grid(images, names) if any(names) else image_grid(images, scale=2)
+    grid.save(out / "grid.png")
+    return paths
+
+
+def conditional_batch(
+    task: Any, condition: str, inputs: dict[str, list[Any]], args: Any
+) -> tuple[dict[str, Any], list[str]]:
+    """A batch holding each requested condition ``args.num`` times, and a name per row, for a
+    generator conditioned on role ``condition`` (``none``: unconditional)."""
+    n = args.num
+    if condition == "none":
+        only_inputs(args.ckpt, inputs, None, "unconditional")
+        return {"valid": torch.ones(n, dtype=torch.bool), "__key__": [""] * n}, [""] * n
+    modality = modality_of(condition, task.hparams.data.get("roles"))
+    only_inputs(args.ckpt, inputs, modality.name, f"conditioned on {condition!r}")
+    values = inputs.get(modality.name)
+    if not values:
+        kind = (
+            "TEXT" if modality.input_flag == "caption" else "N" if modality.input_flag == "label" else "FILE"
+        )
+        raise GenerateError(f"{args.ckpt} is conditioned on {condition}: give {flag_of(modality)} {kind} …")
+    batch = role_inputs(task, condition, values, repeat=n)
+    names = [str(v) for v in values for _ in range(n)]
+    batch["valid"] = torch.ones(len(names), dtype=torch.bool)
+    batch["__key__"] = names
+    return batch, names

@@ -1,0 +1,1 @@
+"""The vae task family: config.py (model node), task.py (LightningModule), parallelize.py (FSDP2)."""

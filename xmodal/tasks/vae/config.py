@@ -1,0 +1,114 @@
+"""``model`` node of the VAE family (``model.task=vae``): data → latent → data, optionally conditional."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from xmodal.problems import Problems
+from xmodal.tasks.config import (
+    ConditionConfig,
+    OptimizerConfig,
+    TaskConfig,
+    check_slot,
+    condition_problems,
+    condition_roles,
+    optimizer_problems,
+)
+
+VAE_LIKELIHOODS = ("bernoulli", "gaussian", "logistic", "laplace")
+TARGETS = ("image", "audio")
+
+
+@dataclass
+class VaeConfig:
+    """``model.vae``: ELBO in nats, β, KL warm-up, IWAE evaluation."""
+
+    z_dim: int = 32
+    width: int = 32
+    """Channels of the first encoder conv block (later blocks double it, capped at 4×; the decoder mirrors it)."""
+    likelihood: str = "bernoulli"
+    """bernoulli (logits; binarised data) | gaussian | logistic (discretised) | laplace."""
+    learn_sigma: bool = False
+    """gaussian/laplace: learn one scale per pixel channel (else fixed ``sigma``)."""
+    sigma: float = 0.1
+    binarize: bool = False
+    """Bernoulli targets: sample pixels ~ Bernoulli(intensity) each time (dynamic binarisation)."""
+    beta: float = 1.0
+    kl_warmup_steps: int = 0
+    """Steps over which the KL weight rises linearly 0 → beta (0 = none)."""
+    kl_schedule: str = "linear"
+    """linear | cyclical (the linear ramp repeats ``kl_cycles`` times over ``trainer.max_steps``)."""
+    kl_cycles: int = 4
+    free_bits: float = 0.0
+    """Minimum KL per latent dimension in nats (0 = off)."""
+    iwae_k: int = 64
+    """Importance samples for the IWAE NLL bound at validation/test."""
+    logvar_clamp: float = 10.0
+    """|log σ²| of the posterior is clamped to this."""
+
+
+@dataclass
+class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
+    """VAE / β-VAE / conditional VAE over the ``target`` role (an image, or a log-mel ``[1, M, T]``)."""
+
+    task: str = "vae"
+    target: str = "image"
+    """image | audio (log-mel; gaussian or laplace likelihood): the nets only see ``[B, C, H, W]``."""
+    cond_dim: int = 64
+    d_model: int = 64
+    weight_decay: float = 0.0
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    encoder: Any = None
+    """``_target_`` of any encoder called as ``encoder(x [B, C, H, W], cond [B, c] | None) -> (μ, log σ²)``
+    each ``[B, z_dim]``; unset = the built-in conv encoder."""
+    decoder: Any = None
+    """``_target_`` of any decoder called as ``decoder(z, cond) -> (location, log_scale | None)``
+    (``location`` ``[B, C, H, W]``), with an ``out`` conv; unset = the built-in conv decoder."""
+
+    def roles(self) -> tuple[str, ...]:
+        return condition_roles(self.target, self.condition)
+
+    def problems(self, cfg: Any) -> list[str]:
+        p = Problems(cfg)
+        d, v = cfg.data, self.vae
+        p.check(self.target in TARGETS, "model.target", "the vae task generates image or audio")
+        condition_problems(p, self, self.target)
+        if self.target == "image":
+            p.check(
+                d.image_size in (32, 64),
+                "data.image_size",
+                f"the {self.task} task's conv nets take 32 or 64 px",
+            )
+        p.one_of("model.vae.likelihood", VAE_LIKELIHOODS)
+        p.check(v.beta >= 0, "model.vae.beta", "must be >= 0")
+        p.check(v.iwae_k >= 1, "model.vae.iwae_k", "must be >= 1")
+        p.check(
+            v.kl_schedule in ("linear", "cyclical"), "model.vae.kl_schedule", "must be linear or cyclical"
+        )
+        p.check(v.kl_warmup_steps >= 0, "model.vae.kl_warmup_steps", "must be >= 0")
+        p.check(v.free_bits >= 0, "model.vae.free_bits", "must be >= 0")
+        p.check(v.sigma > 0, "model.vae.sigma", "must be > 0")
+        p.check(v.z_dim >= 1 and v.width >= 1, "model.vae.z_dim", "z_dim and width must be >= 1")
+        p.check(v.kl_cycles >= 1, "model.vae.kl_cycles", "must be >= 1")
+        p.check(v.logvar_clamp > 0, "model.vae.logvar_clamp", "must be > 0")
+        p.check(
+            not v.binarize or v.likelihood == "bernoulli",
+            "model.vae.binarize",
+            "binarised targets need likelihood=bernoulli",
+        )
+        if self.target == "audio":
+            for key in ("audio_mels", "audio_frames"):
+                if d[key] not in (32, 64):
+                    p.append(
+                        f"data.{key}: an audio target's conv nets take 32 or 64 (mels and frames) (got {d[key]!r})"
+                    )
+            if v.likelihood not in ("gaussian", "laplace"):
+                p.append(
+                    "model.vae.likelihood: an audio target (real-valued log-mel) needs gaussian or laplace; "
+                    f"bernoulli and logistic model pixel intensities (got {v.likelihood!r})"
+                )
+        check_slot(p, "model.encoder", self.encoder)
+        check_slot(p, "model.decoder", self.decoder)
+        optimizer_problems(p, self)
+        return p
