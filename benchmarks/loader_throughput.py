@@ -5,7 +5,7 @@
 Rows (samples/s, median of repeats, and the ratio to the bare PIL loop):
 - tar → sample: xmodal's safe tar reader, raw bytes grouped per sample (no decode)
 - tar → decoded sample: the same plus xmodal's image decode to a uint8 tensor (libjpeg-turbo
-  through simplejpeg, see xmodal/data/pixels.py)
+  through simplejpeg, see xmodal/codecs/pixels.py)
 - tar → decoded batch: the same, stacked into uint8 batches of 64 (what loaders hand over)
 - bare PIL loop: the same JPEG bytes already in memory, ``np.asarray(Image.open(...).convert("RGB"))``
   (the issue's per-core ceiling; every ratio is to this row)
@@ -36,8 +36,8 @@ import simplejpeg
 import torch
 from PIL import Image
 
+from xmodal.codecs.pixels import decode_image
 from xmodal.data.datamodule import BatchCollate, DecodeSpec, decode_sample
-from xmodal.data.pixels import decode_image
 from xmodal.data.shards import iter_tar_samples, write_tar_shard
 from xmodal.data.stream import ShardInfo, ShardStream, StreamLoader, Topology
 from xmodal.data.tokenizer import WordTokenizer

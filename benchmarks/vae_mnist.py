@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import distributions as D
 
+from xmodal.codecs.pixels import decode_image
 from xmodal.config import compose_config
-from xmodal.data.pixels import decode_image, iter_split
+from xmodal.data.datamodule import iter_split
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.factory import build_datamodule, build_task, prepare_data
 from xmodal.nn.vae import ConvDecoder, ConvEncoder

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from tests.conftest import make_tar
+from xmodal.codecs.audio import HOP, SAMPLE_RATE, decode_audio, mel_filterbank
 from xmodal.config import ConfigError, compose_config, validate
-from xmodal.data.audio import HOP, SAMPLE_RATE, decode_audio, mel_filterbank
 from xmodal.data.datamodule import BatchCollate, DecodeSpec, decode_sample
 from xmodal.data.shapes import ShapesSpec, make_sample
 from xmodal.data.shards import ShardError, iter_shard, write_sizes, write_tar_shard
@@ -151,7 +151,7 @@ def striped(width: int, height: int) -> bytes:
 
 
 def test_image_fit_modes_stretch_centre_cut_and_seeded_random_cuts():
-    from xmodal.data.pixels import decode_image
+    from xmodal.codecs.pixels import decode_image
 
     wide = striped(128, 64)  # 2:1
     stretched = decode_image(wide, 32, fit="resize")
@@ -227,7 +227,7 @@ FAST_CASES = [
 
 @pytest.mark.parametrize(("mode", "fmt", "options", "channels", "fast"), FAST_CASES)
 def test_fast_decoders_give_the_same_pixels_as_pil(mode, fmt, options, channels, fast):
-    from xmodal.data.pixels import _decode_fast, decode_image, decode_pil
+    from xmodal.codecs.pixels import _decode_fast, decode_image, decode_pil
 
     data = encoded(mode, fmt, **options)
     by_pil = np.asarray(decode_pil(data, channels, 10**9)).reshape(40, 48, channels)  # [H, W, C]
@@ -242,7 +242,7 @@ def test_fast_decoders_give_the_same_pixels_as_pil(mode, fmt, options, channels,
 
 
 def decode_image_by_pil(data: bytes, size: int, channels: int) -> torch.Tensor:
-    from xmodal.data.pixels import _fit, decode_pil
+    from xmodal.codecs.pixels import _fit, decode_pil
 
     fitted = np.asarray(_fit(decode_pil(data, channels, 10**9), size, "center_crop", None))
     return torch.from_numpy(fitted.reshape(size, size, channels).copy()).permute(2, 0, 1)
@@ -251,7 +251,7 @@ def decode_image_by_pil(data: bytes, size: int, channels: int) -> torch.Tensor:
 def test_fast_path_refuses_oversized_and_broken_files_with_the_pil_path_s_errors():
     from PIL import UnidentifiedImageError
 
-    from xmodal.data.pixels import decode_image
+    from xmodal.codecs.pixels import decode_image
 
     for fmt in ("PNG", "JPEG"):
         with pytest.raises(ValueError, match=r"image of 48×40 pixels exceeds data.max_image_pixels=1000"):

@@ -152,13 +152,13 @@ def test_plugin_net_slot_by_target_trains_and_checkpoints_rebuild_it(tiny, tmp_p
         validate(compose_config(["model.encoder={_target_:nowhere.Net}"]))
 
 
-def entry_point_path(tmp_path: Path) -> Path:
+def entry_point_path(tmp_path: Path, target: str = "tests.plugin_toy:register") -> Path:
     """A distribution's metadata declaring the toy plug-in's entry point, as `pip install` of a
     package with ``[project.entry-points."xmodal.plugins"] toy = "tests.plugin_toy:register"`` leaves."""
     info = tmp_path / "site" / "xmodal_toy_plugin-0.1.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: xmodal-toy-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[xmodal.plugins]\ntoy = tests.plugin_toy:register\n")
+    (info / "entry_points.txt").write_text(f"[xmodal.plugins]\ntoy = {target}\n")
     return info.parent
 
 
@@ -177,6 +177,20 @@ def test_plugin_from_an_entry_point_trains_on_two_ddp_ranks_with_identical_weigh
     ranks = [json.loads((run / "checksums" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2 and ranks[0]["global_step"] == ranks[1]["global_step"] == 2
     assert ranks[0]["end"] == ranks[1]["end"] != ranks[0]["start"]
+
+
+def test_plugin_that_fails_to_import_is_named_in_one_line(tmp_path):
+    site = entry_point_path(tmp_path, "nowhere_pkg.plugin:register")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        ["xmodal-train", "logger=none"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert (
+        "plug-in 'toy' (nowhere_pkg.plugin:register) failed to import: No module named 'nowhere_pkg'"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_plugin_free_core_compares_no_task_or_modality_names():

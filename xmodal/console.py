@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import rich
+import rich.console
 from omegaconf import DictConfig, OmegaConf
 from rich.syntax import Syntax
 from rich.tree import Tree
@@ -38,7 +39,9 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
 
 
 def print_error(message: str) -> None:
-    rich.print(f"[bold red]error:[/bold red] {rich.markup.escape(message)}", file=sys.stderr)
+    """``error: message`` on stderr, its lines never re-wrapped (a path stays greppable on one line)."""
+    console = rich.console.Console(file=sys.stderr, soft_wrap=True)
+    console.print(f"[bold red]error:[/bold red] {rich.markup.escape(message)}")
 
 
 def log_to_file(path: Path) -> logging.Handler:

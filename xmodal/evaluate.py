@@ -22,6 +22,7 @@ from xmodal.console import print_error
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.factory import build_datamodule, prepare_data, task_class
 from xmodal.files import write_json_atomic
+from xmodal.registry import RegistryError
 
 
 def load_task(ckpt_path: str | Path) -> L.LightningModule:
@@ -82,7 +83,11 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    register_schemas()
+    try:
+        register_schemas()  # imports plug-ins: a broken one is named in one line
+    except RegistryError as err:
+        print_error(str(err))
+        sys.exit(2)
     _hydra_main()
 
 

@@ -62,7 +62,13 @@ def build_parser(modalities: dict[str, Any]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    modalities = input_flags()
+    from xmodal.registry import RegistryError
+
+    try:
+        modalities = input_flags()  # imports plug-ins: a broken one is named in one line
+    except RegistryError as err:
+        print_error(str(err))
+        return 2
     args = build_parser(modalities).parse_args(argv)
     inputs: dict[str, list[Any]] = {
         name: getattr(args, f"in_{name}") for name in modalities if getattr(args, f"in_{name}")
@@ -81,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     from xmodal.evaluate import load_task
     from xmodal.tasks.base import GenerateError
 
-    task = load_task(args.ckpt).eval()
     try:
+        task = load_task(args.ckpt).eval()
         rows = task.generate_outputs(inputs, args)
-    except GenerateError as err:
+    except (GenerateError, RegistryError) as err:
         print_error(str(err))
         return 2
     for row in rows:

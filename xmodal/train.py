@@ -35,6 +35,7 @@ from xmodal.factory import (
     prepare_data,
 )
 from xmodal.files import write_json_atomic
+from xmodal.registry import RegistryError
 from xmodal.run import (
     decide_run,
     export_run_id,
@@ -206,7 +207,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    register_schemas()
+    try:
+        register_schemas()  # imports plug-ins: a broken one is named in one line
+    except RegistryError as err:
+        print_error(str(err))
+        sys.exit(2)
     _hydra_main()
 
 

@@ -24,9 +24,9 @@ from xmodal.config.schema import (
     TrainConfig,
 )
 from xmodal.data.builtin import BUILTIN_DATASETS
-from xmodal.modalities.roles import role_problems
 from xmodal.problems import Problems, unknown_keys
-from xmodal.tasks.config import model_node_problems
+from xmodal.registry import MODALITIES
+from xmodal.tasks.config import model_node_problems, task_config
 
 
 def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
@@ -137,6 +137,39 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
         "is derived as <paths.output_dir>/<experiment_name>/<run.id>; set those instead",
     )
     return list(problems)
+
+
+def role_problems(cfg: Any) -> list[str]:
+    """``data.roles`` and ``data.optional_modalities`` name modalities; every role the task needs
+    resolves; each modality in use checks its own ``data.*`` keys."""
+    p = Problems(cfg)
+    d = cfg.data
+    roles = dict(d.roles)
+    for role, name in roles.items():
+        p.check(
+            name in MODALITIES,
+            f"data.roles.{role}",
+            f"must name a modality among {tuple(MODALITIES.names())}",
+        )
+    for role in d.optional_modalities:
+        if role not in MODALITIES and role not in roles:
+            p.append(
+                f"data.optional_modalities: must name modalities {tuple(MODALITIES.names())} or roles of "
+                f"data.roles; {role!r} is neither (got {list(d.optional_modalities)!r})"
+            )
+    if model_node_problems(cfg):
+        return p  # the model node is reported on its own; its roles cannot be trusted
+    used: set[str] = set()
+    task_roles = task_config(cfg).roles()
+    for role in (*task_roles, *d.optional_modalities):
+        name = roles.get(role, role)
+        if name in MODALITIES:
+            used.add(name)
+        elif role in task_roles:
+            p.append(f"model: the task reads role {role!r}, which is no modality and not in data.roles")
+    for name in sorted(used):
+        p += MODALITIES.get(name)().problems(cfg)
+    return p
 
 
 def _cuda_available() -> bool:

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from xmodal.data.pixels import MAX_IMAGE_PIXELS
+from xmodal.codecs.pixels import MAX_IMAGE_PIXELS
 from xmodal.data.tokenizer import WordTokenizer
+from xmodal.modalities.base import SampleContext
 from xmodal.modalities.roles import always_decoded_roles, modality_of
 
 ROLES_FIELD = "__roles__"
@@ -72,8 +73,6 @@ class DecodeSpec:
 def decode_sample(raw: dict[str, Any], spec: DecodeSpec, train: bool) -> dict[str, Any]:
     """Raw tar record → decoded sample; raises ValueError (a counted skip) when a required role is
     missing or a member cannot be decoded."""
-    from xmodal.modalities.base import SampleContext
-
     key = raw["__key__"]
     plan = spec.plan()
     out: dict[str, Any] = {"__key__": key, ROLES_FIELD: plan}

@@ -52,6 +52,8 @@ def safe_extensions() -> frozenset[str]:
 
 def member_is_safe(ext: str, safe: frozenset[str]) -> bool:
     """``png`` or ``<role>.png`` (a role of letters, digits, ``_`` and ``-``) with a safe last part."""
+    if ext in safe:
+        return True
     role, dot, last = ext.rpartition(".")
     return last in safe and (not dot or (bool(role) and set(role) <= _ROLE_CHARS))
 
@@ -182,7 +184,7 @@ def iter_tar_samples(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[dict[
                 if parts is None:
                     raise ShardError(f"{shard}: member {member!r} has no 'key.extension' name")
                 key, ext = parts[0], parts[1].lower()
-                if not member_is_safe(ext, safe):
+                if ext not in safe and not member_is_safe(ext, safe):
                     raise ShardError(
                         f"{shard}: member {member!r} has unsafe extension {ext!r} "
                         f"(allowed: {sorted(safe)}, optionally after a role; shard members are never unpickled)"

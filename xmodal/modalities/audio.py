@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from xmodal.data.audio import LOG_FLOOR, decode_audio
+from xmodal.codecs.audio import LOG_FLOOR, decode_audio
 from xmodal.images import spectrogram_images
 from xmodal.modalities.base import Modality, SampleContext
 from xmodal.problems import Problems

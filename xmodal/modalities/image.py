@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from xmodal.data.pixels import decode_image
+from xmodal.codecs.pixels import decode_image
 from xmodal.modalities.base import Modality, SampleContext
 from xmodal.problems import Problems
 

@@ -194,4 +194,3 @@ def check_slot(problems: Problems, key: str, slot: Any) -> None:
         import_object(target)
     except (ImportError, AttributeError) as err:
         problems.append(f"{key}._target_: cannot import {target!r} ({err})")
-

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from xmodal.data.audio import LOG_FLOOR
+from xmodal.codecs.audio import LOG_FLOOR
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.images import SampleSet, caption_grid, image_grid, spectrogram_images
 from xmodal.metrics.likelihood import (
