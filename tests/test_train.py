@@ -21,6 +21,8 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_with_fast_dev_run(experiment, tiny, tmp_path):
     cfg = compose_config([*tiny, f"experiment={experiment}", "debug=fdr"])
+    if cfg.model.task == "gan":  # the FID features' classifier: 20 steps, as in tests/test_gan.py (cached)
+        cfg = compose_config([*tiny, f"experiment={experiment}", "debug=fdr", "model.gan.feature_steps=20"])
     metrics = train(cfg)
     monitor = cfg.callbacks.monitor  # the metric that selects best.ckpt, e.g. val/bleu4
     assert monitor.startswith("val/")
