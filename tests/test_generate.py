@@ -27,18 +27,22 @@ def text_vae(tmp_path_factory, data_dir):
     return out / "shapes_text2image_vae" / "v" / "checkpoints" / "last.ckpt"
 
 
-def test_a_text_to_image_model_writes_seeded_images_per_caption(text_vae, tmp_path):
-    args = ["xmodal-generate", str(text_vae), "--caption", "a red circle", "a blue square", "--num", "2"]
-    first = run_cli([*args, "--out", str(tmp_path / "a")], tmp_path)
-    assert first.returncode == 0, first.stderr
+def test_a_text_to_image_model_writes_seeded_images_per_caption(text_vae, tmp_path, capsys):
+    from xmodal.generate import main
+
+    args = [str(text_vae), "--caption", "a red circle", "a blue square", "--num", "2"]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0  # in-process, then the console script
     files = sorted((tmp_path / "a").glob("sample_*.png"))
     assert [f.name for f in files] == [f"sample_{i:04d}.png" for i in range(4)]  # 2 captions × 2
-    assert "a blue square" in first.stdout.splitlines()[3]
+    assert "a blue square" in capsys.readouterr().out.splitlines()[3]
     with Image.open(files[0]) as image:
         assert image.size == (64, 64) and image.mode == "RGB"
     assert (tmp_path / "a" / "grid.png").is_file()
-    again = run_cli([*args, "--out", str(tmp_path / "b")], tmp_path)
-    assert again.returncode == 0
+    # Another process, the same command: the same bytes (samples are seeded, not drawn from global RNG).
+    again = run_cli(["xmodal-generate", *args, "--out", str(tmp_path / "b")], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "a blue square" in again.stdout.splitlines()[3]
     assert [f.read_bytes() for f in files] == [
         f.read_bytes() for f in sorted((tmp_path / "b").glob("s*.png"))
     ]
