@@ -138,6 +138,22 @@ def test_plugin_roles_read_key_role_ext_members_into_their_own_batch_entries():
         decode_sample({"__key__": "k", "src.png": grey.getvalue()}, spec, train=False)
 
 
+def test_plugin_roles_are_filled_from_generate_inputs_in_model_units(tmp_path):
+    from xmodal.modalities.roles import modality_of
+
+    path = tmp_path / "in.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(path)
+    spec = DecodeSpec(image_size=8, roles=(("src", "image"),))
+    modality = modality_of("src", {"src": "image"})
+    batch = modality.read_inputs([str(path)], "src", spec, BatchCollate(WordTokenizer.fit(["a"]), 8))
+    assert set(batch) == {"src"} and batch["src"].dtype == torch.float32
+    assert batch["src"][0, :, 0, 0].tolist() == [1.0, -1.0, -1.0]  # red in [-1, 1]
+    text = tmp_path / "x.txt"
+    text.write_text("a caption")
+    with pytest.raises(ValueError, match=r"x.txt: not a file the image modality reads \(png, jpg, jpeg\)"):
+        modality.read_inputs([str(text)], "src", spec, None)
+
+
 def test_plugin_net_slot_by_target_trains_and_checkpoints_rebuild_it(tiny, tmp_path):
     slot = "model.encoder={_target_:tests.plugin_nets.MeanColourEncoder,d_model:${model.d_model},tokens:4}"
     cfg = compose_config([*tiny, "logger=none", "trainer.max_steps=2", "run.id=slot", slot])

@@ -8,8 +8,8 @@ A shard directory holds ``<split>/<shard>.tar`` files and a ``sizes.json``::
 
 Safety: shard members are only ever handed out as raw bytes, and only for extensions that a
 registered modality reads (:func:`safe_extensions`: images, text, JSON, audio, class ids, and
-whatever plug-in modalities declare), optionally after a role (``key.src.png``). Anything else — ``.pyd``, ``.pkl``,
-``.pth``, ... which a generic WebDataset decoder would unpickle or ``torch.load`` — makes
+whatever plug-in modalities declare), optionally after a role (``key.src.png``). Anything else —
+``.pyd``, ``.pkl``, ``.pth``, ... which a generic WebDataset decoder would unpickle or ``torch.load`` — makes
 ``iter_tar_samples`` raise instead of being silently skipped, so a tampered shard is noticed.
 """
 
@@ -252,13 +252,12 @@ def _checked_sample(sample: dict[str, bytes | str], path: Path) -> dict[str, Any
     if not isinstance(key, str) or not key or "." in key.rpartition("/")[2]:
         raise ValueError(f"{path}: sample key {key!r} must be a non-empty string without dots")
     out: dict[str, Any] = {"__key__": key}
+    safe = safe_extensions()
     for ext, value in sample.items():
         if ext == "__key__":
             continue
-        if not member_is_safe(ext, safe_extensions()):
-            raise ValueError(
-                f"{path}: sample {key!r} field {ext!r} is not a safe extension {sorted(safe_extensions())}"
-            )
+        if not member_is_safe(ext, safe):
+            raise ValueError(f"{path}: sample {key!r} field {ext!r} is not a safe extension {sorted(safe)}")
         out[ext] = value.encode("utf-8") if isinstance(value, str) else bytes(value)
     return out
 

@@ -89,20 +89,21 @@ class Modality:
         """Batch values → images ``[B, C, H, W]`` in [-1, 1] for sample grids."""
         raise NotImplementedError(f"modality {self.name!r} has no image display")
 
-    def read_inputs(self, values: list[Any], spec: Any, collate: Any) -> dict[str, Any]:
-        """A batch (model units) from ``xmodal-generate`` inputs: file paths by default.
-
-        Raises ValueError naming the input that cannot be read."""
+    def read_inputs(self, values: list[Any], role: str, spec: Any, collate: Any) -> dict[str, Any]:
+        """A batch (model units) holding ``role`` from ``xmodal-generate`` inputs: file paths by
+        default. Raises ValueError naming the input that cannot be read."""
         rows = []
         for value in values:
             path = Path(value)
             found = self.member({path.suffix.lstrip(".").lower(): path.read_bytes()}, self.name)
             if found is None:
-                raise ValueError(f"{path}: not a {self.name} file ({', '.join(self.extensions)})")
+                raise ValueError(
+                    f"{path}: not a file the {self.name} modality reads ({', '.join(self.extensions)})"
+                )
             ctx = SampleContext(str(path), 0, 0, False, {})
-            rows.append(self.decode(found, self.name, spec, ctx))
-        batch = self.collate(rows, self.name, collate)
-        self.to_model_units(batch, self.name)
+            rows.append(self.decode(found, role, spec, ctx))
+        batch = self.collate(rows, role, collate)
+        self.to_model_units(batch, role)
         return batch
 
     def problems(self, cfg: Any) -> list[str]:

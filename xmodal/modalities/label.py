@@ -43,8 +43,8 @@ class LabelModality(Modality):
     def collate(self, rows: list[dict[str, Any]], role: str, collate: Any) -> dict[str, Any]:
         return {role: torch.tensor([r[role] for r in rows], dtype=torch.long)}  # [B]
 
-    def read_inputs(self, values: list[Any], spec: Any, collate: Any) -> dict[str, Any]:
+    def read_inputs(self, values: list[Any], role: str, spec: Any, collate: Any) -> dict[str, Any]:
         try:
-            return {self.name: torch.tensor([int(v) for v in values], dtype=torch.long)}
+            return {role: torch.tensor([int(v) for v in values], dtype=torch.long)}
         except ValueError as err:
             raise ValueError(f"--{self.input_flag}: {err}") from err

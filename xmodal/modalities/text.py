@@ -61,6 +61,6 @@ class TextModality(Modality):
         ids, mask = collate.tokenizer.encode_batch([r["caption"] for r in rows], collate.max_text_len)
         return {role: ids, f"{role}_mask": mask, "captions": [r["captions"] for r in rows]}  # [B, T] ×2
 
-    def read_inputs(self, values: list[Any], spec: Any, collate: Any) -> dict[str, Any]:
+    def read_inputs(self, values: list[Any], role: str, spec: Any, collate: Any) -> dict[str, Any]:
         rows = [{"caption": str(v), "captions": [str(v)]} for v in values]
-        return self.collate(rows, self.name, collate)
+        return self.collate(rows, role, collate)

@@ -48,16 +48,13 @@ class TaskConfig:
         return max_steps
 
     @classmethod
-    def from_node(cls: type[C], node: Mapping[str, Any] | DictConfig, strict: bool = False) -> C:
+    def from_node(cls: type[C], node: Mapping[str, Any] | DictConfig) -> C:
         """The typed config of a ``model`` node or a checkpoint's hparams dict.
 
-        Not strict: keys the class lacks are dropped (checkpoints written before the per-task
-        split carried every family's keys). Strict: such keys raise ``KeyError`` naming them all.
+        Keys the class lacks are dropped: checkpoints written before the per-task split carried
+        every family's keys (the validator reports such keys in a config, naming each).
         """
         plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-        unknown = [key for key, _ in unknown_keys(plain, cls)]
-        if unknown and strict:
-            raise KeyError(", ".join(unknown))
         typed = OmegaConf.merge(OmegaConf.structured(cls), _known(plain, cls))
         return typing.cast(C, OmegaConf.to_object(typed))
 

@@ -39,17 +39,11 @@ def role_inputs(task: Any, role: str, values: list[Any], repeat: int = 1) -> dic
     """A batch holding ``role`` for each input value (each ``repeat`` times), in model units."""
     data = task.hparams.data
     modality = modality_of(role, data.get("roles"))
+    collate = BatchCollate(task.tokenizer, data["max_text_len"])
     try:
-        batch = modality.read_inputs(
-            values, decode_spec_of(data), BatchCollate(task.tokenizer, data["max_text_len"])
-        )
+        batch = modality.read_inputs(values, role, decode_spec_of(data), collate)
     except (OSError, ValueError) as err:
         raise GenerateError(f"cannot read {flag_of(modality)} input: {err}") from err
-    if role != modality.name:  # read as the modality's default role: rename to the task's role
-        batch = {
-            k.replace(modality.name, role, 1) if k.startswith(modality.name) else k: v
-            for k, v in batch.items()
-        }
     if repeat > 1:
         batch = {
             k: v.repeat_interleave(repeat, 0) if torch.is_tensor(v) else [x for x in v for _ in range(repeat)]

@@ -27,10 +27,10 @@ from torch import nn
 
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.images import SampleSet, caption_grid, image_grid
-from xmodal.nn.ema import update_ema
 from xmodal.nn.gan import build_gan_nets
 from xmodal.tasks.base import GenerateError, XmodalTask, condition_names
 from xmodal.tasks.gan.config import GanModelConfig
+from xmodal.tasks.gan.ema import update_ema
 from xmodal.tasks.gan.parallelize import parallelize_gan
 from xmodal.tasks.generation import conditional_batch, write_images
 
