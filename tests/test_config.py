@@ -135,6 +135,14 @@ def test_an_audio_target_ignores_image_size_and_needs_its_own_modalities():
         validate(compose_config(["experiment=shapes_text2image_vae", "data.image_size=48"]))
 
 
+def test_each_problem_is_reported_once_by_its_owner():
+    # Data keys a modality reads are checked by that modality only, not again by the validator.
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(["data.image_channels=2", "data.audio_mels=4"]))
+    assert str(err.value).count("data.image_channels:") == 1
+    assert str(err.value).count("data.audio_mels:") == 1
+
+
 def test_all_problems_are_reported_at_once():
     with pytest.raises(ConfigError) as err:
         validate(compose_config(["trainer.devices=0", "model.lr=-1"]))

@@ -68,14 +68,15 @@ def required_roles(cfg: DictConfig) -> tuple[str, ...]:
 
 def decode_spec(cfg: DictConfig) -> DecodeSpec:
     d = cfg.data
+    required = required_roles(cfg)
     return DecodeSpec(
         image_size=d.image_size,
         image_channels=d.image_channels,
         image_fit=d.image_fit,
         audio_mels=d.audio_mels,
         audio_frames=d.audio_frames,
-        required=required_roles(cfg),
-        optional=tuple(m for m in d.optional_modalities if m not in required_roles(cfg)),
+        required=required,
+        optional=tuple(m for m in d.optional_modalities if m not in required),
         max_pixels=d.max_image_pixels,
         seed=cfg.seed,
         roles=tuple(sorted(dict(d.roles).items())),

@@ -112,20 +112,10 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
         "must be >= 16, a multiple of 8",
     )
     check(1 <= s.max_shapes <= 2, "data.shapes.max_shapes", "must be 1 or 2")
-    check(d.image_size >= 8, "data.image_size", "must be >= 8")
-    check(d.image_channels in (1, 3), "data.image_channels", "must be 1 (grey) or 3 (RGB)")
-    problems += role_problems(cfg)
-    check(
-        d.image_fit in ("resize", "center_crop", "random_crop"),
-        "data.image_fit",
-        "must be resize, center_crop or random_crop",
-    )
-    check(
-        d.audio_mels >= 8 and d.audio_frames >= 8,
-        "data.audio_mels",
-        "audio_mels and audio_frames must be >= 8",
-    )
-    problems += model_node_problems(cfg)
+    model_problems = model_node_problems(cfg)
+    # The model node's roles are only trusted when the node itself is sound (reported either way).
+    problems += role_problems(cfg, None if model_problems else task_config(cfg).roles())
+    problems += model_problems
     check(cfg.logger.kind in LOGGERS, "logger.kind", f"must be one of {LOGGERS}")
     check(cfg.callbacks.monitor_mode in ("min", "max"), "callbacks.monitor_mode", "must be min or max")
     if cfg.ckpt_path is not None:
@@ -139,9 +129,9 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
     return list(problems)
 
 
-def role_problems(cfg: Any) -> list[str]:
-    """``data.roles`` and ``data.optional_modalities`` name modalities; every role the task needs
-    resolves; each modality in use checks its own ``data.*`` keys."""
+def role_problems(cfg: Any, task_roles: tuple[str, ...] | None) -> list[str]:
+    """``data.roles`` and ``data.optional_modalities`` name modalities; every role the task reads
+    (``task_roles``; None when its node is unsound) resolves; each modality checks its ``data.*`` keys."""
     p = Problems(cfg)
     d = cfg.data
     roles = dict(d.roles)
@@ -157,18 +147,11 @@ def role_problems(cfg: Any) -> list[str]:
                 f"data.optional_modalities: must name modalities {tuple(MODALITIES.names())} or roles of "
                 f"data.roles; {role!r} is neither (got {list(d.optional_modalities)!r})"
             )
-    if model_node_problems(cfg):
-        return p  # the model node is reported on its own; its roles cannot be trusted
-    used: set[str] = set()
-    task_roles = task_config(cfg).roles()
-    for role in (*task_roles, *d.optional_modalities):
-        name = roles.get(role, role)
-        if name in MODALITIES:
-            used.add(name)
-        elif role in task_roles:
+    for role in task_roles or ():
+        if roles.get(role, role) not in MODALITIES:
             p.append(f"model: the task reads role {role!r}, which is no modality and not in data.roles")
-    for name in sorted(used):
-        p += MODALITIES.get(name)().problems(cfg)
+    for _, modality in MODALITIES.items():
+        p += modality().problems(cfg)
     return p
 
 

@@ -107,5 +107,5 @@ class Modality:
         return batch
 
     def problems(self, cfg: Any) -> list[str]:
-        """Problems of the ``data.*`` keys this modality reads (only called when a role uses it)."""
+        """Problems of the ``data.*`` keys this modality reads (checked for every registered modality)."""
         return []

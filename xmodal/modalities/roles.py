@@ -6,7 +6,7 @@ and ``key.tgt.png``), read by tasks as ``batch["src"]`` and ``batch["tgt"]``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 from xmodal.modalities.base import Modality
 from xmodal.registry import MODALITIES, RegistryError
@@ -21,10 +21,6 @@ def modality_of(role: str, roles: Mapping[str, str] | None = None) -> Modality:
             f"and not declared in data.roles"
         )
     return MODALITIES.get(name)()
-
-
-def role_map(roles: Mapping[str, str] | None, names: Iterable[str]) -> dict[str, Modality]:
-    return {role: modality_of(role, roles) for role in names}
 
 
 def always_decoded_roles() -> tuple[str, ...]:

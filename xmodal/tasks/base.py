@@ -59,10 +59,6 @@ class XmodalTask(L.LightningModule):
     test_prefix: str = "test"
     """Metric prefix of ``trainer.test`` (``holdout`` while testing that split)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.test_prefix = "test"
-
     # ----------------------------------------------------------------- hooks a task implements
     def validation_samples(self, batch: dict[str, Any]) -> SampleSet:
         """Grids and a table for a fixed batch of validation samples (model units, on CPU)."""
@@ -157,6 +153,11 @@ class XmodalTask(L.LightningModule):
         file, checkpoint selection) run before the module's and must see them, and all ranks
         reach it together (exact epochs pad), so a reduction there pairs up across ranks."""
         return batch_idx + 1 >= self.eval_batches()
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors on ``device`` (lists of keys and captions as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def condition_names(batch: dict[str, Any], condition: str) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 from xmodal.problems import Problems, unknown_keys
-from xmodal.registry import TASKS, import_object
+from xmodal.registry import TASKS, RegistryError, import_object
 
 C = TypeVar("C", bound="TaskConfig")
 
@@ -89,8 +89,6 @@ def config_class(task: str) -> type[TaskConfig]:
         return import_object(_BUILTIN_CONFIGS[task])
     cls = getattr(TASKS.get(task), "config_class", None)
     if not (isinstance(cls, type) and issubclass(cls, TaskConfig)):
-        from xmodal.registry import RegistryError
-
         raise RegistryError(f"model.task: {task!r} has no config_class (a TaskConfig subclass)")
     return cls
 
@@ -106,8 +104,6 @@ def model_node_problems(cfg: Any) -> list[str]:
     task = cfg.model.get("task") if isinstance(cfg.model, (DictConfig, Mapping)) else None
     if not task:
         return ["model.task: must name a task family (got None)"]
-    from xmodal.registry import RegistryError
-
     try:
         cls = config_class(task)
     except RegistryError as err:

@@ -7,6 +7,7 @@ xmodal/generate.py from the modality registry.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from xmodal.data.batch import BatchCollate, DecodeSpec
 from xmodal.images import caption_grid, image_grid, to_pixels
 from xmodal.modalities.base import Modality
 from xmodal.modalities.roles import modality_of
-from xmodal.tasks.base import GenerateError
+from xmodal.tasks.base import GenerateError, to_device
 
 
 def flag_of(modality: Modality) -> str:
@@ -74,6 +75,33 @@ def write_images(images: torch.Tensor, names: list[str], out: Path) -> list[Path
     grid = caption_grid(images, names) if any(names) else image_grid(images, scale=2)
     grid.save(out / "grid.png")
     return paths
+
+
+def check_labels(batch: dict[str, Any], cfg: Any) -> None:
+    """Refuse requested class ids the model does not know (before its embedding would)."""
+    labels = batch.get("label")
+    if cfg.condition == "label" and labels is not None:
+        bad = sorted({int(y) for y in labels if not 0 <= int(y) < cfg.num_classes})
+        if bad:
+            raise GenerateError(f"--label {bad}: this model knows classes 0..{cfg.num_classes - 1}")
+
+
+@torch.no_grad()
+def write_conditional_samples(
+    task: Any,
+    cfg: Any,
+    inputs: dict[str, list[Any]],
+    args: Any,
+    sample: Callable[[dict[str, Any], int], torch.Tensor],
+) -> list[dict[str, str]]:
+    """A generator's ``generate_outputs``: the batch of requested conditions (``cfg.condition``,
+    ``args.num`` rows each) on the task's device, ``sample(batch, rows)`` → images ``[N, C, H, W]``
+    in [-1, 1], written as PNGs + ``grid.png`` in ``args.out``; one row per file."""
+    batch, names = conditional_batch(task, cfg.condition, inputs, args)
+    check_labels(batch, cfg)
+    images = sample(to_device(batch, task.device), len(names)).float().cpu()
+    paths = write_images(images, names, args.out)
+    return [{"image": str(path), "condition": name} for path, name in zip(paths, names, strict=True)]
 
 
 def conditional_batch(

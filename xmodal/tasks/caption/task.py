@@ -27,7 +27,7 @@ from xmodal.nn.audio import LogMelEncoder
 from xmodal.nn.image import ConvImageEncoder, FactorizedImageEncoder
 from xmodal.nn.slots import build_slot
 from xmodal.nn.text import TransformerTextDecoder
-from xmodal.tasks.base import GenerateError, XmodalTask
+from xmodal.tasks.base import GenerateError, XmodalTask, to_device
 from xmodal.tasks.caption.config import CaptionConfig
 from xmodal.tasks.caption.parallelize import parallelize_caption
 from xmodal.tasks.generation import flag_of, only_inputs, role_inputs
@@ -270,10 +270,7 @@ class CaptionTask(XmodalTask):
             )
         only_inputs(args.ckpt, inputs, modality.name, f"a {modality.name} captioner")
         values = inputs[modality.name]
-        batch = {
-            k: v.to(self.device) if torch.is_tensor(v) else v
-            for k, v in role_inputs(self, self.source, values).items()
-        }
+        batch = to_device(role_inputs(self, self.source, values), self.device)
         captions = self.caption(batch[self.source], batch.get(f"{self.source}_mask"))
         return [
             {modality.name: str(value), "caption": caption}

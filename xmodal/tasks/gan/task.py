@@ -28,11 +28,11 @@ from torch import nn
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.images import SampleSet, caption_grid, image_grid
 from xmodal.nn.gan import build_gan_nets
-from xmodal.tasks.base import GenerateError, XmodalTask, condition_names
+from xmodal.tasks.base import XmodalTask, condition_names, to_device
 from xmodal.tasks.gan.config import GanModelConfig
 from xmodal.tasks.gan.ema import update_ema
 from xmodal.tasks.gan.parallelize import parallelize_gan
-from xmodal.tasks.generation import conditional_batch, write_images
+from xmodal.tasks.generation import write_conditional_samples
 
 SAMPLE_SEED = 1234
 """Seed of the fixed noise bank behind every validation sample grid."""
@@ -101,10 +101,6 @@ def row_noise(keys: list[str], z_dim: int, salt: int = 0) -> torch.Tensor:
         for k in keys
     ]
     return torch.stack(rows)
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class AdversarialTask(XmodalTask):
@@ -395,24 +391,12 @@ class AdversarialTask(XmodalTask):
         return SampleSet({"val": caption_grid(fake, shown)}, ["key", self.cfg.condition], rows)
 
     # ----------------------------------------------------------------------------- xmodal-generate
-    @torch.no_grad()
     def generate_outputs(self, inputs: dict[str, list[Any]], args: Any) -> list[dict[str, str]]:
         """``args.num`` seeded images per condition (none, ``--caption``, ``--label``, ``--audio``)
         as PNGs plus ``grid.png`` in ``args.out``."""
-        batch, names = conditional_batch(self, self.cfg.condition, inputs, args)
-        check_labels(batch, self.cfg)
-        z = torch.randn(
-            len(names), self.gan.z_dim, generator=torch.Generator().manual_seed(args.seed)
-        )  # [N, Z]
-        images = self.generate(to_device(batch, self.device), z).float().cpu()
-        paths = write_images(images, names, args.out)
-        return [{"image": str(path), "condition": name} for path, name in zip(paths, names, strict=True)]
 
+        def sample(batch: dict[str, Any], n: int) -> torch.Tensor:
+            z = torch.randn(n, self.gan.z_dim, generator=torch.Generator().manual_seed(args.seed))  # [N, Z]
+            return self.generate(batch, z)
 
-def check_labels(batch: dict[str, Any], cfg: Any) -> None:
-    """Refuse requested class ids the model does not know (before its embedding would)."""
-    labels = batch.get("label")
-    if cfg.condition == "label" and labels is not None:
-        bad = sorted({int(y) for y in labels if not 0 <= int(y) < cfg.num_classes})
-        if bad:
-            raise GenerateError(f"--label {bad}: this model knows classes 0..{cfg.num_classes - 1}")
+        return write_conditional_samples(self, self.cfg, inputs, args, sample)

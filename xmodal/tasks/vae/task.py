@@ -45,8 +45,8 @@ from xmodal.metrics.likelihood import (
 from xmodal.nn.condition import build_condition_encoder
 from xmodal.nn.slots import build_slot
 from xmodal.nn.vae import ConvDecoder, ConvEncoder
-from xmodal.tasks.base import XmodalTask, condition_names
-from xmodal.tasks.generation import conditional_batch, write_images
+from xmodal.tasks.base import XmodalTask, condition_names, to_device
+from xmodal.tasks.generation import write_conditional_samples
 from xmodal.tasks.schedule import with_warmup_cosine
 from xmodal.tasks.vae.config import VaeModelConfig
 from xmodal.tasks.vae.parallelize import parallelize_vae
@@ -405,7 +405,7 @@ class VaeTask(XmodalTask):
         """Reconstructions (inputs row above, posterior-mean decodes below), prior samples, and for
         a conditional model samples for the batch's captions/labels (the batch is a fixed set of
         validation samples). Audio targets are shown as spectrograms on the fixed model scale."""
-        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = to_device(batch, self.device)
         images, mask = self.target_data(batch)  # [B, C, H, W], [B, 1, 1, T] | None
         n = images.shape[0]
         uniform, _ = keyed_noise(batch["__key__"], tuple(images.shape[1:]), (1, 1))
@@ -436,20 +436,14 @@ class VaeTask(XmodalTask):
         )
 
     # ----------------------------------------------------------------- xmodal-generate
-    @torch.no_grad()
     def generate_outputs(self, inputs: dict[str, list[Any]], args: Any) -> list[dict[str, str]]:
         """``args.num`` seeded samples per condition as PNGs plus ``grid.png`` in ``args.out`` (an
         audio target's log-mels as spectrograms on the fixed model scale)."""
-        from xmodal.tasks.gan.task import check_labels
 
-        batch, names = conditional_batch(self, self.cfg.condition, inputs, args)
-        check_labels(batch, self.cfg)
-        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        images = (
-            self.as_images(self.sample(len(names), self.conditioning(batch), seed=args.seed)).float().cpu()
-        )
-        paths = write_images(images, names, args.out)
-        return [{"image": str(path), "condition": name} for path, name in zip(paths, names, strict=True)]
+        def sample(batch: dict[str, Any], n: int) -> torch.Tensor:
+            return self.as_images(self.sample(n, self.conditioning(batch), seed=args.seed))
+
+        return write_conditional_samples(self, self.cfg, inputs, args, sample)
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
