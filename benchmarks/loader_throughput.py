@@ -38,8 +38,10 @@ from PIL import Image
 
 from xmodal.codecs.pixels import decode_image
 from xmodal.data.datamodule import BatchCollate, DecodeSpec, decode_sample
+from xmodal.data.epoch_plan import ShardInfo, Topology
+from xmodal.data.loader import StreamLoader
 from xmodal.data.shards import iter_tar_samples, write_tar_shard
-from xmodal.data.stream import ShardInfo, ShardStream, StreamLoader, Topology
+from xmodal.data.stream import ShardStream
 from xmodal.data.tokenizer import WordTokenizer
 
 

@@ -12,9 +12,9 @@ from PIL import Image
 
 from tests.conftest import make_tar
 from xmodal.config import compose_config
+from xmodal.data.epoch_plan import Topology
 from xmodal.data.shapes import ShapesSpec, make_sample
 from xmodal.data.shards import ShardError, iter_tar_samples, write_sizes
-from xmodal.data.stream import Topology
 from xmodal.factory import build_datamodule
 
 

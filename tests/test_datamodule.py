@@ -8,7 +8,7 @@ import torch
 
 from xmodal.config import compose_config
 from xmodal.data.datamodule import iter_split, sample_captions
-from xmodal.data.stream import Topology
+from xmodal.data.epoch_plan import Topology
 from xmodal.factory import build_datamodule, prepare_data
 from xmodal.tasks.base import XmodalTask
 from xmodal.tasks.caption.task import CaptionTask

@@ -16,9 +16,10 @@ from tests.conftest import make_tar
 from xmodal.codecs.audio import HOP, SAMPLE_RATE, decode_audio, mel_filterbank
 from xmodal.config import ConfigError, compose_config, validate
 from xmodal.data.datamodule import BatchCollate, DecodeSpec, decode_sample
+from xmodal.data.epoch_plan import Topology, shards_from_dir
 from xmodal.data.shapes import ShapesSpec, make_sample
 from xmodal.data.shards import ShardError, iter_shard, write_sizes, write_tar_shard
-from xmodal.data.stream import ShardStream, Topology, shards_from_dir
+from xmodal.data.stream import ShardStream
 from xmodal.data.tokenizer import WordTokenizer
 
 

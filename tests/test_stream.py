@@ -13,18 +13,11 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.fabric.utilities.types import _Stateful
 from rich.console import Console
 
+from xmodal.data.epoch_plan import ShardInfo, Topology, plan_epoch, shards_from_dir, shuffle_order
+from xmodal.data.loader import StreamLoader, pack_tensors
 from xmodal.data.plan import plan_report, print_plan
 from xmodal.data.shards import ShardError, iter_tar_samples, write_sizes, write_tar_shard
-from xmodal.data.stream import (
-    ShardInfo,
-    ShardStream,
-    StreamLoader,
-    Topology,
-    pack_tensors,
-    plan_epoch,
-    shards_from_dir,
-    shuffle_order,
-)
+from xmodal.data.stream import ShardStream
 
 SIZES = (7, 3, 5, 2, 4)
 

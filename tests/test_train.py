@@ -189,9 +189,9 @@ def test_fsdp2_two_cpu_ranks_match_ddp_and_resume_from_a_distributed_checkpoint(
 
 def test_ddp_over_uneven_shards_runs_three_exact_epochs_without_hanging(tiny, tmp_path):
     """Shards of 7, 3, 5, 2 and 4 samples over 2 ranks: equal batch counts per rank, so no hang."""
+    from xmodal.data.epoch_plan import ShardInfo, Topology, plan_epoch
     from xmodal.data.shapes import ShapesSpec, make_sample
     from xmodal.data.shards import write_sizes, write_tar_shard
-    from xmodal.data.stream import ShardInfo, Topology, plan_epoch
 
     spec, shards_dir, sizes = ShapesSpec(), tmp_path / "shards", {}
     for split, counts in {"train": (7, 3, 5, 2, 4), "val": (5, 4), "test": (3,)}.items():

@@ -20,8 +20,10 @@ from typing import Any
 import lightning as L
 
 from xmodal.data.batch import BatchCollate, DecodeSpec, decode_sample, to_model_units
+from xmodal.data.epoch_plan import Topology, shards_from_dir
+from xmodal.data.loader import StreamLoader
 from xmodal.data.shards import ShardError, iter_shard, split_shards
-from xmodal.data.stream import ShardStream, StreamLoader, Topology, shards_from_dir
+from xmodal.data.stream import ShardStream
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.modalities.text import sample_captions
 

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from xmodal.data.stream import ShardStream, Topology, shards_from_dir
+from xmodal.data.epoch_plan import Topology, shards_from_dir
+from xmodal.data.stream import ShardStream
 
 
 def _keys_only(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
