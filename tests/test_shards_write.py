@@ -12,17 +12,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from xmodal.codecs.image_files import IMAGE_TOO_LARGE, MISSING_IMAGE, UNREADABLE_IMAGE
 from xmodal.data.cli import main
 from xmodal.data.shards import iter_tar_samples, read_sizes, split_shards, split_size
-from xmodal.data.writer import (
-    EMPTY_CAPTION,
-    IMAGE_TOO_LARGE,
-    MISSING_IMAGE,
-    UNREADABLE_IMAGE,
-    WriteOptions,
-    rows_from_folder,
-    write_shards,
-)
+from xmodal.data.sources import EMPTY_CAPTION, rows_from_folder
+from xmodal.data.writer import WriteOptions, assign_split, write_shards
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 
@@ -76,7 +70,7 @@ def test_folder_of_pairs_to_shards(tmp_path, capsys):
     (src / "img2.cls").write_text("7\n")
     out = tmp_path / "out"
 
-    assert main(["write", str(src), "--out", str(out), "--quiet"]) == 0
+    assert main(["write", str(src), "--out", str(out), "--split", "train", "--quiet"]) == 0
     samples = read_all(out)
     assert set(samples) == {"train"}
     train = samples["train"]
@@ -91,7 +85,7 @@ def test_folder_of_pairs_to_shards(tmp_path, capsys):
     assert train["img2"]["cls"] == b"7" and json.loads(train["img2"]["json"])["label"] == 7
     sizes = read_sizes(out)
     assert split_size(out, "train") == 3
-    assert sizes["modalities"] == ["image", "text", "audio", "label"]
+    assert sizes["modalities"] == ["audio", "image", "label", "text"]  # registry (name) order
     assert sizes["skipped"] == {}
     assert sizes["source"]["format"] == "folder"
     assert "3 samples written" in capsys.readouterr().out
@@ -209,7 +203,22 @@ def test_jsonl_bad_rows_report_line_numbers_and_nothing_written_exits_2(tmp_path
 def test_rollover_by_samples_and_by_bytes(tmp_path):
     src = make_folder(tmp_path / "src", 5)
     by_count = tmp_path / "by_count"
-    assert main(["write", str(src), "--out", str(by_count), "--samples-per-shard", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "write",
+                str(src),
+                "--out",
+                str(by_count),
+                "--samples-per-shard",
+                "2",
+                "--split",
+                "train",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert list(read_sizes(by_count)["splits"]["train"].values()) == [2, 2, 1]
 
     # Noise images do not compress: each sample is ~24 KB, so 3 fit under 80 KB but 4 do not.
@@ -221,7 +230,22 @@ def test_rollover_by_samples_and_by_bytes(tmp_path):
         (big / f"n{i}.txt").write_text("noise")
     by_bytes = tmp_path / "by_bytes"
     limit = 80_000
-    assert main(["write", str(big), "--out", str(by_bytes), "--max-shard-bytes", str(limit), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "write",
+                str(big),
+                "--out",
+                str(by_bytes),
+                "--max-shard-bytes",
+                str(limit),
+                "--split",
+                "train",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     counts = read_sizes(by_bytes)["splits"]["train"]
     assert len(counts) > 1 and sum(counts.values()) == 5
     for shard in split_shards(by_bytes, "train"):
@@ -236,13 +260,16 @@ def test_resize_and_reencode(tmp_path):
     save_image(src / "tall.png", "blue", size=(40, 90), fmt="PNG")
     (src / "tall.txt").write_text("tall")
     out = tmp_path / "out"
-    assert main(["write", str(src), "--out", str(out), "--resize", "32", "--quiet"]) == 0
+    assert main(["write", str(src), "--out", str(out), "--resize", "32", "--split", "train", "--quiet"]) == 0
     train = read_all(out)["train"]
     assert decode(train["wide"]["jpg"]).size == (32, 32) and decode(train["wide"]["jpg"]).format == "JPEG"
     assert decode(train["tall"]["png"]).size == (32, 32)
 
     png = tmp_path / "png"
-    assert main(["write", str(src), "--out", str(png), "--format-image", "png", "--quiet"]) == 0
+    assert (
+        main(["write", str(src), "--out", str(png), "--format-image", "png", "--split", "train", "--quiet"])
+        == 0
+    )
     train = read_all(png)["train"]
     assert "jpg" not in train["wide"]
     image = decode(train["wide"]["png"])
@@ -254,12 +281,12 @@ def test_refuses_existing_out_without_force_and_force_replaces(tmp_path, capsys)
     out = tmp_path / "existing"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    assert main(["write", str(src), "--out", str(out), "--quiet"]) == 2
+    assert main(["write", str(src), "--out", str(out), "--split", "train", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert str(out) in err and "--force" in err
     assert (out / "precious.txt").read_text() == "keep me"
 
-    assert main(["write", str(src), "--out", str(out), "--force", "--quiet"]) == 0
+    assert main(["write", str(src), "--out", str(out), "--force", "--split", "train", "--quiet"]) == 0
     assert not (out / "precious.txt").exists()
     assert set(read_all(out)["train"]) == {"img0", "img1"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing", "src"]  # no temp or old copies left
@@ -275,13 +302,28 @@ def test_unsafe_and_duplicate_names_become_safe_unique_keys(tmp_path):
         save_image(src / f"{name}.jpg")
         (src / f"{name}.txt").write_text(f"caption of {name}")
     out = tmp_path / "out"
-    assert main(["write", str(src), "--out", str(out), "--quiet"]) == 0
+    assert main(["write", str(src), "--out", str(out), "--split", "train", "--quiet"]) == 0
     train = read_all(out)["train"]
     assert len(train) == len(names)
     for key in train:
         assert "." not in key and " " not in key and key.isascii(), key
     captions = {json.loads(s["json"])["captions"][0] for s in train.values()}
     assert captions == {f"caption of {name}" for name in names}  # every file kept, none merged
+
+
+def test_write_carves_val_and_test_by_default_and_says_so(tmp_path, capsys):
+    """A plain `xmodal-shards write SRC --out D` gives a folder that trains, validates and tests."""
+    src = make_folder(tmp_path / "src", 60)
+    out = tmp_path / "out"
+    assert main(["write", str(src), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "val 5% / test 5%" in printed and "--split NAME" in printed
+    splits = read_sizes(out)["splits"]
+    assert set(splits) == {"train", "val", "test"}
+    counts = {split: sum(shards.values()) for split, shards in splits.items()}
+    assert sum(counts.values()) == 60 and counts["train"] > counts["val"] + counts["test"]
+    for split, keys in read_all(out).items():  # each key where its hash puts it
+        assert {assign_split(key, 0.05, 0.05) for key in keys} == {split}
 
 
 def test_val_test_fractions_are_deterministic(tmp_path):

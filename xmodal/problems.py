@@ -41,3 +41,15 @@ def unknown_keys(node: Mapping[str, Any], schema: type, prefix: str = "") -> lis
         elif dataclasses.is_dataclass(types[key]) and isinstance(value, Mapping):
             unknown += unknown_keys(value, types[key], f"{prefix}{key}.")
     return unknown
+
+
+class SkipRow(Exception):
+    """A user's row or file that cannot be written into shards: a counted skip, never fatal alone.
+
+    ``reason`` is a counter key of the write report (``"missing image"``); ``detail`` names the file.
+    """
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail

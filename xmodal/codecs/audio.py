@@ -20,6 +20,24 @@ N_FFT = 400  # 25 ms at 16 kHz
 HOP = 160  # 10 ms
 LOG_FLOOR = 1e-6
 
+# Model units of a log-mel: a fixed affine, not data statistics, so every split, rank, resumed run
+# and checkpoint sees the same map and likelihoods stay comparable between runs. The low end is the
+# floor log(LOG_FLOOR) ≈ -13.8 (silence, and what padded frames hold) → -1; the high end 8.0 sits
+# above the loudest shapes clip (≈ 7.1 on 64 mels: three tones at 0.3 of full scale) → +1. Louder
+# data merely lands above 1: Gaussian and Laplace likelihoods are unbounded, only displays clip.
+LOG_MEL_LOW = math.log(LOG_FLOOR)
+LOG_MEL_HIGH = 8.0
+
+
+def log_mel_to_unit(mels: torch.Tensor) -> torch.Tensor:
+    """Natural-log mel power → model units: LOG_MEL_LOW → -1, LOG_MEL_HIGH → +1 (same shape)."""
+    return (mels.float() - LOG_MEL_LOW) * (2.0 / (LOG_MEL_HIGH - LOG_MEL_LOW)) - 1.0
+
+
+def unit_to_log_mel(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`log_mel_to_unit` (model units → natural-log mel power)."""
+    return (x.float() + 1.0) * ((LOG_MEL_HIGH - LOG_MEL_LOW) / 2.0) + LOG_MEL_LOW
+
 
 def read_wav(data: bytes) -> tuple[np.ndarray, int]:
     """PCM WAV bytes → mono float32 samples in [-1, 1] and the sample rate."""

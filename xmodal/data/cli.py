@@ -24,15 +24,15 @@ from rich.table import Table
 from xmodal.data.mnist import MnistSpec, build_mnist
 from xmodal.data.shapes import ShapesSpec, synth
 from xmodal.data.shards import ShardError, iter_tar_samples, read_sizes, split_shards
+from xmodal.data.sources import FORMATS, detect_format, rows_from_source
 from xmodal.data.writer import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_SHARD_BYTES,
-    FORMATS,
+    DEFAULT_TEST_FRACTION,
+    DEFAULT_VAL_FRACTION,
     IMAGE_FORMATS,
     WriteOptions,
     WriteReport,
-    detect_format,
-    rows_from_source,
     write_shards,
 )
 
@@ -120,12 +120,20 @@ def _add_write_parser(commands: Any) -> None:
         default=None,
         help="COCO image folder; base of relative paths in JSONL/CSV (default: the source file's folder)",
     )
-    w.add_argument("--split", default=None, help="split for all samples (default train)")
     w.add_argument(
-        "--val-fraction", type=float, default=0.0, help="share of samples for 'val' (by a hash of the key)"
+        "--split", default=None, help="put every sample in this one split (default: carve train/val/test)"
     )
     w.add_argument(
-        "--test-fraction", type=float, default=0.0, help="share of samples for 'test' (by a hash of the key)"
+        "--val-fraction",
+        type=float,
+        default=None,
+        help=f"share of samples for 'val', by a hash of the key (default {DEFAULT_VAL_FRACTION})",
+    )
+    w.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help=f"share of samples for 'test', by a hash of the key (default {DEFAULT_TEST_FRACTION})",
     )
     w.add_argument("--samples-per-shard", type=int, default=1000, help="at most this many samples per tar")
     w.add_argument(
@@ -234,10 +242,13 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
 def cmd_write(args: argparse.Namespace, console: Console) -> int:
     if args.split is not None and (args.val_fraction or args.test_fraction):
         raise ValueError("--split puts everything in one split: do not combine it with --val/--test-fraction")
+    one_split = args.split is not None
+    val_fraction = 0.0 if one_split else _given(args.val_fraction, DEFAULT_VAL_FRACTION)
+    test_fraction = 0.0 if one_split else _given(args.test_fraction, DEFAULT_TEST_FRACTION)
     options = WriteOptions(
         split=args.split or "train",
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
         samples_per_shard=args.samples_per_shard,
         max_shard_bytes=args.max_shard_bytes,
         resize=args.resize,
@@ -256,10 +267,19 @@ def cmd_write(args: argparse.Namespace, console: Console) -> int:
         "format": fmt,
         "images": str(args.images) if args.images else None,
     }
+    if len(options.splits) > 1:
+        console.print(
+            f"splits: train / val {val_fraction:.0%} / test {test_fraction:.0%} of the samples, chosen by a "
+            "hash of each key (the same on every run; --val-fraction/--test-fraction, or --split NAME for one)"
+        )
     start = time.perf_counter()
     report = write_shards(rows, args.out, options, source_info=info)
     print_write_report(report, console, time.perf_counter() - start)
     return 0 if report.written else 2
+
+
+def _given(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 def print_write_report(report: WriteReport, console: Console, seconds: float) -> None:
@@ -274,7 +294,10 @@ def print_write_report(report: WriteReport, console: Console, seconds: float) ->
     console.print(table)
     skipped = sum(report.skipped.values())
     if report.written and report.empty_splits:
-        console.print(f"warning: no sample fell into split(s) {', '.join(report.empty_splits)}; not written")
+        console.print(
+            f"warning: no sample fell into split(s) {', '.join(report.empty_splits)} (too few samples for "
+            "the fraction asked); not written: raise --val-fraction/--test-fraction"
+        )
     if report.written:
         console.print(
             f"{report.out_dir}: {report.written} samples written, {skipped} rows skipped "

@@ -1,4 +1,4 @@
-"""Audio: WAV/FLAC members → log-mel ``[1, M, T]`` plus a real-frame mask ``[T]``."""
+"""Audio: WAV/FLAC members → log-mel ``[1, M, T]`` (model units from collate on) plus a real-frame mask ``[T]``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from xmodal.codecs.audio import LOG_FLOOR, decode_audio
+from xmodal.codecs.audio import LOG_FLOOR, decode_audio, log_mel_to_unit
 from xmodal.images import spectrogram_images
 from xmodal.modalities.base import Modality, SampleContext
 from xmodal.problems import Problems
@@ -16,6 +16,7 @@ from xmodal.problems import Problems
 class AudioModality(Modality):
     name = "audio"
     extensions = ("wav", "flac")
+    source_suffixes = (".wav", ".flac")  # copied as they are: decoding is the loader's job
 
     def decode(self, found: tuple[str, Any], role: str, spec: Any, ctx: SampleContext) -> dict[str, Any]:
         mel, mask = decode_audio(found[1], found[0], spec.audio_mels, spec.audio_frames)
@@ -28,8 +29,11 @@ class AudioModality(Modality):
         }
 
     def collate(self, rows: list[dict[str, Any]], role: str, collate: Any) -> dict[str, Any]:
+        # The one place log-mels become model units. Here, not after the device transfer as images
+        # do: they are float already (nothing to save on the hand-over), and a batch is collated
+        # once, so the affine can never be applied twice.
         return {
-            role: torch.stack([r[role] for r in rows]),  # [B, 1, M, T]
+            role: log_mel_to_unit(torch.stack([r[role] for r in rows])),  # [B, 1, M, T] in about [-1, 1]
             f"{role}_mask": torch.stack([r[f"{role}_mask"] for r in rows]),  # [B, T]
         }
 

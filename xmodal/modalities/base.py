@@ -19,6 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from xmodal.problems import SkipRow
+
 
 class SampleContext:
     """Per-sample facts a decoder may use (seeded choices must depend on these only).
@@ -54,6 +56,10 @@ class Modality:
     """``xmodal-generate --<flag>`` that supplies this modality's inputs (None: its name)."""
     input_files: ClassVar[bool] = True
     """The inputs are file paths (checked to exist before the checkpoint loads); else literal values."""
+    source_suffixes: ClassVar[tuple[str, ...]] = ()
+    """File suffixes (``.wav``) that ``xmodal-shards write`` takes for this modality from a user's
+    folder (``x.wav`` next to ``x.jpg``) or from a JSONL/CSV column named after it; empty: the
+    writer does not read it from files (``write_member`` is then never called)."""
 
     def member(self, raw: dict[str, Any], role: str) -> tuple[str, Any] | None:
         """(extension, payload) of the role's member in a raw sample, or None if it has none."""
@@ -105,6 +111,22 @@ class Modality:
         batch = self.collate(rows, role, collate)
         self.to_model_units(batch, role)
         return batch
+
+    def write_member(self, path: Path, options: Any) -> tuple[str, bytes]:
+        """``(extension, bytes)`` of the shard member ``xmodal-shards write`` makes from a user's
+        file (``options``: the writer's ``WriteOptions``). Raises ``xmodal.problems.SkipRow`` for a
+        file that cannot be written (a counted skip). Default: the bytes as they are, when the
+        suffix is one the modality reads."""
+        ext = path.suffix.lstrip(".").lower()
+        if ext not in self.extensions:
+            raise SkipRow(f"bad {self.name}", f"{path}: unsupported type (use {', '.join(self.extensions)})")
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise SkipRow(f"missing {self.name}", f"{path}: {error.strerror or error}") from None
+        if not data:
+            raise SkipRow(f"bad {self.name}", f"{path} is empty")
+        return ext, data
 
     def problems(self, cfg: Any) -> list[str]:
         """Problems of the ``data.*`` keys this modality reads (checked for every registered modality)."""

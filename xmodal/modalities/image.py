@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import random
 import zlib
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from xmodal.codecs.image_files import SOURCE_SUFFIXES, encode_image_file
 from xmodal.codecs.pixels import decode_image
 from xmodal.modalities.base import Modality, SampleContext
 from xmodal.problems import Problems
@@ -21,6 +23,7 @@ def sample_hash(purpose: str, seed: int, epoch: int, key: str) -> int:
 class ImageModality(Modality):
     name = "image"
     extensions = ("png", "jpg", "jpeg")
+    source_suffixes = SOURCE_SUFFIXES
 
     def decode(self, found: tuple[str, Any], role: str, spec: Any, ctx: SampleContext) -> dict[str, Any]:
         # A training crop moves with the epoch but is the same on a resumed run (seeded like captions).
@@ -50,6 +53,10 @@ class ImageModality(Modality):
 
     def show(self, values: torch.Tensor) -> torch.Tensor:
         return values.float()
+
+    def write_member(self, path: Path, options: Any) -> tuple[str, bytes]:
+        # Checked and, when asked, re-encoded to PNG/JPEG: the only formats the loader decodes.
+        return encode_image_file(path, options)
 
     def problems(self, cfg: Any) -> list[str]:
         p = Problems(cfg)

@@ -30,12 +30,9 @@ class LogMelEncoder(nn.Module):
         self.proj = nn.Linear(width * mel_out, d_model)
         self.pos = nn.Parameter(torch.zeros(1, self.num_tokens, d_model))
         nn.init.normal_(self.pos, std=0.02)
-        # Log-mel values sit around -14..+5: a fixed affine map brings them near unit scale.
-        self.register_buffer("offset", torch.tensor(-4.0), persistent=False)
-        self.register_buffer("scale", torch.tensor(0.2), persistent=False)
 
     def forward(self, mels: torch.Tensor) -> torch.Tensor:
-        features = self.stem((mels - self.offset) * self.scale)  # [B, C, M', T']
+        features = self.stem(mels)  # [B, C, M', T'] from log-mels in model units (about [-1, 1])
         batch, channels, mel, time = features.shape
         tokens = features.permute(0, 3, 1, 2).reshape(batch, time, channels * mel)  # [B, T', C*M']
         return self.proj(tokens) + self.pos[:, :time]  # [B, T', D]

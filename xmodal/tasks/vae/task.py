@@ -12,7 +12,7 @@ the IWAE samples) is seeded per sample by its ``__key__``, so val/test numbers d
 batch size, rank count or how often validation ran.
 
 The target modality is ``model["target"]``: ``image`` (``[B, C, H, W]`` in [-1, 1]) or ``audio``
-(log-mel ``[B, 1, M, T]``, mapped to about [-1, 1] by the fixed :func:`log_mel_to_unit`); the nets
+(log-mel ``[B, 1, M, T]``, in the model units of the audio modality: about [-1, 1]); the nets
 see only ``[B, C, H, W]``, so text→image and text→audio are the same code. Audio frames past a
 clip's end (``audio_mask`` False) are set to silence before the encoder and left out of every
 log-likelihood sum, so padding costs nothing; ``*_bpd`` then divides by the real dimensions only.
@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from xmodal.codecs.audio import LOG_FLOOR
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.images import SampleSet, caption_grid, image_grid, spectrogram_images
 from xmodal.metrics.likelihood import (
@@ -54,25 +53,6 @@ from xmodal.tasks.vae.parallelize import parallelize_vae
 SCALARS = ("nll", "neg_elbo", "recon", "kl", "nll_bpd", "neg_elbo_bpd")
 EVAL_ROWS_PER_PASS = 1024
 """Decoder rows (samples × importance samples) per forward in IWAE evaluation (bounds memory)."""
-
-# A fixed affine, not data statistics, so every split, rank, resumed run and checkpoint sees the
-# same map and NLLs stay comparable between runs. The low end is the log-mel front end's floor
-# log(LOG_FLOOR = 1e-6) ≈ -13.8 (silence, and what padded frames hold) → -1; the high end 8.0 sits
-# above the loudest shapes clip (≈ 7.1 on 64 mels: three tones at 0.3 of full scale) → +1. Louder
-# data merely lands above 1: the Gaussian and Laplace likelihoods are unbounded, only the displayed
-# images clip.
-LOG_MEL_LOW = math.log(LOG_FLOOR)
-LOG_MEL_HIGH = 8.0
-
-
-def log_mel_to_unit(mels: torch.Tensor) -> torch.Tensor:
-    """Natural-log mel power → model units: LOG_MEL_LOW → -1, LOG_MEL_HIGH → +1 (same shape)."""
-    return (mels.float() - LOG_MEL_LOW) * (2.0 / (LOG_MEL_HIGH - LOG_MEL_LOW)) - 1.0
-
-
-def unit_to_log_mel(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`log_mel_to_unit` (model units → natural-log mel power)."""
-    return (x.float() + 1.0) * ((LOG_MEL_HIGH - LOG_MEL_LOW) / 2.0) + LOG_MEL_LOW
 
 
 def kl_weight(
@@ -223,7 +203,7 @@ class VaeTask(XmodalTask):
             return data, None
         mask = batch["audio_mask"].bool()[:, None, None, :]  # [B, 1, 1, T] True on real frames
         silence = torch.full((), -1.0, device=data.device)
-        return torch.where(mask, log_mel_to_unit(data), silence), mask  # [B, 1, M, T], mask
+        return torch.where(mask, data, silence), mask  # [B, 1, M, T] in model units, mask
 
     def real_dims(self, mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """Data dimensions each sample's likelihood sums over ``[B]`` (bits/dim divide by these)."""
