@@ -1,0 +1,177 @@
+"""Remote shards: a local HTTP server and a local S3 API (moto) stand in for remote storage;
+shards are written by webdataset's own TarWriter, as a user's pipeline would."""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import io
+import shlex
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from xmodal.data.remote import RemoteOptions, iter_pipe_samples, iter_remote_samples, open_remote
+from xmodal.data.shards import ShardError, iter_tar_samples
+
+FAST = RemoteOptions(timeout_s=2.0, retries=2, backoff_s=0.01)
+
+
+def webdataset_tar(path: Path, n: int = 5) -> Path:
+    from webdataset import TarWriter
+
+    with TarWriter(str(path)) as sink:
+        for i in range(n):
+            sink.write({"__key__": f"s{i:03d}", "txt": f"caption {i}", "cls": i})
+    return path
+
+
+def local_samples(path: Path) -> list[dict]:
+    return [{k: v for k, v in s.items() if k != "__shard__"} for s in iter_tar_samples(path)]
+
+
+def remote_samples(url: str, options: RemoteOptions = FAST) -> list[dict]:
+    rows = list(iter_remote_samples(url, options))
+    assert {s["__shard__"] for s in rows} == {url}
+    return [{k: v for k, v in s.items() if k != "__shard__"} for s in rows]
+
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves ``directory``; ``/flaky/N/...`` fails its first N requests with 503; ``/cut/...`` sends
+    half the file and drops the connection."""
+
+    failures: dict[str, int] = {}
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def do_HEAD(self) -> None:  # answered: only the GETs of a flaky path fail
+        parts = self.path.strip("/").split("/")
+        if parts[0] == "flaky":
+            self.path = "/" + "/".join(parts[2:])
+        super().do_HEAD()
+
+    def _flaky(self) -> bool:
+        """False when this request was answered with a 503; else the path is the served file's."""
+        parts = self.path.strip("/").split("/")
+        if parts[0] == "flaky":
+            left = Handler.failures.setdefault(self.path, int(parts[1]))
+            if left > 0:
+                Handler.failures[self.path] = left - 1
+                self.send_error(503, "try again")
+                return False
+            self.path = "/" + "/".join(parts[2:])
+        return True
+
+    def do_GET(self) -> None:
+        if not self._flaky():
+            return
+        parts = self.path.strip("/").split("/")
+        if parts[0] == "cut":
+            data = (Path(self.directory) / "/".join(parts[1:])).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        super().do_GET()
+
+
+@pytest.fixture
+def http_root(tmp_path) -> Iterator[tuple[str, Path]]:
+    root = tmp_path / "served"
+    root.mkdir()
+    handler = lambda *a, **k: Handler(*a, directory=str(root), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    Handler.failures = {}
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", root
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_http_shard_streams_the_same_samples_as_the_local_file(http_root):
+    base, root = http_root
+    shard = webdataset_tar(root / "shard-000000.tar")
+    assert remote_samples(f"{base}/shard-000000.tar") == local_samples(shard)
+    (root / "shard.tar.gz").write_bytes(gzip.compress(shard.read_bytes()))
+    assert remote_samples(f"{base}/shard.tar.gz") == local_samples(shard)
+
+
+def test_http_missing_shard_and_dropped_connection_are_shard_errors_naming_the_url(http_root):
+    base, root = http_root
+    webdataset_tar(root / "big.tar", n=400)
+    with pytest.raises(ShardError, match=r"/nope\.tar: no such remote shard"):
+        list(iter_remote_samples(f"{base}/nope.tar", FAST))
+    read = []
+    with pytest.raises(ShardError, match=r"/cut/big\.tar"):
+        for sample in iter_remote_samples(f"{base}/cut/big.tar", FAST):
+            read.append(sample["__key__"])
+    assert 0 < len(read) < 400  # what arrived before the cut was handed on, then the error
+
+
+def test_http_open_is_retried_and_gives_up_after_the_retries(http_root):
+    base, root = http_root
+    shard = webdataset_tar(root / "s.tar")
+    pauses: list[float] = []
+    stream = open_remote(f"{base}/flaky/2/s.tar", FAST, sleep=pauses.append)
+    assert stream.read() == shard.read_bytes()
+    assert pauses == [0.01, 0.02]  # two 503s, a growing pause after each
+    with pytest.raises(ShardError, match=r"flaky/5/s\.tar: cannot open after 3 attempts \(.*503"):
+        open_remote(f"{base}/flaky/5/s.tar", FAST, sleep=pauses.append)
+
+
+def test_s3_shard_through_a_local_s3_api(tmp_path, monkeypatch):
+    pytest.importorskip("s3fs")
+    boto3 = pytest.importorskip("boto3")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for name, value in {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
+            monkeypatch.setenv(name, value)
+        shard = webdataset_tar(tmp_path / "shard.tar")
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="data")
+        client.put_object(Bucket="data", Key="train/shard-000000.tar", Body=shard.read_bytes())
+        assert remote_samples("s3://data/train/shard-000000.tar") == local_samples(shard)
+        with pytest.raises(ShardError, match="s3://data/train/missing.tar: no such remote shard"):
+            list(iter_remote_samples("s3://data/train/missing.tar", FAST))
+    finally:
+        server.stop()
+
+
+def test_pipe_cat_reads_the_whole_shard_without_a_sigpipe_status(tmp_path):
+    """The tar reader stops at the end-of-archive block; `cat` must still end with status 0."""
+    shard = webdataset_tar(tmp_path / "shard.tar", n=3)
+    url = f"pipe:cat {shlex.quote(str(shard))}"
+    rows = list(iter_pipe_samples(url))
+    assert [r["__key__"] for r in rows] == ["s000", "s001", "s002"] and {r["__shard__"] for r in rows} == {
+        url
+    }
+    with pytest.raises(ShardError, match="command exited with status 3"):
+        list(iter_pipe_samples(f"pipe:cat {shlex.quote(str(shard))}; exit 3"))
+
+
+def test_pipe_consumer_stopping_early_is_not_an_error(tmp_path):
+    big = io.BytesIO()
+    shard = webdataset_tar(tmp_path / "big.tar", n=2000)
+    big.write(shard.read_bytes())
+    samples = iter_pipe_samples(f"pipe:cat {shlex.quote(str(shard))}")
+    assert next(samples)["__key__"] == "s000"
+    samples.close()  # closes the pipe: the writer's SIGPIPE is not reported
