@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import pytest
 
-from xmodal.cluster.slurm import time_to_seconds
+from xmodal.cluster.slurm import SIGNAL_FORWARDING, time_to_seconds
 from xmodal.submit import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +78,8 @@ def _flat(text: str) -> str:
 def _srun_block(script: str) -> list[str]:
     """The command words of the script's srun line (options, program, overrides), shell-split."""
     start = script.index("\nsrun ")
-    return shlex.split(script[start:].split("srun", 1)[1].replace("\\\n", " "))[1:]
+    end = script.index(" &\n", start)  # srun runs in the background (the shell forwards signals)
+    return shlex.split(script[start:end].split("srun", 1)[1].replace("\\\n", " "))[1:]
 
 
 def _run_script(script: Path, calls: Path, job_id: str = "1230089") -> list[str]:
@@ -277,6 +280,7 @@ def test_hand_editable_templates(slurm, tmp_path, capsys, name):
     for line in (
         'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         "export MASTER_PORT=$((15000 + SLURM_JOB_ID % 10000))",
+        *(line for line in SIGNAL_FORWARDING if line and not line.startswith("#")),
     ):
         assert line in text.splitlines() and line in rendered
     # sbatch hands the script's arguments to xmodal-train, quoting intact.
@@ -287,6 +291,37 @@ def test_hand_editable_templates(slurm, tmp_path, capsys, name):
     argv = (slurm / "srun.argv").read_text().split("\0")[:-1]
     assert argv == ["--kill-on-bad-exit=1", "xmodal-train", "trainer=ddp", "seed=7 8"]
     assert (slurm / "srun.env").read_text().splitlines()[1:3] == ["MASTER_ADDR=node001", "MASTER_PORT=15077"]
+
+
+def test_usr2_or_term_to_the_batch_shell_reaches_the_training_step(slurm, tmp_path):
+    """`--signal=B:USR2` and `scancel --batch` signal only the batch shell: it must forward them,
+    and the job ends with the step's own status (here the step checkpoints and exits 3)."""
+    script = tmp_path / "sb" / "job_000.sbatch"
+    assert main(["cluster.gpu_partition=false", "--sbatch-dir", str(script.parent)]) == 0
+    _executable(  # a step that records each signal, and stops (as xmodal's Preemption would) on one
+        slurm.parent / "srun",
+        f"""#!/bin/bash
+trap 'echo USR2 >> {slurm}/step.signals; exit 3' USR2
+trap 'echo TERM >> {slurm}/step.signals; exit 4' TERM
+touch {slurm}/step.started
+while true; do sleep 0.05; done
+""",
+    )
+    env = {**os.environ, "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "n1", "SLURM_CPUS_PER_TASK": "1"}
+    for signal_name, code in (("SIGUSR2", 3), ("SIGTERM", 4)):
+        (slurm / "step.started").unlink(missing_ok=True)
+        batch = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path)
+        try:
+            for _ in range(600):  # the step is up (or the script died first)
+                if (slurm / "step.started").exists() or batch.poll() is not None:
+                    break
+                time.sleep(0.05)
+            assert batch.poll() is None, "the batch script ended before its step started"
+            batch.send_signal(getattr(signal, signal_name))
+            assert batch.wait(timeout=30) == code
+        finally:
+            batch.kill()
+    assert (slurm / "step.signals").read_text().split() == ["USR2", "TERM"]
 
 
 @pytest.mark.parametrize(

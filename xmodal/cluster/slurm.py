@@ -304,11 +304,30 @@ def render_sbatch(
         f'echo "xmodal: run dir {run_dir} (restart ${{SLURM_RESTART_COUNT:-0}})"',
         "",
         "# One process per device; Lightning's SLURMEnvironment reads the rank from SLURM_PROCID.",
-        f"srun --kill-on-bad-exit=1 {command}" + (" \\" if overrides else ""),
+        f"srun --kill-on-bad-exit=1 {command}" + (" \\" if overrides else " &"),
     ]
     for i, override in enumerate(overrides):
-        lines.append(f"    {q(override)}" + (" \\" if i < len(overrides) - 1 else ""))
+        lines.append(f"    {q(override)}" + (" \\" if i < len(overrides) - 1 else " &"))
+    lines += SIGNAL_FORWARDING
     return "\n".join(lines) + "\n"
+
+
+SIGNAL_FORWARDING = [
+    "",
+    "# srun runs in the background so that this shell can forward signals meant for the batch shell",
+    "# alone (--signal=B:USR2, `scancel --batch -s USR2`, a TERM to the shell) to the training step,",
+    "# which then checkpoints and requeues as for the step's own USR2. `wait` returns early when a",
+    "# trapped signal arrives, so it waits again until the step has really ended; the job's exit",
+    "# status is the step's.",
+    "step=$!",
+    "trap 'kill -USR2 \"$step\" 2>/dev/null || true' USR2",
+    "trap 'kill -TERM \"$step\" 2>/dev/null || true' TERM",
+    "status=0",
+    'wait "$step" || status=$?',
+    'while kill -0 "$step" 2>/dev/null; do status=0; wait "$step" || status=$?; done',
+    'exit "$status"',
+]
+"""The script's last lines (also in slurm/*.sbatch): signals of the batch shell reach the step."""
 
 
 def bash_syntax_error(script: str) -> str | None:
