@@ -97,3 +97,37 @@ def test_wandb_offline_one_run_per_job_finished_even_on_failure(tiny, tmp_path, 
         train(compose_config([*tiny, "logger=wandb", "trainer.max_steps=2", "run.id=bad"]))
     assert wandb.run is None  # finished despite the failure: the next job gets its own run
     assert len(list((tmp_path / "outputs" / "shapes_caption" / "bad" / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_generate_reads_a_folder_and_a_glob_and_prints_csv_and_the_python_api_agrees(trained, tmp_path):
+    import csv
+    import io
+
+    import xmodal
+
+    run_dir, _ = trained
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for i, name in enumerate(["b.png", "a.png", "sub/c.png"]):
+        (photos / name).write_bytes(make_sample(ShapesSpec(), "test", i)["png"])
+    (photos / "notes.txt").write_text("not an image")  # ignored: not a file the image modality reads
+    result = run_cli(["xmodal-generate", str(ckpt), "--image", str(photos), "--csv"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    files = [str(photos / n) for n in ("a.png", "b.png", "sub/c.png")]
+    assert [r["image"] for r in rows] == files and all(r["caption"] for r in rows)
+
+    globbed = run_cli(["xmodal-generate", str(ckpt), "--image", str(photos / "*.png"), "--json"], tmp_path)
+    assert [json.loads(line)["image"] for line in globbed.stdout.splitlines()] == files[:2]
+
+    model = xmodal.load(ckpt)
+    assert model.caption(files) == [r["caption"] for r in rows]  # the CLI's captions, from Python
+    with pytest.raises(ValueError, match="no modality reads .txt files"):
+        model.caption(photos / "notes.txt")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli(["xmodal-generate", str(ckpt), "--image", str(empty)], tmp_path)
+    assert result.returncode == 2 and f"{empty}: no image files" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -17,6 +17,13 @@ their paths; the condition depends on the model:
 A VAE whose target is audio writes its log-mel samples as spectrogram PNGs (mel bands up, low
 ones at the bottom; time across), on the model's fixed scale, so brightness compares between files.
 
+A file input may also be a folder (every file of that modality in it, recursively, sorted) or a
+quoted glob (``--image 'photos/*.jpg'``); ``--json`` or ``--csv`` print machine-readable rows:
+
+    xmodal-generate best.ckpt --image photos/ --csv > captions.csv
+
+From Python, ``xmodal.load(CKPT).caption(files)`` / ``.generate(caption=[...])`` run the same code.
+
 Samples are seeded (``--seed``): the same command writes the same images. One input flag per
 registered modality (a plug-in modality adds ``--<name>``); what a checkpoint does with them is its
 task's ``generate_outputs``.
@@ -25,6 +32,8 @@ task's ``generate_outputs``.
 from __future__ import annotations
 
 import argparse
+import csv
+import glob
 import json
 import sys
 from pathlib import Path
@@ -57,8 +66,46 @@ def build_parser(modalities: dict[str, Any]) -> argparse.ArgumentParser:
     parser.add_argument("--num", type=int, default=4, help="samples per condition (default 4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("generated"), help="folder for generated files")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per line")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON object per line")
+    output.add_argument("--csv", action="store_true", help="print a CSV table (header first)")
     return parser
+
+
+def expand_files(values: list[str], modality: Any) -> list[str]:
+    """Folders become their files of the modality (recursive, sorted); globs their sorted matches.
+    Raises ValueError naming a folder or pattern that yields nothing."""
+    out: list[str] = []
+    for value in values:
+        path = Path(value)
+        if path.is_dir():
+            found = sorted(
+                str(p) for p in path.rglob("*") if p.suffix.lstrip(".").lower() in modality.extensions
+            )
+        elif glob.has_magic(value) and not path.exists():
+            found = sorted(glob.glob(value, recursive=True))
+        else:
+            out.append(value)
+            continue
+        if not found:
+            raise ValueError(f"{value}: no {modality.name} files ({', '.join(modality.extensions)}) in it")
+        out += found
+    return out
+
+
+def print_rows(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    if args.csv:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    for row in rows:
+        print(
+            json.dumps(row, ensure_ascii=False)
+            if args.json
+            else "  ".join(str(v) for v in row.values() if v != "")
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.ckpt.is_file():
         print_error(f"checkpoint not found: {args.ckpt}")
+        return 2
+    try:
+        inputs = {
+            name: expand_files(values, modalities[name]) if modalities[name].input_files else values
+            for name, values in inputs.items()
+        }
+    except ValueError as err:
+        print_error(str(err))
         return 2
     for name, values in inputs.items():
         missing = [str(v) for v in values if modalities[name].input_files and not Path(v).is_file()]
@@ -93,10 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except (GenerateError, RegistryError) as err:
         print_error(str(err))
         return 2
-    for row in rows:
-        print(json.dumps(row) if args.json else "  ".join(str(v) for v in row.values() if v != ""))
+    print_rows(rows, args)
     wrote = any(str(v).startswith(str(args.out)) for row in rows for v in row.values())
-    if wrote and (args.out / "grid.png").is_file():
+    if wrote and not args.csv and (args.out / "grid.png").is_file():
         print(f"grid: {args.out / 'grid.png'}")
     return 0
 
