@@ -20,7 +20,7 @@ from xmodal.callbacks.metrics_file import scalar_metrics
 from xmodal.config import CONFIG_DIR, ConfigError, absolute, register_schemas, validate
 from xmodal.console import print_error
 from xmodal.data.tokenizer import WordTokenizer
-from xmodal.factory import build_datamodule, prepare_data, task_class
+from xmodal.factory import build_datamodule, prepare_data, rich_progress, task_class
 from xmodal.files import write_json_atomic
 from xmodal.registry import RegistryError
 
@@ -56,7 +56,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         precision=cfg.trainer.precision,
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        enable_progress_bar=rich_progress(cfg),  # a redirected TQDM bar is only noise
         limit_test_batches=cfg.trainer.limit_test_batches,
     )
     trainer.test(task, datamodule=datamodule, verbose=False)

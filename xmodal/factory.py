@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from netrc import netrc
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
@@ -25,7 +26,9 @@ from xmodal.callbacks.checksums import RankChecksums
 from xmodal.callbacks.data_health import DataHealth
 from xmodal.callbacks.last_checkpoint import LastCheckpoint
 from xmodal.callbacks.metrics_file import MetricsFile
+from xmodal.callbacks.plots import MetricPlots
 from xmodal.callbacks.preemption import Preemption
+from xmodal.callbacks.progress import StepProgress, StepRichProgressBar
 from xmodal.callbacks.samples import ValidationSamples
 from xmodal.config import absolute, world_size
 from xmodal.data.builtin import BUILTIN_DATASETS
@@ -199,13 +202,23 @@ def build_callbacks(
         DataHealth(),  # before MetricsFile, which records what it logs
         MetricsFile(run.dir / "metrics.jsonl"),
     ]
-    if cfg.trainer.enable_progress_bar:
-        callbacks.append(RichProgressBar())
+    if cfg.callbacks.plots:
+        callbacks.append(MetricPlots(run.dir, cfg.callbacks.monitor))  # after MetricsFile: reads its rows
+    if rich_progress(cfg):
+        callbacks.append(StepRichProgressBar(cfg.trainer.max_steps))
+    else:
+        callbacks.append(StepProgress(cfg.trainer.max_steps, cfg.callbacks.progress_interval_s))
     if has_logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.callbacks.rank_checksums:
         callbacks.append(RankChecksums(run.dir / "checksums"))
     return callbacks, checkpoint
+
+
+def rich_progress(cfg: DictConfig) -> bool:
+    """Rich's live bar only on a terminal: redirected, it shows nothing until the end (plain lines
+    from StepProgress instead)."""
+    return bool(cfg.trainer.enable_progress_bar) and sys.stdout.isatty()
 
 
 def build_strategy(cfg: DictConfig) -> Any:
@@ -273,7 +286,7 @@ def build_trainer(
         overfit_batches=t.overfit_batches,
         num_sanity_val_steps=t.num_sanity_val_steps,
         deterministic=t.deterministic,
-        enable_progress_bar=t.enable_progress_bar,
+        enable_progress_bar=rich_progress(cfg),
         enable_model_summary=True,
         use_distributed_sampler=False,  # the stream splits data over ranks itself (exact-once)
         default_root_dir=str(run.dir),

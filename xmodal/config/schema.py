@@ -169,6 +169,10 @@ class CallbacksConfig:
     """Validation samples drawn into ``samples/`` (and W&B) at every validation."""
     rank_checksums: bool = False
     """Each rank writes a parameter checksum to ``checksums/rank<N>.json`` at the end of fit."""
+    progress_interval_s: float = 30.0
+    """Seconds between plain progress lines (step/max_steps, rate, ETA) when output is not a terminal."""
+    plots: bool = True
+    """Loss and metric curves drawn into ``plots/`` (and W&B) at every validation and at the end."""
 
 
 @dataclass

@@ -118,6 +118,7 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
     problems += model_problems
     check(cfg.logger.kind in LOGGERS, "logger.kind", f"must be one of {LOGGERS}")
     check(cfg.callbacks.monitor_mode in ("min", "max"), "callbacks.monitor_mode", "must be min or max")
+    check(cfg.callbacks.progress_interval_s > 0, "callbacks.progress_interval_s", "must be > 0 seconds")
     if cfg.ckpt_path is not None:
         # A directory is a distributed (FSDP2) checkpoint.
         check(Path(cfg.ckpt_path).exists(), "ckpt_path", "no such checkpoint")
