@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from PIL import Image
 
 from tests.conftest import run_cli
@@ -54,3 +58,47 @@ def test_steps_count_in_the_users_units_when_lightning_counts_more():
     assert counter.done(trainer) == 25 and counter.label(trainer) == "25/100"
     assert counter.eta(trainer) == "?"  # no rate before this process has trained a step
     assert [format_duration(s) for s in (4.4, 92, 3 * 3600 + 60)] == ["4s", "1m32s", "3h01m"]
+
+
+HELP_CALLS = {
+    "xmodal-train": "from xmodal.entry import train_main as main",
+    "xmodal-eval": "from xmodal.entry import eval_main as main",
+    "xmodal-generate": "from xmodal.generate import main",
+    "xmodal-shards": "from xmodal.data.cli import main",
+    "xmodal-submit": "from xmodal.submit import main",
+}
+
+
+@pytest.mark.parametrize("command", sorted(HELP_CALLS))
+def test_help_of_every_command_has_an_example_and_imports_no_torch(command):
+    code = (
+        f"import sys; sys.argv = [{command!r}, '--help']; {HELP_CALLS[command]}\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('TORCH-IMPORTED' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().endswith("NO-TORCH"), result.stdout[-500:]
+    assert re.search(rf"^\s+{command} \S", result.stdout, re.M), result.stdout  # an example line
+    if command == "xmodal-eval":
+        assert "ckpt_path= is required" in result.stdout
+    if command == "xmodal-train":
+        assert "experiment: " in result.stdout and "shapes_caption" in result.stdout  # the config groups
+
+
+def test_console_scripts_are_the_help_aware_entry_points():
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["xmodal-train"] == "xmodal.entry:train_main"
+    assert scripts["xmodal-eval"] == "xmodal.entry:eval_main"
+
+
+def test_generate_flag_hints_equal_the_modality_classes():
+    """The hints that keep `xmodal-generate --help` free of torch must not drift from the classes."""
+    from xmodal.registry import MODALITIES
+
+    for name in ("image", "audio", "text", "label"):
+        cls = MODALITIES.get(name)
+        for key in ("input_flag", "input_files"):
+            assert MODALITIES._hints[name][key] == getattr(cls, key), (name, key)

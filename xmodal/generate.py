@@ -43,24 +43,27 @@ from xmodal.console import print_error
 from xmodal.registry import MODALITIES
 
 
-def input_flags() -> dict[str, Any]:
-    """Modality name → its modality class, for every registered modality."""
-    return dict(MODALITIES.items())
+def input_flags() -> dict[str, tuple[str, bool]]:
+    """Modality name → (its flag, whether it takes files), for every registered modality; from
+    registry hints where given, so ``--help`` imports no modality (and no torch)."""
+    return {
+        name: (MODALITIES.attr(name, "input_flag") or name, MODALITIES.attr(name, "input_files"))
+        for name in MODALITIES.names()
+    }
 
 
-def build_parser(modalities: dict[str, Any]) -> argparse.ArgumentParser:
+def build_parser(modalities: dict[str, tuple[str, bool]]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xmodal-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("ckpt", type=Path, help="a .ckpt file written by xmodal-train")
-    for name, cls in modalities.items():
-        flag = cls.input_flag or name
-        what = "file(s)" if cls.input_files else "value(s)"
+    for name, (flag, files) in modalities.items():
+        what = "file(s), folder(s) or glob(s)" if files else "value(s)"
         parser.add_argument(
             f"--{flag}",
             dest=f"in_{name}",
             nargs="+",
-            metavar="FILE" if cls.input_files else flag.upper(),
+            metavar="FILE" if files else flag.upper(),
             help=f"{name} input {what}: to caption, or as conditions",
         )
     parser.add_argument("--num", type=int, default=4, help="samples per condition (default 4)")
@@ -125,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         inputs = {
-            name: expand_files(values, modalities[name]) if modalities[name].input_files else values
+            name: expand_files(values, MODALITIES.get(name)) if modalities[name][1] else values
             for name, values in inputs.items()
         }
     except ValueError as err:
         print_error(str(err))
         return 2
     for name, values in inputs.items():
-        missing = [str(v) for v in values if modalities[name].input_files and not Path(v).is_file()]
+        missing = [str(v) for v in values if modalities[name][1] and not Path(v).is_file()]
         if missing:
             print_error(f"{name} not found: {', '.join(missing)}")
             return 2

@@ -73,13 +73,17 @@ class Registry(Generic[T]):
         self.config_key = config_key
         self._builtins_module = builtins_module
         self._entries: dict[str, T | str] = {}
+        self._hints: dict[str, dict[str, Any]] = {}
         self.version = 0
         """Bumped by every registration (caches derived from the registry compare it)."""
 
-    def register(self, name: str, obj: T | str | None = None) -> Any:
+    def register(self, name: str, obj: T | str | None = None, **hints: Any) -> Any:
         """Register ``obj`` (a class, or an import path imported on first use) under ``name``;
         without ``obj``, a class decorator. A name registered twice is refused (two plug-ins
-        claiming one name would otherwise pick a winner by import order)."""
+        claiming one name would otherwise pick a winner by import order). ``hints`` are class
+        attributes known without importing the class (see ``attr``)."""
+        if hints:
+            self._hints[name] = hints
 
         def add(value: T | str) -> T | str:
             previous = self._entries.get(name)
@@ -126,6 +130,13 @@ class Registry(Generic[T]):
             entry = import_object(entry)
             self._entries[name] = entry
         return entry  # type: ignore[return-value]
+
+    def attr(self, name: str, key: str) -> Any:
+        """Class attribute ``key`` of ``name``: from the registration's hints when given (so
+        ``--help`` need not import the class, nor torch), else from the class itself."""
+        self._ensure_loaded()
+        hints = self._hints.get(name, {})
+        return hints[key] if key in hints else getattr(self.get(name), key)
 
     def items(self) -> Iterator[tuple[str, T]]:
         for name in self.names():

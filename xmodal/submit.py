@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="xmodal-submit",
         description="Render one sbatch script per sweep point from the composed config and submit it "
         "with sbatch, without waiting for the jobs.",
+        epilog="examples:\n" + "\n".join("  " + line for line in __doc__.splitlines()[2:6]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for xmodal-train")
     parser.add_argument(

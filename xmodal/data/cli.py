@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with one sub-parser per command."""
     defaults = ShapesSpec()
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Create and inspect WebDataset shard directories."
+        prog=PROG,
+        description="Create and inspect WebDataset shard directories.",
+        epilog="examples:\n" + "\n".join(line for line in __doc__.splitlines()[2:5]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -8,10 +8,12 @@ checks), collate, conversion to model units after the device transfer, display, 
 
 from xmodal.registry import MODALITIES
 
-for _name, _path in (
-    ("image", "xmodal.modalities.image:ImageModality"),
-    ("audio", "xmodal.modalities.audio:AudioModality"),
-    ("text", "xmodal.modalities.text:TextModality"),
-    ("label", "xmodal.modalities.label:LabelModality"),
+# Hints: what xmodal-generate's flags need, known without importing the modules (and torch);
+# tests/test_user_sees.py checks that they equal the classes' own attributes.
+for _name, _path, _hints in (
+    ("image", "xmodal.modalities.image:ImageModality", {"input_flag": None, "input_files": True}),
+    ("audio", "xmodal.modalities.audio:AudioModality", {"input_flag": None, "input_files": True}),
+    ("text", "xmodal.modalities.text:TextModality", {"input_flag": "caption", "input_files": False}),
+    ("label", "xmodal.modalities.label:LabelModality", {"input_flag": "label", "input_files": False}),
 ):
-    MODALITIES.register(_name, _path)
+    MODALITIES.register(_name, _path, **_hints)
