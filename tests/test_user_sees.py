@@ -49,6 +49,18 @@ def test_redirected_output_shows_progress_toward_max_steps_and_the_run_dir_has_c
         for line in (run_dir / "plots" / "train.jsonl").read_text().splitlines()
     ]
     assert steps == [2, 4, 6, 8, 10, 12]
+    import csv
+
+    with (
+        open(run_dir / "csv" / "metrics.csv")
+        if (run_dir / "csv" / "metrics.csv").exists()
+        else open(next(run_dir.rglob("metrics.csv"))) as f
+    ):
+        rows = list(csv.DictReader(f))
+    rates = [float(r["perf/samples_per_s"]) for r in rows if r.get("perf/samples_per_s")]
+    flops = {float(r["perf/flops_per_step"]) for r in rows if r.get("perf/flops_per_step")}
+    assert rates and min(rates) > 0 and len(flops) == 1 and flops.pop() > 1e6
+    assert not any(r.get("perf/mfu") for r in rows)  # no comparable peak on a CPU
 
 
 def test_steps_count_in_the_users_units_when_lightning_counts_more():
@@ -58,6 +70,43 @@ def test_steps_count_in_the_users_units_when_lightning_counts_more():
     assert counter.done(trainer) == 25 and counter.label(trainer) == "25/100"
     assert counter.eta(trainer) == "?"  # no rate before this process has trained a step
     assert [format_duration(s) for s in (4.4, 92, 3 * 3600 + 60)] == ["4s", "1m32s", "3h01m"]
+
+
+def test_throughput_counts_the_flops_of_a_whole_training_step(tmp_path):
+    """A first linear layer's step: forward 2·B·I·O plus its weight gradient 2·B·I·O (its input needs none)."""
+    import lightning as L
+    import torch
+
+    from xmodal.callbacks.throughput import Throughput
+
+    class Linear(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(32, 16, bias=False)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch["x"]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = [{"x": torch.randn(8, 32), "__key__": [str(i)] * 8} for i in range(6)]
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    meter = Throughput()
+    trainer = L.Trainer(
+        max_steps=6,
+        callbacks=[meter],
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
+    trainer.fit(Linear(), loader)
+    assert meter.flops_per_step == 4 * 8 * 32 * 16
+    assert trainer.logged_metrics["perf/samples_per_s"] > 0
 
 
 HELP_CALLS = {

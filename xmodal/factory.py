@@ -30,6 +30,7 @@ from xmodal.callbacks.plots import MetricPlots
 from xmodal.callbacks.preemption import Preemption
 from xmodal.callbacks.progress import StepProgress, StepRichProgressBar
 from xmodal.callbacks.samples import ValidationSamples
+from xmodal.callbacks.throughput import Throughput
 from xmodal.config import absolute, world_size
 from xmodal.data.builtin import BUILTIN_DATASETS
 from xmodal.data.datamodule import DecodeSpec, ShardDataModule
@@ -202,6 +203,8 @@ def build_callbacks(
         DataHealth(),  # before MetricsFile, which records what it logs
         MetricsFile(run.dir / "metrics.jsonl"),
     ]
+    if cfg.callbacks.throughput:
+        callbacks.append(Throughput())
     if cfg.callbacks.plots:
         callbacks.append(MetricPlots(run.dir, cfg.callbacks.monitor))  # after MetricsFile: reads its rows
     if rich_progress(cfg):

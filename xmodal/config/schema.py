@@ -172,6 +172,8 @@ class CallbacksConfig:
     progress_interval_s: float = 30.0
     """Seconds between plain progress lines (step/max_steps, rate, ETA) when output is not a terminal."""
     plots: bool = True
+    throughput: bool = True
+    """``perf/samples_per_s``, ``perf/flops_per_step`` and (16-bit on a known GPU) ``perf/mfu``."""
     """Loss and metric curves drawn into ``plots/`` (and W&B) at every validation and at the end."""
 
 
