@@ -12,7 +12,8 @@ takes the PIL path, which also gives the error message for unreadable bytes.
 Large sources (users' photos are 256–1024 px; experiments see 32–256): a JPEG at least twice the
 size it is fitted to is decoded at 1/2, 1/4 or 1/8 scale inside libjpeg (DCT scaling; PIL's
 ``draft`` on the PIL path), never below the fitted size, then resized as any image. 16-bit
-greyscale is scaled to 8 bits (v / 257), not clipped to white as PIL's ``convert("L")`` does.
+greyscale is scaled to 8 bits (its high byte, ≈ v / 257), not clipped to white as PIL's
+``convert("L")`` does.
 """
 
 from __future__ import annotations
@@ -109,9 +110,10 @@ def decode_pil(data: bytes, channels: int, max_pixels: int, need: int = 0) -> Im
             img.draft(img.mode, (math.ceil(img.size[0] / factor), math.ceil(img.size[1] / factor)))
     if img.mode in _SIXTEEN_BIT:
         # 16-bit grey (PNG, TIFF): PIL's convert("L") clips at 255, so anything above 255/65535
-        # would read as white. Scale the full range instead (round(v * 255 / 65535)).
+        # would read as white. Keep the high byte instead (v >> 8 ≈ v / 257), as PIL itself
+        # reduces 16-bit RGB, so grey and colour 16-bit images agree.
         wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
-        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+        img = Image.fromarray((wide >> 8).astype(np.uint8), "L")
     return img.convert("RGB" if channels == 3 else "L")
 
 

@@ -89,6 +89,9 @@ class DataSplits:
                 f"split {split!r} carved from {self.spec} is empty ({self.how[split]}): raise "
                 f"data.{split}_fraction or point data.{split}_shards at its shards"
             )
+        unreadable = next((c.error for c in self.counts.values() if c.error and not c.samples), None)
+        if not shards and unreadable:  # the likely cause, in the same line
+            raise ValueError(f"split {split!r} of {self.spec} has no readable sample: {unreadable}")
         if not shards:
             raise ValueError(
                 f"split {split!r} of {self.spec} lists no shards ({self.how[split]}); {_fix(split)}"
