@@ -226,9 +226,18 @@ def iter_tar_samples(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[dict[
         raise ShardError(f"{shard}: a pipe: shard runs a shell command; refused unless data.allow_pipe=true")
     safe = safe_extensions()
 
+    verdicts: dict[str, bool] = {}  # per extension: a shard holds few kinds, and this runs per member
+
     def keep(name: str) -> bool:
-        parts = split_member_name(name)
-        return parts is not None and member_is_safe(parts[1].lower(), safe)
+        base = name[name.rfind("/") + 1 :]
+        dot = base.find(".")
+        if dot <= 0:
+            return False
+        ext = base[dot + 1 :]
+        verdict = verdicts.get(ext)
+        if verdict is None:
+            verdict = verdicts[ext] = bool(ext) and member_is_safe(ext.lower(), safe)
+        return verdict
 
     try:
         with _open_tar(path) as (stream, size):

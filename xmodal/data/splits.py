@@ -151,6 +151,7 @@ def resolve_splits(spec: str | os.PathLike[str], settings: SplitSettings | None 
     carve = Carve(fractions["val"], fractions["test"])
 
     train = urls["train"]
+    carved_from = set(train)
     others = sorted({u for split, us in urls.items() if split != "train" for u in us} - set(train))
     counts = index_shards(train, carve, settings.index_dir, settings.allow_pipe) if carve.active else {}
     unstated = [u for u in (others if carve.active else [*train, *others]) if u not in stated]
@@ -168,7 +169,7 @@ def resolve_splits(spec: str | os.PathLike[str], settings: SplitSettings | None 
             warnings.append(f"{url}: readable up to sample {c.samples} only: {c.error}")
 
     def info(url: str, split: str) -> ShardInfo:
-        if carve.active and url in train:
+        if carve.active and url in carved_from:
             return ShardInfo(url, counts[url].carved[split], carve.ranges()[split])  # type: ignore[index]
         return ShardInfo(url, counts[url].samples if url in counts else stated[url])
 
