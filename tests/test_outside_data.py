@@ -21,7 +21,7 @@ from xmodal.data.cli import main
 from xmodal.data.epoch_plan import Topology
 from xmodal.data.index import index_shards
 from xmodal.data.resolve import expand_braces, resolve_source
-from xmodal.data.shards import iter_tar_samples, write_sizes
+from xmodal.data.shards import iter_tar_samples, read_sizes, write_sizes
 from xmodal.data.splits import SplitSettings, resolve_splits
 from xmodal.data.stream import ShardStream
 
@@ -190,6 +190,8 @@ def test_every_source_form_resolves_to_the_same_shards(shardwriter_dir, tmp_path
         data = resolve_splits(spec, SplitSettings(val_fraction=0.2, test_fraction=0.1))
         assert data.size("train") + data.size("val") + data.size("test") == 64, kind
         assert len(data.source.urls()) == 4, kind
+        # What the end of a run reads (train.py's holdout check): every form, not only directories.
+        assert sum(read_sizes(spec)["splits"]["train"].values()) == 64, kind
     assert resolve_source(forms["wids"]).stated[str(tmp_path / "photos" / tars[0].rsplit("/", 1)[1])] == 16
     for bad, message in [
         (str(shardwriter_dir / "shard-{000000..000009}.tar"), "shard-000004.tar does not exist and 5 more"),

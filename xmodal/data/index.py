@@ -145,13 +145,15 @@ def sizes_of_source(
     source = resolve_source(spec)
     counts = index_shards([u for u in source.urls() if not is_pipe(u)], None, cache_dir)
     root = Path(os.fspath(spec))
-    root = root if root.is_dir() else root.parent
     splits: dict[str, dict[str, int]] = {}
     for split, urls in source.splits.items():
+        # Names relative to a directory source; absolute for a pattern, list or index file.
         splits[split] = {
-            url if is_pipe(url) else os.path.relpath(url, root): source.stated[url]
+            url
             if is_pipe(url)
-            else counts[url].samples
+            else os.path.relpath(url, root)
+            if root.is_dir()
+            else os.path.abspath(url): source.stated[url] if is_pipe(url) else counts[url].samples
             for url in urls
         }
     kinds = Counter[str]()

@@ -421,10 +421,13 @@ def read_sizes(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         if Path(directory).is_dir() and any(Path(directory).glob(f"*{_STATS_SUFFIX}")):
             return img2dataset_sizes(directory)
-        if Path(directory).is_dir() and has_tars(Path(directory)):
+        if not Path(directory).is_dir() or has_tars(Path(directory)):
             from xmodal.data.index import sizes_of_source  # lazy: index builds on this module
 
-            return sizes_of_source(directory)  # plain tars (e.g. webdataset's ShardWriter): scanned once
+            try:  # plain tars (webdataset's ShardWriter), a pattern, a list, a wids index: scanned once
+                return sizes_of_source(directory)
+            except FileNotFoundError:
+                pass
         raise FileNotFoundError(
             f"no shard index {path} and no .tar shards (is {directory} a shard directory?): {_HOW_TO_CREATE}"
         )
