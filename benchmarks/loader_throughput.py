@@ -1,6 +1,11 @@
 """Loader throughput on 64×64 JPEG shards, side by side in one run (one process = one core).
 
     python benchmarks/loader_throughput.py [--samples 4000] [--repeats 3]
+    python benchmarks/loader_throughput.py --source-size 256 --image-size 64   # users' photos
+
+``--source-size`` sets the stored JPEGs' side, ``--image-size`` the experiment's (``data.image_size``).
+When they differ, the bare PIL row also resizes (what a plain loader must do), and one more row
+decodes at full size before resizing (xmodal without libjpeg's DCT scaling), to show that gain.
 
 Rows (samples/s, median of repeats, and the ratio to the bare PIL loop):
 - tar → sample: xmodal's safe tar reader, raw bytes grouped per sample (no decode)
@@ -36,7 +41,7 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from xmodal.codecs.pixels import decode_image
+from xmodal.codecs.pixels import _fit, decode_image
 from xmodal.data.datamodule import BatchCollate, DecodeSpec, decode_sample
 from xmodal.data.epoch_plan import ShardInfo, Topology
 from xmodal.data.loader import StreamLoader
@@ -76,11 +81,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--per-shard", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--source-size", type=int, default=64, help="side of the stored JPEGs")
+    parser.add_argument("--image-size", type=int, default=64, help="side the loader fits them to")
     args = parser.parse_args()
+    size, fitted = args.source_size, args.image_size
     # One process = one core, as in a DataLoader worker (which runs torch with one thread too).
     torch.set_num_threads(1)
 
-    jpegs = make_jpegs(args.samples)
+    jpegs = make_jpegs(args.samples, size)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shards = []
@@ -103,27 +111,44 @@ def main() -> None:
 
         def tar_decoded() -> int:
             return sum(
-                decode_image(s["jpg"], 64).shape[0] > 0 for shard in shards for s in iter_tar_samples(shard)
+                decode_image(s["jpg"], fitted).shape[0] > 0
+                for shard in shards
+                for s in iter_tar_samples(shard)
             )
 
         def tar_decoded_batches() -> int:
             count, images = 0, []
             for shard in shards:
                 for sample in iter_tar_samples(shard):
-                    images.append(decode_image(sample["jpg"], 64))
+                    images.append(decode_image(sample["jpg"], fitted))
                     if len(images) == 64:
                         count += len(torch.stack(images))  # [64, 3, 64, 64] uint8
                         images = []
             return count + (len(torch.stack(images)) if images else 0)
 
         def bare_pil() -> int:
-            return sum(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).size > 0 for data in jpegs)
+            if size == fitted:
+                return sum(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).size > 0 for data in jpegs)
+            return sum(
+                np.asarray(
+                    Image.open(io.BytesIO(data)).convert("RGB").resize((fitted, fitted), Image.BICUBIC)
+                ).size
+                > 0
+                for data in jpegs
+            )
+
+        def full_size_then_resize() -> int:
+            def one(data: bytes) -> bool:
+                img = Image.fromarray(simplejpeg.decode_jpeg(data, strict=True))
+                return np.asarray(_fit(img, fitted, "resize", None)).size > 0
+
+            return sum(one(s["jpg"]) for shard in shards for s in iter_tar_samples(shard))
 
         def bare_turbo() -> int:
             return sum(simplejpeg.decode_jpeg(data).size > 0 for data in jpegs)
 
         def folder_decoded() -> int:
-            return sum(decode_image(path.read_bytes(), 64).shape[0] > 0 for path in files)
+            return sum(decode_image(path.read_bytes(), fitted).shape[0] > 0 for path in files)
 
         infos = [ShardInfo(str(p), len(range(0, args.per_shard))) for p in shards]
         infos[-1] = ShardInfo(str(shards[-1]), args.samples - args.per_shard * (len(shards) - 1))
@@ -135,7 +160,9 @@ def main() -> None:
                 0,
                 Topology(0, 1, workers),
                 64,
-                decode=partial(decode_sample, spec=DecodeSpec(required=("image", "text")), train=True),
+                decode=partial(
+                    decode_sample, spec=DecodeSpec(required=("image", "text"), image_size=fitted), train=True
+                ),
                 collate=BatchCollate(WordTokenizer.fit(["a caption"]), 16),
             )
 
@@ -150,23 +177,26 @@ def main() -> None:
 
         stream_batches()  # start the persistent worker outside the timing
 
+        extra = [] if size == fitted else [("tar → full-size decode, then resize", full_size_then_resize)]
         rows = timed(
             [
                 ("tar → sample (no decode)", tar_samples),
                 ("tar → decoded sample", tar_decoded),
                 ("tar → decoded batch", tar_decoded_batches),
-                ("bare PIL loop (in memory)", bare_pil),
+                ("bare PIL loop (in memory)" + (" + resize" if size != fitted else ""), bare_pil),
                 ("bare libjpeg-turbo loop (in memory)", bare_turbo),
                 ("folder → decoded sample", folder_decoded),
                 ("stream → decoded batch, in process", stream_in_process),
                 ("stream → decoded batch, 1 worker", stream_batches),
+                *extra,
             ],
             args.repeats,
         )
     ceiling = rows[3][1]
     turbo = rows[4][1]
     print(
-        f"{args.samples} JPEG samples 64×64, {len(shards)} shards, median of {args.repeats} interleaved rounds, 1 process"
+        f"{args.samples} JPEG samples {size}×{size} fitted to {fitted}×{fitted}, {len(shards)} shards, "
+        f"median of {args.repeats} interleaved rounds, 1 process"
     )
     print(f"{'path':<38}{'samples/s':>12}{'vs bare PIL':>14}{'vs bare turbo':>16}")
     for name, rate in rows:

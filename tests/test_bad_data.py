@@ -14,7 +14,7 @@ from tests.conftest import make_tar
 from xmodal.config import compose_config
 from xmodal.data.epoch_plan import Topology
 from xmodal.data.shapes import ShapesSpec, make_sample
-from xmodal.data.shards import ShardError, iter_tar_samples, write_sizes
+from xmodal.data.shards import iter_tar_samples, write_sizes
 from xmodal.factory import build_datamodule
 
 
@@ -114,17 +114,19 @@ def test_skip_counts_reach_the_metrics_of_a_training_run(tiny, tmp_path):
             ]
         )
     )
-    run_dir = tmp_path / "outputs" / "shapes_caption" / "bad"
+    run_dir = tmp_path / "outputs" / "caption_shards" / "bad"  # experiment_name follows the data
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     bad = sum(1 for name, n in sizes.items() if n and name != "good.tar")
     assert rows[-1]["data/skipped_val"] == bad and rows[-1]["data/skipped_train"] == 0
     assert json.loads((run_dir / "metrics.json").read_text())["data_skipped"]["val"]
 
 
-def test_unsafe_members_name_the_shard_and_member(tmp_path):
+def test_code_bearing_members_are_skipped_unread_never_unpickled(tmp_path):
+    # Once a refused shard; now the member is skipped unread (no modality reads .pyd, and
+    # code-bearing formats are never handed out), so the sample keeps its image only.
     bad_shards(tmp_path)
-    with pytest.raises(ShardError, match=r"pickle_member.tar: member 'evil.pyd' has unsafe extension 'pyd'"):
-        list(iter_tar_samples(tmp_path / "val" / "pickle_member.tar"))
+    [sample] = iter_tar_samples(tmp_path / "val" / "pickle_member.tar")
+    assert sample["__key__"] == "evil" and set(sample) == {"__key__", "__shard__", "png"}
     assert not (tmp_path / "pwned.txt").exists()
     # A dotted basename reads as webdataset does: key 'a' with members of role 'b'. No default-role
     # image or caption is there, so decoding it is a counted skip (test above), not a refused shard.

@@ -108,7 +108,8 @@ def piped_dir(tmp_path: Path) -> tuple[Path, Path]:
     root = tmp_path / "shards"
     root.mkdir()
     command = f"pipe:touch {marker} && cat {real}"
-    write_sizes(root, {"splits": {"train": {command: 6}}})
+    # Every split: a run needs val and test data, and carving them would run the command to count.
+    write_sizes(root, {"splits": {split: {command: 6} for split in ("train", "val", "test")}})
     return root, marker
 
 

@@ -280,11 +280,20 @@ def test_iter_tar_samples_groups_members_by_key(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["x.pyd", "x.pth", "x.pkl", "x.tar.pyd", "x.a.b.png", "x.Seg!.png", "noext"])
-def test_iter_tar_samples_refuses_unsafe_members(tmp_path, name):
-    path = make_tar(tmp_path / "bad.tar", [("x.png", b"P"), (name, b"payload")])
-    with pytest.raises(ShardError, match=re.escape(repr(name))) as error:
-        list(iter_tar_samples(path))
-    assert str(path) in str(error.value)
+def test_iter_tar_samples_skips_members_no_modality_reads_unread(tmp_path, name):
+    # Once refused (one stray member refused the whole dataset); now skipped unread, never handed
+    # to a decoder, and counted by the names-only scan that backs `xmodal-shards inspect`.
+    from xmodal.data.shards import scan_tar
+
+    path = make_tar(tmp_path / "bad.tar", [("x.png", b"P"), (name, b"payload"), ("y.png", b"Q")])
+    samples = list(iter_tar_samples(path))
+    assert [(s["__key__"], {k for k in s if not k.startswith("__")}) for s in samples] == [
+        ("x", {"png"}),
+        ("y", {"png"}),
+    ]
+    assert all(b"payload" not in v for s in samples for v in s.values() if isinstance(v, bytes))
+    scan = scan_tar(path)
+    assert scan.keys == ["x", "y"] and sum(scan.kinds.values()) == 3 and scan.error is None
 
 
 def test_iter_tar_samples_reads_role_members(tmp_path):

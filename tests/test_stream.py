@@ -17,6 +17,7 @@ from xmodal.data.epoch_plan import ShardInfo, Topology, plan_epoch, shards_from_
 from xmodal.data.loader import StreamLoader, pack_tensors
 from xmodal.data.plan import plan_report, print_plan
 from xmodal.data.shards import ShardError, iter_tar_samples, write_sizes, write_tar_shard
+from xmodal.data.splits import SplitSettings
 from xmodal.data.stream import ShardStream
 
 SIZES = (7, 3, 5, 2, 4)
@@ -327,7 +328,18 @@ def test_consecutive_failures_stop_naming_the_shard(shards):
 def test_plan_report_matches_the_stream_and_dumps_keys(tmp_path):
     make_shards(tmp_path)
     dump = tmp_path / "keys.txt"
-    report = plan_report(tmp_path, world_size=2, num_workers=2, batch_size=2, seed=4, epoch=1, dump_keys=dump)
+    # Fractions 0: this data has a train split only, which a run (and plan, by default) would carve.
+    uncarved = SplitSettings(val_fraction=0, test_fraction=0)
+    report = plan_report(
+        tmp_path,
+        world_size=2,
+        num_workers=2,
+        batch_size=2,
+        seed=4,
+        epoch=1,
+        dump_keys=dump,
+        settings=uncarved,
+    )
     lines = [line.split() for line in dump.read_text().splitlines()]
     shards = shards_from_dir(tmp_path, "train")
     for rank in range(2):

@@ -215,6 +215,6 @@ def test_ddp_over_uneven_shards_runs_three_exact_epochs_without_hanging(tiny, tm
         plan_epoch(shards, "exact", 0, epoch, Topology(0, 2, 0), batch_size=2).batches_per_rank
         for epoch in range(3)
     )
-    summary = json.loads((tmp_path / "outputs" / "shapes_caption" / "uneven" / "metrics.json").read_text())
+    summary = json.loads((tmp_path / "outputs" / "caption_shards" / "uneven" / "metrics.json").read_text())
     assert summary["global_step"] == expected
     assert summary["data_skipped"] == {}

@@ -33,7 +33,7 @@ from xmodal.callbacks.samples import ValidationSamples
 from xmodal.callbacks.throughput import Throughput
 from xmodal.config import absolute, world_size
 from xmodal.data.builtin import BUILTIN_DATASETS
-from xmodal.data.datamodule import DecodeSpec, ShardDataModule
+from xmodal.data.datamodule import DecodeSpec, ShardDataModule, SplitSettings
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.registry import TASKS
 from xmodal.run import RunIdentity, is_launcher, wandb_run_id
@@ -105,6 +105,7 @@ def build_datamodule(
         shuffle_buffer=cfg.data.shuffle_buffer,
         max_consecutive_failures=cfg.data.max_consecutive_failures,
         allow_pipe=cfg.data.allow_pipe,
+        splits=SplitSettings.from_config(cfg),
     )
 
 

@@ -6,13 +6,20 @@ images this framework streams its Python-level header parsing costs more than th
 a 64×64 JPEG takes ~85 µs through ``Image.open(...).convert("RGB")`` and ~15 µs through
 libjpeg-turbo; a 28×28 MNIST PNG ~32 µs against ~6 µs (benchmarks/loader_throughput.py). The
 pixels are the same (tests/test_decode.py compares them). Everything else — other colour types,
-16-bit PNGs, CMYK JPEGs, WebP, files the fast decoders reject — takes the PIL path, which also
-gives the error message for unreadable bytes.
+16-bit PNGs, CMYK JPEGs, WebP, BMP, GIF (first frame), TIFF, files the fast decoders reject —
+takes the PIL path, which also gives the error message for unreadable bytes.
+
+Large sources (users' photos are 256–1024 px; experiments see 32–256): a JPEG at least twice the
+size it is fitted to is decoded at 1/2, 1/4 or 1/8 scale inside libjpeg (DCT scaling; PIL's
+``draft`` on the PIL path), never below the fitted size, then resized as any image. 16-bit
+greyscale is scaled to 8 bits (its high byte, ≈ v / 257), not clipped to white as PIL's
+``convert("L")`` does.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import random
 
 import numpy as np
@@ -38,8 +45,20 @@ def check_pixels(width: int, height: int, max_pixels: int) -> None:
         raise ValueError(f"image of {width}×{height} pixels exceeds data.max_image_pixels={max_pixels}")
 
 
-def _decode_fast(data: bytes, channels: int, max_pixels: int) -> np.ndarray | None:
-    """``[H, W, C]`` uint8 through libspng / libjpeg-turbo, or None to leave the image to PIL."""
+def _jpeg_scale(width: int, height: int, need: int) -> int:
+    """The largest of 8, 4, 2, 1 that keeps both sides >= ``need`` (libjpeg's fast scales: other
+    n/8 factors decode slower than the full image)."""
+    for factor in (8, 4, 2):
+        if need > 0 and width // factor >= need and height // factor >= need:
+            return factor
+    return 1
+
+
+def _decode_fast(data: bytes, channels: int, max_pixels: int, need: int = 0) -> np.ndarray | None:
+    """``[H, W, C]`` uint8 through libspng / libjpeg-turbo, or None to leave the image to PIL.
+
+    ``need``: the smallest side the caller fits the image to (0: full size); a JPEG may then come
+    back smaller than stored, by a power of two, but with both sides >= ``need``."""
     if data.startswith(_PNG_SIGNATURE):
         if data[12:16] != b"IHDR":  # the PNG standard puts IHDR first; anything else goes to PIL
             return None
@@ -61,7 +80,14 @@ def _decode_fast(data: bytes, channels: int, max_pixels: int) -> np.ndarray | No
         try:
             # strict: a truncated or corrupt file raises (then PIL names the fault) instead of
             # coming back grey-filled.
-            array = simplejpeg.decode_jpeg(data, colorspace="RGB" if channels == 3 else "GRAY", strict=True)
+            factor = _jpeg_scale(width, height, need)
+            scaled = {"min_width": math.ceil(width / factor), "min_height": math.ceil(height / factor)}
+            array = simplejpeg.decode_jpeg(
+                data,
+                colorspace="RGB" if channels == 3 else "GRAY",
+                strict=True,
+                **(scaled if factor > 1 else {}),
+            )
         except ValueError:
             return None
     else:
@@ -70,10 +96,24 @@ def _decode_fast(data: bytes, channels: int, max_pixels: int) -> np.ndarray | No
     return array if array.shape[2] == channels else None  # e.g. a transparency chunk added alpha
 
 
-def decode_pil(data: bytes, channels: int, max_pixels: int) -> Image.Image:
-    """Any format PIL reads, converted to RGB or L; the size is checked before decoding."""
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def decode_pil(data: bytes, channels: int, max_pixels: int, need: int = 0) -> Image.Image:
+    """Any format PIL reads (the first frame of an animation), converted to RGB or L; the size is
+    checked before decoding. ``need`` as in :func:`_decode_fast` (JPEG draft mode)."""
     img = Image.open(io.BytesIO(data))
     check_pixels(*img.size, max_pixels)
+    if need and img.format == "JPEG":
+        factor = _jpeg_scale(*img.size, need)
+        if factor > 1:
+            img.draft(img.mode, (math.ceil(img.size[0] / factor), math.ceil(img.size[1] / factor)))
+    if img.mode in _SIXTEEN_BIT:
+        # 16-bit grey (PNG, TIFF): PIL's convert("L") clips at 255, so anything above 255/65535
+        # would read as white. Keep the high byte instead (v >> 8 ≈ v / 257), as PIL itself
+        # reduces 16-bit RGB, so grey and colour 16-bit images agree.
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray((wide >> 8).astype(np.uint8), "L")
     return img.convert("RGB" if channels == 3 else "L")
 
 
@@ -108,10 +148,11 @@ def decode_image(
     Too large (by the header) or unreadable images raise (a counted skip in the stream). ``rng``
     places a ``random_crop`` (None: the centre).
     """
-    array = _decode_fast(data, channels, max_pixels)  # [H, W, C]
+    need = -(-image_size * 9 // 8) if fit == "random_crop" else image_size  # _fit's short side
+    array = _decode_fast(data, channels, max_pixels, need)  # [H, W, C]
     if array is None or array.shape[:2] != (image_size, image_size) or fit == "random_crop":
         img = (
-            decode_pil(data, channels, max_pixels)
+            decode_pil(data, channels, max_pixels, need)
             if array is None
             else Image.fromarray(array[:, :, 0] if channels == 1 else array)
         )

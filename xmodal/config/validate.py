@@ -19,6 +19,7 @@ from xmodal.config.schema import (
     ACCELERATORS,
     LOGGERS,
     PRECISIONS,
+    SAFE_NAME,
     STRATEGIES,
     ConfigError,
     TrainConfig,
@@ -89,21 +90,7 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
             "data.name",
             f"is not a built-in dataset (built-in: {tuple(BUILTIN_DATASETS)}); point data.shards at your shard directory",
         )
-    else:
-        check(Path(d.shards).is_dir(), "data.shards", "is not a directory")
-        if Path(d.shards).is_dir():
-            indexed = (Path(d.shards) / "sizes.json").is_file() or any(Path(d.shards).glob("*_stats.json"))
-            check(indexed, "data.shards", "has no sizes.json (nor img2dataset *_stats.json files)")
-            if indexed and not d.allow_pipe:
-                from xmodal.data.shards import pipe_urls
-
-                piped = pipe_urls(d.shards)
-                check(
-                    not piped,
-                    "data.allow_pipe",
-                    f"sizes.json lists {len(piped)} pipe: shard(s) that run shell commands, e.g. "
-                    f"{piped[0] if piped else ''!r}; set data.allow_pipe=true to run them",
-                )
+    problems += data_problems(cfg)
     s = d.shapes
     check(s.n_train >= 1 and s.n_val >= 1 and s.n_test >= 1, "data.shapes", "split sizes must be >= 1")
     check(
@@ -123,11 +110,58 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
         # A directory is a distributed (FSDP2) checkpoint.
         check(Path(cfg.ckpt_path).exists(), "ckpt_path", "no such checkpoint")
     check(
+        isinstance(cfg.experiment_name, str) and SAFE_NAME.match(cfg.experiment_name) is not None,
+        "experiment_name",
+        "must be 1-128 characters of letters, digits, '.', '_' or '-' and start with a letter or digit "
+        "(it is a folder under paths.output_dir)",
+    )
+    check(
         cfg.run.dir is None,
         "run.dir",
         "is derived as <paths.output_dir>/<experiment_name>/<run.id>; set those instead",
     )
     return list(problems)
+
+
+def data_problems(cfg: Any) -> list[str]:
+    """The data a run reads: fractions in range, every source readable, every split the run needs
+    present and non-empty (carving or indexing once, cached), pipe: shards allowed. One line each."""
+    from xmodal.data.resolve import resolve_source
+    from xmodal.data.shards import pipe_urls
+    from xmodal.data.splits import SplitSettings, split_problems
+
+    p = Problems(cfg)
+    d = cfg.data
+    fractions = {"data.val_fraction": d.val_fraction, "data.test_fraction": d.test_fraction}
+    for key, value in fractions.items():
+        p.check(
+            value is None or 0 <= value < 1, key, "must be >= 0 and < 1 (a share of the training samples)"
+        )
+    if (d.val_fraction or 0) + (d.test_fraction or 0) >= 1:
+        p.append(
+            "data.val_fraction: data.val_fraction + data.test_fraction must be < 1 (train would be empty)"
+        )
+    if p:
+        return p
+    if d.shards is None:  # built-in data (generated later) has every split; explicit ones must exist
+        for key in ("val_shards", "test_shards"):
+            if getattr(d, key) is not None:
+                try:
+                    resolve_source(getattr(d, key))
+                except (ValueError, OSError) as error:
+                    p.append(f"data.{key}: {error}")
+        return p
+    needed = ("train", "val", "test") if getattr(cfg, "test_after_fit", True) else ("train", "val")
+    p += split_problems(str(d.shards), SplitSettings.from_config(cfg), needed)
+    if not d.allow_pipe and Path(d.shards, "sizes.json").is_file():
+        piped = pipe_urls(d.shards)
+        p.check(
+            not piped,
+            "data.allow_pipe",
+            f"sizes.json lists {len(piped)} pipe: shard(s) that run shell commands, e.g. "
+            f"{piped[0] if piped else ''!r}; set data.allow_pipe=true to run them",
+        )
+    return p
 
 
 def role_problems(cfg: Any, task_roles: tuple[str, ...] | None) -> list[str]:

@@ -83,12 +83,28 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, train: bool) -> dict[st
         present = fields is not None and modality.is_present(fields)
         if not present:
             if how == "required":
-                raise ValueError(modality.missing_message(key, role))
+                raise ValueError(modality.missing_message(key, role) + _dotted_hint(raw, key, modality))
             fields = modality.absent(role, spec)
         if how == "optional":
             out[f"{role}_present"] = present
         out.update(fields)
     return out
+
+
+def _dotted_hint(raw: dict[str, Any], key: str, modality: Any) -> str:
+    """Why a sample may lack its member: keys with dots (only built on this failure path)."""
+    dotted = sorted(
+        ext
+        for ext in raw
+        if not ext.startswith("__") and ext.rpartition(".")[2] in modality.extensions and "." in ext
+    )
+    if not dotted or not any(c.isdigit() for c in dotted[0]):
+        return ""
+    return (
+        f" (it holds {', '.join(dotted[:3])}{' ...' if len(dotted) > 3 else ''}: keys with dots? as in "
+        f"webdataset the key ends at the first dot of the file name, so {key}.{dotted[0]} is key "
+        f"{key!r}, member {dotted[0]!r}; write keys without dots)"
+    )
 
 
 class BatchCollate:

@@ -3,17 +3,23 @@
     xmodal-shards synth --out data/shapes --n 8000 --holdout "red circle"
     xmodal-shards write photos/ --out data/photos --val-fraction 0.05 --resize 256
     xmodal-shards inspect data/shapes
+    xmodal-shards index my_shards/           # count once (cached for runs), report lying counts
 
-User errors (bad arguments, missing or foreign directories, unsafe shards) print one line to stderr
-and exit with code 2, without a traceback. ``write`` also exits with 2 when no row could be written.
+``inspect``, ``index`` and ``plan`` read any source ``data.shards`` takes (a directory of tars,
+webdataset ShardWriter or img2dataset output, a brace pattern, a list file, a wids index).
+User errors (bad arguments, missing or foreign directories, unreadable data) print one line to
+stderr and exit with code 2, without a traceback. ``write`` also exits with 2 when no row could be
+written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
+from collections import Counter
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -23,8 +29,10 @@ from rich.table import Table
 
 from xmodal.data.mnist import MnistSpec, build_mnist
 from xmodal.data.shapes import ShapesSpec, synth
-from xmodal.data.shards import ShardError, iter_tar_samples, read_sizes, split_shards
+from xmodal.data.shards import ShardError, read_sizes
 from xmodal.data.sources import FORMATS, detect_format, rows_from_source
+from xmodal.data.splits import INDEX_DIR, SplitSettings, iter_split_records
+from xmodal.data.stream import DataFailure
 from xmodal.data.writer import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_SHARD_BYTES,
@@ -81,13 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_write_parser(commands)
 
-    i = commands.add_parser("inspect", help="summarise a shard directory and show example samples")
-    i.add_argument("dir", type=Path, help="a directory holding sizes.json (or img2dataset output)")
+    i = commands.add_parser(
+        "inspect", help="summarise shards: splits, counts checked both ways, member kinds, examples"
+    )
+    _add_source_args(i)
+
+    x = commands.add_parser(
+        "index", help="count every shard once and cache the index runs use; report counts that lie"
+    )
+    _add_source_args(x)
+    x.add_argument(
+        "--sizes",
+        action="store_true",
+        help="also write DIR/sizes.json (xmodal's own index; needs write access)",
+    )
 
     p = commands.add_parser(
         "plan", help="dry-run the real loader for a world size × workers layout before paying for a cluster"
     )
-    p.add_argument("dir", type=Path, help="a directory holding sizes.json (or img2dataset output)")
+    _add_source_args(p)
     p.add_argument("--world-size", type=int, required=True, help="ranks (devices × nodes)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank (data.num_workers)")
     p.add_argument("--mode", choices=("exact", "resampled"), default="exact")
@@ -98,6 +118,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-epoch", type=int, default=None, help="resampled mode")
     p.add_argument("--dump-keys", type=Path, default=None, help="write 'rank worker epoch key valid' lines")
     return parser
+
+
+_SOURCE_HELP = (
+    "shards as data.shards takes them: a directory of tars, a brace pattern, a list file, a wids index"
+)
+
+
+def _add_source_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help=_SOURCE_HELP)
+    parser.add_argument("--val-fraction", type=float, default=None, help="as data.val_fraction")
+    parser.add_argument("--test-fraction", type=float, default=None, help="as data.test_fraction")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path("data") / INDEX_DIR,
+        help=f"where indexes are cached (default data/{INDEX_DIR}: a run's <paths.data_dir>/{INDEX_DIR} "
+        "from this folder)",
+    )
+    parser.add_argument("--allow-pipe", action="store_true", help="run pipe: shards (as data.allow_pipe)")
+
+
+def _settings(args: argparse.Namespace) -> SplitSettings:
+    return SplitSettings(
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        index_dir=str(args.cache_dir),
+        allow_pipe=args.allow_pipe,
+    )
 
 
 def _add_write_parser(commands: Any) -> None:
@@ -208,37 +256,93 @@ def _example_caption(sample: dict[str, bytes | str]) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
-    directory: Path = args.dir
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory} is not a directory")
-    sizes = read_sizes(directory)
-    modalities = ", ".join(sizes.get("modalities", [])) or "-"
+    from xmodal.data.survey import survey
 
-    summary = Table(title=f"{directory}")
-    for column in ("split", "shards", "samples", "modalities"):
+    found = survey(args.dir, _settings(args))
+    data = found.data
+    info = data.source.info
+
+    summary = Table(title=f"{args.dir} ({data.source.kind})")
+    for column in ("split", "shards", "samples", "from"):
         summary.add_column(column, justify="right" if column in ("shards", "samples") else "left")
-    for split, shards in sizes["splits"].items():
-        summary.add_row(split, str(len(shards)), str(sum(shards.values())), modalities)
+    for split, shards in data.splits.items():
+        summary.add_row(split, str(len(shards)), str(data.size(split)), data.how[split])
     console.print(summary)
-    if isinstance(sizes.get("spec"), dict):
-        spec = ", ".join(f"{k}={v}" for k, v in sizes["spec"].items())
-        console.print(f"spec: {spec}")
-    if sizes.get("skipped"):
-        console.print("skipped when written: " + ", ".join(f"{k} {v}" for k, v in sizes["skipped"].items()))
-    if sizes.get("incomplete"):
-        console.print(f"left out (tar without stats, still being written?): {', '.join(sizes['incomplete'])}")
+    if isinstance(info.get("spec"), dict):
+        console.print("spec: " + ", ".join(f"{k}={v}" for k, v in info["spec"].items()))
+    if info.get("skipped"):
+        console.print("skipped when written: " + ", ".join(f"{k} {v}" for k, v in info["skipped"].items()))
+    if info.get("incomplete"):
+        console.print(f"left out (tar without stats, still being written?): {', '.join(info['incomplete'])}")
+    _print_checks(found, console)
+    _print_members(found, console)
 
     examples = Table(title=f"first {_EXAMPLES_PER_SPLIT} samples of each split")
     for column in ("split", "key", "members", "caption"):
         examples.add_column(column, overflow="fold")
-    for split in sizes["splits"]:
-        shards = split_shards(directory, split)
-        if not shards:
+    for split in data.splits:
+        if not data.splits[split]:
             continue
-        for sample in islice(iter_tar_samples(shards[0]), _EXAMPLES_PER_SPLIT):
+        for sample in islice(iter_split_records(data, split, args.allow_pipe), _EXAMPLES_PER_SPLIT):
             members = ",".join(sorted(k for k in sample if not k.startswith("__")))
             examples.add_row(split, str(sample["__key__"]), members, _example_caption(sample))
     console.print(examples)
+    return 0
+
+
+def _print_checks(found: Any, console: Console) -> None:
+    """Counts that disagree with the index, unreadable shards, dotted keys: one line each."""
+    for line in found.mismatches:
+        console.print(f"[yellow]count mismatch:[/yellow] {line}; rebuild it with `{PROG} index`")
+    for line in found.errors:
+        console.print(f"[yellow]unreadable:[/yellow] {line}")
+    if found.dotted:
+        console.print(
+            f"[yellow]dotted keys:[/yellow] {found.dotted} sample(s) look like several samples whose keys "
+            "hold dots: as in webdataset, the key ends at the first dot of a file name ('img.0000.jpg' is "
+            "key 'img', member '0000.jpg'); write keys without dots"
+        )
+    if not (found.mismatches or found.errors or found.dotted):
+        console.print("counts: every shard holds what its index says")
+
+
+def _print_members(found: Any, console: Console) -> None:
+    from xmodal.data.survey import member_reader
+    from xmodal.registry import MODALITIES
+
+    extensions = {ext: name for name in MODALITIES.names() for ext in MODALITIES.get(name).extensions}
+    kinds: Counter[str] = Counter()
+    for kind, count in found.kinds.items():  # dotted keys ('img.0000.jpg') would list every number
+        kinds[re.sub(r"^\d+\.", "<digits>.", kind)] += count
+    table = Table(title="member kinds (each counted once over all shards)")
+    for column in ("member", "count", "read by"):
+        table.add_column(column, justify="right" if column == "count" else "left")
+    for kind, count in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))[:30]:
+        table.add_row(kind, str(count), member_reader(kind, extensions))
+    console.print(table)
+    if len(kinds) > 30:
+        console.print(f"... and {len(kinds) - 30} more member kinds")
+
+
+def cmd_index(args: argparse.Namespace, console: Console) -> int:
+    from xmodal.data.index import sizes_of_source
+    from xmodal.data.shards import write_sizes
+    from xmodal.data.survey import survey
+
+    settings = _settings(args)
+    found = survey(args.dir, settings)
+    data = found.data
+    counts = ", ".join(f"{split} {data.size(split)}" for split in data.splits)
+    console.print(f"{args.dir} ({data.source.kind}): {len(found.counts)} shard(s) indexed; {counts}")
+    console.print(
+        f"cached in {args.cache_dir} (runs from this folder with the default paths.data_dir use it)"
+    )
+    _print_checks(found, console)
+    if args.sizes:
+        if not Path(args.dir).is_dir():
+            raise ValueError(f"--sizes writes DIR/sizes.json: {args.dir} is not a directory")
+        path = write_sizes(args.dir, sizes_of_source(args.dir, settings.index_dir))
+        console.print(f"wrote {path}")
     return 0
 
 
@@ -336,6 +440,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         epoch=args.epoch,
         dump_keys=args.dump_keys,
         samples_per_epoch=args.samples_per_epoch,
+        settings=_settings(args),
     )
     print_plan(report, console)
     return 0
@@ -353,12 +458,13 @@ def main(argv: list[str] | None = None) -> int:
         "synth": cmd_synth,
         "mnist": cmd_mnist,
         "inspect": cmd_inspect,
+        "index": cmd_index,
         "write": cmd_write,
         "plan": cmd_plan,
     }
     try:
         return commands[args.command](args, console)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ShardError) as error:
+    except (ValueError, OSError, ShardError, DataFailure) as error:
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
         return 2
 

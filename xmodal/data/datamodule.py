@@ -6,11 +6,14 @@ drawn with replacement). Validation and test are always ``exact``, so metrics ov
 the same on any number of ranks. The train loader's position is saved in checkpoints and a resumed
 fit continues with the remaining batches of the epoch.
 
-Batches: one entry per role, as its modality collates it (xmodal/data/batch.py).
+Splits: ``xmodal.data.splits`` (the data's folders or index, ``data.val_shards``/``test_shards``,
+or carved from train by key hash). Batches: one entry per role, as its modality collates it
+(xmodal/data/batch.py).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -20,14 +23,25 @@ from typing import Any
 import lightning as L
 
 from xmodal.data.batch import BatchCollate, DecodeSpec, decode_sample, to_model_units
-from xmodal.data.epoch_plan import Topology, shards_from_dir
+from xmodal.data.carve import kept
+from xmodal.data.epoch_plan import Topology
 from xmodal.data.loader import StreamLoader
-from xmodal.data.shards import ShardError, iter_shard, split_shards
+from xmodal.data.shards import ShardError, iter_shard
+from xmodal.data.splits import DataSplits, SplitSettings, iter_split_records, resolve_splits
 from xmodal.data.stream import ShardStream
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.modalities.text import sample_captions
 
-__all__ = ["BatchCollate", "DecodeSpec", "ShardDataModule", "decode_sample", "iter_split", "sample_captions"]
+__all__ = [
+    "BatchCollate",
+    "DecodeSpec",
+    "ShardDataModule",
+    "SplitSettings",
+    "decode_sample",
+    "iter_split",
+    "sample_captions",
+]
+log = logging.getLogger(__name__)
 
 # The stream's __len__ is exact per rank whatever the worker count (each worker plays its own slot
 # of the epoch plan), which Lightning cannot know when it warns about it.
@@ -35,8 +49,11 @@ warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` 
 
 
 def iter_split(shards_dir: Path, split: str, allow_pipe: bool = False) -> Iterator[dict[str, Any]]:
-    for shard in split_shards(shards_dir, split):
-        yield from iter_shard(shard, allow_pipe)
+    """Raw records of a split with the default split settings (``ShardDataModule.iter_split`` uses
+    the run's)."""
+    yield from iter_split_records(
+        resolve_splits(shards_dir, SplitSettings(allow_pipe=allow_pipe)), split, allow_pipe
+    )
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -55,9 +72,12 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         max_consecutive_failures: int = 100,
         allow_pipe: bool = False,
+        splits: SplitSettings | None = None,
     ):
         super().__init__()
         self.allow_pipe = allow_pipe
+        self.split_settings = splits or SplitSettings(allow_pipe=allow_pipe)
+        self._data: DataSplits | None = None
         self.shards_dir = Path(shards_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -72,9 +92,22 @@ class ShardDataModule(L.LightningDataModule):
         self.max_consecutive_failures = max_consecutive_failures
         self.streams: dict[str, ShardStream] = {}
 
+    @property
+    def data(self) -> DataSplits:
+        """The run's splits, resolved (and indexed, if need be) on first use; warnings logged once."""
+        if self._data is None:
+            self._data = resolve_splits(self.shards_dir, self.split_settings)
+            for warning in self._data.warnings:
+                log.warning("%s", warning)
+        return self._data
+
+    def iter_split(self, split: str) -> Iterator[dict[str, Any]]:
+        """Raw records of one split, in shard order (a carved split: only its keys)."""
+        return iter_split_records(self.data, split, self.allow_pipe)
+
     def build_tokenizer(self) -> WordTokenizer:
         """Fit the word vocabulary on the training captions only (no val/test leakage)."""
-        samples = iter_split(self.shards_dir, "train", self.allow_pipe)
+        samples = self.iter_split("train")
         captions = (c for sample in samples for c in sample_captions(sample))
         self.tokenizer = WordTokenizer.fit(captions, self.min_word_count)
         return self.tokenizer
@@ -93,9 +126,7 @@ class ShardDataModule(L.LightningDataModule):
         """The loader of one split for one rank; training follows ``mode``, evaluation is exact."""
         assert self.tokenizer is not None, "setup() builds the tokenizer first"
         train = split == "train"
-        shards = shards_from_dir(self.shards_dir, split)
-        if not shards:
-            raise ValueError(f"split {split!r} of {self.shards_dir} lists no shards in its sizes.json")
+        shards = self.data.shards(split)
         stream = ShardStream(
             shards,
             self.mode if train else "exact",
@@ -139,9 +170,9 @@ class ShardDataModule(L.LightningDataModule):
         Bad samples and unreadable shards are passed over here (the stream counts them)."""
         assert self.tokenizer is not None
         rows: list[dict[str, Any]] = []
-        for shard in split_shards(self.shards_dir, split):
+        for shard in self.data.shards(split):
             try:
-                for raw in iter_shard(shard, self.allow_pipe):
+                for raw in kept(iter_shard(shard.url, self.allow_pipe), shard.keep):
                     try:
                         rows.append(decode_sample(raw, self.decode, train=False))
                     except ValueError:

@@ -78,6 +78,9 @@ class Topology:
 class ShardInfo:
     url: str
     num_samples: int
+    keep: tuple[float, float] | None = None
+    """A carved split's key-hash range (``xmodal.data.carve``): the shard's records outside it belong
+    to another split and are passed over; ``num_samples`` counts the records kept."""
 
 
 def shards_from_dir(shard_dir: str | os.PathLike[str], split: str) -> list[ShardInfo]:

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from xmodal.data.epoch_plan import Topology, shards_from_dir
+from xmodal.data.epoch_plan import Topology
+from xmodal.data.splits import SplitSettings, resolve_splits
 from xmodal.data.stream import ShardStream
 
 
@@ -33,6 +34,7 @@ def plan_report(
     dump_keys: Path | None = None,
     samples_per_epoch: int | None = None,
     drop_last: bool = False,
+    settings: SplitSettings | None = None,
 ) -> dict[str, Any]:
     """Per-rank batch/row/valid counts of one epoch, plus the plan's warnings and exact-once checks.
 
@@ -41,9 +43,11 @@ def plan_report(
     "batches_equal", "duplicates", "missing" (exact mode: real keys seen twice / never; else None),
     "skipped" {shard: rows}, "padding", "dropped", "warnings"}``.
     With ``dump_keys``, writes one line per yielded row: ``rank worker epoch key valid`` (valid 1/0),
-    in the order the rank's DataLoader would hand them out.
+    in the order the rank's DataLoader would hand them out. ``settings``: how splits are found
+    (default: as a run with default ``data.*`` keys, carving a missing val/test split).
     """
-    shards = shards_from_dir(shard_dir, split)
+    data = resolve_splits(shard_dir, settings or SplitSettings())
+    shards = data.shards(split)
     ranks, skipped, seen = [], collections.Counter(), collections.Counter()
     warnings: list[str] = []
     padding = dropped = 0
@@ -59,11 +63,12 @@ def plan_report(
             collate=_keys_only,
             samples_per_epoch=samples_per_epoch,
             drop_last=drop_last,
+            allow_pipe=(settings or SplitSettings()).allow_pipe,
         )
         stream.set_epoch(epoch)
         plan = stream.plan()
         if rank == 0:
-            warnings, padding, dropped = list(plan.warnings), plan.padding, plan.dropped
+            warnings, padding, dropped = [*data.warnings, *plan.warnings], plan.padding, plan.dropped
         counts = {"rank": rank, "batches": 0, "rows": 0, "valid": 0, "padding": 0}
         iterators = [(w, stream.iter_worker(w)) for w in range(topology.workers)]
         while iterators:  # round-robin over workers, as the DataLoader hands batches out

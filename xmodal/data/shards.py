@@ -6,11 +6,16 @@ A shard directory holds ``<split>/<shard>.tar`` files and a ``sizes.json``::
      "modalities": ["image", "text", ...],
      "spec": {...}}            # optional: how the data was generated (shapes data)
 
-Safety: shard members are only ever handed out as raw bytes, and only for extensions that a
-registered modality reads (:func:`safe_extensions`: images, text, JSON, audio, class ids, and
-whatever plug-in modalities declare), optionally after a role (``key.src.png``). Anything else —
-``.pyd``, ``.pkl``, ``.pth``, ... which a generic WebDataset decoder would unpickle or ``torch.load`` — makes
-``iter_tar_samples`` raise instead of being silently skipped, so a tampered shard is noticed.
+Other layouts (plain tars, brace patterns, list files, wids indexes, img2dataset output) are
+resolved by ``xmodal.data.resolve``; their sample counts come from ``xmodal.data.index``.
+
+Members follow webdataset's naming: the key is the member's path up to the first dot of its file
+name, the rest is its extension (``dir/abc.seg.png`` → key ``dir/abc``, member ``seg.png``: role
+``seg``). Safety: members are only ever handed out as raw bytes, and only for extensions that a
+registered modality reads (:func:`safe_extensions`), optionally after a role. Every other member
+(``.npy`` nobody reads, ``.pyd``, ``.pkl``, ``.pth``, ...) is skipped unread, so it can never be
+decoded or unpickled; :func:`scan_tar` counts such members for ``xmodal-shards inspect``.
+Code-bearing extensions (:data:`CODE_BEARING`) are never handed out, even if a plug-in asks.
 """
 
 from __future__ import annotations
@@ -20,19 +25,29 @@ import json
 import logging
 import os
 import secrets
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from xmodal.files import write_json_atomic
 
+log = logging.getLogger(__name__)
+
 PIPE_PREFIX = "pipe:"
-SAFE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "txt", "json", "wav", "flac", "cls"})
+SAFE_EXTENSIONS = frozenset(
+    {"png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "txt", "json", "wav", "flac", "cls"}
+)
 """What the built-in modalities read; :func:`safe_extensions` adds plug-in modalities' extensions."""
+CODE_BEARING = frozenset({"pyd", "pkl", "pickle", "pth", "pt", "ckpt", "joblib"})
+"""Formats whose generic loaders run code (pickle, torch.load): never handed to any decoder."""
 _ROLE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 SIZES_FILE = "sizes.json"
 _HOW_TO_CREATE = "create it with `xmodal-shards synth --out DIR` or `xmodal-shards write ...`"
+NO_EXTENSION = "(no key.extension)"
+"""The member kind of a member whose name has no ``key.extension`` form (webdataset skips those)."""
 
 
 _safe_cache: tuple[int, frozenset[str]] = (-1, SAFE_EXTENSIONS)
@@ -46,7 +61,10 @@ def safe_extensions() -> frozenset[str]:
     names = MODALITIES.names()  # loads built-ins and plug-ins first
     if _safe_cache[0] != MODALITIES.version:
         extensions = {e for name in names for e in MODALITIES.get(name).extensions}
-        _safe_cache = (MODALITIES.version, SAFE_EXTENSIONS | extensions)
+        refused = sorted(extensions & CODE_BEARING)
+        if refused:
+            log.warning("modality extensions %s are code-bearing formats and are never read", refused)
+        _safe_cache = (MODALITIES.version, (SAFE_EXTENSIONS | extensions) - CODE_BEARING)
     return _safe_cache[1]
 
 
@@ -99,13 +117,17 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-def _tar_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every regular member, in order.
+def _tar_members(
+    stream: IO[bytes], shard: str, keep: Callable[[str], bool] | None = None, size: int | None = None
+) -> Iterator[tuple[str, bytes | None]]:
+    """(name, bytes) of every regular member, in order; ``None`` bytes for members ``keep`` rejects.
 
     Our own reader rather than ``tarfile``: on small members (64×64 JPEGs) tarfile's per-member
     overhead costs as much as decoding the image, and its streaming mode ends quietly on a tar cut
     inside a header. Handles ustar, GNU long names and PAX headers (path, size); checks every
-    header checksum; anything but a regular file or directory is refused.
+    header checksum; anything but a regular file or directory is refused. A rejected member's bytes
+    are skipped unread: by a seek when ``size`` (the file's length, to notice a cut member) is
+    given, else read and dropped.
     """
     pending: dict[str, str] = {}
     while True:
@@ -123,10 +145,20 @@ def _tar_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         if header[257:262] == b"ustar" and header[345:346] != b"\0":
             name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
-        size = int(pending["size"]) if "size" in pending else _octal(header[124:136])
-        padding = -(-size // _BLOCK) * _BLOCK - size
-        data = stream.read(size)  # exactly the member: slicing off the padding would copy it again
-        if len(data) < size or len(stream.read(padding)) < padding:
+        length = int(pending["size"]) if "size" in pending else _octal(header[124:136])
+        padded = -(-length // _BLOCK) * _BLOCK
+        if kind in _REGULAR and keep is not None and not keep(pending.get("path", name)):
+            if size is not None:
+                stream.seek(padded, os.SEEK_CUR)
+                if stream.tell() - (padded - length) > size:
+                    raise ShardError(f"{shard}: unreadable tar (member {name!r} truncated)")
+            else:
+                _discard(stream, padded, shard, name)
+            name, pending = pending.get("path", name), {}
+            yield name, None
+            continue
+        data = stream.read(length)  # exactly the member: slicing off the padding would copy it again
+        if len(data) < length or len(stream.read(padded - length)) < padded - length:
             raise ShardError(f"{shard}: unreadable tar (member {name!r} truncated)")
         if kind == b"x":  # PAX header for the next member
             # Writers add PAX headers for mtimes and the like; only path and size matter here.
@@ -145,64 +177,164 @@ def _tar_members(stream: IO[bytes], shard: str) -> Iterator[tuple[str, bytes]]:
         yield name, data
 
 
-@contextmanager
-def _open_tar(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[IO[bytes]]:
-    """The tar's bytes as a stream; gzip-compressed shards (.tar.gz / .tgz) are inflated.
+def _discard(stream: IO[bytes], n: int, shard: str, name: str) -> None:
+    while n > 0:
+        chunk = stream.read(min(n, 1 << 20))
+        if not chunk:
+            raise ShardError(f"{shard}: unreadable tar (member {name!r} truncated)")
+        n -= len(chunk)
 
-    A stream passed in is left open for its owner; a file opened here is closed here.
+
+@contextmanager
+def _open_tar(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[tuple[IO[bytes], int | None]]:
+    """The tar's bytes as a stream, and its length when it can be seeked (a plain file, not gzip).
+
+    gzip-compressed shards (.tar.gz / .tgz) are inflated. A stream passed in is left open for its
+    owner; a file opened here is closed here.
     """
     with ExitStack() as owned:
+        size = None
         if hasattr(path, "read"):
             stream = path
         else:
             stream = owned.enter_context(open(os.fspath(path), "rb", buffering=1 << 20))  # type: ignore[arg-type]
+            size = os.fstat(stream.fileno()).st_size
         magic = stream.peek(2)[:2] if hasattr(stream, "peek") else b""  # type: ignore[union-attr]
         if magic == b"\x1f\x8b":
             stream = owned.enter_context(gzip.GzipFile(fileobj=stream))  # type: ignore[arg-type]
-        yield stream  # type: ignore[misc]
+            size = None
+        yield stream, size  # type: ignore[misc]
+
+
+def _shard_name(path: str | os.PathLike[str] | IO[bytes]) -> str:
+    return str(getattr(path, "name", "<stream>")) if hasattr(path, "read") else str(path)
 
 
 def iter_tar_samples(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[dict[str, bytes | str]]:
     """Stream the samples of one tar shard: ``{"__key__", "__shard__", <ext>: bytes, ...}``.
 
-    Consecutive members with the same key form a sample (tar order, as in WebDataset).
-    Extensions are lower-cased and must be one of :func:`safe_extensions`, after an optional role
-    (``x.seg.png`` is member ``seg.png``: role ``seg``). Raises ``ShardError`` (a ValueError) naming
-    the shard and member for an unsafe extension, a member without key or extension, a link or
-    other non-file member, a member repeated within a sample, or an unreadable tar.
-    ``path`` may also be an open binary stream (e.g. from a remote opener).
+    Consecutive members with the same key form a sample (tar order, as in WebDataset). Extensions
+    are lower-cased; only those of :func:`safe_extensions` (after an optional role: ``x.seg.png`` is
+    member ``seg.png``, role ``seg``) are read. Other members, and members without a
+    ``key.extension`` name, are skipped unread; a sample of skipped members only is still yielded
+    (without members), so sample positions match the index's counts. Raises ``ShardError`` (a
+    ValueError) naming the shard and member for a link or other non-file member, a member repeated
+    within a sample, or an unreadable tar. ``path`` may also be an open binary stream.
     """
-    shard = str(getattr(path, "name", "<stream>")) if hasattr(path, "read") else str(path)
+    shard = _shard_name(path)
     if is_pipe(path):  # never run here: only iter_shard(url, allow_pipe=True) runs commands
         raise ShardError(f"{shard}: a pipe: shard runs a shell command; refused unless data.allow_pipe=true")
-    sample: dict[str, bytes | str] = {}
     safe = safe_extensions()
+
+    verdicts: dict[str, bool] = {}  # per extension: a shard holds few kinds, and this runs per member
+
+    def keep(name: str) -> bool:
+        base = name[name.rfind("/") + 1 :]
+        dot = base.find(".")
+        if dot <= 0:
+            return False
+        ext = base[dot + 1 :]
+        verdict = verdicts.get(ext)
+        if verdict is None:
+            verdict = verdicts[ext] = bool(ext) and member_is_safe(ext.lower(), safe)
+        return verdict
+
     try:
-        with _open_tar(path) as stream:
-            for member, data in _tar_members(stream, shard):
-                parts = split_member_name(member)
-                if parts is None:
-                    raise ShardError(f"{shard}: member {member!r} has no 'key.extension' name")
-                key, ext = parts[0], parts[1].lower()
-                if ext not in safe and not member_is_safe(ext, safe):
-                    raise ShardError(
-                        f"{shard}: member {member!r} has unsafe extension {ext!r} "
-                        f"(allowed: {sorted(safe)}, optionally after a role; shard members are never unpickled)"
-                    )
-                if sample and sample["__key__"] != key:
-                    yield sample
-                    sample = {}
-                if not sample:
-                    sample = {"__key__": key, "__shard__": shard}
-                if ext in sample:
-                    raise ShardError(f"{shard}: sample {key!r} has member {ext!r} twice")
-                sample[ext] = data
+        with _open_tar(path) as (stream, size):
+            yield from _group(_tar_members(stream, shard, keep, size), shard)
     except (OSError, EOFError, ValueError) as error:
         if isinstance(error, ShardError):
             raise
         raise ShardError(f"{shard}: unreadable tar ({error})") from error  # e.g. a corrupt gzip stream
+
+
+def _group(
+    members: Iterator[tuple[str, bytes | None]], shard: str, names: Callable[[str, str], None] | None = None
+) -> Iterator[dict[str, Any]]:
+    """Members → samples (consecutive members of one key); members with None bytes are left out.
+
+    ``names(key, ext)`` sees every member with a key (kept or not): what :func:`scan_tar` counts.
+    """
+    sample: dict[str, Any] = {}
+    for member, data in members:
+        parts = split_member_name(member)
+        if parts is None:  # webdataset skips these too (a README, macOS "._x.jpg" files)
+            if names is not None:
+                names("", NO_EXTENSION)
+            continue
+        key, ext = parts[0], parts[1].lower()
+        if sample and sample["__key__"] != key:
+            yield sample
+            sample = {}
+        if not sample:
+            sample = {"__key__": key, "__shard__": shard}
+        if names is not None:
+            names(key, ext)
+        if data is None:
+            continue
+        if ext in sample:
+            raise ShardError(f"{shard}: sample {key!r} has member {ext!r} twice")
+        sample[ext] = data
     if sample:
         yield sample
+
+
+@dataclass
+class TarScan:
+    """What one pass over a shard's member names found (no member's bytes are read)."""
+
+    keys: list[str] = field(default_factory=list)
+    """Sample keys in tar order (one per sample)."""
+    kinds: Counter[str] = field(default_factory=Counter)
+    """Members per extension (``seg.png``, ``npy``, ...), read or not."""
+    dotted: int = 0
+    """Samples that look like several samples whose keys hold dots (``img.0000.jpg``: key ``img``)."""
+    error: str | None = None
+    """Why the shard could not be read to its end (``keys`` then holds the readable samples)."""
+
+
+def scan_tar(path: str | os.PathLike[str] | IO[bytes]) -> TarScan:
+    """Keys and member kinds of a shard, grouped exactly as :func:`iter_tar_samples` reads them.
+
+    Member bytes are seeked over (plain files) or read and dropped (gzip, streams). A shard that
+    breaks part-way is not an error here: ``error`` says why and ``keys`` holds what was readable,
+    which is what a reader gets from it too.
+    """
+    shard = _shard_name(path)
+    scan = TarScan()
+    safe = safe_extensions()
+    sample_exts: list[str] = []
+
+    def close_sample() -> None:
+        if _looks_dotted(sample_exts, safe):
+            scan.dotted += 1
+        sample_exts.clear()
+
+    def names(key: str, ext: str) -> None:
+        scan.kinds[ext] += 1
+        if key:
+            sample_exts.append(ext)
+
+    try:
+        with _open_tar(path) as (stream, size):
+            for sample in _group(_tar_members(stream, shard, lambda _: False, size), shard, names):
+                scan.keys.append(sample["__key__"])
+                close_sample()
+    except (OSError, EOFError, ValueError) as error:
+        scan.error = str(error) if isinstance(error, ShardError) else f"{shard}: unreadable tar ({error})"
+    return scan
+
+
+def _looks_dotted(exts: list[str], safe: frozenset[str]) -> bool:
+    """Members such as ``0000.jpg`` + ``0001.jpg`` and no plain ``jpg``: keys ``img.0000``, ``img.0001``
+    read (as webdataset reads them) as one sample ``img``. Roles with digits only, to spare
+    ``src.png`` + ``tgt.png``."""
+    by_last: dict[str, int] = {}
+    for ext in exts:
+        role, dot, last = ext.rpartition(".")
+        if dot and last in safe and any(c.isdigit() for c in role):
+            by_last[last] = by_last.get(last, 0) + 1
+    return any(n >= 2 and last not in exts for last, n in by_last.items())
 
 
 def write_tar_shard(
@@ -262,8 +394,24 @@ def _checked_sample(sample: dict[str, bytes | str], path: Path) -> dict[str, Any
     return out
 
 
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+
+def is_tar_name(name: str) -> bool:
+    """A shard file by its name (``.tar``, ``.tar.gz``, ``.tgz``; hidden files are partial writes)."""
+    return name.lower().endswith(TAR_SUFFIXES) and not name.startswith(".")
+
+
+def has_tars(directory: Path) -> bool:
+    """Whether any shard file lies in ``directory`` or below it."""
+    return any(is_tar_name(p.name) for p in directory.rglob("*") if p.is_file())
+
+
 def read_sizes(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and check ``<directory>/sizes.json`` (FileNotFoundError with instructions if absent).
+
+    A directory of plain tars without one (webdataset's ``ShardWriter`` output, split folders or
+    not) gets the equivalent built by scanning its shards once (``xmodal.data.index``).
 
     A directory written by img2dataset (``--output_format webdataset``) has no ``sizes.json`` but a
     ``NNNNN_stats.json`` next to each ``NNNNN.tar``; its index is synthesized from those
@@ -273,8 +421,15 @@ def read_sizes(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         if Path(directory).is_dir() and any(Path(directory).glob(f"*{_STATS_SUFFIX}")):
             return img2dataset_sizes(directory)
+        if not Path(directory).is_dir() or has_tars(Path(directory)):
+            from xmodal.data.index import sizes_of_source  # lazy: index builds on this module
+
+            try:  # plain tars (webdataset's ShardWriter), a pattern, a list, a wids index: scanned once
+                return sizes_of_source(directory)
+            except FileNotFoundError:
+                pass
         raise FileNotFoundError(
-            f"no shard index {path} (is {directory} a shard directory?): {_HOW_TO_CREATE}"
+            f"no shard index {path} and no .tar shards (is {directory} a shard directory?): {_HOW_TO_CREATE}"
         )
     try:
         sizes = json.loads(path.read_text(encoding="utf-8"))
@@ -341,11 +496,19 @@ def img2dataset_sizes(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _peek_modalities(shards: list[Path]) -> list[str]:
     """Modalities of the first sample of the first non-empty shard (img2dataset writes them all alike)."""
-    names = {"jpg": "image", "jpeg": "image", "png": "image", "txt": "text", "wav": "audio", "flac": "audio"}
     for shard in shards:
         for sample in iter_tar_samples(shard):
-            return sorted({names[ext] for ext in sample if ext in names})
+            return sample_modalities(sample)
     return []
+
+
+def sample_modalities(sample: dict[str, Any]) -> list[str]:
+    """Registered modalities whose default role a raw sample holds (by member extension)."""
+    from xmodal.registry import MODALITIES
+
+    return sorted(
+        name for name in MODALITIES.names() if any(ext in sample for ext in MODALITIES.get(name).extensions)
+    )
 
 
 def write_sizes(directory: str | os.PathLike[str], sizes: dict[str, Any]) -> Path:
@@ -394,7 +557,7 @@ def is_pipe(url: str | os.PathLike[str]) -> bool:
 def pipe_urls(directory: str | os.PathLike[str]) -> list[str]:
     """Every ``pipe:`` shard listed in ``sizes.json`` (any split)."""
     return sorted(
-        name for split in read_sizes(directory)["splits"].values() for name in split if is_pipe(name)
+        {name for split in read_sizes(directory)["splits"].values() for name in split if is_pipe(name)}
     )
 
 

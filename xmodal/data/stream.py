@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from xmodal.data.carve import KeepRange, kept
 from xmodal.data.epoch_plan import EpochPlan, ShardInfo, SlotPlan, Topology, plan_epoch
 from xmodal.data.shards import ShardError, iter_shard
 
@@ -68,12 +69,34 @@ class _Failure(Exception):
     """A record that could not be read (the shard error is already counted)."""
 
 
+class DataFailure(RuntimeError):
+    """Too many data failures in a row: the data, not the code, is at fault (names the shard)."""
+
+
+_warned_more: set[str] = set()
+
+
+def _warn_more(url: str, size: int) -> None:
+    """Once per shard and process: records past the indexed count are never read silently."""
+    if url not in _warned_more:
+        _warned_more.add(url)
+        log.warning(
+            "%s holds more samples than its index says (%d): the rest are not read; rebuild the index "
+            "(`xmodal-shards index`, or fix sizes.json)",
+            url,
+            size,
+        )
+
+
 class _SlotReader:
     """Raw records of one slot by (shard position, index), read sequentially with a look-ahead cache.
 
     Only records in ``needed`` are kept; since the plan's order comes from a shuffle buffer, the cache
     never holds more than the buffer's worth of raw records. Shards with nothing needed are not opened,
-    and a shard is read no further than its last needed record.
+    and a shard is read no further than its last needed record. Positions count the records a carved
+    split keeps (``keep``: its key-hash range per shard url). Counts are checked both ways: a shard
+    ending early is a counted failure; once its last indexed record is read, one more is peeked at
+    (cheap: one record, or for a carved split the next kept one) and a surplus is logged once.
     """
 
     def __init__(
@@ -82,9 +105,11 @@ class _SlotReader:
         needed: set[tuple[int, int]],
         on_shard_error: Callable[[int, Exception], None],
         allow_pipe: bool = False,
+        keep: dict[str, KeepRange | None] | None = None,
     ):
         self.plan, self.needed, self.on_shard_error = plan, needed, on_shard_error
         self.allow_pipe = allow_pipe
+        self.keep = keep or {}
         self.last_needed: dict[int, int] = {}
         for s, i in needed:
             self.last_needed[s] = max(self.last_needed.get(s, -1), i)
@@ -101,7 +126,8 @@ class _SlotReader:
                 raise _Failure
             if self.cur < s and (self.records is None or self.nxt > self.last_needed.get(self.cur, -1)):
                 self.cur = min(p for p in self.last_needed if p > self.cur)  # s itself is needed
-                self.nxt, self.records = 0, iter_shard(self.plan.shards[self.cur], self.allow_pipe)
+                url = self.plan.shards[self.cur]
+                self.nxt, self.records = 0, kept(iter_shard(url, self.allow_pipe), self.keep.get(url))
             assert self.records is not None
             try:
                 record = next(self.records)
@@ -111,7 +137,7 @@ class _SlotReader:
                 if self.nxt < size:
                     url = self.plan.shards[self.cur]
                     self.on_shard_error(
-                        self.cur, ShardError(f"{url}: {self.nxt} samples, but sizes.json says {size}")
+                        self.cur, ShardError(f"{url}: {self.nxt} samples, but its index says {size} (fewer)")
                     )
                 continue
             except (ShardError, OSError) as error:
@@ -120,10 +146,23 @@ class _SlotReader:
                 continue
             key = (self.cur, self.nxt)
             self.nxt += 1
+            if self.nxt == self.plan.sizes[self.cur]:
+                self._peek_past_end()
             if key == (s, i):
                 return record
             if key in self.needed:
                 self.cache[key] = record
+
+    def _peek_past_end(self) -> None:
+        """After the last indexed record: is there another? (The shard is done either way.)"""
+        assert self.records is not None
+        try:
+            extra = next(self.records, None)
+        except (ShardError, OSError):
+            extra = None  # every indexed record was read; `xmodal-shards inspect` names a bad tail
+        self.records = None
+        if extra is not None:
+            _warn_more(self.plan.shards[self.cur], self.plan.sizes[self.cur])
 
 
 class ShardStream(IterableDataset):
@@ -173,6 +212,7 @@ class ShardStream(IterableDataset):
         self.max_consecutive_failures = max_consecutive_failures
         self.log_interval_s = log_interval_s
         self._shard_ids = {sh.url: k for k, sh in enumerate(self.shards)}
+        self._keep = {sh.url: sh.keep for sh in self.shards if sh.keep is not None}
         # Shared memory made here, in the main process: workers (fork, spawn, persistent) see updates.
         self._shared = multiprocessing.RawArray("q", [0, 0])  # [epoch, first batch of next iteration]
         n = len(self.shards) * topology.workers
@@ -338,12 +378,12 @@ class ShardStream(IterableDataset):
             state["consecutive"] += 1
             self._log_error(k, url, error)
             if state["consecutive"] >= self.max_consecutive_failures:
-                raise RuntimeError(
+                raise DataFailure(
                     f"{state['consecutive']} consecutive data failures (max_consecutive_failures="
                     f"{self.max_consecutive_failures}); the last in shard {url}: {error}"
                 ) from error
 
-        reader = _SlotReader(plan, needed, fail, self.allow_pipe)
+        reader = _SlotReader(plan, needed, fail, self.allow_pipe, self._keep)
         rows: list[dict[str, Any]] = []
         for s, i, ok in zip(shard, index, valid, strict=True):
             row = None
@@ -399,7 +439,7 @@ class ShardStream(IterableDataset):
                 failures, last = failures + 1, (url, error)
             if failures >= self.max_consecutive_failures:
                 break
-        raise RuntimeError(
+        raise DataFailure(
             f"{failures} consecutive data failures while looking for a decodable sample for padding rows "
             f"(max_consecutive_failures={self.max_consecutive_failures}); the last in shard {last[0]}: {last[1]}"
         )

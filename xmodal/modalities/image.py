@@ -1,4 +1,4 @@
-"""Images: PNG/JPEG/WebP members → uint8 ``[C, H, W]``; ``[-1, 1]`` floats only on the task's device."""
+"""Images: PNG/JPEG/WebP/BMP/GIF/TIFF members → uint8 ``[C, H, W]``; ``[-1, 1]`` floats only on the task's device."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def sample_hash(purpose: str, seed: int, epoch: int, key: str) -> int:
 
 class ImageModality(Modality):
     name = "image"
-    extensions = ("png", "jpg", "jpeg")
+    # Preference order when a sample holds several: lossless first.
+    extensions = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
     source_suffixes = SOURCE_SUFFIXES
 
     def decode(self, found: tuple[str, Any], role: str, spec: Any, ctx: SampleContext) -> dict[str, Any]:

@@ -1,0 +1,247 @@
+"""Where a run's shards are: one resolver for every form of local source a user brings.
+
+``resolve_source(spec)`` turns what ``data.shards`` (or ``data.val_shards`` ...) names into shard
+files per split, plus the sample counts the source states, if any:
+
+- a directory with xmodal's ``sizes.json`` (its splits and counts);
+- img2dataset output (``NNNNN.tar`` + ``NNNNN_stats.json``: one ``train`` split, counts from stats);
+- a directory with split folders (``train/``, ``val/`` or ``valid/`` or ``validation/``, ``test/``,
+  any other folder is a split of its name): every tar below each folder, at any depth;
+- any other directory: every ``.tar``/``.tar.gz``/``.tgz`` below it, at any depth, as ``train``
+  (webdataset's ``ShardWriter`` output, say);
+- a brace pattern (``shards-{000000..000099}.tar``) or a glob (``shards/*.tar``);
+- a list file (one shard per line, ``#`` comments; relative paths from the list's folder);
+- a webdataset ``wids`` shard index (``{"__kind__": "wids-shard-index-v1", "shardlist": [...]}``);
+- one tar file.
+
+Shards are sorted by path, so the list is the same on every rank. Counts not stated come from
+``xmodal.data.index`` (a scan, cached). Remote URLs are refused here with a clear message: the seam
+for them is this one function.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xmodal.data.shards import (
+    _HOW_TO_CREATE,
+    SIZES_FILE,
+    ShardError,
+    img2dataset_sizes,
+    is_pipe,
+    is_tar_name,
+    read_sizes,
+    split_shard_sizes,
+)
+
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
+SPLIT_FOLDERS |= {"dev": "val", "test": "test", "testing": "test"}
+"""Folder names read as the standard splits (any other folder with tars is a split of its name)."""
+WIDS_KIND = "wids-shard-index-v1"
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_HOW = "point data.shards at a directory of .tar shards, a brace pattern, a list file or a wids index"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved source: shard urls per split and the counts the source itself states."""
+
+    spec: str
+    kind: str
+    """sizes.json | img2dataset | split folders | tars | pattern | list | wids | tar."""
+    splits: dict[str, tuple[str, ...]]
+    stated: dict[str, int] = field(default_factory=dict)
+    """Samples per shard url as the source states them (sizes.json, img2dataset stats, wids)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """What a ``sizes.json`` says besides counts (modalities, spec, skipped, incomplete)."""
+
+    @property
+    def has_own_splits(self) -> bool:
+        """Whether the splits come from the data (folders, an index) rather than "all is train"."""
+        return self.kind in ("sizes.json", "split folders")
+
+    def urls(self) -> list[str]:
+        return sorted({url for urls in self.splits.values() for url in urls})
+
+
+def dataset_name(spec: str | os.PathLike[str]) -> str:
+    """A readable name of the data a source holds: its directory's name, or the nearest parent's
+    for a file or pattern (``/data/laion/{00000..00099}.tar`` → ``laion``)."""
+    path = Path(os.fspath(spec)).expanduser()
+    if path.is_dir():
+        return path.resolve().name or "data"
+    for parent in path.parents:
+        if not any(c in parent.name for c in "{}*?[]"):
+            resolved = parent.resolve() if str(parent) not in ("", ".") else Path.cwd()
+            return resolved.name or "data"
+    return "data"
+
+
+def resolve_source(spec: str | os.PathLike[str]) -> Source:
+    """The shards of a local source (module docstring); ValueError/FileNotFoundError name the fault."""
+    text = os.fspath(spec)
+    if "://" in text or is_pipe(text):
+        raise ShardError(f"{text}: remote and pipe: sources are not read here yet; copy the shards locally")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _directory(text, path)
+    if path.is_file():
+        if path.name == SIZES_FILE:
+            return _directory(text, path.parent)
+        if is_tar_name(path.name):
+            return Source(text, "tar", {"train": (str(path),)})
+        if path.suffix.lower() == ".json":
+            return _wids(text, path)
+        return _list_file(text, path)
+    if _BRACE.search(text) or any(c in text for c in "*?["):
+        urls = _expand(text)
+        return Source(text, "pattern", {"train": tuple(urls)})
+    raise FileNotFoundError(f"{text}: no such file or directory; {_HOW}")
+
+
+def _directory(spec: str, root: Path) -> Source:
+    if (root / SIZES_FILE).is_file():
+        return _from_sizes(spec, root, read_sizes(root), "sizes.json")
+    if any(root.glob("*_stats.json")):
+        return _from_sizes(spec, root, img2dataset_sizes(root), "img2dataset")
+    tars = _tars_below(root)
+    if not tars:
+        raise FileNotFoundError(
+            f"{root} holds no .tar shards and no {SIZES_FILE}: {_HOW}; or {_HOW_TO_CREATE}"
+        )
+    folders = {p.name for p in root.iterdir() if p.is_dir()}
+    if not folders & set(SPLIT_FOLDERS):
+        return Source(spec, "tars", {"train": tuple(tars)})
+    splits: dict[str, list[str]] = {}
+    loose = []
+    for tar in tars:
+        top = Path(tar).relative_to(root).parts[0]
+        if top == Path(tar).name:
+            loose.append(tar)
+            continue
+        splits.setdefault(SPLIT_FOLDERS.get(top, top), []).append(tar)
+    if loose:
+        raise ValueError(
+            f"{root} has split folders ({', '.join(sorted(folders & set(SPLIT_FOLDERS)))}) and tars outside "
+            f"them ({Path(loose[0]).name}{' ...' if len(loose) > 1 else ''}): move them into a split folder"
+        )
+    return Source(spec, "split folders", {split: tuple(urls) for split, urls in splits.items()})
+
+
+def _tars_below(root: Path) -> list[str]:
+    # Hidden folders hold caches and partial copies, not shards.
+    return sorted(
+        str(p)
+        for p in root.rglob("*")
+        if is_tar_name(p.name)
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def _from_sizes(spec: str, root: Path, sizes: dict[str, Any], kind: str) -> Source:
+    splits: dict[str, tuple[str, ...]] = {}
+    stated: dict[str, int] = {}
+    for split, entries in sizes["splits"].items():
+        if kind == "img2dataset":
+            folder = root / sizes.get("shard_dirs", {}).get(split, split)
+            pairs = sorted((str(folder / name), n) for name, n in entries.items())
+        else:
+            pairs = split_shard_sizes(root, split)
+        splits[split] = tuple(url for url, _ in pairs)
+        stated.update(pairs)
+    info = {k: v for k, v in sizes.items() if k not in ("splits", "shard_dirs")}
+    return Source(spec, kind, splits, stated, info)
+
+
+def _list_file(spec: str, path: Path) -> Source:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a text list of shards ({error}); {_HOW}") from error
+    urls: list[str] = []
+    for number, line in enumerate(lines, 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if "://" in entry or is_pipe(entry):
+            raise ShardError(f"{path}:{number}: remote and pipe: shards are not read here yet ({entry!r})")
+        full = entry if Path(entry).is_absolute() else str(path.parent / entry)
+        urls += _expand(full) if (_BRACE.search(full) or any(c in full for c in "*?[")) else [full]
+    _check_exist(urls, str(path))
+    if not urls:
+        raise ValueError(f"{path} lists no shards")
+    return Source(spec, "list", {"train": tuple(urls)})
+
+
+def _wids(spec: str, path: Path) -> Source:
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from error
+    if not isinstance(index, dict) or not isinstance(index.get("shardlist"), list):
+        raise ValueError(f'{path}: not a wids shard index (no "shardlist"); {_HOW}')
+    # wids reads relative urls from the index's own location, or from its "base".
+    base = path.parent / str(index.get("base", ""))
+    stated: dict[str, int] = {}
+    urls = []
+    for number, entry in enumerate(index["shardlist"]):
+        url = entry.get("url") if isinstance(entry, dict) else None
+        if not isinstance(url, str):
+            raise ValueError(f'{path}: shardlist[{number}] has no "url"')
+        if "://" in url or is_pipe(url):
+            raise ShardError(f"{path}: remote and pipe: shards are not read here yet ({url!r})")
+        full = url if Path(url).is_absolute() else str(base / url)
+        urls.append(full)
+        n = entry.get("nsamples")
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+            stated[full] = n
+    _check_exist(urls, str(path))
+    return Source(spec, "wids", {"train": tuple(sorted(urls))}, stated, {"name": index.get("name")})
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """webdataset's (braceexpand's) forms: ``{000..099}`` keeps the zero padding, ``{a,b}``
+    alternates; several groups multiply out, left to right."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        first, last = numeric.groups()
+        width = len(first) if first.startswith("0") or len(first) == len(last) else 0
+        step = 1 if int(last) >= int(first) else -1
+        options = [str(i).zfill(width) for i in range(int(first), int(last) + step, step)]
+    else:
+        options = body.split(",")
+    return [head + option + rest for option in options for rest in expand_braces(tail)]
+
+
+def _expand(pattern: str) -> list[str]:
+    urls: list[str] = []
+    for expanded in expand_braces(pattern):
+        if any(c in expanded for c in "*?["):
+            found = sorted(
+                p for p in glob.glob(os.path.expanduser(expanded), recursive=True) if is_tar_name(p)
+            )
+            if not found:
+                raise FileNotFoundError(f"{expanded}: matches no .tar shard")
+            urls += found
+        else:
+            urls.append(os.path.expanduser(expanded))
+    _check_exist(urls, pattern)
+    return sorted(dict.fromkeys(urls))
+
+
+def _check_exist(urls: list[str], where: str) -> None:
+    missing = [url for url in urls if not Path(url).is_file()]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"{where}: shard {missing[0]} does not exist{more} ({len(urls)} listed)")
