@@ -195,7 +195,7 @@ def test_every_source_form_resolves_to_the_same_shards(shardwriter_dir, tmp_path
     assert resolve_source(forms["wids"]).stated[str(tmp_path / "photos" / tars[0].rsplit("/", 1)[1])] == 16
     for bad, message in [
         (str(shardwriter_dir / "shard-{000000..000009}.tar"), "shard-000004.tar does not exist and 5 more"),
-        ("http://example.com/shards/{000..009}.tar", "remote and pipe: sources are not read here yet"),
+        ("ftp://example.com/shards/{000..009}.tar", "unknown url scheme"),  # http(s), s3: test_remote.py
     ]:
         with pytest.raises((OSError, ValueError), match=message):
             resolve_source(bad)

@@ -150,7 +150,10 @@ def test_plugin_roles_are_filled_from_generate_inputs_in_model_units(tmp_path):
     assert batch["src"][0, :, 0, 0].tolist() == [1.0, -1.0, -1.0]  # red in [-1, 1]
     text = tmp_path / "x.txt"
     text.write_text("a caption")
-    with pytest.raises(ValueError, match=r"x.txt: not a file the image modality reads \(png, jpg, jpeg, webp, bmp, gif, tif, tiff\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"x.txt: not a file the image modality reads \(png, jpg, jpeg, webp, bmp, gif, tif, tiff\)",
+    ):
         modality.read_inputs([str(text)], "src", spec, None)
 
 

@@ -150,6 +150,15 @@ def test_s3_shard_through_a_local_s3_api(tmp_path, monkeypatch):
         client.create_bucket(Bucket="data")
         client.put_object(Bucket="data", Key="train/shard-000000.tar", Body=shard.read_bytes())
         assert remote_samples("s3://data/train/shard-000000.tar") == local_samples(shard)
+        # A bucket prefix is listed: its split folders are the splits.
+        from xmodal.data.resolve import resolve_source
+
+        client.put_object(Bucket="data", Key="train/shard-000001.tar", Body=shard.read_bytes())
+        client.put_object(Bucket="data", Key="val/shard-000000.tar", Body=shard.read_bytes())
+        assert resolve_source("s3://data").splits == {
+            "train": ("s3://data/train/shard-000000.tar", "s3://data/train/shard-000001.tar"),
+            "val": ("s3://data/val/shard-000000.tar",),
+        }
         with pytest.raises(ShardError, match="s3://data/train/missing.tar: no such remote shard"):
             list(iter_remote_samples("s3://data/train/missing.tar", FAST))
     finally:
@@ -175,3 +184,66 @@ def test_pipe_consumer_stopping_early_is_not_an_error(tmp_path):
     samples = iter_pipe_samples(f"pipe:cat {shlex.quote(str(shard))}")
     assert next(samples)["__key__"] == "s000"
     samples.close()  # closes the pipe: the writer's SIGPIPE is not reported
+
+
+def test_a_run_reads_remote_shards_named_by_a_brace_pattern_and_by_a_list_file(http_root, tmp_path):
+    """data.shards / data.val_shards as https patterns and list files: resolved, indexed (one
+    streamed scan), and `xmodal-shards inspect` reads them like local ones."""
+    from xmodal.data.cli import main as shards_main
+    from xmodal.data.index import index_shards
+    from xmodal.data.resolve import resolve_source
+
+    base, root = http_root
+    for i in range(3):
+        webdataset_tar(root / f"train-{i:02d}.tar", n=4 + i)
+    source = resolve_source(f"{base}/train-{{00..02}}.tar")
+    urls = [f"{base}/train-{i:02d}.tar" for i in range(3)]
+    assert source.splits == {"train": tuple(urls)}
+    counts = index_shards(list(source.urls()), cache_dir=tmp_path / "index")
+    assert [counts[u].samples for u in urls] == [4, 5, 6]
+    assert sorted((tmp_path / "index").glob("*.json"))  # cached like a local index
+
+    listing = tmp_path / "shards.txt"
+    listing.write_text(f"# remote shards\n{urls[0]}\n{urls[2]}\n")
+    assert resolve_source(listing).splits == {"train": (urls[0], urls[2])}
+    with pytest.raises(FileNotFoundError):  # local entries are still checked
+        (tmp_path / "bad.txt").write_text(f"{urls[0]}\n{tmp_path}/gone.tar\n")
+        resolve_source(tmp_path / "bad.txt")
+    with pytest.raises(ShardError, match="cannot be listed: name the shards with a brace pattern"):
+        resolve_source(f"{base}/")
+    assert shards_main(["inspect", f"{base}/train-{{00..02}}.tar"]) == 0
+
+
+@pytest.mark.slow
+def test_xmodal_train_streams_its_shards_from_an_http_server(http_root, tmp_path):
+    """Shards served over HTTP (written by webdataset's TarWriter): train, validate on carved val."""
+    import json
+
+    from webdataset import TarWriter
+
+    from tests.conftest import TINY, run_cli
+    from xmodal.data.shapes import ShapesSpec, make_sample
+
+    base, root = http_root
+    for k in range(3):
+        with TarWriter(str(root / f"shapes-{k:02d}.tar")) as sink:
+            for i in range(40):
+                sample = make_sample(ShapesSpec(), "train", k * 40 + i)
+                sink.write({"__key__": f"s{k}x{i:03d}", "png": sample["png"], "json": sample["json"]})
+    result = run_cli(
+        [
+            "xmodal-train",
+            f"data.shards='{base}/shapes-{{00..02}}.tar'",  # quoted for Hydra, as README says
+            *TINY,
+            f"paths.output_dir={tmp_path / 'outputs'}",
+            f"paths.data_dir={tmp_path / 'data'}",
+            "logger=csv",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "run.id=remote",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(next((tmp_path / "outputs").glob("*/remote/metrics.json")).read_text())
+    assert summary["global_step"] == 2 and "val/bleu4" in summary["val"] and summary["data_skipped"] == {}

@@ -34,6 +34,8 @@ from xmodal.callbacks.throughput import Throughput
 from xmodal.config import absolute, world_size
 from xmodal.data.builtin import BUILTIN_DATASETS
 from xmodal.data.datamodule import DecodeSpec, ShardDataModule, SplitSettings
+from xmodal.data.remote import is_remote
+from xmodal.data.shards import is_pipe
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.registry import TASKS
 from xmodal.run import RunIdentity, is_launcher, wandb_run_id
@@ -42,13 +44,15 @@ from xmodal.tasks.config import task_config
 log = logging.getLogger("xmodal")
 
 
-def prepare_data(cfg: DictConfig, wait_s: float = 900.0) -> Path:
-    """The shard directory of this config, generating a built-in dataset on first use.
+def prepare_data(cfg: DictConfig, wait_s: float = 900.0) -> Path | str:
+    """The shard source of this config (a local path made absolute, or a url as given),
+    generating a built-in dataset on first use.
 
     Only the launcher generates; ranks started by srun wait for its ``sizes.json``.
     """
     if cfg.data.shards is not None:
-        return absolute(cfg.data.shards)
+        shards = str(cfg.data.shards)
+        return shards if is_remote(shards) or is_pipe(shards) else absolute(shards)
     dataset = BUILTIN_DATASETS[cfg.data.name]
     spec = dataset.spec(cfg.data)
     out = absolute(cfg.paths.data_dir) / f"{cfg.data.name}-{spec.fingerprint()}"

@@ -122,9 +122,7 @@ def test_best_checkpoint(
 def evaluate_holdout(trainer: L.Trainer, task: Any, datamodule: Any) -> dict[str, float]:
     """Metrics on the ``holdout`` split (shapes' unseen colour–kind pairs), logged as ``holdout/...``,
     for tasks that test it (``tests_holdout``); {} when the data has no such split."""
-    from xmodal.data.shards import read_sizes
-
-    if not task.tests_holdout or "holdout" not in read_sizes(datamodule.shards_dir)["splits"]:
+    if not task.tests_holdout or "holdout" not in datamodule.data.splits:
         return {}
     task.test_prefix = "holdout"
     try:

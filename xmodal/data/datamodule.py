@@ -78,7 +78,7 @@ class ShardDataModule(L.LightningDataModule):
         self.allow_pipe = allow_pipe
         self.split_settings = splits or SplitSettings(allow_pipe=allow_pipe)
         self._data: DataSplits | None = None
-        self.shards_dir = Path(shards_dir)
+        self.shards_dir = shards_dir if isinstance(shards_dir, str) else Path(shards_dir)  # a url stays a str
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.decode = decode

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from xmodal.data.carve import Carve
+from xmodal.data.remote import is_remote, open_remote, remote_identity
 from xmodal.data.shards import ShardError, is_pipe, iter_shard, scan_tar
 from xmodal.files import write_json_atomic
 
@@ -53,6 +54,8 @@ def shard_identity(url: str) -> list[Any]:
     """(path, size, mtime_ns) of a shard: a change of any makes a new index."""
     if is_pipe(url):
         return [url, None, None]  # a command's output has no size or mtime to compare
+    if is_remote(url):
+        return remote_identity(url)
     stat = os.stat(url)
     return [os.path.abspath(url), stat.st_size, stat.st_mtime_ns]
 
@@ -69,7 +72,16 @@ def scan_shard(url: str, carve: Carve | None = None, allow_pipe: bool = False) -
             error = str(err)
         dotted = 0
     else:
-        scan = scan_tar(url)
+        # A remote shard is one streamed read (no seeks); a missing one counts as unreadable.
+        try:
+            source = open_remote(url) if is_remote(url) else url
+        except ShardError as err:
+            return ShardCounts(url, 0, None, {}, 0, str(err))
+        try:
+            scan = scan_tar(source)
+        finally:
+            if source is not url:
+                source.close()
         keys, kinds, error, dotted = scan.keys, scan.kinds, scan.error, scan.dotted
     carved = carve.counts(keys) if carve is not None and carve.active else None
     return ShardCounts(url, len(keys), carved, dict(kinds), dotted, error)
@@ -150,7 +162,7 @@ def sizes_of_source(
         # Names relative to a directory source; absolute for a pattern, list or index file.
         splits[split] = {
             url
-            if is_pipe(url)
+            if is_pipe(url) or is_remote(url)
             else os.path.relpath(url, root)
             if root.is_dir()
             else os.path.abspath(url): source.stated[url] if is_pipe(url) else counts[url].samples

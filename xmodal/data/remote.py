@@ -135,3 +135,68 @@ def iter_pipe_samples(url: str) -> Iterator[dict[str, bytes | str]]:
         code = proc.wait()
     if finished and code != 0:
         raise ShardError(f"{url}: command exited with status {code}")
+
+
+def _filesystem(url: str) -> tuple[Any, str]:
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **_listing_options(url))
+    except ImportError as error:
+        scheme = url.split("://", 1)[0].lower()
+        extra = _EXTRA.get(scheme, "the fsspec back-end")
+        raise ShardError(f"{url}: reading {scheme}:// needs {extra} (pip install {extra}): {error}") from None
+    return fs, path
+
+
+def _listing_options(url: str) -> dict[str, Any]:
+    options = _storage_options(url, RemoteOptions())
+    options.pop("block_size", None)
+    options.pop("default_block_size", None)
+    return options
+
+
+def remote_identity(url: str) -> list[Any]:
+    """(url, size, version tag) of a remote shard for the index cache: a changed object re-indexes.
+    Unknown parts are None (the index then trusts the url alone)."""
+    try:
+        fs, path = _filesystem(url)
+        info = fs.info(path)
+    except Exception:  # no HEAD support, no permission to stat: the url is the identity
+        return [url, None, None]
+    tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime")
+    return [url, info.get("size"), str(tag) if tag is not None else None]
+
+
+def list_remote_tars(url: str) -> tuple[list[str], bool]:
+    """Every ``.tar``/``.tar.gz``/``.tgz`` below a bucket prefix (sorted urls), and whether the prefix
+    holds a ``sizes.json``. Listing needs an object store (s3://, gs://): an http(s) server has no
+    listing, so it is asked for a pattern, a list file or a wids index instead."""
+    from xmodal.data.shards import SIZES_FILE, is_tar_name
+
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("http", "https"):
+        raise ShardError(
+            f"{url}: an http(s) server cannot be listed: name the shards with a brace pattern "
+            "(https://host/shards-{000000..000099}.tar), a list file or a wids index"
+        )
+    fs, root = _filesystem(url)
+    try:
+        found = fs.find(root.rstrip("/"))
+    except Exception as error:
+        raise ShardError(f"{url}: cannot list ({type(error).__name__}: {error})") from None
+    prefix = url.split("://", 1)[0] + "://"
+    tars = sorted(prefix + p for p in found if is_tar_name(p.rsplit("/", 1)[-1]))
+    has_sizes = any(
+        p.rstrip("/").endswith("/" + SIZES_FILE) and p.count("/") == root.rstrip("/").count("/") + 1
+        for p in found
+    )
+    return tars, has_sizes
+
+
+def read_remote_text(url: str, options: RemoteOptions | None = None) -> str:
+    stream = open_remote(url, options)
+    try:
+        return stream.read().decode("utf-8")
+    finally:
+        stream.close()

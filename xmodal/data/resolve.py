@@ -14,9 +14,13 @@ files per split, plus the sample counts the source states, if any:
 - a webdataset ``wids`` shard index (``{"__kind__": "wids-shard-index-v1", "shardlist": [...]}``);
 - one tar file.
 
+Remote sources (xmodal/data/remote.py): one ``http(s)://``, ``s3://`` or ``gs://`` tar, a remote
+brace pattern, or a bucket prefix (listed: its split folders, its ``sizes.json``); list files and
+wids indexes may name remote shards. A ``pipe:CMD`` source is one train shard (run only with
+``data.allow_pipe=true``).
+
 Shards are sorted by path, so the list is the same on every rank. Counts not stated come from
-``xmodal.data.index`` (a scan, cached). Remote URLs are refused here with a clear message: the seam
-for them is this one function.
+``xmodal.data.index`` (a scan, cached).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xmodal.data.remote import is_remote, list_remote_tars, read_remote_text
 from xmodal.data.shards import (
     _HOW_TO_CREATE,
     SIZES_FILE,
@@ -86,8 +91,12 @@ def dataset_name(spec: str | os.PathLike[str]) -> str:
 def resolve_source(spec: str | os.PathLike[str]) -> Source:
     """The shards of a local source (module docstring); ValueError/FileNotFoundError name the fault."""
     text = os.fspath(spec)
-    if "://" in text or is_pipe(text):
-        raise ShardError(f"{text}: remote and pipe: sources are not read here yet; copy the shards locally")
+    if is_pipe(text):
+        return Source(text, "pipe", {"train": (text,)})
+    if is_remote(text):
+        return _remote(text)
+    if "://" in text:
+        raise ShardError(f"{text}: unknown url scheme (read: http(s)://, s3://, gs://, pipe:, local paths)")
     path = Path(text).expanduser()
     if path.is_dir():
         return _directory(text, path)
@@ -103,6 +112,34 @@ def resolve_source(spec: str | os.PathLike[str]) -> Source:
         urls = _expand(text)
         return Source(text, "pattern", {"train": tuple(urls)})
     raise FileNotFoundError(f"{text}: no such file or directory; {_HOW}")
+
+
+def _remote(spec: str) -> Source:
+    if _BRACE.search(spec):
+        return Source(spec, "remote pattern", {"train": tuple(sorted(dict.fromkeys(expand_braces(spec))))})
+    if is_tar_name(spec.rsplit("/", 1)[-1]):
+        return Source(spec, "remote tar", {"train": (spec,)})
+    root = spec.rstrip("/")
+    tars, has_sizes = list_remote_tars(root)
+    if has_sizes:
+        sizes = json.loads(read_remote_text(f"{root}/{SIZES_FILE}"))
+        splits = {
+            split: tuple(sorted(f"{root}/{name}" for name in entries))
+            for split, entries in sizes["splits"].items()
+        }
+        stated = {f"{root}/{name}": n for entries in sizes["splits"].values() for name, n in entries.items()}
+        return Source(spec, "remote sizes.json", splits, stated)
+    if not tars:
+        raise FileNotFoundError(f"{spec}: no .tar shards below this prefix")
+    by_folder: dict[str, list[str]] = {}
+    for url in tars:
+        parts = url[len(root) + 1 :].split("/")
+        by_folder.setdefault(SPLIT_FOLDERS.get(parts[0], "") if len(parts) > 1 else "", []).append(url)
+    if set(by_folder) - {""}:
+        if "" in by_folder:
+            raise ValueError(f"{spec} has split folders and tars outside them: move them into a split folder")
+        return Source(spec, "remote split folders", {k: tuple(v) for k, v in by_folder.items()})
+    return Source(spec, "remote tars", {"train": tuple(tars)})
 
 
 def _directory(spec: str, root: Path) -> Source:
@@ -166,12 +203,13 @@ def _list_file(spec: str, path: Path) -> Source:
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not a text list of shards ({error}); {_HOW}") from error
     urls: list[str] = []
-    for number, line in enumerate(lines, 1):
+    for line in lines:
         entry = line.split("#", 1)[0].strip()
         if not entry:
             continue
-        if "://" in entry or is_pipe(entry):
-            raise ShardError(f"{path}:{number}: remote and pipe: shards are not read here yet ({entry!r})")
+        if is_remote(entry) or is_pipe(entry):
+            urls.append(entry)
+            continue
         full = entry if Path(entry).is_absolute() else str(path.parent / entry)
         urls += _expand(full) if (_BRACE.search(full) or any(c in full for c in "*?[")) else [full]
     _check_exist(urls, str(path))
@@ -195,9 +233,8 @@ def _wids(spec: str, path: Path) -> Source:
         url = entry.get("url") if isinstance(entry, dict) else None
         if not isinstance(url, str):
             raise ValueError(f'{path}: shardlist[{number}] has no "url"')
-        if "://" in url or is_pipe(url):
-            raise ShardError(f"{path}: remote and pipe: shards are not read here yet ({url!r})")
-        full = url if Path(url).is_absolute() else str(base / url)
+        local = not (is_remote(url) or is_pipe(url) or Path(url).is_absolute())
+        full = str(base / url) if local else url
         urls.append(full)
         n = entry.get("nsamples")
         if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
@@ -241,7 +278,7 @@ def _expand(pattern: str) -> list[str]:
 
 
 def _check_exist(urls: list[str], where: str) -> None:
-    missing = [url for url in urls if not Path(url).is_file()]
+    missing = [url for url in urls if not (is_remote(url) or is_pipe(url) or Path(url).is_file())]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise FileNotFoundError(f"{where}: shard {missing[0]} does not exist{more} ({len(urls)} listed)")

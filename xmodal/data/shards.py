@@ -562,31 +562,22 @@ def pipe_urls(directory: str | os.PathLike[str]) -> list[str]:
 
 
 def iter_shard(url: str | os.PathLike[str], allow_pipe: bool = False) -> Iterator[dict[str, bytes | str]]:
-    """Samples of one shard url: a tar file, or — only with ``allow_pipe`` — a ``pipe:`` command.
+    """Samples of one shard url: a tar file, an ``http(s)://``/``s3://``/``gs://`` url
+    (xmodal/data/remote.py), or — only with ``allow_pipe`` — a ``pipe:`` command.
 
     webdataset runs ``pipe:`` urls by default; a sizes.json from someone else could then run any
     shell command on every rank, so here it takes ``data.allow_pipe=true``.
     """
-    if not is_pipe(url):
-        yield from iter_tar_samples(url)
-        return
-    if not allow_pipe:
-        raise ShardError(f"{url}: a pipe: shard runs a shell command; refused unless data.allow_pipe=true")
-    import subprocess
+    from xmodal.data import remote  # lazy: remote imports this module
 
-    command = str(url)[len(PIPE_PREFIX) :]
-    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
-    assert proc.stdout is not None
-    finished = False
-    try:
-        yield from iter_tar_samples(proc.stdout)  # type: ignore[arg-type]
-        finished = True
-    finally:
-        proc.stdout.close()
-        code = proc.wait()
-    # Stopping early closes the pipe (SIGPIPE in the writer): only a full read judges the command.
-    if finished and code != 0:
-        raise ShardError(f"{url}: command exited with status {code}")
+    if remote.is_remote(url):
+        yield from remote.iter_remote_samples(str(url))
+    elif not is_pipe(url):
+        yield from iter_tar_samples(url)
+    elif not allow_pipe:
+        raise ShardError(f"{url}: a pipe: shard runs a shell command; refused unless data.allow_pipe=true")
+    else:
+        yield from remote.iter_pipe_samples(str(url))
 
 
 def split_size(directory: str | os.PathLike[str], split: str) -> int:
