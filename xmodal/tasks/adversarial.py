@@ -8,6 +8,7 @@ non-finite steps skipped and counted, never applied; ``toggled_optimizer`` excep
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Any, ClassVar
 
@@ -151,6 +152,30 @@ def feature_classifier(task: Any, role: str, num_classes: int, steps: int) -> nn
         if classifier is None:
             raise RuntimeError("rank zero's FID feature classifier is missing from the cache dir")
     return classifier
+
+
+def log_split_metrics(task: Any, stage: str, metrics: Any, prog_bar: str) -> None:
+    """Reduce, log and reset a pass's split-level ``metrics`` (``compute() -> {name: float}``,
+    ``reset()``) as ``<stage>/<name>``, at the pass's last batch on every rank; NaNs (nothing
+    scored) are left out.
+
+    Not in ``on_validation_epoch_end``: callbacks run before that hook, and one that reads
+    ``trainer.callback_metrics`` on rank zero only starts a collective (synced logged values)
+    that would pair with our reduction on the other ranks and hang. All ranks have the same
+    number of evaluation batches (exact epochs pad), so the last batch is a common point.
+    """
+    values = metrics.compute()  # reduced over ranks: the same on every rank, no sync_dist needed
+    metrics.reset()
+    for name, value in values.items():
+        if not math.isnan(value):
+            task.log(
+                f"{stage}/{name}",
+                value,
+                prog_bar=name == prog_bar,
+                on_step=False,
+                on_epoch=True,
+                batch_size=1,
+            )
 
 
 def shard_each(task: Any, nets: tuple[nn.Module | None, ...], mesh: Any) -> None:

@@ -15,7 +15,6 @@ Here: an EMA generator of our own for samples and metrics; noise drawn from a ge
 from __future__ import annotations
 
 import copy
-import math
 import zlib
 from typing import Any
 
@@ -30,6 +29,7 @@ from xmodal.tasks.adversarial import (
     d_loss_terms,
     feature_classifier,
     g_loss_terms,
+    log_split_metrics,
     weighted_mean,
 )
 from xmodal.tasks.base import XmodalTask, condition_names, to_device
@@ -253,27 +253,8 @@ class AdversarialTask(GuardedSteps, XmodalTask):
             self._log_metrics(stage)
 
     def _log_metrics(self, stage: str) -> None:
-        """Reduce and log the metrics of a pass, at its last batch on every rank.
-
-        Not in ``on_validation_epoch_end``: callbacks run before that hook, and one that reads
-        ``trainer.callback_metrics`` on rank zero only starts a collective (synced logged values)
-        that would pair with our reduction on the other ranks and hang. All ranks have the same
-        number of evaluation batches (exact epochs pad), so the last batch is a common point.
-        """
-        metrics = self._metrics[stage]
         self._scored = 0
-        values = metrics.compute()  # reduced over ranks: the same on every rank, no sync_dist needed
-        metrics.reset()
-        for name, value in values.items():
-            if not math.isnan(value):
-                self.log(
-                    f"{stage}/{name}",
-                    value,
-                    prog_bar=name == "fid",
-                    on_step=False,
-                    on_epoch=True,
-                    batch_size=1,
-                )
+        log_split_metrics(self, stage, self._metrics[stage], prog_bar="fid")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")
