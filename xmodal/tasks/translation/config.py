@@ -41,6 +41,8 @@ class TranslationConfig(TaskConfig):
     """Channels of the U-Net's full-resolution level (each level down doubles them, up to 8×)."""
     g_depth: int = 3
     """Downsamplings of the U-Net (data.image_size must divide by 2^g_depth)."""
+    g_residual: bool = False
+    """The U-Net predicts a change to the source (starting as the identity) instead of the image."""
     d_width: int = 32
     """Channels of the PatchGAN's first conv (later ones double, up to 8×)."""
     d_layers: int = 2

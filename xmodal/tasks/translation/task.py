@@ -75,7 +75,8 @@ class TranslationTask(GuardedSteps, XmodalTask):
             channels = data["image_channels"]
             nets = (
                 build_slot(
-                    cfg.generator, lambda: UNetGenerator(channels, channels, cfg.g_width, cfg.g_depth)
+                    cfg.generator,
+                    lambda: UNetGenerator(channels, channels, cfg.g_width, cfg.g_depth, cfg.g_residual),
                 ),
                 build_slot(
                     cfg.discriminator, lambda: PatchDiscriminator(channels, cfg.d_width, cfg.d_layers)
