@@ -20,7 +20,8 @@ from xmodal.data.tokenizer import SPECIALS
 from xmodal.factory import build_datamodule, prepare_data
 from xmodal.metrics.features import DomainClassifier
 from xmodal.metrics.fid import GenerativeMetrics
-from xmodal.tasks.gan.task import AdversarialTask, ema_decay, unscaled_grad_norm
+from xmodal.tasks.adversarial import unscaled_grad_norm
+from xmodal.tasks.gan.task import AdversarialTask, ema_decay
 from xmodal.train import train
 
 TARGET_MEAN = torch.tensor([2.0, -1.0])

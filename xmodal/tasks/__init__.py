@@ -12,6 +12,7 @@ for _name, _task, _config in (
     ("caption", "caption.task:CaptionTask", "caption.config:CaptionConfig"),
     ("gan", "gan.task:AdversarialTask", "gan.config:GanModelConfig"),
     ("vae", "vae.task:VaeTask", "vae.config:VaeModelConfig"),
+    ("translation", "translation.task:TranslationTask", "translation.config:TranslationConfig"),
 ):
     TASKS.register(_name, f"xmodal.tasks.{_task}")
     register_config(_name, f"xmodal.tasks.{_config}")

@@ -135,6 +135,21 @@ def optimizer_problems(problems: Problems, m: OptimizerConfig) -> None:
     problems.check(m.warmup_steps >= 0, "model.warmup_steps", "must be >= 0")
 
 
+def manual_optimization_problems(problems: Problems, cfg: Any, family: str) -> None:
+    """Trainer settings a manual-optimization family (``family``: its name in messages) cannot run."""
+    t = cfg.trainer
+    problems.check(
+        t.strategy != "fsdp",
+        "trainer.strategy",
+        f"Lightning's FSDP1 'fsdp' does not support manual optimization ({family}); use trainer=fsdp2",
+    )
+    problems.check(
+        t.accumulate_grad_batches == 1,
+        "trainer.accumulate_grad_batches",
+        f"manual optimization ({family}) steps every batch; must be 1",
+    )
+
+
 CONDITIONS = ("none", "label", "text", "audio")
 
 

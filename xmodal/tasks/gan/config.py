@@ -13,6 +13,7 @@ from xmodal.tasks.config import (
     check_slot,
     condition_problems,
     condition_roles,
+    manual_optimization_problems,
 )
 
 GAN_LOSSES = ("ns", "hinge", "wgan-gp")
@@ -86,7 +87,7 @@ class GanModelConfig(ConditionConfig, TaskConfig):
 
     def problems(self, cfg: Any) -> list[str]:
         p = Problems(cfg)
-        g, t = self.gan, cfg.trainer
+        g = self.gan
         p.check(self.target == "image", "model.target", f"the {self.task} task generates images")
         condition_problems(p, self, self.target)
         if self.generator is None or self.discriminator is None:
@@ -102,16 +103,7 @@ class GanModelConfig(ConditionConfig, TaskConfig):
         p.check(g.r1_every >= 1, "model.gan.r1_every", "must be >= 1")
         p.check(g.metric_samples >= 2, "model.gan.metric_samples", "FID needs >= 2 samples")
         p.check(len(g.g_betas) == 2 and len(g.d_betas) == 2, "model.gan.g_betas", "betas are pairs")
-        p.check(
-            t.strategy != "fsdp",
-            "trainer.strategy",
-            "Lightning's FSDP1 'fsdp' does not support manual optimization (GANs); use trainer=fsdp2",
-        )
-        p.check(
-            t.accumulate_grad_batches == 1,
-            "trainer.accumulate_grad_batches",
-            "manual optimization (gan) steps every batch; must be 1",
-        )
+        manual_optimization_problems(p, cfg, "GANs")
         if g.inception_weights is not None:
             p.check(Path(g.inception_weights).is_file(), "model.gan.inception_weights", "no such file")
         check_slot(p, "model.generator", self.generator)

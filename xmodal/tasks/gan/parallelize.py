@@ -9,15 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from xmodal.tasks.adversarial import shard_each
 
 
 def parallelize_gan(task: Any, mesh: Any) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy()
-    if "bf16" in str(task.trainer.precision):
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for net in (task.generator, task.discriminator, task.ema):
-        if net is not None:
-            fully_shard(net, mesh=mesh, mp_policy=policy)
+    shard_each(task, (task.generator, task.discriminator, task.ema), mesh)

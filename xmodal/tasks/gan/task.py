@@ -6,28 +6,32 @@ optimizer is touched (one GradScaler update per step, never two backwards in fli
 ``global_step`` counts every optimizer step, so the task keeps its own ``iteration`` counter (saved
 in checkpoints) and the factory turns ``trainer.max_steps`` (iterations) into Lightning's count.
 
-Pitfalls handled here: losses from logits in fp32
-(BCE is unsafe under autocast); gradient norms measured unscaled under 16-mixed and clipping at
-``threshold × scale``; non-finite steps skipped, never applied; an EMA generator of our own for
-samples and metrics; noise drawn from a generator seeded by (seed, rank, iteration), so a resumed
-run draws exactly what the uninterrupted one would have.
+Pitfalls handled in xmodal/tasks/adversarial.py (shared with image → image translation): losses
+from logits in fp32, unscaled gradient norms and clipping under 16-mixed, non-finite steps skipped.
+Here: an EMA generator of our own for samples and metrics; noise drawn from a generator seeded by
+(seed, rank, iteration), so a resumed run draws exactly what the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import zlib
-from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xmodal.data.tokenizer import WordTokenizer
 from xmodal.images import SampleSet, caption_grid, image_grid
 from xmodal.nn.gan import build_gan_nets
+from xmodal.tasks.adversarial import (
+    GuardedSteps,
+    d_loss_terms,
+    feature_classifier,
+    g_loss_terms,
+    log_split_metrics,
+    weighted_mean,
+)
 from xmodal.tasks.base import XmodalTask, condition_names, to_device
 from xmodal.tasks.gan.config import GanModelConfig
 from xmodal.tasks.gan.ema import update_ema
@@ -36,51 +40,6 @@ from xmodal.tasks.generation import write_conditional_samples
 
 SAMPLE_SEED = 1234
 """Seed of the fixed noise bank behind every validation sample grid."""
-
-
-def d_loss_terms(loss: str, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
-    """Per-row D loss ``[B]`` from fp32 logits."""
-    if loss == "ns":
-        return F.softplus(-d_real) + F.softplus(d_fake)
-    if loss == "hinge":
-        return F.relu(1 - d_real) + F.relu(1 + d_fake)
-    if loss == "wgan-gp":
-        return d_fake - d_real
-    raise ValueError(f"model.gan.loss: unknown loss {loss!r}")
-
-
-def g_loss_terms(loss: str, d_fake: torch.Tensor) -> torch.Tensor:
-    """Per-row G loss ``[B]`` from fp32 logits (non-saturating for ns)."""
-    return F.softplus(-d_fake) if loss == "ns" else -d_fake
-
-
-def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean over rows with weight 1 (padding rows of exact epochs weigh 0; none at all → 0, not NaN)."""
-    return (values * weights).sum() / weights.sum().clamp(min=1.0)
-
-
-def unscaled_grad_norm(
-    params: list[torch.Tensor], max_norm: float | None, scale: float = 1.0
-) -> tuple[torch.Tensor, bool]:
-    """Total gradient norm as it would be without loss scaling, clipping to ``max_norm`` of it.
-
-    Under 16-mixed the gradients hold ``scale × true`` until the optimizer step unscales them;
-    clipping is linear, so clipping the scaled gradients at ``max_norm × scale`` is clipping the
-    true ones at ``max_norm``. Returns (true norm, finite). Works on FSDP2's DTensor gradients.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(()), True
-    norm = torch.nn.utils.get_total_norm(grads)
-    if hasattr(norm, "full_tensor"):  # DTensor (FSDP2): the norm over all shards
-        norm = norm.full_tensor()
-    finite = bool(torch.isfinite(norm))
-    if max_norm is not None and finite:
-        coef = min(1.0, max_norm * scale / (float(norm) + 1e-6))
-        if coef < 1.0:
-            for g in grads:
-                g.mul_(coef)
-    return norm.detach().float() / scale, finite
 
 
 def ema_decay(decay: float, iteration: int, start: int) -> float:
@@ -103,7 +62,7 @@ def row_noise(keys: list[str], z_dim: int, salt: int = 0) -> torch.Tensor:
     return torch.stack(rows)
 
 
-class AdversarialTask(XmodalTask):
+class AdversarialTask(GuardedSteps, XmodalTask):
     """GAN over ``batch[model.target]`` (images), conditioned on ``model.condition`` (none, label,
     text, audio).
 
@@ -115,6 +74,7 @@ class AdversarialTask(XmodalTask):
     """
 
     config_class = GanModelConfig
+    checkpoint_prefix = "gan"  # checkpoints keep gan_iteration / gan_skipped_steps
     find_unused_parameters = True  # D's backward never reaches G's parameters, and the reverse
     clips_own_gradients = True
 
@@ -143,6 +103,7 @@ class AdversarialTask(XmodalTask):
         """Training batches done (n_critic D steps + 1 G step each); saved in checkpoints."""
         self.skipped_steps = 0
         """Optimizer steps skipped because their gradients were not finite."""
+        self.max_grad_norm = self.gan.clip_grad_norm
         # Kept out of the module tree (a plain dict): no checkpoint, DDP or FSDP2 ever sees them.
         self._metrics: dict[str, Any] = {}
         self._scored = 0  # valid rows scored so far in this evaluation pass (this rank)
@@ -153,22 +114,11 @@ class AdversarialTask(XmodalTask):
         """Build the offline FID/KID/accuracy metrics from the datamodule's data (cached classifier)."""
         if self._metrics:
             return
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is None or not hasattr(datamodule, "shards_dir"):
+        classifier = feature_classifier(self, self.target, self.cfg.num_classes, self.gan.feature_steps)
+        if classifier is None:
             return  # e.g. a plain DataLoader in tests: no image metrics
-        from xmodal.metrics.features import domain_classifier
         from xmodal.metrics.fid import GenerativeMetrics, InceptionFeatures
 
-        args = (datamodule.shards_dir, datamodule.decode, self.cfg.num_classes, self.gan.feature_steps)
-        strategy = self.trainer.strategy
-        classifier = None
-        if strategy.is_global_zero:
-            classifier = domain_classifier(*args, allow_pipe=datamodule.allow_pipe)
-        strategy.barrier("xmodal-gan-features")
-        if classifier is None:
-            classifier = domain_classifier(*args, allow_pipe=datamodule.allow_pipe, train_if_missing=False)
-            if classifier is None:
-                raise RuntimeError("rank zero's FID feature classifier is missing from the cache dir")
         weights = self.gan.inception_weights
         features = InceptionFeatures(weights) if weights else None
         for stage_name in ("val", "test"):
@@ -198,48 +148,12 @@ class AdversarialTask(XmodalTask):
         gen = torch.Generator(device=self.device).manual_seed(seed)
         return torch.randn(n, self.gan.z_dim, generator=gen, device=self.device)
 
-    def loss_scale(self) -> float:
-        """The GradScaler's current scale under 16-mixed, else 1."""
-        trainer = self._trainer
-        scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
-        return float(scaler.get_scale()) if scaler is not None else 1.0
-
     def penalty_grad(self, outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """d(sum outputs)/d inputs with a graph, computed on scaled outputs under 16-mixed (fp16
         double-backward underflows otherwise) and unscaled after."""
         scale = self.loss_scale()
         (grad,) = torch.autograd.grad(outputs.float().sum() * scale, inputs, create_graph=True)
         return grad.float() / scale
-
-    def optimizer_step(self, opt: Any, loss: torch.Tensor) -> torch.Tensor:
-        """zero_grad → backward → clip on unscaled norms → step; returns the true gradient norm.
-
-        A non-finite gradient never reaches the weights: under a GradScaler its own step skips it
-        (and lowers the scale); otherwise the gradients are dropped and the step is a no-op (Adam
-        skips parameters without gradients), which Lightning still counts, so iteration
-        accounting stays exact.
-        """
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        params = [p for group in opt.param_groups for p in group["params"]]
-        scale = self.loss_scale()
-        norm, finite = unscaled_grad_norm(params, self.gan.clip_grad_norm, scale)
-        if not finite:
-            self.skipped_steps += 1
-            if scale == 1.0:
-                opt.zero_grad(set_to_none=True)
-        opt.step()
-        return norm
-
-    def only(self, opt: Any) -> Any:
-        """``toggled_optimizer(opt)``: only this optimizer's parameters get gradients.
-
-        Not under FSDP2: it builds its unsharded parameters once, with the ``requires_grad`` the
-        sharded ones had then, so toggling later would freeze G for good. There D simply computes
-        gradients during the G step too (wasted, never applied: every step starts with zero_grad,
-        and G's optimizer steps only G).
-        """
-        return nullcontext() if self.device_mesh is not None else self.toggled_optimizer(opt)
 
     def d_loss(
         self,
@@ -307,18 +221,6 @@ class AdversarialTask(XmodalTask):
         }
         self.log_train_scalars({**logged, "train/skipped_steps": float(self.skipped_steps)}, n)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["gan_iteration"] = self.iteration
-        checkpoint["gan_skipped_steps"] = self.skipped_steps
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.iteration = int(checkpoint.get("gan_iteration", 0))
-        self.skipped_steps = int(checkpoint.get("gan_skipped_steps", 0))
-
-    @property
-    def sample_step(self) -> int:
-        return self.iteration
-
     # ----------------------------------------------------------------------------- evaluation
 
     @property
@@ -351,27 +253,8 @@ class AdversarialTask(XmodalTask):
             self._log_metrics(stage)
 
     def _log_metrics(self, stage: str) -> None:
-        """Reduce and log the metrics of a pass, at its last batch on every rank.
-
-        Not in ``on_validation_epoch_end``: callbacks run before that hook, and one that reads
-        ``trainer.callback_metrics`` on rank zero only starts a collective (synced logged values)
-        that would pair with our reduction on the other ranks and hang. All ranks have the same
-        number of evaluation batches (exact epochs pad), so the last batch is a common point.
-        """
-        metrics = self._metrics[stage]
         self._scored = 0
-        values = metrics.compute()  # reduced over ranks: the same on every rank, no sync_dist needed
-        metrics.reset()
-        for name, value in values.items():
-            if not math.isnan(value):
-                self.log(
-                    f"{stage}/{name}",
-                    value,
-                    prog_bar=name == "fid",
-                    on_step=False,
-                    on_epoch=True,
-                    batch_size=1,
-                )
+        log_split_metrics(self, stage, self._metrics[stage], prog_bar="fid")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")
