@@ -306,6 +306,7 @@ class AdversarialTask(XmodalTask):
             **{f"train/{k}": v for k, v in stats.items()},
         }
         self.log_train_scalars({**logged, "train/skipped_steps": float(self.skipped_steps)}, n)
+        self.finite_or_skip(d_loss + g_loss)  # its steps skip themselves; this counts them for the guard
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["gan_iteration"] = self.iteration
