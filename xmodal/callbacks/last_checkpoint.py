@@ -45,12 +45,8 @@ class LastCheckpoint(L.Callback):
         refusal = save_refusal(trainer, trainer.lightning_module)
         if refusal is not None:
             if trainer.is_global_zero:
-                log.warning(
-                    "step %d: %s not written: %s; keeping the last good one",
-                    trainer.global_step,
-                    self.path,
-                    refusal,
-                )
+                kept = "the previous one stays" if self.path.exists() else "none written yet"
+                log.warning("step %d: %s not written: %s; %s", trainer.global_step, self.path, refusal, kept)
             return False
         self.save(trainer)
         return True
