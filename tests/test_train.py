@@ -76,7 +76,9 @@ def test_default_experiment_learns_and_leaves_a_complete_run_dir(tiny, tmp_path)
 
     for name in ("config.yaml", "cmd.txt", "git.txt", "tokenizer.json", "metrics.csv", "metrics.json"):
         assert (run_dir / name).is_file(), name
-    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    # last.prev.ckpt: the last checkpoint before the newest, the fallback should last.ckpt be corrupt.
+    checkpoints = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert checkpoints == {"best.ckpt", "last.ckpt", "last.prev.ckpt"}
     summary = json.loads((run_dir / "metrics.json").read_text())
     # best.ckpt is chosen by CIDEr-D (the caption experiments' monitor).
     assert summary["monitor"] == "val/cider"

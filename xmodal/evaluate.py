@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from xmodal.callbacks.metrics_file import scalar_metrics
+from xmodal.checkpoints import checkpoint_problem
 from xmodal.config import CONFIG_DIR, ConfigError, absolute, register_schemas, validate
 from xmodal.console import print_error
 from xmodal.data.tokenizer import WordTokenizer
@@ -33,6 +34,9 @@ def load_task(ckpt_path: str | Path) -> L.LightningModule:
             f"invalid config:\n  ckpt_path: {path} is a distributed (FSDP2) checkpoint directory; "
             "evaluate it with the same trainer=fsdp2 run, or consolidate it first"
         )
+    problem = checkpoint_problem(path)
+    if problem is not None:  # not a torch zip traceback or a bare EOFError
+        raise ConfigError(f"invalid config:\n  ckpt_path: {path} is {problem}")
     hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
     name = hparams.get("model", {}).get("task")
     if name is None:

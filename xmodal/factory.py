@@ -18,19 +18,23 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
+from xmodal.callbacks.best_checkpoint import BestCheckpoint
 from xmodal.callbacks.checksums import RankChecksums
+from xmodal.callbacks.csv_history import HistoryCSVLogger
 from xmodal.callbacks.data_health import DataHealth
 from xmodal.callbacks.last_checkpoint import LastCheckpoint
 from xmodal.callbacks.metrics_file import MetricsFile
+from xmodal.callbacks.nonfinite import NonFiniteGuard
 from xmodal.callbacks.plots import MetricPlots
 from xmodal.callbacks.preemption import Preemption
 from xmodal.callbacks.progress import StepProgress, StepRichProgressBar
 from xmodal.callbacks.samples import ValidationSamples
 from xmodal.callbacks.throughput import Throughput
+from xmodal.checkpoints import RunDirCheckpointIO
 from xmodal.config import absolute, world_size
 from xmodal.data.builtin import BUILTIN_DATASETS
 from xmodal.data.datamodule import DecodeSpec, ShardDataModule, SplitSettings
@@ -169,7 +173,7 @@ def build_loggers(cfg: DictConfig, run: RunIdentity) -> list[Logger]:
     if kind == "none":
         return []
     if kind == "csv":
-        return [CSVLogger(save_dir=str(run.dir), name="", version="")]
+        return [HistoryCSVLogger(save_dir=str(run.dir), name="", version="")]  # appends across restarts
     return [
         WandbLogger(
             name=run.id,
@@ -189,7 +193,7 @@ def build_loggers(cfg: DictConfig, run: RunIdentity) -> list[Logger]:
 def build_callbacks(
     cfg: DictConfig, run: RunIdentity, has_logger: bool
 ) -> tuple[list[Callback], ModelCheckpoint]:
-    checkpoint = ModelCheckpoint(
+    checkpoint = BestCheckpoint(  # never a non-finite score or state
         dirpath=str(run.dir / "checkpoints"),
         filename="best",
         monitor=cfg.callbacks.monitor,
@@ -201,6 +205,7 @@ def build_callbacks(
     )
     last = LastCheckpoint(run.dir / "checkpoints" / "last.ckpt")
     callbacks: list[Callback] = [
+        NonFiniteGuard(cfg.run.max_nonfinite_steps),  # first: the others see this batch's verdict
         checkpoint,
         last,
         Preemption(last, signal.SIGUSR2),
@@ -271,13 +276,14 @@ def build_trainer(
     # An integer interval counts batches across epochs, which Lightning allows only without the
     # per-epoch schedule.
     every_n_epochs = None if isinstance(t.val_check_interval, int) else t.check_val_every_n_epoch
-    plugins = []
+    # Checkpoints staged beside their target, not in the system temp dir (xmodal/checkpoints.py).
+    plugins: list[Any] = [RunDirCheckpointIO()]
     if SLURMEnvironment.detect():
         # Our sbatch scripts send SIGUSR2 before the time limit (NCCL may use USR1). The Preemption
         # callback handles it at a step boundary, so Lightning's own requeue handler stays off.
         plugins.append(SLURMEnvironment(auto_requeue=False, requeue_signal=signal.SIGUSR2))
     return L.Trainer(
-        plugins=plugins or None,
+        plugins=plugins,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,

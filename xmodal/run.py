@@ -14,6 +14,7 @@ import secrets
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -110,6 +111,9 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
     come from Lightning's own SLURM auto-requeue (on by default), which saves them into
     ``default_root_dir``: they are accepted so that a run dir a plain Lightning setup was preempted
     in still resumes from its newest state.
+
+    Unchecked: ``xmodal-train`` resumes through :func:`xmodal.checkpoints.choose_resume`, which
+    also considers the fallbacks (``last.prev.ckpt``, ``best.ckpt``) and skips corrupt files.
     """
     candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
     existing = [path for path in candidates if path.exists()]
@@ -124,11 +128,33 @@ def _git(args: list[str]) -> str:
     return out.stdout
 
 
-def write_provenance(run_dir: Path, config_yaml: str) -> None:
-    """config.yaml (resolved), cmd.txt (appended on every (re)start) and git.txt."""
-    (run_dir / "config.yaml").write_text(config_yaml)
+def keep_config(run_dir: Path, config_yaml: str) -> Path | None:
+    """Write ``config.yaml``; a previous one that differs is kept as ``config.<n>.yaml`` (n = 1, 2,
+    ... in restart order), never overwritten. Returns where the previous one went, if anywhere."""
+    current = run_dir / "config.yaml"
+    kept = None
+    if current.is_file() and current.read_text() != config_yaml:
+        n = 1
+        while (run_dir / f"config.{n}.yaml").exists():
+            n += 1
+        kept = run_dir / f"config.{n}.yaml"
+        os.replace(current, kept)
+    partial = run_dir / "config.yaml.partial"
+    partial.write_text(config_yaml)
+    os.replace(partial, current)
+    return kept
+
+
+def write_provenance(run_dir: Path, config_yaml: str, changes: Sequence[str] = ()) -> None:
+    """config.yaml (resolved; earlier versions kept), cmd.txt (appended on every (re)start, with the
+    config changes of a restart) and git.txt."""
+    kept = keep_config(run_dir, config_yaml)
     with open(run_dir / "cmd.txt", "a") as f:
-        f.write(f"# {datetime.now().isoformat(timespec='seconds')} cwd={os.getcwd()}\n")
+        # One comment line per (re)start: what changed is on it, the command follows.
+        notes = [f"changed {'; '.join(changes)}"] if changes else []
+        notes += [f"previous config kept as {kept.name}"] if kept is not None else []
+        stamp = f"# {datetime.now().isoformat(timespec='seconds')} cwd={os.getcwd()}"
+        f.write(" | ".join([stamp, *notes]) + "\n")
         f.write(shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) + "\n")
     commit = _git(["rev-parse", "HEAD"]).strip()
     if commit:

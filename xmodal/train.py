@@ -4,6 +4,11 @@ xmodal-train                                  # default experiment on built-in d
 xmodal-train trainer=ddp_cpu data.batch_size=32
 xmodal-train run.id=my-run                    # again later: resumes checkpoints/last.ckpt
 xmodal-train -m model.lr=1e-3,3e-4            # one run dir (and W&B run) per job
+
+Exit status (README "When things go wrong"): 0 finished; 1 crashed (a traceback); 2 refused: a
+config, usage or drift error, or no intact checkpoint to resume (nothing trained); 3 stopped by a
+signal after saving (rerun the printed command, or let SLURM's requeue do it); 4 diverged:
+``run.max_nonfinite_steps`` non-finite steps in a row; 5 the run dir is held by another live job.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,10 +29,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from xmodal.callbacks.metrics_file import scalar_metrics
+from xmodal.callbacks.nonfinite import NonFiniteGuard, NonFiniteStop
 from xmodal.callbacks.preemption import Preemption
+from xmodal.checkpoints import NoIntactCheckpoint, checkpoint_problem, choose_resume
 from xmodal.config import CONFIG_DIR, ConfigError, absolute, register_schemas, validate, world_size
 from xmodal.console import log_to_file, print_config_tree, print_error, stop_logging_to
 from xmodal.data.tokenizer import WordTokenizer
+from xmodal.drift import check_drift
 from xmodal.factory import (
     build_callbacks,
     build_datamodule,
@@ -41,11 +51,34 @@ from xmodal.run import (
     export_run_id,
     forget_run_id,
     is_launcher,
-    resume_checkpoint,
     write_provenance,
 )
+from xmodal.run_lock import RunBusy, RunLock
 
 log = logging.getLogger("xmodal")
+
+EXIT_REFUSED = 2
+EXIT_STOPPED = 3
+EXIT_DIVERGED = 4
+EXIT_BUSY = 5
+
+
+class RunStopped(Exception):
+    """Fit ended early on a stop or requeue signal, after saving: the message says how to resume."""
+
+
+def resume_command(run_id: str) -> str:
+    """This invocation again, pinned to its run id (a rerun with the same id resumes it)."""
+    args = [a for a in sys.argv[1:] if not a.startswith(("run.id=", "++run.id=", "+run.id="))]
+    return f"cd {shlex.quote(os.getcwd())} && " + shlex.join(["xmodal-train", *args, f"run.id={run_id}"])
+
+
+def stop_message(preemption: Preemption, step: int, run_id: str) -> str:
+    received = preemption.requested
+    cause = f"{signal.Signals(received).name}" if received is not None else "a stop signal to another rank"
+    saved = "checkpoint saved" if preemption.saved else "state not sound, the last good checkpoint kept"
+    how = "SLURM requeued the job, it resumes by itself; by hand" if preemption.requeued else "resume with"
+    return f"stopped by {cause} at step {step} ({saved}); {how}: {resume_command(run_id)}"
 
 
 def _in_multirun() -> bool:
@@ -142,10 +175,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg.run.id, cfg.run.dir = run.id, str(run.dir)
     handler = None
     failed = True
+    lock = RunLock(run.dir) if launcher else None  # ranks started after the launcher share its hold
     try:
+        # Refusals first, before anything is written into the run dir.
+        changes = []
+        if lock is not None:
+            lock.acquire()
+            changes = check_drift(run.dir, cfg)
+        if cfg.ckpt_path is not None and (problem := checkpoint_problem(absolute(cfg.ckpt_path))):
+            raise ConfigError(f"invalid config:\n  ckpt_path: {cfg.ckpt_path} is {problem}")
+        resume = choose_resume(run.dir, move_corrupt=launcher) if cfg.run.resume else None
         if launcher:
             export_run_id(run.id)
-            write_provenance(run.dir, OmegaConf.to_yaml(cfg, resolve=True))
+            write_provenance(run.dir, OmegaConf.to_yaml(cfg, resolve=True), changes)
             print_config_tree(cfg, save_to=run.dir / "config_tree.log")
             handler = log_to_file(run.dir / "train.log")
             if _in_multirun():
@@ -154,9 +196,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         datamodule = build_datamodule(cfg, prepare_data(cfg))
         tokenizer = load_or_fit_tokenizer(run.dir, datamodule)
         task = build_task(cfg, tokenizer)
-        resume = resume_checkpoint(run.dir) if cfg.run.resume else None
         if resume is not None and launcher:
             log.info("resuming run %s from %s", run.id, resume)
+        for change in changes:
+            log.info("config changed on resume: %s", change)
         loggers = build_loggers(cfg, run)
         callbacks, checkpoint = build_callbacks(cfg, run, has_logger=bool(loggers))
         trainer = build_trainer(cfg, run, loggers, callbacks)
@@ -174,6 +217,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             else None,
             "monitor": cfg.callbacks.monitor,
             "preempted": preemption.preempted,
+            "nonfinite_steps": next(c for c in callbacks if isinstance(c, NonFiniteGuard)).total,
         }
         if cfg.test_after_fit and not preemption.preempted:
             summary["test"] = test_best_checkpoint(cfg, trainer, checkpoint, task, tokenizer, datamodule)
@@ -184,6 +228,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             write_json_atomic(run.dir / "metrics.json", summary)
         release_process_group()
         failed = False
+        if preemption.preempted:
+            raise RunStopped(stop_message(preemption, trainer.global_step, run.id))
         return metrics
     finally:
         finish_wandb(failed)
@@ -191,15 +237,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
             stop_logging_to(handler)
         if launcher:
             forget_run_id()
+        if lock is not None:
+            lock.release()
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
-    except ConfigError as err:
+    except (ConfigError, NoIntactCheckpoint) as err:
         print_error(str(err))
-        sys.exit(2)
+        sys.exit(EXIT_REFUSED)
+    except RunBusy as err:
+        print_error(str(err))
+        sys.exit(EXIT_BUSY)
+    except NonFiniteStop as err:
+        print_error(str(err))
+        sys.exit(EXIT_DIVERGED)
+    except RunStopped as err:
+        # Only the launcher reports the stop: a rank exiting non-zero first would make Lightning's
+        # process observer, or srun --kill-on-bad-exit, kill the launcher while it still writes.
+        if not is_launcher():
+            sys.exit(0)
+        print(f"xmodal: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_STOPPED)
     # A sweeper (e.g. Optuna) optimises the returned value.
     return metrics.get(cfg.callbacks.monitor)
 

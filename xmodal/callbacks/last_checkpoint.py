@@ -1,19 +1,28 @@
-"""``checkpoints/last.ckpt``: the latest state, written after every validation and at the end of fit.
+"""``checkpoints/last.ckpt``: the latest sound state, written after every validation and at the end of fit.
 
 Lightning's ``ModelCheckpoint(save_last=True)`` refreshes ``last.ckpt`` only when a top-k
 checkpoint was saved in the same step, so with a monitored metric that stops improving, "last"
 silently stays behind and a resumed run repeats work. This callback always writes it, through a
-temporary name and a rename, so an interrupted write never replaces a good checkpoint.
+temporary name and a rename, so an interrupted write never replaces a good checkpoint. The one it
+replaces is kept as ``last.prev.ckpt``: the fallback when ``last.ckpt`` is found corrupt later
+(:func:`xmodal.checkpoints.choose_resume`). A state that is not sound (non-finite tensors, or a
+non-finite last step: :func:`xmodal.callbacks.nonfinite.save_refusal`) is not written at all.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+
+from xmodal.callbacks.nonfinite import save_refusal
+from xmodal.checkpoints import PREVIOUS, fsync_dir
+
+log = logging.getLogger("xmodal")
 
 
 def _remove(path: Path) -> None:
@@ -26,30 +35,62 @@ def _remove(path: Path) -> None:
 class LastCheckpoint(L.Callback):
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.previous = self.path.with_name(PREVIOUS)
         self.saved_step = -1
+
+    def save_if_sound(self, trainer: L.Trainer) -> bool:
+        """Write the checkpoint unless the state is unsound (then keep the last one); every rank calls it."""
+        if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == self.saved_step:
+            return False
+        refusal = save_refusal(trainer, trainer.lightning_module)
+        if refusal is not None:
+            if trainer.is_global_zero:
+                kept = "the previous one stays" if self.path.exists() else "none written yet"
+                log.warning("step %d: %s not written: %s; %s", trainer.global_step, self.path, refusal, kept)
+            return False
+        self.save(trainer)
+        return True
 
     def save(self, trainer: L.Trainer) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking or trainer.global_step == self.saved_step:
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
-        old = self.path.with_name(self.path.name + ".old")
         if trainer.is_global_zero:
             _remove(tmp)
         trainer.strategy.barrier("last_checkpoint_clean")
-        trainer.save_checkpoint(tmp)  # every rank takes part: sharded strategies write a directory
+        try:
+            trainer.save_checkpoint(tmp)  # every rank takes part: sharded strategies write a directory
+        except Exception:
+            if trainer.is_global_zero:
+                _remove(tmp)  # e.g. disk full: no partial file left behind
+            raise
         trainer.strategy.barrier("last_checkpoint_written")
         if trainer.is_global_zero:
-            # A directory cannot be renamed over a non-empty one: move the old one aside first.
-            if self.path.is_dir():
-                os.replace(self.path, old)
-            os.replace(tmp, self.path)
-            _remove(old)
+            self._replace(tmp)
         trainer.strategy.barrier("last_checkpoint_renamed")
         self.saved_step = trainer.global_step
 
+    def _replace(self, tmp: Path) -> None:
+        """tmp → last.ckpt, the old last.ckpt → last.prev.ckpt."""
+        if self.path.is_dir():  # a directory cannot be renamed over a non-empty one
+            _remove(self.previous)
+            os.replace(self.path, self.previous)
+        elif self.path.exists():
+            # A hard link keeps last.ckpt in place until the final rename: no moment without it.
+            staged = self.previous.with_name(self.previous.name + ".tmp")
+            _remove(staged)
+            try:
+                os.link(self.path, staged)
+                os.replace(staged, self.previous)
+            except OSError:  # no hard links on this file system
+                _remove(self.previous)
+                os.replace(self.path, self.previous)
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         if trainer.state.fn == "fit":
-            self.save(trainer)
+            self.save_if_sound(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.save(trainer)
+        self.save_if_sound(trainer)

@@ -5,7 +5,8 @@ whatever point of the step the signal lands, never stops training (the job is th
 time limit) and cannot agree with the other ranks on where to stop. Here the handler only sets a
 flag; at the end of the next training batch all ranks agree (any rank signalled → all stop), the
 complete state — model, optimizers, schedulers, loop counters and the data stream position — is
-written to ``checkpoints/last.ckpt`` atomically (``LastCheckpoint``), rank zero runs
+written to ``checkpoints/last.ckpt`` atomically (``LastCheckpoint``, unless the state is not
+sound: see ``save_refusal``), rank zero runs
 ``scontrol requeue <job>`` (for SIGUSR2 under SLURM), and fit ends. The requeued job has the same
 SLURM job id, hence the same run id and run dir, and resumes from that checkpoint. SIGTERM (a
 cancelled job, a stopping container) saves the same way and is not requeued.
@@ -32,6 +33,10 @@ class Preemption(L.Callback):
         self.requeue_signal = requeue_signal
         self.requested: int | None = None  # the signal received, if any
         self.preempted = False
+        self.requeued = False
+        """Whether ``scontrol requeue`` accepted this job: it then resumes by itself."""
+        self.saved = False
+        """Whether the stop wrote a checkpoint (an unsound state is not saved: the last one stays)."""
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -56,12 +61,13 @@ class Preemption(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
             return
         self.preempted = True
-        self.last.save(trainer)
+        self.saved = self.last.save_if_sound(trainer) or self.last.saved_step == trainer.global_step
         requeue = trainer.strategy.reduce_boolean_decision(self.requested == self.requeue_signal, all=False)
         job = slurm_run_id()  # the SLURM job, as scontrol names it
         if trainer.is_global_zero and requeue and job is not None:
             result = subprocess.run(["scontrol", "requeue", job], check=False)
-            if result.returncode == 0:
+            self.requeued = result.returncode == 0
+            if self.requeued:
                 log.info(
                     "preempted at step %d: checkpoint saved, SLURM job %s requeued", trainer.global_step, job
                 )

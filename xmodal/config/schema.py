@@ -59,7 +59,14 @@ class RunConfig:
     dir: str | None = None
     """Derived, never set by hand: ``<paths.output_dir>/<experiment_name>/<run.id>``."""
     resume: bool = True
-    """When the run dir already holds ``checkpoints/last.ckpt``, continue from it."""
+    """When the run dir already holds ``checkpoints/last.ckpt``, continue from it (a corrupt one
+    is moved aside and the newest intact checkpoint used: ``last.prev.ckpt``, ``best.ckpt``)."""
+    allow_changes: list[str] = field(default_factory=list)
+    """Keys (or nodes, e.g. ``model``) a resumed run may change although they shape the model, the
+    data or the optimizer state; any other such change is refused (README "When things go wrong")."""
+    max_nonfinite_steps: int = 10
+    """Training steps in a row with a non-finite loss or gradient (each skipped) before the run
+    stops with exit code 4."""
 
 
 @dataclass

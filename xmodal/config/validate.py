@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from xmodal.config.schema import (
     ACCELERATORS,
@@ -28,6 +28,8 @@ from xmodal.data.builtin import BUILTIN_DATASETS
 from xmodal.problems import Problems, unknown_keys
 from xmodal.registry import MODALITIES
 from xmodal.tasks.config import model_node_problems, task_config
+
+_NO_KEY = object()
 
 
 def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
@@ -109,6 +111,10 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
     if cfg.ckpt_path is not None:
         # A directory is a distributed (FSDP2) checkpoint.
         check(Path(cfg.ckpt_path).exists(), "ckpt_path", "no such checkpoint")
+    check(cfg.run.max_nonfinite_steps >= 1, "run.max_nonfinite_steps", "must be >= 1")
+    for key in cfg.run.allow_changes if isinstance(cfg, DictConfig) else ():
+        found = OmegaConf.select(cfg, str(key), default=_NO_KEY) is not _NO_KEY
+        check(found, "run.allow_changes", f"{key!r} names no config key")
     check(
         isinstance(cfg.experiment_name, str) and SAFE_NAME.match(cfg.experiment_name) is not None,
         "experiment_name",

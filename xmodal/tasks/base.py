@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
 import torch
@@ -41,6 +41,14 @@ warnings.filterwarnings(
 METADATA_KEYS = frozenset({"captions", "__key__"})
 
 
+class NonFiniteStep(NamedTuple):
+    """A training step that was skipped: its optimizer step index, what was not finite, its value."""
+
+    step: int
+    what: str
+    value: float
+
+
 class GenerateError(ValueError):
     """``xmodal-generate`` arguments that do not fit this checkpoint (printed, exit code 2)."""
 
@@ -58,6 +66,10 @@ class XmodalTask(L.LightningModule):
 
     test_prefix: str = "test"
     """Metric prefix of ``trainer.test`` (``holdout`` while testing that split)."""
+
+    nonfinite: NonFiniteStep | None = None
+    """The last training batch's non-finite loss or gradient (None: finite). The run's
+    ``NonFiniteGuard`` callback counts it, clears it, and stops the run after too many in a row."""
 
     # ----------------------------------------------------------------- hooks a task implements
     def validation_samples(self, batch: dict[str, Any]) -> SampleSet:
@@ -114,6 +126,54 @@ class XmodalTask(L.LightningModule):
         if not isinstance(batch, dict):
             return batch
         return to_model_units(batch, self.hparams.get("data", {}).get("roles"))
+
+    def finite_or_skip(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """``loss`` when it is finite on every rank; else None, recorded in :attr:`nonfinite`.
+
+        Automatic optimization: ``return self.finite_or_skip(loss)`` from ``training_step``. Given
+        None, Lightning (2.6, checked) still zeroes the gradients but skips backward; the optimizer
+        then finds no gradient and changes nothing (AdamW: no update, no decay), a GradScaler skips
+        its step. Manual optimization, which skips its own steps, calls it for the record only.
+
+        Costs one host sync a step, plus under several ranks one all-reduce of a flag: every rank
+        must take the same branch, or DDP's gradient all-reduce waits for the ranks that skipped.
+        """
+        detached = loss.detach()
+        local = bool(torch.isfinite(detached).all())
+        finite = local
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(local, all=True)
+        if finite:
+            return loss
+        what = "loss" if not local else "loss on another rank (this rank's)"
+        self.nonfinite = NonFiniteStep(int(self.global_step), what, float(detached.float().mean()))
+        return None
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """A finite loss can still back-propagate an infinite or NaN gradient (log or sqrt at 0, an
+        overflow): drop the gradients, so the optimizer skips the step, and record it.
+
+        Automatic optimization only (manual tasks check their own), and not under a GradScaler,
+        which skips inf steps itself and lowers its scale on them as a matter of course. Under DDP
+        the gradients are already all-reduced, so every rank sees the same norm; under FSDP2 the
+        norm is reduced over the shards.
+        """
+        if not self.automatic_optimization or self.nonfinite is not None:
+            return
+        trainer = self._trainer
+        if trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads)
+        if hasattr(norm, "full_tensor"):  # DTensor (FSDP2)
+            norm = norm.full_tensor()
+        if bool(torch.isfinite(norm)):
+            return
+        optimizer.zero_grad(set_to_none=True)
+        self.nonfinite = NonFiniteStep(int(self.global_step), "gradient norm", float(norm))
 
     def log_train_scalars(
         self, scalars: dict[str, Any], batch_size: int, prog_bar: tuple[str, ...] = ()

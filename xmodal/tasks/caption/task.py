@@ -191,11 +191,11 @@ class CaptionTask(XmodalTask):
         ]
         return SampleSet({"val": caption_grid(shown, captions)}, ["key", "references", "generated"], rows)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         loss = self.loss(batch, self.cfg.label_smoothing)
         rows = int(batch["valid"].sum().clamp(min=1))
         self.log_train_scalars({"train/loss": loss}, rows, prog_bar=("train/loss",))
-        return loss
+        return self.finite_or_skip(loss)
 
     def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         valid = batch["valid"]  # [B] False on padding rows

@@ -220,6 +220,7 @@ class AdversarialTask(GuardedSteps, XmodalTask):
             **{f"train/{k}": v for k, v in stats.items()},
         }
         self.log_train_scalars({**logged, "train/skipped_steps": float(self.skipped_steps)}, n)
+        self.finite_or_skip(d_loss + g_loss)  # its steps skip themselves; this counts them for the guard
 
     # ----------------------------------------------------------------------------- evaluation
 

@@ -272,7 +272,7 @@ class VaeTask(XmodalTask):
             kl_dims = gaussian_kl_per_dim(mu, logvar)  # [B, Z]
         return {"recon": recon, "kl_dims": kl_dims}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         terms = self.elbo_terms(batch)
         valid = batch["valid"].float()  # [B]
         n = valid.sum().clamp(min=1)
@@ -298,7 +298,7 @@ class VaeTask(XmodalTask):
             "train/kl_weight": weight,
         }
         self.log_train_scalars(scalars, int(n), prog_bar=("train/loss",))
-        return loss
+        return self.finite_or_skip(loss)
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()

@@ -1,0 +1,96 @@
+"""Config drift on resume: a run id continues one experiment, so its config may only change where
+the change cannot make the resumed run a hybrid of two.
+
+The newly composed config is compared with the run's ``config.yaml`` before anything is written.
+Keys in :data:`HARMLESS` (budgets, intervals, loggers, workers, where files go) may change and are
+recorded; every other key — the model, the data and its order, the optimizer, the seed, the
+trainer's numerics and world size — is refused unless listed in ``run.allow_changes``. A key
+nobody classified is assumed to matter. (A resumed run restores the optimizer from its checkpoint,
+so even ``model.lr`` would silently keep its old value: refused too.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from xmodal.config import ConfigError
+
+HARMLESS = (
+    "run",
+    "paths",
+    "logger",
+    "cluster",
+    "test_after_fit",
+    "ckpt_path",  # ignored when a run resumes from its own checkpoint
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.val_check_interval",
+    "trainer.check_val_every_n_epoch",
+    "trainer.log_every_n_steps",
+    "trainer.limit_val_batches",
+    "trainer.limit_test_batches",
+    "trainer.num_sanity_val_steps",
+    "trainer.enable_progress_bar",
+    "trainer.profiler",
+    "trainer.fast_dev_run",
+    "callbacks.num_samples",
+    "callbacks.rank_checksums",
+    "data.num_workers",
+    "data.max_consecutive_failures",
+)
+"""Keys (or whole nodes) a resumed run may change: none shapes the model, the data or the optimizer state."""
+
+_ABSENT = "<absent>"
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"model.heads": 4, ...}``: leaves by dotted key (lists are one value)."""
+    if isinstance(node, dict):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat if flat or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def covered(key: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """Whether ``key`` is one of ``patterns`` or lies under one (``model`` covers ``model.heads``)."""
+    return any(key == p or key.startswith(p + ".") for p in patterns)
+
+
+def changes(old_yaml: str, new_yaml: str) -> dict[str, tuple[Any, Any]]:
+    """Every leaf that differs between two resolved configs: key → (old, new)."""
+    old = flatten(OmegaConf.to_container(OmegaConf.create(old_yaml)))
+    new = flatten(OmegaConf.to_container(OmegaConf.create(new_yaml)))
+    return {
+        key: (old.get(key, _ABSENT), new.get(key, _ABSENT))
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, _ABSENT) != new.get(key, _ABSENT)
+    }
+
+
+def show(value: Any) -> str:
+    return value if value == _ABSENT else repr(value)
+
+
+def check_drift(run_dir: Path, cfg: DictConfig) -> list[str]:
+    """Refuse (:class:`ConfigError`) a restart whose config changes keys that matter; return one
+    ``key: old → new`` line per allowed change (empty for a new run or an unchanged config)."""
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        return []
+    diff = changes(saved.read_text(), OmegaConf.to_yaml(cfg, resolve=True))
+    allowed = [str(k) for k in cfg.run.allow_changes]
+    refused = {k: v for k, v in diff.items() if not covered(k, HARMLESS) and not covered(k, allowed)}
+    if refused:
+        lines = "\n  ".join(f"{k}: {show(old)} → {show(new)}" for k, (old, new) in refused.items())
+        keys = ",".join(refused)
+        raise ConfigError(
+            f"run {cfg.run.id} resumes with a config that changes what it trains (its saved "
+            f"config is {saved}):\n  {lines}\n"
+            f"Start a new run (another run.id), or allow exactly these changes: run.allow_changes=[{keys}]"
+        )
+    return [f"{k}: {show(old)} → {show(new)}" for k, (old, new) in diff.items()]
