@@ -29,10 +29,9 @@ from rich.table import Table
 
 from xmodal.data.mnist import MnistSpec, build_mnist
 from xmodal.data.shapes import ShapesSpec, synth
-from xmodal.data.shards import ShardError, read_sizes
+from xmodal.data.shards import DataFailure, ShardError, read_sizes
 from xmodal.data.sources import FORMATS, detect_format, rows_from_source
 from xmodal.data.splits import INDEX_DIR, SplitSettings, iter_split_records
-from xmodal.data.stream import DataFailure
 from xmodal.data.writer import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_SHARD_BYTES,

@@ -76,6 +76,11 @@ def member_is_safe(ext: str, safe: frozenset[str]) -> bool:
     return last in safe and (not dot or (bool(role) and set(role) <= _ROLE_CHARS))
 
 
+class DataFailure(RuntimeError):
+    """Too many data failures in a row: the data, not the code, is at fault (names the shard).
+    Here, not in stream.py, so that the CLI can catch it without importing torch."""
+
+
 class ShardError(ValueError):
     """A shard that is unsafe or malformed (the message names the shard, and the member or key)."""
 

@@ -38,7 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from xmodal.data.carve import KeepRange, kept
 from xmodal.data.epoch_plan import EpochPlan, ShardInfo, SlotPlan, Topology, plan_epoch
-from xmodal.data.shards import ShardError, iter_shard
+from xmodal.data.shards import DataFailure, ShardError, iter_shard
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,6 @@ def collate_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 class _Failure(Exception):
     """A record that could not be read (the shard error is already counted)."""
-
-
-class DataFailure(RuntimeError):
-    """Too many data failures in a row: the data, not the code, is at fault (names the shard)."""
 
 
 _warned_more: set[str] = set()
