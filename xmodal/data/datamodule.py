@@ -11,8 +11,10 @@ Batches: one entry per role, as its modality collates it (xmodal/data/batch.py).
 
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,9 @@ from xmodal.data.epoch_plan import Topology, shards_from_dir
 from xmodal.data.loader import StreamLoader
 from xmodal.data.shards import ShardError, iter_shard, split_shards
 from xmodal.data.stream import ShardStream
-from xmodal.data.tokenizer import WordTokenizer
 from xmodal.modalities.text import sample_captions
+from xmodal.tokenizers.base import Tokenizer
+from xmodal.tokenizers.build import fit_tokenizer, max_fit_captions
 
 __all__ = ["BatchCollate", "DecodeSpec", "ShardDataModule", "decode_sample", "iter_split", "sample_captions"]
 
@@ -39,6 +42,19 @@ def iter_split(shards_dir: Path, split: str, allow_pipe: bool = False) -> Iterat
         yield from iter_shard(shard, allow_pipe)
 
 
+def fit_captions(shards_dir: Path, limit: int, allow_pipe: bool = False) -> Iterator[str]:
+    """At most ``limit`` training captions, taken evenly from the head of every train shard (not
+    all from the first shards, which may hold one source or one language); a shard stops being
+    read once its share is taken, so a large dataset is never read whole."""
+    shards = split_shards(shards_dir, "train")
+    share = math.ceil(limit / max(len(shards), 1))
+
+    def of_shard(shard: Path | str) -> Iterator[str]:
+        return itertools.islice((c for s in iter_shard(shard, allow_pipe) for c in sample_captions(s)), share)
+
+    return itertools.islice(itertools.chain.from_iterable(of_shard(s) for s in shards), limit)
+
+
 class ShardDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -47,8 +63,8 @@ class ShardDataModule(L.LightningDataModule):
         num_workers: int,
         decode: DecodeSpec,
         max_text_len: int,
-        min_word_count: int = 1,
-        tokenizer: WordTokenizer | None = None,
+        tokenizer_spec: Mapping[str, Any] | None = None,
+        tokenizer: Tokenizer | None = None,
         seed: int = 0,
         mode: str = "exact",
         samples_per_epoch: int | None = None,
@@ -63,7 +79,7 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.decode = decode
         self.max_text_len = max_text_len
-        self.min_word_count = min_word_count
+        self.tokenizer_spec = dict(tokenizer_spec or {})  # data.tokenizer (default: word tokenizer)
         self.tokenizer = tokenizer
         self.seed = seed
         self.mode = mode
@@ -72,11 +88,12 @@ class ShardDataModule(L.LightningDataModule):
         self.max_consecutive_failures = max_consecutive_failures
         self.streams: dict[str, ShardStream] = {}
 
-    def build_tokenizer(self) -> WordTokenizer:
-        """Fit the word vocabulary on the training captions only (no val/test leakage)."""
-        samples = iter_split(self.shards_dir, "train", self.allow_pipe)
-        captions = (c for sample in samples for c in sample_captions(sample))
-        self.tokenizer = WordTokenizer.fit(captions, self.min_word_count)
+    def build_tokenizer(self) -> Tokenizer:
+        """Fit ``data.tokenizer`` on a bounded sample of the training captions only (no val/test
+        leakage)."""
+        limit = max_fit_captions(self.tokenizer_spec)
+        captions = fit_captions(self.shards_dir, limit, self.allow_pipe)
+        self.tokenizer = fit_tokenizer(self.tokenizer_spec, captions, self.max_text_len)
         return self.tokenizer
 
     def setup(self, stage: str) -> None:
