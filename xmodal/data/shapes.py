@@ -397,6 +397,22 @@ def zh_shape_mentions(caption: str) -> list[tuple[str, str]]:
     return [(colour[c], kind[k]) for c, k in _ZH_MENTION.findall(caption)]
 
 
+def zh_keyword_accuracy(
+    hypotheses: Sequence[str], scenes: Sequence[Sequence[tuple[str, str]]]
+) -> dict[str, float]:
+    """Key-word accuracy of Chinese captions against their scenes' ``(colour, kind)`` lists: the
+    fraction of captions that name exactly the scene's colours (``colour``), kinds (``kind``), and
+    colour–kind pairs (``pair``), each compared as a multiset (a caption may list shapes in either
+    order). Chance for one shape: 1/6, 1/4, 1/24."""
+    hits = {"colour": 0, "kind": 0, "pair": 0}
+    for hypothesis, truth in zip(hypotheses, scenes, strict=True):
+        named = zh_shape_mentions(hypothesis)
+        hits["colour"] += sorted(c for c, _ in named) == sorted(c for c, _ in truth)
+        hits["kind"] += sorted(k for _, k in named) == sorted(k for _, k in truth)
+        hits["pair"] += sorted(named) == sorted(tuple(p) for p in truth)
+    return {name: count / max(len(hypotheses), 1) for name, count in hits.items()}
+
+
 def captions(scene: Sequence[Shape], rng: np.random.Generator, language: str = "en") -> list[str]:
     """3–5 distinct lowercase captions; the first is canonical (row-major order, fixed template).
 

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer as HfTokenizer
 
 ALGORITHMS = ("bpe", "unigram")
-MIN_BPE_VOCAB = 256 + 4  # the byte alphabet and the four specials
+BYTES = 256
+MIN_VOCAB = {"bpe": BYTES + 4, "unigram": BYTES + 4 + 8}  # bytes, the specials (and a few pieces)
 
 
 def _hf() -> Any:
@@ -65,8 +66,10 @@ def train_hf_tokenizer(
     else:
         tok = hf.Tokenizer(models.Unigram())
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        # The 256 byte pieces are added after training: they count in vocab_size, as in BPE (the
+        # trainer keeps every character it saw, so a tiny vocab_size can be exceeded).
         trainer = trainers.UnigramTrainer(
-            vocab_size=vocab_size, special_tokens=specials, unk_token=UNK, show_progress=False
+            vocab_size=vocab_size - BYTES, special_tokens=specials, unk_token=UNK, show_progress=False
         )
     tok.normalizer = normalizers.Sequence(steps)
     tok.train_from_iterator(captions, trainer)
@@ -136,7 +139,7 @@ class SubwordTokenizer(Tokenizer):
         if algorithm not in ALGORITHMS:
             out.append(f"algorithm: must be one of {ALGORITHMS} (got {algorithm!r})")
         size = options.get("vocab_size", 1000)
-        smallest = MIN_BPE_VOCAB if algorithm == "bpe" else 8
+        smallest = MIN_VOCAB.get(algorithm, MIN_VOCAB["bpe"])
         if not _is_int(size) or size < smallest:
             out.append(f"vocab_size: must be an integer >= {smallest} for {algorithm} (got {size!r})")
         count = options.get("min_count", 2)
