@@ -30,6 +30,8 @@ def test_ascii_text_splits_exactly_as_the_former_ascii_tokenizer():
     texts += ["There's a RED-circle", "rock'n'roll it's 'quoted' a'1 x_y", "A red Circle."]
     for text in texts:
         assert words(text) == _OLD_WORD.findall(text.lower()), text
+        # ASCII takes a fast path: the Unicode path must agree with it (one non-ASCII space added).
+        assert words(text + "\u00a0") == _OLD_WORD.findall(text.lower()), text
 
 
 def test_accented_latin_round_trips_and_normalises():
