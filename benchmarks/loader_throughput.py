@@ -1,6 +1,6 @@
 """Loader throughput on 64×64 JPEG shards, side by side in one run (one process = one core).
 
-    python benchmarks/loader_throughput.py [--samples 4000] [--repeats 3]
+    python benchmarks/loader_throughput.py [--samples 4000] [--repeats 3] [--tokenizers word,subword]
     python benchmarks/loader_throughput.py --source-size 256 --image-size 64   # users' photos
 
 ``--source-size`` sets the stored JPEGs' side, ``--image-size`` the experiment's (``data.image_size``).
@@ -22,6 +22,12 @@ Rows (samples/s, median of repeats, and the ratio to the bare PIL loop):
   DataLoader worker process: samples/s per worker; and the same in the benchmark's own process
   (no worker, no hand-over), which separates the pipeline's cost from the process boundary's
 Peak RSS of the process is printed at the end.
+
+``--tokenizers word,subword`` (any of ``word``, ``subword``, ``subword-unigram``): every sample gets its
+own caption (shapes-style English, 3–5 words per shape, drawn at random) and the two stream rows are
+run once per tokenizer, fitted on those captions: "in process, cold" builds a fresh tokenizer (empty
+memo) each round, as the first epoch sees it; "1 worker" keeps its worker, so after the first round
+the memo answers, as in later epochs.
 """
 
 from __future__ import annotations
@@ -45,9 +51,35 @@ from xmodal.codecs.pixels import _fit, decode_image
 from xmodal.data.datamodule import BatchCollate, DecodeSpec, decode_sample
 from xmodal.data.epoch_plan import ShardInfo, Topology
 from xmodal.data.loader import StreamLoader
+from xmodal.data.shapes import COLOURS, KINDS, POSITION_PHRASES, SIZES
 from xmodal.data.shards import iter_tar_samples, write_tar_shard
 from xmodal.data.stream import ShardStream
 from xmodal.data.tokenizer import WordTokenizer
+from xmodal.tokenizers.build import fit_tokenizer, tokenizer_from_state
+
+TOKENIZERS = {
+    "word": {"_target_": "xmodal.tokenizers.word.WordTokenizer"},
+    "subword": {"_target_": "xmodal.tokenizers.subword.SubwordTokenizer", "vocab_size": 1000},
+    "subword-unigram": {
+        "_target_": "xmodal.tokenizers.subword.SubwordTokenizer",
+        "algorithm": "unigram",
+        "vocab_size": 1000,
+    },
+}
+
+
+def make_captions(count: int) -> list[str]:
+    """One shapes-style caption per sample, most of them distinct (1–2 shapes, random attributes)."""
+    rng = np.random.default_rng(1)
+    colours, phrases = list(COLOURS), list(POSITION_PHRASES.values())
+    out = []
+    for _ in range(count):
+        shapes = [
+            f"a {rng.choice(SIZES)} {rng.choice(colours)} {rng.choice(KINDS)} {rng.choice(phrases)}"
+            for _ in range(int(rng.integers(1, 3)))
+        ]
+        out.append(" and ".join(shapes))
+    return out
 
 
 def make_jpegs(count: int, size: int = 64) -> list[bytes]:
@@ -83,8 +115,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--source-size", type=int, default=64, help="side of the stored JPEGs")
     parser.add_argument("--image-size", type=int, default=64, help="side the loader fits them to")
+    parser.add_argument("--tokenizers", default="", help="comma list of word, subword, subword-unigram")
     args = parser.parse_args()
     size, fitted = args.source_size, args.image_size
+    tokenizers = [t for t in args.tokenizers.split(",") if t]
+    unknown = [t for t in tokenizers if t not in TOKENIZERS]
+    if unknown:
+        parser.error(f"--tokenizers: unknown {unknown}; known: {list(TOKENIZERS)}")
+    captions = make_captions(args.samples) if tokenizers else ["a caption"] * args.samples
     # One process = one core, as in a DataLoader worker (which runs torch with one thread too).
     torch.set_num_threads(1)
 
@@ -95,7 +133,7 @@ def main() -> None:
         for start in range(0, args.samples, args.per_shard):
             path = root / f"shard-{start // args.per_shard:06d}.tar"
             rows = [
-                {"__key__": f"s{i:07d}", "jpg": jpegs[i], "txt": b"a caption"}
+                {"__key__": f"s{i:07d}", "jpg": jpegs[i], "txt": captions[i].encode()}
                 for i in range(start, min(start + args.per_shard, args.samples))
             ]
             write_tar_shard(path, rows)
@@ -153,7 +191,7 @@ def main() -> None:
         infos = [ShardInfo(str(p), len(range(0, args.per_shard))) for p in shards]
         infos[-1] = ShardInfo(str(shards[-1]), args.samples - args.per_shard * (len(shards) - 1))
 
-        def training_stream(workers: int) -> ShardStream:
+        def training_stream(workers: int, tokenizer: object) -> ShardStream:
             return ShardStream(
                 infos,
                 "exact",
@@ -163,19 +201,34 @@ def main() -> None:
                 decode=partial(
                     decode_sample, spec=DecodeSpec(required=("image", "text"), image_size=fitted), train=True
                 ),
-                collate=BatchCollate(WordTokenizer.fit(["a caption"]), 16),
+                collate=BatchCollate(tokenizer, 16),
             )
 
-        loader = StreamLoader(training_stream(1), persistent_workers=True)
-        in_process = training_stream(0)
+        def stream_paths(name: str, tokenizer: object, cold: bool) -> list[tuple[str, Callable[[], int]]]:
+            loader = StreamLoader(training_stream(1, tokenizer), persistent_workers=True)
+            in_process = training_stream(0, tokenizer)
 
-        def stream_batches() -> int:
-            return sum(int(batch["valid"].sum()) for batch in loader)
+            def stream_batches() -> int:
+                return sum(int(batch["valid"].sum()) for batch in loader)
 
-        def stream_in_process() -> int:
-            return sum(int(batch["valid"].sum()) for batch in in_process.iter_worker(0))
+            def stream_in_process() -> int:
+                # cold: a fresh tokenizer (empty memo) per round, as in a first epoch
+                stream = training_stream(0, tokenizer_from_state(tokenizer.state())) if cold else in_process
+                return sum(int(batch["valid"].sum()) for batch in stream.iter_worker(0))
 
-        stream_batches()  # start the persistent worker outside the timing
+            stream_batches()  # start the persistent worker outside the timing
+            suffix = f", {name}" if name else ""
+            return [
+                (f"stream → decoded batch, in process{', cold' if cold else ''}{suffix}", stream_in_process),
+                (f"stream → decoded batch, 1 worker{suffix}", stream_batches),
+            ]
+
+        if tokenizers:
+            streams = []
+            for name in tokenizers:
+                streams += stream_paths(name, fit_tokenizer(TOKENIZERS[name], iter(captions), 16), cold=True)
+        else:
+            streams = stream_paths("", WordTokenizer.fit(["a caption"]), cold=False)
 
         extra = [] if size == fitted else [("tar → full-size decode, then resize", full_size_then_resize)]
         rows = timed(
@@ -186,8 +239,7 @@ def main() -> None:
                 ("bare PIL loop (in memory)" + (" + resize" if size != fitted else ""), bare_pil),
                 ("bare libjpeg-turbo loop (in memory)", bare_turbo),
                 ("folder → decoded sample", folder_decoded),
-                ("stream → decoded batch, in process", stream_in_process),
-                ("stream → decoded batch, 1 worker", stream_batches),
+                *streams,
                 *extra,
             ],
             args.repeats,
@@ -198,9 +250,10 @@ def main() -> None:
         f"{args.samples} JPEG samples {size}×{size} fitted to {fitted}×{fitted}, {len(shards)} shards, "
         f"median of {args.repeats} interleaved rounds, 1 process"
     )
-    print(f"{'path':<38}{'samples/s':>12}{'vs bare PIL':>14}{'vs bare turbo':>16}")
+    width = max(38, *(len(name) + 2 for name, _ in rows))
+    print(f"{'path':<{width}}{'samples/s':>12}{'vs bare PIL':>14}{'vs bare turbo':>16}")
     for name, rate in rows:
-        print(f"{name:<38}{rate:>12.0f}{rate / ceiling:>13.2f}×{rate / turbo:>15.2f}×")
+        print(f"{name:<{width}}{rate:>12.0f}{rate / ceiling:>13.2f}×{rate / turbo:>15.2f}×")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

@@ -20,7 +20,6 @@ from xmodal.callbacks.metrics_file import scalar_metrics
 from xmodal.checkpoints import checkpoint_problem
 from xmodal.config import CONFIG_DIR, ConfigError, absolute, register_schemas, validate
 from xmodal.console import print_error
-from xmodal.data.tokenizer import WordTokenizer
 from xmodal.factory import build_datamodule, prepare_data, rich_progress, task_class
 from xmodal.files import write_json_atomic
 from xmodal.registry import RegistryError
@@ -53,7 +52,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         )
     validate(cfg)
     task = load_task(absolute(cfg.ckpt_path))
-    datamodule = build_datamodule(cfg, prepare_data(cfg), tokenizer=WordTokenizer(task.hparams.vocab))
+    datamodule = build_datamodule(cfg, prepare_data(cfg), tokenizer=task.tokenizer)
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=1,

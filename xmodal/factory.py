@@ -40,10 +40,10 @@ from xmodal.data.builtin import BUILTIN_DATASETS
 from xmodal.data.datamodule import DecodeSpec, ShardDataModule, SplitSettings
 from xmodal.data.remote import is_remote
 from xmodal.data.shards import is_pipe
-from xmodal.data.tokenizer import WordTokenizer
 from xmodal.registry import TASKS
 from xmodal.run import RunIdentity, is_launcher, wandb_run_id
 from xmodal.tasks.config import task_config
+from xmodal.tokenizers.base import Tokenizer
 
 log = logging.getLogger("xmodal")
 
@@ -97,7 +97,7 @@ def decode_spec(cfg: DictConfig) -> DecodeSpec:
 
 
 def build_datamodule(
-    cfg: DictConfig, shards_dir: Path, tokenizer: WordTokenizer | None = None
+    cfg: DictConfig, shards_dir: Path, tokenizer: Tokenizer | None = None
 ) -> ShardDataModule:
     return ShardDataModule(
         shards_dir,
@@ -105,7 +105,7 @@ def build_datamodule(
         num_workers=cfg.data.num_workers,
         decode=decode_spec(cfg),
         max_text_len=cfg.data.max_text_len,
-        min_word_count=cfg.data.min_word_count,
+        tokenizer_spec=OmegaConf.to_container(cfg.data.tokenizer, resolve=True),
         tokenizer=tokenizer,
         seed=cfg.seed,
         mode=cfg.data.mode,
@@ -136,11 +136,12 @@ def data_shape(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def build_task(cfg: DictConfig, tokenizer: WordTokenizer) -> L.LightningModule:
-    """Every task is built as ``Task(model, vocab, data)`` from plain dicts, so a checkpoint's
-    hparams alone rebuild it (``Task.load_from_checkpoint(path)``)."""
+def build_task(cfg: DictConfig, tokenizer: Tokenizer) -> L.LightningModule:
+    """Every task is built as ``Task(model, tokenizer, data)`` from plain dicts (``tokenizer``: the
+    tokenizer's JSON-ready state), so a checkpoint's hparams alone rebuild it
+    (``Task.load_from_checkpoint(path)``), whatever the tokenizer."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    return task_class(cfg.model.task)(model, tokenizer.vocab, data_shape(cfg))
+    return task_class(cfg.model.task)(model, tokenizer.state(), data_shape(cfg))
 
 
 def wandb_offline(setting: bool | None) -> bool:

@@ -34,7 +34,6 @@ from xmodal.callbacks.preemption import Preemption
 from xmodal.checkpoints import NoIntactCheckpoint, checkpoint_problem, choose_resume
 from xmodal.config import CONFIG_DIR, ConfigError, absolute, register_schemas, validate, world_size
 from xmodal.console import log_to_file, print_config_tree, print_error, stop_logging_to
-from xmodal.data.tokenizer import WordTokenizer
 from xmodal.drift import check_drift
 from xmodal.factory import (
     build_callbacks,
@@ -54,6 +53,8 @@ from xmodal.run import (
     write_provenance,
 )
 from xmodal.run_lock import RunBusy, RunLock
+from xmodal.tokenizers.base import Tokenizer
+from xmodal.tokenizers.build import tokenizer_from_state
 
 log = logging.getLogger("xmodal")
 
@@ -97,16 +98,17 @@ def check_launch(cfg: DictConfig) -> None:
         )
 
 
-def load_or_fit_tokenizer(run_dir: Path, datamodule: Any) -> WordTokenizer:
-    """A rerun of a run keeps its vocabulary; a new run fits one on the training captions."""
+def load_or_fit_tokenizer(run_dir: Path, datamodule: Any) -> Tokenizer:
+    """A rerun of a run keeps its tokenizer (the state in ``tokenizer.json``; a bare ``{"vocab"}``
+    from older runs is a word tokenizer); a new run fits ``data.tokenizer`` on the training captions."""
     path = run_dir / "tokenizer.json"
     if path.exists():
-        tokenizer = WordTokenizer(json.loads(path.read_text())["vocab"])
+        tokenizer = tokenizer_from_state(json.loads(path.read_text(encoding="utf-8")))
         datamodule.tokenizer = tokenizer
         return tokenizer
     tokenizer = datamodule.build_tokenizer()
     if is_launcher():
-        write_json_atomic(path, {"vocab": tokenizer.vocab})
+        write_json_atomic(path, tokenizer.state())
     return tokenizer
 
 
@@ -136,7 +138,7 @@ def release_process_group() -> None:
 
 
 def test_best_checkpoint(
-    cfg: DictConfig, trainer: L.Trainer, checkpoint: Any, task: Any, tokenizer: WordTokenizer, datamodule: Any
+    cfg: DictConfig, trainer: L.Trainer, checkpoint: Any, task: Any, tokenizer: Tokenizer, datamodule: Any
 ) -> dict[str, float]:
     """Test metrics of the best checkpoint (of the trained weights when none was saved)."""
     best = checkpoint.best_model_path or None

@@ -92,6 +92,8 @@ class ShapesConfig:
     samples_per_shard: int = 1000
     holdout: list[str] = field(default_factory=list)
     """"colour kind" pairs (e.g. "red circle") kept out of train/val/test; they form a "holdout" split."""
+    language: str = "en"
+    """Caption language: ``en`` or ``zh`` (Chinese captions of the same scenes)."""
 
 
 @dataclass
@@ -154,8 +156,14 @@ class DataConfig:
     """Spectrogram frames (10 ms hop) per clip: longer clips are cut, shorter ones padded and masked."""
     max_text_len: int = 32
     """Longest token sequence (including BOS/EOS); longer captions are truncated."""
-    min_word_count: int = 1
-    """Words seen fewer times in the training captions map to <unk>."""
+    tokenizer: dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "xmodal.tokenizers.word.WordTokenizer"}
+    )
+    """The caption tokenizer (conf/data/tokenizer/: ``word``, ``subword``): ``_target_`` names any
+    class of the protocol in xmodal/tokenizers/base.py; ``max_fit_captions`` bounds the training
+    captions its fit reads; every other key is an option of its ``fit`` (word: ``min_count``;
+    subword: ``algorithm``, ``vocab_size``, ``min_count``, ``lowercase``, ``path`` of a saved
+    tokenizer.json). Checkpoints keep the fitted tokenizer's state."""
 
 
 @dataclass

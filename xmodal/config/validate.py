@@ -28,6 +28,7 @@ from xmodal.data.builtin import BUILTIN_DATASETS
 from xmodal.problems import Problems, unknown_keys
 from xmodal.registry import MODALITIES
 from xmodal.tasks.config import model_node_problems, task_config
+from xmodal.tokenizers.build import tokenizer_problems
 
 _NO_KEY = object()
 
@@ -86,6 +87,10 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
         )
     check(d.max_consecutive_failures >= 1, "data.max_consecutive_failures", "must be >= 1")
     check(d.max_text_len >= 4, "data.max_text_len", "must be >= 4")
+    tokenizer = getattr(d, "tokenizer", None)
+    problems += tokenizer_problems(
+        OmegaConf.to_container(tokenizer, resolve=True) if isinstance(tokenizer, DictConfig) else tokenizer
+    )
     if d.shards is None:
         check(
             d.name in BUILTIN_DATASETS,
@@ -101,6 +106,9 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
         "must be >= 16, a multiple of 8",
     )
     check(1 <= s.max_shapes <= 2, "data.shapes.max_shapes", "must be 1 or 2")
+    from xmodal.data.shapes import LANGUAGES
+
+    check(s.language in LANGUAGES, "data.shapes.language", f"must be one of {LANGUAGES}")
     model_problems = model_node_problems(cfg)
     # The model node's roles are only trusted when the node itself is sound (reported either way).
     problems += role_problems(cfg, None if model_problems else task_config(cfg).roles())

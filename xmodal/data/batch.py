@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from xmodal.codecs.pixels import MAX_IMAGE_PIXELS
-from xmodal.data.tokenizer import WordTokenizer
 from xmodal.modalities.base import SampleContext
 from xmodal.modalities.roles import always_decoded_roles, modality_of
+from xmodal.tokenizers.base import Tokenizer
 
 ROLES_FIELD = "__roles__"
 """A decoded sample's (role, modality, how) plan, shared by every sample of a spec; not collated."""
@@ -110,7 +110,7 @@ def _dotted_hint(raw: dict[str, Any], key: str, modality: Any) -> str:
 class BatchCollate:
     """Rows → batch (tokenising the target captions). A plain object so spawned workers can pickle it."""
 
-    def __init__(self, tokenizer: WordTokenizer, max_text_len: int):
+    def __init__(self, tokenizer: Tokenizer, max_text_len: int):
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
 

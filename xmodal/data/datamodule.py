@@ -13,9 +13,11 @@ or carved from train by key hash). Batches: one entry per role, as its modality 
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,13 +26,14 @@ import lightning as L
 
 from xmodal.data.batch import BatchCollate, DecodeSpec, decode_sample, to_model_units
 from xmodal.data.carve import kept
-from xmodal.data.epoch_plan import Topology
+from xmodal.data.epoch_plan import ShardInfo, Topology
 from xmodal.data.loader import StreamLoader
 from xmodal.data.shards import ShardError, iter_shard
 from xmodal.data.splits import DataSplits, SplitSettings, iter_split_records, resolve_splits
 from xmodal.data.stream import ShardStream
-from xmodal.data.tokenizer import WordTokenizer
 from xmodal.modalities.text import sample_captions
+from xmodal.tokenizers.base import Tokenizer
+from xmodal.tokenizers.build import fit_tokenizer, max_fit_captions
 
 __all__ = [
     "BatchCollate",
@@ -56,6 +59,21 @@ def iter_split(shards_dir: Path, split: str, allow_pipe: bool = False) -> Iterat
     )
 
 
+def fit_captions(data: DataSplits, limit: int, allow_pipe: bool = False) -> Iterator[str]:
+    """At most ``limit`` training captions, taken evenly from the head of every train shard (not
+    all from the first shards, which may hold one source or one language); a shard stops being
+    read once its share is taken, so a large dataset is never read whole. A carved train split
+    gives only its own keys' captions (no val/test leakage)."""
+    shards = data.shards("train")
+    share = math.ceil(limit / max(len(shards), 1))
+
+    def of_shard(shard: ShardInfo) -> Iterator[str]:
+        records = kept(iter_shard(shard.url, allow_pipe), shard.keep)
+        return itertools.islice((c for s in records for c in sample_captions(s)), share)
+
+    return itertools.islice(itertools.chain.from_iterable(of_shard(s) for s in shards), limit)
+
+
 class ShardDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -64,8 +82,8 @@ class ShardDataModule(L.LightningDataModule):
         num_workers: int,
         decode: DecodeSpec,
         max_text_len: int,
-        min_word_count: int = 1,
-        tokenizer: WordTokenizer | None = None,
+        tokenizer_spec: Mapping[str, Any] | None = None,
+        tokenizer: Tokenizer | None = None,
         seed: int = 0,
         mode: str = "exact",
         samples_per_epoch: int | None = None,
@@ -83,7 +101,7 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.decode = decode
         self.max_text_len = max_text_len
-        self.min_word_count = min_word_count
+        self.tokenizer_spec = dict(tokenizer_spec or {})  # data.tokenizer (default: word tokenizer)
         self.tokenizer = tokenizer
         self.seed = seed
         self.mode = mode
@@ -105,11 +123,12 @@ class ShardDataModule(L.LightningDataModule):
         """Raw records of one split, in shard order (a carved split: only its keys)."""
         return iter_split_records(self.data, split, self.allow_pipe)
 
-    def build_tokenizer(self) -> WordTokenizer:
-        """Fit the word vocabulary on the training captions only (no val/test leakage)."""
-        samples = self.iter_split("train")
-        captions = (c for sample in samples for c in sample_captions(sample))
-        self.tokenizer = WordTokenizer.fit(captions, self.min_word_count)
+    def build_tokenizer(self) -> Tokenizer:
+        """Fit ``data.tokenizer`` on a bounded sample of the training captions only (no val/test
+        leakage)."""
+        limit = max_fit_captions(self.tokenizer_spec)
+        captions = fit_captions(self.data, limit, self.allow_pipe)
+        self.tokenizer = fit_tokenizer(self.tokenizer_spec, captions, self.max_text_len)
         return self.tokenizer
 
     def setup(self, stage: str) -> None:

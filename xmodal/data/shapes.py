@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import wave
 import zlib
 from collections.abc import Callable, Sequence
@@ -81,6 +82,32 @@ POSITION_PHRASES: dict[str, str] = {
 }
 MODALITIES: tuple[str, ...] = ("image", "text", "attributes", "audio")
 
+LANGUAGES: tuple[str, ...] = ("en", "zh")
+# Chinese captions (``language="zh"``): a small vocabulary of colours, kinds, sizes and positions.
+# Every template writes the colour right before the kind (红色圆形, 红色的圆形), so the shapes a
+# caption names can be read back (:func:`zh_shape_mentions`).
+ZH_COLOURS: dict[str, str] = {
+    "red": "红色",
+    "green": "绿色",
+    "blue": "蓝色",
+    "yellow": "黄色",
+    "purple": "紫色",
+    "white": "白色",
+}
+ZH_KINDS: dict[str, str] = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "diamond": "菱形"}
+ZH_SIZES: dict[str, str] = {"small": "小", "large": "大"}
+ZH_POSITIONS: dict[str, str] = {
+    "top left": "左上角",
+    "top": "上方",
+    "top right": "右上角",
+    "left": "左边",
+    "center": "中间",
+    "right": "右边",
+    "bottom left": "左下角",
+    "bottom": "下方",
+    "bottom right": "右下角",
+}
+
 # Audio code (see the module docstring): disjoint bands, all < 7 kHz.
 KIND_HZ: dict[str, float] = {"circle": 300.0, "square": 450.0, "triangle": 600.0, "diamond": 750.0}
 COLOUR_HZ: dict[str, float] = {c: 1100.0 + 300.0 * i for i, c in enumerate(COLOURS)}
@@ -127,6 +154,8 @@ class ShapesSpec:
         holdout: "colour kind" pairs (e.g. ``("red circle",)``) that never occur in train/val/test;
             when non-empty an extra split "holdout" of ``n_test`` samples is generated, in which
             every image holds at least one held-out pair. Stored normalised (lowercase, sorted).
+        language: caption language, ``en`` or ``zh``; scenes, images and audio do not depend on
+            it. Left out of :meth:`to_dict` when ``en``, so English specs keep their fingerprint.
     """
 
     n_train: int = 8000
@@ -139,6 +168,7 @@ class ShapesSpec:
     sample_rate: int = 16000
     samples_per_shard: int = 1000
     holdout: tuple[str, ...] = ()
+    language: str = "en"
 
     def __post_init__(self) -> None:
         # Coerce what configs hand us (lists, ints for floats) so equal specs compare and hash equal.
@@ -147,6 +177,7 @@ class ShapesSpec:
         for name in ("n_train", "n_val", "n_test", "seed", "image_size", "max_shapes", "sample_rate"):
             object.__setattr__(self, name, int(getattr(self, name)))
         object.__setattr__(self, "samples_per_shard", int(self.samples_per_shard))
+        object.__setattr__(self, "language", str(self.language))
         self._validate()
 
     def _validate(self) -> None:
@@ -164,6 +195,8 @@ class ShapesSpec:
             problems.append(f"sample_rate must exceed {2 * top_hz:.0f} Hz (tones reach {top_hz:.0f} Hz)")
         if self.samples_per_shard < 1:
             problems.append("samples_per_shard must be >= 1")
+        if self.language not in LANGUAGES:
+            problems.append(f"language must be one of {LANGUAGES}, got {self.language!r}")
         all_pairs = {f"{c} {k}" for c in COLOURS for k in KINDS}
         unknown = [p for p in self.holdout if p not in all_pairs]
         if unknown:
@@ -185,7 +218,14 @@ class ShapesSpec:
         return cls(**dict(values))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (tuples become lists)."""
+        """JSON-ready fields (tuples become lists); ``language`` only when not the default ``en``
+        (the fingerprint and ``sizes.json`` of English datasets are those from before it existed)."""
+        values = self.all_fields()
+        if self.language == "en":
+            del values["language"]
+        return values
+
+    def all_fields(self) -> dict[str, Any]:
         values = asdict(self)
         values["holdout"] = list(self.holdout)
         return values
@@ -325,19 +365,71 @@ _ALTERNATIVES: tuple[Callable[[Sequence[Shape]], str], ...] = (
 )
 
 
-def captions(scene: Sequence[Shape], rng: np.random.Generator) -> list[str]:
+def _zh(s: Shape) -> tuple[str, str, str, str]:
+    """(position, size, colour, kind) of a shape in Chinese."""
+    return ZH_POSITIONS[s.position], ZH_SIZES[s.size], ZH_COLOURS[s.colour], ZH_KINDS[s.kind]
+
+
+def _zh_join(shapes: Sequence[Shape], phrase: Callable[[str, str, str, str], str]) -> str:
+    return "，".join(phrase(*_zh(s)) for s in shapes)
+
+
+def _canonical_zh(shapes: Sequence[Shape]) -> str:
+    return _zh_join(shapes, lambda p, z, c, k: f"{p}有一个{z}的{c}{k}")  # 左上角有一个小的红色圆形
+
+
+_ALTERNATIVES_ZH: tuple[Callable[[Sequence[Shape]], str], ...] = (
+    lambda ss: "图中" + _canonical_zh(ss),
+    lambda ss: _zh_join(ss, lambda p, z, c, k: f"一个{z}的{c}{k}在{p}"),
+    lambda ss: _zh_join(ss, lambda p, z, c, k: f"{p}是一个{z}{c}{k}"),
+    lambda ss: "这张图片里" + _canonical_zh(ss),
+    lambda ss: _zh_join(ss, lambda p, z, c, k: f"{p}有一个{c}{k}，它是{z}的"),
+    lambda ss: _zh_join(ss, lambda p, z, c, k: f"在{p}有一个{z}的{c}{k}"),
+)
+_ZH_MENTION = re.compile(f"({'|'.join(ZH_COLOURS.values())})的?({'|'.join(ZH_KINDS.values())})")
+
+
+def zh_shape_mentions(caption: str) -> list[tuple[str, str]]:
+    """The (colour, kind) pairs a Chinese caption names, in English and in order:
+    ``"左上角有一个小的红色圆形"`` → ``[("red", "circle")]`` (for key-word accuracy)."""
+    colour = {v: k for k, v in ZH_COLOURS.items()}
+    kind = {v: k for k, v in ZH_KINDS.items()}
+    return [(colour[c], kind[k]) for c, k in _ZH_MENTION.findall(caption)]
+
+
+def zh_keyword_accuracy(
+    hypotheses: Sequence[str], scenes: Sequence[Sequence[tuple[str, str]]]
+) -> dict[str, float]:
+    """Key-word accuracy of Chinese captions against their scenes' ``(colour, kind)`` lists: the
+    fraction of captions that name exactly the scene's colours (``colour``), kinds (``kind``), and
+    colour–kind pairs (``pair``), each compared as a multiset (a caption may list shapes in either
+    order). Chance for one shape: 1/6, 1/4, 1/24."""
+    hits = {"colour": 0, "kind": 0, "pair": 0}
+    for hypothesis, truth in zip(hypotheses, scenes, strict=True):
+        named = zh_shape_mentions(hypothesis)
+        hits["colour"] += sorted(c for c, _ in named) == sorted(c for c, _ in truth)
+        hits["kind"] += sorted(k for _, k in named) == sorted(k for _, k in truth)
+        hits["pair"] += sorted(named) == sorted(tuple(p) for p in truth)
+    return {name: count / max(len(hypotheses), 1) for name, count in hits.items()}
+
+
+def captions(scene: Sequence[Shape], rng: np.random.Generator, language: str = "en") -> list[str]:
     """3–5 distinct lowercase captions; the first is canonical (row-major order, fixed template).
 
     The others are drawn from alternative templates applied to the canonical order and, for
     several shapes, to the reversed order (which also gives a reversed canonical caption).
+    ``language="zh"``: the same, from Chinese templates (same draws from ``rng``).
     """
     if not scene:
         raise ValueError("a scene needs at least one shape")
-    canonical = _canonical(scene)
+    canonical_of, alternatives = (
+        (_canonical_zh, _ALTERNATIVES_ZH) if language == "zh" else (_canonical, _ALTERNATIVES)
+    )
+    canonical = canonical_of(scene)
     orders = [list(scene)] + ([list(reversed(scene))] if len(scene) > 1 else [])
-    pool = [template(order) for order in orders for template in _ALTERNATIVES]
+    pool = [template(order) for order in orders for template in alternatives]
     if len(scene) > 1:
-        pool.append(_canonical(orders[1]))
+        pool.append(canonical_of(orders[1]))
     pool = [c for c in dict.fromkeys(pool) if c != canonical]  # dedupe, keep order (determinism)
     extra = int(rng.integers(2, 5))  # 2..4 extra → 3..5 captions in all
     picks = rng.choice(len(pool), size=min(extra, len(pool)), replace=False)
@@ -415,7 +507,7 @@ def make_sample(spec: ShapesSpec, split: str, index: int) -> dict[str, bytes | s
         raise ValueError("split 'holdout' exists only for a spec with holdout pairs")
     rng = sample_rng(spec, split, index)
     scene = sample_scene(rng, spec, require_holdout=split == HOLDOUT_SPLIT)
-    caps = captions(scene, rng)
+    caps = captions(scene, rng, spec.language)
     png = io.BytesIO()
     # Level 1: 2.5× faster than the default and no bigger, since the noise is incompressible anyway.
     render_image(scene, spec.image_size).save(png, format="PNG", compress_level=1)
@@ -438,8 +530,8 @@ def _spec_differences(stored: Any, spec: ShapesSpec) -> list[str]:
             return []
     except (TypeError, ValueError) as error:
         return [f"stored spec is not valid ({error})"]
-    wanted = spec.to_dict()
-    normalised = ShapesSpec.from_dict(stored).to_dict()
+    wanted = spec.all_fields()
+    normalised = ShapesSpec.from_dict(stored).all_fields()
     return [
         f"{k} (stored {normalised[k]!r}, requested {v!r})" for k, v in wanted.items() if normalised[k] != v
     ]

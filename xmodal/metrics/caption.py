@@ -11,7 +11,12 @@ Own implementations, pure Python, because the usual ones each have a trap (gener
   σ = 6, clipped tf-idf vectors, ×10, IDF from the evaluated references — so it is a corpus
   metric and must be computed once over the whole split (one image alone scores 0).
 
-Inputs are whitespace-tokenised strings: ``hypotheses[i]`` and its references ``references[i]``.
+Inputs are whitespace-tokenised strings: ``hypotheses[i]`` and its references ``references[i]``;
+:func:`metric_tokens` makes them from raw text in any language, consistently: words as the word
+tokenizer sees them (NFKC, casefold, punctuation dropped) and Han, Kana and Hangul one character
+per token, as sacrebleu's ``zh`` tokenizer splits Chinese (xmodal/tokenizers/text.py). So a
+caption in any script is scored on the same units whatever tokenizer the model used, and a perfect
+Chinese caption scores 1.0, not 0 (a whole unspaced sentence would otherwise be one "word").
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
+from xmodal.tokenizers.text import words
+
 NGram = tuple[str, ...]
+
+
+def metric_tokens(text: str) -> str:
+    """Raw caption text → the whitespace-tokenised string the metrics score
+    (``"一只红色的圆形"`` → ``"一 只 红 色 的 圆 形"``; ``"A red Circle."`` → ``"a red circle"``)."""
+    return " ".join(words(text))
 
 
 def ngrams(words: Sequence[str], n: int) -> Counter[NGram]:

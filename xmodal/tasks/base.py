@@ -1,8 +1,8 @@
 """The task protocol: what every xmodal task (built-in or plug-in) implements and inherits.
 
-A task is a LightningModule built as ``Task(model, vocab, data)`` from plain dicts (the ``model``
-config node, the tokenizer's vocabulary, the data shape of ``xmodal.factory.data_shape``), all
-saved as hyperparameters, so a checkpoint alone rebuilds it. Besides Lightning's own hooks
+A task is a LightningModule built as ``Task(model, tokenizer, data)`` from plain dicts (the
+``model`` config node, the tokenizer's state from xmodal/tokenizers/, the data shape of
+``xmodal.factory.data_shape``), all saved as hyperparameters, so a checkpoint alone rebuilds it. Besides Lightning's own hooks
 (``training_step``, ``validation_step``, ``test_step``, ``configure_optimizers``) a task says:
 
 - ``config_class``: its typed ``model`` node (a :class:`~xmodal.tasks.config.TaskConfig`);

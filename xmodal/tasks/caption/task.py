@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from xmodal.data.tokenizer import WordTokenizer, normalize
 from xmodal.images import SampleSet, caption_grid
-from xmodal.metrics.caption import caption_scores
+from xmodal.metrics.caption import caption_scores, metric_tokens
 from xmodal.modalities.roles import modality_of
 from xmodal.nn.audio import LogMelEncoder
 from xmodal.nn.image import ConvImageEncoder, FactorizedImageEncoder
@@ -32,6 +31,7 @@ from xmodal.tasks.caption.config import CaptionConfig
 from xmodal.tasks.caption.parallelize import parallelize_caption
 from xmodal.tasks.generation import flag_of, only_inputs, role_inputs
 from xmodal.tasks.schedule import with_warmup_cosine
+from xmodal.tokenizers.build import task_tokenizer
 
 DECODING_OPTIONS = ("beam_size", "length_penalty", "min_decode_len", "max_decode_len", "decode_cache")
 
@@ -40,25 +40,37 @@ class CaptionTask(XmodalTask):
     """Image → text or audio → text captioner (``model.source`` picks the encoder).
 
     ``model`` is the ``model`` config node as a plain dict (typed as :class:`CaptionConfig`),
-    ``vocab`` the tokenizer's vocabulary and ``data`` the data shape; all are saved as
-    hyperparameters, so a checkpoint alone rebuilds the captioner and its tokenizer
-    (``CaptionTask.load_from_checkpoint(path)``), including nets given by ``_target_``.
+    ``tokenizer`` the tokenizer's state (xmodal/tokenizers/base.py) and ``data`` the data shape; all
+    are saved as hyperparameters, so a checkpoint alone rebuilds the captioner and its tokenizer
+    (``CaptionTask.load_from_checkpoint(path)``), including nets given by ``_target_``. ``vocab``:
+    what checkpoints written before tokenizer plug-ins hold instead of ``tokenizer`` (a word
+    vocabulary); they load, and are saved again with the state.
     """
 
     config_class = CaptionConfig
     tests_holdout = True
 
-    def __init__(self, model: dict[str, Any], vocab: list[str], data: dict[str, Any]):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        tokenizer: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+        *,
+        vocab: list[str] | None = None,
+    ):
         super().__init__()
-        self.save_hyperparameters()
+        if data is None:
+            raise TypeError("CaptionTask needs data= (the data shape of xmodal.factory.data_shape)")
+        self.tokenizer = task_tokenizer(tokenizer, vocab)
+        self.save_hyperparameters(ignore=["vocab"])
+        self.hparams["tokenizer"] = self.tokenizer.state()  # also for a checkpoint that held a vocab
         self.cfg = cfg = CaptionConfig.from_node(model)
-        self.tokenizer = WordTokenizer(vocab)
         self.source, self.target = cfg.source, cfg.target
         self.encoder: nn.Module = build_slot(cfg.encoder, lambda: self.default_encoder(cfg, data))
         self.decoder = build_slot(
             cfg.decoder,
             lambda: TransformerTextDecoder(
-                vocab_size=len(vocab),
+                vocab_size=len(self.tokenizer),
                 d_model=cfg.d_model,
                 layers=cfg.decoder_layers,
                 heads=cfg.heads,
@@ -210,7 +222,8 @@ class CaptionTask(XmodalTask):
             batch["__key__"], hypotheses, batch["captions"], valid.tolist(), strict=True
         ):
             if keep:
-                self.eval_rows.append((str(key), hyp, [" ".join(normalize(r)) for r in refs]))
+                # Both sides in the metrics' units, whatever the model's tokenizer (CJK: characters).
+                self.eval_rows.append((str(key), metric_tokens(hyp), [metric_tokens(r) for r in refs]))
         if self.is_last_eval_batch(batch_idx):
             self._log_caption_metrics(stage)
 

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from xmodal.data.tokenizer import WordTokenizer
 from xmodal.images import SampleSet, caption_grid, image_grid
 from xmodal.nn.gan import build_gan_nets
 from xmodal.tasks.adversarial import (
@@ -37,6 +36,7 @@ from xmodal.tasks.gan.config import GanModelConfig
 from xmodal.tasks.gan.ema import update_ema
 from xmodal.tasks.gan.parallelize import parallelize_gan
 from xmodal.tasks.generation import write_conditional_samples
+from xmodal.tokenizers.build import task_tokenizer
 
 SAMPLE_SEED = 1234
 """Seed of the fixed noise bank behind every validation sample grid."""
@@ -66,8 +66,9 @@ class AdversarialTask(GuardedSteps, XmodalTask):
     """GAN over ``batch[model.target]`` (images), conditioned on ``model.condition`` (none, label,
     text, audio).
 
-    ``model``, ``vocab`` and ``data`` as for every task (plain dicts, saved as hyperparameters;
-    ``model`` is typed as :class:`GanModelConfig`). ``model.generator`` / ``model.discriminator``
+    ``model``, ``tokenizer`` (its state) and ``data`` as for every task (plain dicts, saved as
+    hyperparameters; ``model`` is typed as :class:`GanModelConfig`; ``vocab``: what older
+    checkpoints hold instead of ``tokenizer``). ``model.generator`` / ``model.discriminator``
     ``_target_`` slots swap the DCGAN nets for any pair called as ``G(z, batch)`` and
     ``D(x, batch) -> logits [B]`` (saved, so checkpoints rebuild them); ``nets=(G, D)`` does the
     same from Python (not saved: pass them again to ``load_from_checkpoint``).
@@ -81,20 +82,25 @@ class AdversarialTask(GuardedSteps, XmodalTask):
     def __init__(
         self,
         model: dict[str, Any],
-        vocab: list[str],
-        data: dict[str, Any],
+        tokenizer: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
         nets: tuple[nn.Module, nn.Module] | None = None,
+        *,
+        vocab: list[str] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["nets"])
+        if data is None:
+            raise TypeError("AdversarialTask needs data= (the data shape of xmodal.factory.data_shape)")
+        self.tokenizer = task_tokenizer(tokenizer, vocab)
+        self.save_hyperparameters(ignore=["nets", "vocab"])
+        self.hparams["tokenizer"] = self.tokenizer.state()  # also for a checkpoint that held a vocab
         self.automatic_optimization = False
         self.cfg = GanModelConfig.from_node(model)
         self.gan = self.cfg.gan
         self.target = self.cfg.target
         self.conditional = self.cfg.condition != "none"
-        self.tokenizer = WordTokenizer(vocab)
         if nets is None:
-            nets = build_gan_nets(self.cfg, len(vocab), self.tokenizer.pad_id, data)
+            nets = build_gan_nets(self.cfg, len(self.tokenizer), self.tokenizer.pad_id, data)
         self.generator, self.discriminator = nets
         self.ema: nn.Module | None = None
         if self.gan.ema_decay > 0:

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from xmodal.data.tokenizer import WordTokenizer
 from xmodal.images import SampleSet, image_grid
 from xmodal.metrics.translation import TranslationMetrics
 from xmodal.modalities.roles import modality_of
@@ -35,6 +34,7 @@ from xmodal.tasks.base import GenerateError, XmodalTask, condition_names, to_dev
 from xmodal.tasks.generation import flag_of, only_inputs, role_inputs, write_images
 from xmodal.tasks.translation.config import TranslationConfig
 from xmodal.tasks.translation.parallelize import parallelize_translation
+from xmodal.tokenizers.build import task_tokenizer
 
 
 def per_row(values: torch.Tensor) -> torch.Tensor:
@@ -61,16 +61,21 @@ class TranslationTask(GuardedSteps, XmodalTask):
     def __init__(
         self,
         model: dict[str, Any],
-        vocab: list[str],
-        data: dict[str, Any],
+        tokenizer: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
         nets: tuple[nn.Module, nn.Module] | None = None,
+        *,
+        vocab: list[str] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["nets"])
+        if data is None:
+            raise TypeError("TranslationTask needs data= (the data shape of xmodal.factory.data_shape)")
+        self.tokenizer = task_tokenizer(tokenizer, vocab)  # xmodal-generate collates its inputs with it
+        self.save_hyperparameters(ignore=["nets", "vocab"])
+        self.hparams["tokenizer"] = self.tokenizer.state()
         self.automatic_optimization = False
         self.cfg = cfg = TranslationConfig.from_node(model)
         self.source, self.target = cfg.source, cfg.target
-        self.tokenizer = WordTokenizer(vocab)  # xmodal-generate collates its inputs with it
         if nets is None:
             channels = data["image_channels"]
             nets = (

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from xmodal.data.tokenizer import WordTokenizer
 from xmodal.images import SampleSet, caption_grid, image_grid, spectrogram_images
 from xmodal.metrics.likelihood import (
     ActiveUnits,
@@ -49,6 +48,7 @@ from xmodal.tasks.generation import write_conditional_samples
 from xmodal.tasks.schedule import with_warmup_cosine
 from xmodal.tasks.vae.config import VaeModelConfig
 from xmodal.tasks.vae.parallelize import parallelize_vae
+from xmodal.tokenizers.build import task_tokenizer
 
 SCALARS = ("nll", "neg_elbo", "recon", "kl", "nll_bpd", "neg_elbo_bpd")
 EVAL_ROWS_PER_PASS = 1024
@@ -117,26 +117,37 @@ class VaeTask(XmodalTask):
     ``[B, 1, M, T]`` log-mels).
 
     ``model`` is the ``model`` config node as a plain dict (typed as :class:`VaeModelConfig`),
-    ``vocab`` the tokenizer vocabulary (text conditions), ``data`` the data shape; all saved as
-    hyperparameters, so ``VaeTask.load_from_checkpoint(path)`` rebuilds it (``model.encoder`` /
+    ``tokenizer`` the tokenizer's state (text conditions), ``data`` the data shape; all saved as
+    hyperparameters (``vocab``: what older checkpoints hold instead of ``tokenizer``), so
+    ``VaeTask.load_from_checkpoint(path)`` rebuilds it (``model.encoder`` /
     ``model.decoder`` ``_target_`` nets included).
     """
 
     config_class = VaeModelConfig
 
-    def __init__(self, model: dict[str, Any], vocab: list[str], data: dict[str, Any]):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        tokenizer: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
+        *,
+        vocab: list[str] | None = None,
+    ):
         super().__init__()
-        self.save_hyperparameters()
+        if data is None:
+            raise TypeError("VaeTask needs data= (the data shape of xmodal.factory.data_shape)")
+        self.tokenizer = task_tokenizer(tokenizer, vocab)
+        self.save_hyperparameters(ignore=["vocab"])
+        self.hparams["tokenizer"] = self.tokenizer.state()  # also for a checkpoint that held a vocab
         self.cfg = cfg = VaeModelConfig.from_node(model)
         self.vae = cfg.vae
         self.target = cfg.target
         self.likelihood = self.vae.likelihood
         self.shape = self.target_shape(self.target, data)  # (C, H, W)
         self.dims = math.prod(self.shape)
-        self.tokenizer = WordTokenizer(vocab)
         self.condition = build_condition_encoder(
             cfg,
-            len(vocab),
+            len(self.tokenizer),
             self.tokenizer.pad_id,
             data["max_text_len"],
             data.get("audio_mels", 64),
