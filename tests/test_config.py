@@ -62,7 +62,7 @@ def test_every_group_option_composes_on_cpu(group, option):
         (["data.shapes.image_size=60"], "data.shapes.image_size: must be >= 16, a multiple of 8"),
         (["model.d_model=130"], "model.d_model: must divide by model.heads=4"),
         (["logger.kind=tensorboard"], "logger.kind: must be one of"),
-        (["data.name=coco"], "data.name: is not a built-in dataset (built-in: ('shapes', 'mnist'))"),
+        (["data.name=coco"], "data.name: is not a built-in dataset (built-in: ('shapes', 'mnist', 'shapes_pairs'))"),
         (["model.source=label"], "model.source: has no built-in encoder for modality 'label'"),
         (
             ["model.source=smell"],
