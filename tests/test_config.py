@@ -78,7 +78,7 @@ def test_every_group_option_composes_on_cpu(group, option):
         # The task family is chosen with its node (model=gan): a caption node renamed to another
         # family carries keys that family does not have, and each is named.
         (["model.task=gan"], "model.encoder_channels: not a config key of GanModelConfig"),
-        (["model.task=nosuch"], "model.task: unknown task 'nosuch' (registered: caption, gan, vae;"),
+        (["model.task=nosuch"], "model.task: unknown task 'nosuch' (registered: caption, gan, translation, vae;"),
         (["model.task=nosuch.module:Task"], "model.task: cannot import 'nosuch.module:Task'"),
         (["model.image_encoder=vit"], "model.image_encoder: must be one of ('conv', 'factorized')"),
         (["model.token_dropout=1.0"], "model.token_dropout: must be in [0, 1)"),
