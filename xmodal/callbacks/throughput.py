@@ -2,9 +2,10 @@
 
 - ``perf/samples_per_s``: training samples per second over all ranks, between logged steps;
 - ``perf/flops_per_step``: FLOPs of one whole training step (forward, backward; the GAN's D and G
-  steps together) summed over ranks, counted once by ``torch.utils.flop_counter.FlopCounterMode``
-  on the step after the first (the first carries one-off set-up work). It counts matmuls,
-  convolutions and attention, as MFU conventions do, not element-wise work;
+  steps together) summed over ranks, counted once with torch's own FLOP formulas
+  (``torch.utils.flop_counter.flop_registry``) on the step after the first (the first carries
+  one-off set-up work). It counts matmuls, convolutions and attention, as MFU conventions do, not
+  element-wise work;
 - ``perf/mfu``: achieved FLOP/s per device over the device's dense bf16/fp16 tensor-core peak, on a
   known GPU under 16-bit precision only (other precisions or CPUs have no comparable peak).
 """
@@ -16,7 +17,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendors' data sheets, FLOP/s.
 PEAK_16BIT_FLOPS = {
@@ -38,6 +40,26 @@ def device_peak_flops(precision: str) -> float | None:
     return next((peak for key, peak in PEAK_16BIT_FLOPS.items() if key in name), None)
 
 
+class FlopCount(TorchDispatchMode):
+    """Total FLOPs of the aten ops run inside it, by torch's FLOP formulas.
+
+    Not ``FlopCounterMode``: its per-module tracker hooks autograd's engine, and a gradient
+    penalty's ``autograd.grad`` inside the counted step (WGAN-GP) then fails with "A leaf node was
+    passed to _will_engine_execute_node"; a total needs no module breakdown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
 def batch_rows(batch: Any) -> int:
     if isinstance(batch, dict):
         if "__key__" in batch:
@@ -51,13 +73,13 @@ class Throughput(L.Callback):
     def __init__(self, count_at_batch: int = 1):
         self.count_at_batch = count_at_batch
         self.flops_per_step: float | None = None
-        self._counter: FlopCounterMode | None = None
+        self._counter: FlopCount | None = None
         self._window: tuple[float, int] | None = None  # (start time, rows since)
         self._batches = 0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.flops_per_step is None and self._batches == self.count_at_batch:
-            self._counter = FlopCounterMode(display=False)
+            self._counter = FlopCount()
             self._counter.__enter__()
 
     def on_train_batch_end(
@@ -67,7 +89,7 @@ class Throughput(L.Callback):
         self._batches += 1
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
-            self.flops_per_step = float(self._counter.get_total_flops()) * trainer.world_size
+            self.flops_per_step = float(self._counter.total) * trainer.world_size
             self._counter = None
             self._window = None  # the counted step ran slowly: time from the next one
             return
