@@ -18,4 +18,5 @@ def test_quickstart_notebook_executes(tmp_path):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the sample grid is displayed
-    assert list(tmp_path.glob("outputs/shapes_caption/*/checkpoints/last.ckpt"))
+    # On its own shards the run is filed under caption_<data dir> (experiment_name follows the data).
+    assert list(tmp_path.glob("outputs/caption_quickstart/*/checkpoints/last.ckpt"))
