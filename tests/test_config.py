@@ -62,7 +62,10 @@ def test_every_group_option_composes_on_cpu(group, option):
         (["data.shapes.image_size=60"], "data.shapes.image_size: must be >= 16, a multiple of 8"),
         (["model.d_model=130"], "model.d_model: must divide by model.heads=4"),
         (["logger.kind=tensorboard"], "logger.kind: must be one of"),
-        (["data.name=coco"], "data.name: is not a built-in dataset (built-in: ('shapes', 'mnist', 'shapes_pairs'))"),
+        (
+            ["data.name=coco"],
+            "data.name: is not a built-in dataset (built-in: ('shapes', 'mnist', 'shapes_pairs'))",
+        ),
         (["model.source=label"], "model.source: has no built-in encoder for modality 'label'"),
         (
             ["model.source=smell"],
@@ -78,7 +81,10 @@ def test_every_group_option_composes_on_cpu(group, option):
         # The task family is chosen with its node (model=gan): a caption node renamed to another
         # family carries keys that family does not have, and each is named.
         (["model.task=gan"], "model.encoder_channels: not a config key of GanModelConfig"),
-        (["model.task=nosuch"], "model.task: unknown task 'nosuch' (registered: caption, gan, translation, vae;"),
+        (
+            ["model.task=nosuch"],
+            "model.task: unknown task 'nosuch' (registered: caption, gan, translation, vae;",
+        ),
         (["model.task=nosuch.module:Task"], "model.task: cannot import 'nosuch.module:Task'"),
         (["model.image_encoder=vit"], "model.image_encoder: must be one of ('conv', 'factorized')"),
         (["model.token_dropout=1.0"], "model.token_dropout: must be in [0, 1)"),

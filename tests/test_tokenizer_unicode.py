@@ -12,6 +12,7 @@ import pytest
 from xmodal.data.datamodule import fit_captions
 from xmodal.data.shapes import ShapesSpec, make_sample
 from xmodal.data.shards import write_sizes, write_tar_shard
+from xmodal.data.splits import SplitSettings, resolve_splits
 from xmodal.metrics.caption import caption_scores, corpus_bleu, metric_tokens
 from xmodal.tokenizers.build import EmptyCaptionWarning, fit_tokenizer, tokenizer_from_state
 from xmodal.tokenizers.text import join_words, words
@@ -113,6 +114,11 @@ def test_fit_captions_spread_the_bound_over_every_train_shard(tmp_path):
         rows = [{"__key__": f"s{shard}-{i:03d}", "txt": f"shard{shard} {i}".encode()} for i in range(20)]
         sizes[f"shard-{shard}.tar"] = write_tar_shard(tmp_path / "train" / f"shard-{shard}.tar", rows)
     write_sizes(tmp_path, {"splits": {"train": sizes}})
-    taken = list(fit_captions(tmp_path, limit=9))
+    data = resolve_splits(tmp_path, SplitSettings(val_fraction=0, test_fraction=0))  # train only
+    taken = list(fit_captions(data, limit=9))
     assert [c.split()[0] for c in taken] == ["shard0"] * 3 + ["shard1"] * 3 + ["shard2"] * 3
-    assert len(list(fit_captions(tmp_path, limit=1000))) == 60  # a small dataset is read whole
+    assert len(list(fit_captions(data, limit=1000))) == 60  # a small dataset is read whole
+    # A carved train split gives only its own keys' captions: no val/test caption in the vocabulary.
+    carved = resolve_splits(tmp_path, SplitSettings(val_fraction=0.3, test_fraction=0.2))
+    kept_keys = set(fit_captions(carved, limit=1000))  # captions are unique per key here
+    assert len(kept_keys) == carved.size("train") < 60
