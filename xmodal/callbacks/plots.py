@@ -75,10 +75,12 @@ class MetricPlots(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
         every = max(trainer.log_every_n_steps, 1)
-        if not trainer.is_global_zero or trainer.global_step % every:
+        if trainer.global_step % every:
             return
+        # Read on every rank, written by rank zero: reading callback_metrics may compute synced
+        # metrics, a collective that would hang DDP if rank zero alone ran it (as in MetricsFile).
         losses = {k: v for k, v in scalar_metrics(trainer.callback_metrics, "train/").items() if "loss" in k}
-        if losses:
+        if losses and trainer.is_global_zero:
             self.train_file.parent.mkdir(parents=True, exist_ok=True)
             with open(self.train_file, "a") as f:
                 f.write(json.dumps({"step": trainer.global_step, **losses}, sort_keys=True) + "\n")
