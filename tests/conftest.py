@@ -7,8 +7,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 NETBLOCK = Path(__file__).parent / "netblock"
 sys.path.insert(0, str(NETBLOCK))
@@ -62,3 +66,15 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Comp
     """Run an xmodal console script as a user would, capturing its output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def checkpoint_tensors(path: Path) -> list[tuple[str, torch.Tensor]]:
+    """Every floating tensor of a checkpoint: weights, buffers, optimizer states."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    named = list(ckpt["state_dict"].items())
+    for i, opt in enumerate(ckpt.get("optimizer_states", [])):
+        for j, state in opt["state"].items():
+            named += [(f"opt{i}.{j}.{k}", v) for k, v in state.items()]
+    return [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]

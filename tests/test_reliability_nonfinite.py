@@ -3,8 +3,6 @@ ever holds a non-finite tensor or a diverged state; stops by signal exit 3 (issu
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -25,16 +23,6 @@ SMALL_CAPTIONER = ["model.d_model=32", "model.encoder_channels=[16,32]", "model.
 def clean_env(monkeypatch):
     for var in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_PROCID", RUN_ID_ENV):
         monkeypatch.delenv(var, raising=False)
-
-
-def checkpoint_tensors(path: Path) -> list[tuple[str, torch.Tensor]]:
-    """Every floating tensor of a checkpoint: weights, buffers, optimizer states."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    named = list(ckpt["state_dict"].items())
-    for i, opt in enumerate(ckpt.get("optimizer_states", [])):
-        for j, state in opt["state"].items():
-            named += [(f"opt{i}.{j}.{k}", v) for k, v in state.items()]
-    return [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def test_a_diverging_captioner_stops_with_exit_4_and_saves_no_checkpoint(tiny, tmp_path):

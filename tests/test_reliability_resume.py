@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, checkpoint_tensors, run_cli
 from xmodal.callbacks.nonfinite import NonFiniteStop
 from xmodal.checkpoints import (
     NoIntactCheckpoint,
@@ -256,16 +256,6 @@ def test_checkpoint_writes_stay_beside_their_target_and_leave_no_partial_file(tm
 
 
 # ----------------------------------------------------------------------------- non-finite, stops
-def checkpoint_tensors(path: Path) -> list[tuple[str, torch.Tensor]]:
-    """Every floating tensor of a checkpoint: weights, buffers, optimizer states."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    named = list(ckpt["state_dict"].items())
-    for i, opt in enumerate(ckpt.get("optimizer_states", [])):
-        for j, state in opt["state"].items():
-            named += [(f"opt{i}.{j}.{k}", v) for k, v in state.items()]
-    return [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
 def test_a_resumed_run_that_goes_nan_never_overwrites_the_last_good_checkpoint(run, monkeypatch):
     run_dir, args = run
     ckpts = run_dir / "checkpoints"

@@ -18,6 +18,7 @@ entries), the run seed, logger-aware step scalars and the "last evaluation batch
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from typing import Any, ClassVar, NamedTuple
@@ -29,6 +30,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from xmodal.data.batch import to_model_units
 from xmodal.images import SampleSet
 from xmodal.tasks.config import TaskConfig
+from xmodal.tokenizers.build import task_tokenizer
 
 # The hooks live on the task, so they also run for dataloaders handed to trainer.test directly (the
 # holdout split, xmodal-eval); Lightning warns when a datamodule is passed too, then uses these.
@@ -70,6 +72,26 @@ class XmodalTask(L.LightningModule):
     nonfinite: NonFiniteStep | None = None
     """The last training batch's non-finite loss or gradient (None: finite). The run's
     ``NonFiniteGuard`` callback counts it, clears it, and stops the run after too many in a row."""
+
+    def save_task_hyperparameters(
+        self,
+        tokenizer: dict[str, Any] | None,
+        vocab: list[str] | None,
+        data: dict[str, Any] | None,
+        ignore: tuple[str, ...] = (),
+    ) -> None:
+        """What every task's ``__init__(model, tokenizer, data, ..., *, vocab)`` starts with: the
+        tokenizer rebuilt from its state (or an old checkpoint's ``vocab``) as ``self.tokenizer``, and
+        the constructor's arguments saved as hyperparameters with that state in them, so a
+        checkpoint alone rebuilds the task and its tokenizer."""
+        if data is None:
+            raise TypeError(
+                f"{type(self).__name__} needs data= (the data shape of xmodal.factory.data_shape)"
+            )
+        self.tokenizer = task_tokenizer(tokenizer, vocab)
+        # The caller's frame: Lightning reads the constructor's arguments from the frame it is given.
+        self.save_hyperparameters(ignore=["vocab", *ignore], frame=inspect.currentframe().f_back)
+        self.hparams["tokenizer"] = self.tokenizer.state()  # also for a checkpoint that held a vocab
 
     # ----------------------------------------------------------------- hooks a task implements
     def validation_samples(self, batch: dict[str, Any]) -> SampleSet:

@@ -31,7 +31,6 @@ from xmodal.tasks.caption.config import CaptionConfig
 from xmodal.tasks.caption.parallelize import parallelize_caption
 from xmodal.tasks.generation import flag_of, only_inputs, role_inputs
 from xmodal.tasks.schedule import with_warmup_cosine
-from xmodal.tokenizers.build import task_tokenizer
 
 DECODING_OPTIONS = ("beam_size", "length_penalty", "min_decode_len", "max_decode_len", "decode_cache")
 
@@ -59,11 +58,7 @@ class CaptionTask(XmodalTask):
         vocab: list[str] | None = None,
     ):
         super().__init__()
-        if data is None:
-            raise TypeError("CaptionTask needs data= (the data shape of xmodal.factory.data_shape)")
-        self.tokenizer = task_tokenizer(tokenizer, vocab)
-        self.save_hyperparameters(ignore=["vocab"])
-        self.hparams["tokenizer"] = self.tokenizer.state()  # also for a checkpoint that held a vocab
+        self.save_task_hyperparameters(tokenizer, vocab, data)
         self.cfg = cfg = CaptionConfig.from_node(model)
         self.source, self.target = cfg.source, cfg.target
         self.encoder: nn.Module = build_slot(cfg.encoder, lambda: self.default_encoder(cfg, data))

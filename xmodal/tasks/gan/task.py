@@ -36,7 +36,6 @@ from xmodal.tasks.gan.config import GanModelConfig
 from xmodal.tasks.gan.ema import update_ema
 from xmodal.tasks.gan.parallelize import parallelize_gan
 from xmodal.tasks.generation import write_conditional_samples
-from xmodal.tokenizers.build import task_tokenizer
 
 SAMPLE_SEED = 1234
 """Seed of the fixed noise bank behind every validation sample grid."""
@@ -89,11 +88,7 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         vocab: list[str] | None = None,
     ):
         super().__init__()
-        if data is None:
-            raise TypeError("AdversarialTask needs data= (the data shape of xmodal.factory.data_shape)")
-        self.tokenizer = task_tokenizer(tokenizer, vocab)
-        self.save_hyperparameters(ignore=["nets", "vocab"])
-        self.hparams["tokenizer"] = self.tokenizer.state()  # also for a checkpoint that held a vocab
+        self.save_task_hyperparameters(tokenizer, vocab, data, ignore=("nets",))
         self.automatic_optimization = False
         self.cfg = GanModelConfig.from_node(model)
         self.gan = self.cfg.gan

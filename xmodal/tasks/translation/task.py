@@ -34,7 +34,6 @@ from xmodal.tasks.base import GenerateError, XmodalTask, condition_names, to_dev
 from xmodal.tasks.generation import flag_of, only_inputs, role_inputs, write_images
 from xmodal.tasks.translation.config import TranslationConfig
 from xmodal.tasks.translation.parallelize import parallelize_translation
-from xmodal.tokenizers.build import task_tokenizer
 
 
 def per_row(values: torch.Tensor) -> torch.Tensor:
@@ -68,11 +67,9 @@ class TranslationTask(GuardedSteps, XmodalTask):
         vocab: list[str] | None = None,
     ):
         super().__init__()
-        if data is None:
-            raise TypeError("TranslationTask needs data= (the data shape of xmodal.factory.data_shape)")
-        self.tokenizer = task_tokenizer(tokenizer, vocab)  # xmodal-generate collates its inputs with it
-        self.save_hyperparameters(ignore=["nets", "vocab"])
-        self.hparams["tokenizer"] = self.tokenizer.state()
+        self.save_task_hyperparameters(
+            tokenizer, vocab, data, ignore=("nets",)
+        )  # xmodal-generate collates with its tokenizer
         self.automatic_optimization = False
         self.cfg = cfg = TranslationConfig.from_node(model)
         self.source, self.target = cfg.source, cfg.target

@@ -48,7 +48,6 @@ from xmodal.tasks.generation import write_conditional_samples
 from xmodal.tasks.schedule import with_warmup_cosine
 from xmodal.tasks.vae.config import VaeModelConfig
 from xmodal.tasks.vae.parallelize import parallelize_vae
-from xmodal.tokenizers.build import task_tokenizer
 
 SCALARS = ("nll", "neg_elbo", "recon", "kl", "nll_bpd", "neg_elbo_bpd")
 EVAL_ROWS_PER_PASS = 1024
@@ -134,11 +133,7 @@ class VaeTask(XmodalTask):
         vocab: list[str] | None = None,
     ):
         super().__init__()
-        if data is None:
-            raise TypeError("VaeTask needs data= (the data shape of xmodal.factory.data_shape)")
-        self.tokenizer = task_tokenizer(tokenizer, vocab)
-        self.save_hyperparameters(ignore=["vocab"])
-        self.hparams["tokenizer"] = self.tokenizer.state()  # also for a checkpoint that held a vocab
+        self.save_task_hyperparameters(tokenizer, vocab, data)
         self.cfg = cfg = VaeModelConfig.from_node(model)
         self.vae = cfg.vae
         self.target = cfg.target
