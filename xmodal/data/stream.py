@@ -9,12 +9,20 @@ created in the main process (like open_clip's ``SharedEpoch``), so workers read 
 they start an iteration, also with ``persistent_workers=True`` where the worker's copy of the dataset
 is never refreshed. Never rely on a counter inside a worker.
 
-Resume. ``state_dict()`` = ``{seed, epoch, batches_consumed, topology, mode, ...}``; the caller reports
-consumed batches with ``mark_consumed(n)`` (``StreamLoader`` does it for you). The DataLoader hands
-out batches round-robin, so batch ``i`` of a rank came from worker ``i % W``; after
-``load_state_dict`` worker ``w`` plays slot ``(w + consumed) % W`` and skips that slot's consumed
-batches, so the resumed rank yields exactly the remaining batches of the epoch, in the original order.
-A changed topology is refused (ValueError naming old and new).
+Resume. ``state_dict()`` = ``{seed, epoch, batches_consumed, topology, mode, consumed, ...}``; the
+caller reports consumed batches with ``mark_consumed(n)`` (``StreamLoader`` does it for you). Every rank
+runs the same number of batches, so rank 0's count is every rank's (Lightning saves rank 0's state only),
+and from it ``consumed`` names the epoch's samples already yielded on *all* ranks, by shard
+(``epoch_plan.Consumed``: a consumed prefix per shard and a few extra indices), not by slot.
+
+- Same world size and workers: the DataLoader hands out batches round-robin, so batch ``i`` of a rank
+  came from worker ``i % W``; after ``load_state_dict`` worker ``w`` plays slot ``(w + consumed) % W``
+  and skips that slot's consumed batches, so the resumed rank yields exactly the remaining batches of
+  the epoch, in the original order.
+- Another world size or worker count (exact mode): the *rest* of the epoch is planned over the new
+  topology (``plan_epoch(..., consumed=...)``), so every sample not yet yielded is yielded exactly once,
+  on equal batch counts per rank; ``len()`` is then the batches already run plus the rest. The next
+  epoch is whole again. Resampled mode (no sample set to complete) still needs the same topology.
 
 Bad data. A decode exception (from ``decode``) or an unreadable/truncated shard (``ShardError``) is
 caught, counted per shard (``skip_counts()``), logged rate-limited (never a sleep), and the affected
@@ -29,20 +37,22 @@ import logging
 import math
 import multiprocessing
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from xmodal.data.carve import KeepRange, kept
-from xmodal.data.epoch_plan import EpochPlan, ShardInfo, SlotPlan, Topology, plan_epoch
+from xmodal.data.epoch_plan import Consumed, EpochPlan, Row, ShardInfo, SlotPlan, Topology, plan_epoch
 from xmodal.data.shards import DataFailure, ShardError, iter_shard
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: consumed samples by shard (elastic resume), block-shuffle order
 Decode = Callable[[dict[str, Any]], dict[str, Any]]
 Collate = Callable[[list[dict[str, Any]]], Any]
 
@@ -85,33 +95,41 @@ def _warn_more(url: str, size: int) -> None:
 
 
 class _SlotReader:
-    """Raw records of one slot by (shard position, index), read sequentially with a look-ahead cache.
+    """Raw records of one slot by (piece, index), read sequentially with a look-ahead cache.
 
-    Only records in ``needed`` are kept; since the plan's order comes from a shuffle buffer, the cache
-    never holds more than the buffer's worth of raw records. Shards with nothing needed are not opened,
-    and a shard is read no further than its last needed record. Positions count the records a carved
-    split keeps (``keep``: its key-hash range per shard url). Counts are checked both ways: a shard
-    ending early is a counted failure; once its last indexed record is read, one more is peeked at
-    (cheap: one record, or for a carved split the next kept one) and a surplus is logged once.
+    The slot's rows come one shuffle block at a time (``want``): only records of the current block's
+    rows are kept when read ahead, so the cache never holds more than one block of raw records.
+    Pieces with nothing wanted are not opened, and a piece is read no further than its last wanted
+    record of the block (the next block goes on from there: blocks are consecutive runs of the
+    slot's stream). Positions count the records a carved split keeps (``keep``: its key-hash range
+    per shard url). Counts are checked both ways: a shard ending early is a counted failure; once its
+    last indexed record is read, one more is peeked at (cheap: one record, or for a carved split the
+    next kept one) and a surplus is logged once.
     """
 
     def __init__(
         self,
         plan: SlotPlan,
-        needed: set[tuple[int, int]],
         on_shard_error: Callable[[int, Exception], None],
         allow_pipe: bool = False,
         keep: dict[str, KeepRange | None] | None = None,
     ):
-        self.plan, self.needed, self.on_shard_error = plan, needed, on_shard_error
+        self.plan, self.on_shard_error = plan, on_shard_error
         self.allow_pipe = allow_pipe
         self.keep = keep or {}
-        self.last_needed: dict[int, int] = {}
-        for s, i in needed:
-            self.last_needed[s] = max(self.last_needed.get(s, -1), i)
+        self.wanted: set[tuple[int, int]] = set()
+        self.last_wanted: dict[int, int] = {}
         self.cache: dict[tuple[int, int], dict[str, Any]] = {}
-        self.cur, self.nxt = -1, 0  # shard being read, next index in it
+        self.cur, self.nxt = -1, 0  # piece being read, next index in its shard
         self.records: Iterator[dict[str, Any]] | None = None
+
+    def want(self, rows: list[Row]) -> None:
+        """The rows of the next block: the records that may be read ahead and kept."""
+        self.wanted = {(p, i) for p, i, valid in rows if valid}
+        self.last_wanted = {}
+        for p, i in self.wanted:
+            self.last_wanted[p] = max(self.last_wanted.get(p, -1), i)
+        self.cache.clear()  # every wanted record of the last block was asked for in it
 
     def get(self, s: int, i: int) -> dict[str, Any]:
         """The record, or ``_Failure`` if its shard ended or broke before it."""
@@ -120,8 +138,8 @@ class _SlotReader:
         while True:
             if self.cur > s or (self.cur == s and (self.records is None or self.nxt > i)):
                 raise _Failure
-            if self.cur < s and (self.records is None or self.nxt > self.last_needed.get(self.cur, -1)):
-                self.cur = min(p for p in self.last_needed if p > self.cur)  # s itself is needed
+            if self.cur < s and (self.records is None or self.nxt > self.last_wanted.get(self.cur, -1)):
+                self.cur = min(p for p in self.last_wanted if p > self.cur)  # s itself is wanted
                 url = self.plan.shards[self.cur]
                 self.nxt, self.records = 0, kept(iter_shard(url, self.allow_pipe), self.keep.get(url))
             assert self.records is not None
@@ -146,7 +164,7 @@ class _SlotReader:
                 self._peek_past_end()
             if key == (s, i):
                 return record
-            if key in self.needed:
+            if key in self.wanted:
                 self.cache[key] = record
 
     def _peek_past_end(self) -> None:
@@ -209,14 +227,25 @@ class ShardStream(IterableDataset):
         self.log_interval_s = log_interval_s
         self._shard_ids = {sh.url: k for k, sh in enumerate(self.shards)}
         self._keep = {sh.url: sh.keep for sh in self.shards if sh.keep is not None}
+        sizes = np.fromiter((sh.num_samples for sh in self.shards), dtype=np.int64, count=len(self.shards))
+        self._sizes = sizes
+        # Names the index a saved state belongs to: shard count, samples, and a checksum of the sizes
+        # (not the urls, so a moved data set still resumes).
+        self._index = {"shards": len(sizes), "samples": int(sizes.sum()), "crc": zlib.crc32(sizes.tobytes())}
         # Shared memory made here, in the main process: workers (fork, spawn, persistent) see updates.
-        self._shared = multiprocessing.RawArray("q", [0, 0])  # [epoch, first batch of next iteration]
+        # [epoch, first batch of the next iteration (in the plan), rest-of-epoch plan on?, its generation]
+        self._shared = multiprocessing.RawArray("q", [0, 0, 0, 0])
         n = len(self.shards) * topology.workers
         self._skips = multiprocessing.RawArray("q", n)  # [worker, shard] skipped rows
         self._errors = multiprocessing.RawArray("q", n)  # [worker, shard] failure events
-        self._consumed = 0
+        self._consumed = 0  # batches of the epoch run on this rank, earlier plans of it included
         self._pending_start: int | None = None
         self._plan: EpochPlan | None = None
+        # An elastic resume plans the rest of an epoch: samples consumed before it, and batches.
+        self._base: Consumed | None = None
+        self._base_epoch = -1
+        self._base_batches = 0
+        self._base_generation = 0
         self._last_log: dict[int, float] = {}
         self.plan(0)  # validate arguments now, in the main process
 
@@ -233,13 +262,15 @@ class ShardStream(IterableDataset):
         if int(epoch) != self.epoch:
             self._shared[0] = int(epoch)
             self._shared[1] = 0
+            self._shared[2] = 0
             self._consumed = 0
             self._pending_start = None
 
     def plan(self, epoch: int | None = None) -> EpochPlan:
         """The ``EpochPlan`` of ``epoch`` (default: the current one)."""
         epoch = self.epoch if epoch is None else epoch
-        if self._plan is None or self._plan.epoch != epoch:
+        base = self._active_base(epoch)
+        if self._plan is None or self._plan.epoch != epoch or self._plan.consumed is not base:
             self._plan = plan_epoch(
                 self.shards,
                 self.mode,
@@ -251,12 +282,20 @@ class ShardStream(IterableDataset):
                 weights=self.weights,
                 drop_last=self.drop_last,
                 shuffle_buffer=self.shuffle_buffer,
+                consumed=base,
             )
         return self._plan
 
+    def _active_base(self, epoch: int) -> Consumed | None:
+        """The samples consumed before an elastic resume, while the rest of that epoch is planned."""
+        active = self._base is not None and epoch == self._base_epoch and self._shared[2]
+        return self._base if active else None
+
     def __len__(self) -> int:
-        """Batches this rank yields per epoch (the same every epoch and on every rank)."""
-        return self.plan().batches_per_rank
+        """Batches this rank runs per epoch (the same on every rank). After an elastic resume: the
+        epoch's batches run before it plus the rest, as the trainer's batch counter continues."""
+        plan = self.plan()
+        return (self._base_batches if plan.consumed is not None else 0) + plan.batches_per_rank
 
     def mark_consumed(self, n: int = 1) -> None:
         """Report ``n`` more batches of the current epoch consumed by the training loop."""
@@ -265,13 +304,19 @@ class ShardStream(IterableDataset):
     def begin_iteration(self) -> None:
         """Main process, just before ``iter(dataloader)``: start from the resume position if one was
         loaded (once), else from the epoch's first batch. ``StreamLoader`` calls it."""
+        if self._pending_start is None:  # a new pass of the epoch: the whole epoch
+            self._shared[2] = 0
         start = self._pending_start or 0
         self._pending_start = None
-        self._consumed = start
+        self._consumed = start + (self._base_batches if self._shared[2] else 0)
         self._shared[1] = start
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """Where the epoch stands: batches run per rank, and (exact mode) the samples consumed on every
+        rank, by shard. O(shards + slots x shuffle_buffer); reads no tar."""
+        plan = self.plan()
+        start = self._base_batches if plan.consumed is not None else 0
+        state: dict[str, Any] = {
             "version": STATE_VERSION,
             "mode": self.mode,
             "seed": self.seed,
@@ -279,37 +324,95 @@ class ShardStream(IterableDataset):
             "batches_consumed": self._consumed,
             "batch_size": self.batch_size,
             "topology": asdict(self.topology),
+            "index": dict(self._index),
+            "plan_start": start,  # batches run before the current plan (an elastic resume) began
+            "plan_batches": plan.batches_per_rank,
+            "plan_base": plan.consumed.to_state() if plan.consumed is not None else None,
         }
+        if self.mode == "exact":
+            state["consumed"] = plan.consumed_after(self._consumed - start).to_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next iteration yields the batches of ``state["epoch"]`` not yet consumed.
+        """Resume: the next iteration yields the samples of ``state["epoch"]`` not yet consumed.
 
-        Raises ValueError when the world size, worker count, mode, seed or batch size differ (the order
-        would not continue the saved one); a state saved by another rank of the same layout is fine.
-        A finished epoch resumes at the start of the next one.
+        The same world size and workers continue the saved order batch for batch (a state saved by
+        another rank of the same layout is fine: ranks move in lockstep). Another topology (exact
+        mode) plans the rest of the epoch over this one. ValueError when the mode, seed, batch size
+        or index differ, or a resampled or version-1 state meets another topology. A finished epoch
+        resumes at the start of the next one.
         """
-        old = Topology(**state["topology"])
-        # Lightning checkpoints rank 0's loader state only. Every rank runs the same number of
-        # batches, so rank 0's position is every rank's: only world size and workers must match.
-        if (old.world_size, old.num_workers) != (self.topology.world_size, self.topology.num_workers):
-            raise ValueError(
-                "cannot resume the data stream with a different topology: saved (rank, world_size, "
-                f"num_workers) = ({old.rank}, {old.world_size}, {old.num_workers}), now "
-                f"({self.topology.rank}, {self.topology.world_size}, {self.topology.num_workers}); "
-                "resume with the same devices, nodes and data.num_workers, or start the epoch over"
-            )
         for name in ("mode", "seed", "batch_size"):
             if state[name] != getattr(self, name):
                 raise ValueError(
                     f"cannot resume the data stream: saved {name}={state[name]!r}, now {getattr(self, name)!r}"
                 )
+        old = Topology(**state["topology"])
+        same = (old.world_size, old.num_workers) == (self.topology.world_size, self.topology.num_workers)
+        version = int(state.get("version", 1))
+        if not same and (version < 2 or self.mode != "exact"):
+            why = (
+                "a resampled epoch has no sample set to complete"
+                if version >= 2
+                else "it was saved by an older xmodal"
+            )
+            raise ValueError(
+                "cannot resume the data stream with a different topology: saved (rank, world_size, "
+                f"num_workers) = ({old.rank}, {old.world_size}, {old.num_workers}), now "
+                f"({self.topology.rank}, {self.topology.world_size}, {self.topology.num_workers}) and {why}; "
+                "resume with the same devices, nodes and data.num_workers, or start the epoch over"
+            )
+        if version >= 2 and state["index"] != self._index:
+            raise ValueError(
+                f"cannot resume the data stream: saved for an index of {state['index']['shards']} shards / "
+                f"{state['index']['samples']} samples, this one has {self._index['shards']} / "
+                f"{self._index['samples']} (or other sizes)"
+            )
         epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
-        if consumed >= self.plan(epoch).batches_per_rank:
-            epoch, consumed = epoch + 1, 0
+        if version < 2:  # positional: the batches of this version's order after the saved count
+            log.warning(
+                "data stream state of an older xmodal: epoch %d continues in this version's order", epoch
+            )
+            plan_start, plan_batches, base = 0, self.plan(epoch).batches_per_rank, None
+        else:
+            plan_start, plan_batches = int(state["plan_start"]), int(state["plan_batches"])
+            saved_base = state["plan_base"]
+            base = Consumed.from_state(saved_base, self._sizes) if saved_base is not None else None
+        if consumed >= plan_start + plan_batches:  # the epoch was finished
+            self._resume(epoch + 1, None, 0, 0)
+            return
+        if same:
+            self._resume(epoch, base, plan_start, consumed - plan_start)
+            return
+        done = Consumed.from_state(state["consumed"], self._sizes)
+        self._resume(epoch, done, consumed, 0)
+        rest = self.plan(epoch)
+        log.info(
+            "elastic resume of epoch %d: %d of %d samples consumed on %d rank(s) x %d worker(s); the rest "
+            "as %d batches per rank on %d x %d",
+            epoch,
+            int(self._sizes.sum() - done.remaining(self._sizes).sum()),
+            int(self._sizes.sum()),
+            old.world_size,
+            old.workers,
+            rest.batches_per_rank,
+            self.topology.world_size,
+            self.topology.workers,
+        )
+        if rest.batches_per_rank == 0:  # nothing left that fills a batch (drop_last)
+            self._resume(epoch + 1, None, 0, 0)
+
+    def _resume(self, epoch: int, base: Consumed | None, base_batches: int, start: int) -> None:
+        """Set the next iteration: ``epoch``, its plan (the rest after ``base``, or whole), plan batch
+        ``start``; ``base_batches`` batches of the epoch were run before that plan."""
+        self._base, self._base_epoch, self._base_batches = base, epoch, base_batches
+        self._base_generation += 1
         self._shared[0] = epoch
-        self._shared[1] = consumed
-        self._consumed = consumed
-        self._pending_start = consumed
+        self._shared[1] = start
+        self._shared[2] = int(base is not None)
+        self._shared[3] = self._base_generation
+        self._consumed = base_batches + start
+        self._pending_start = start
 
     def skip_counts(self) -> dict[str, int]:
         """Rows skipped (unreadable or undecodable) per shard URL, summed over workers (shared memory,
@@ -352,19 +455,17 @@ class ShardStream(IterableDataset):
         if not 0 <= worker < workers:
             raise ValueError(f"worker {worker} out of range for {self.topology}")
         epoch, start = int(self._shared[0]), int(self._shared[1])
+        if self._shared[2] and self._shared[3] != self._base_generation:
+            raise RuntimeError(
+                "the data stream's resume state was loaded after its persistent DataLoader workers "
+                "started: load it before the first iteration (Lightning does)"
+            )
         slot = (worker + start) % workers  # keeps the round-robin order of an uninterrupted epoch
         skip = max(0, -(-(start - slot) // workers))
         plan = self.plan(epoch).slot(self.topology.rank, slot)
         yield from self._slot_batches(plan, worker, skip, epoch)
 
     def _slot_batches(self, plan: SlotPlan, worker: int, skip_batches: int, epoch: int = 0) -> Iterator[Any]:
-        first = skip_batches * self.batch_size
-        shard, index, valid = (
-            plan.shard[first:].tolist(),
-            plan.index[first:].tolist(),
-            plan.valid[first:].tolist(),
-        )
-        needed = {(s, i) for s, i in zip(shard, index, strict=True) if s >= 0}
         state = {"consecutive": 0, "template": None}
 
         def fail(pos: int, error: Exception) -> None:
@@ -379,37 +480,39 @@ class ShardStream(IterableDataset):
                     f"{self.max_consecutive_failures}); the last in shard {url}: {error}"
                 ) from error
 
-        reader = _SlotReader(plan, needed, fail, self.allow_pipe, self._keep)
+        reader = _SlotReader(plan, fail, self.allow_pipe, self._keep)
         rows: list[dict[str, Any]] = []
-        for s, i, ok in zip(shard, index, valid, strict=True):
-            row = None
-            if ok:
-                try:
-                    raw = reader.get(s, i)
-                except _Failure:
-                    raw = None
-                if raw is not None:
-                    # Decoders see the epoch, so per-epoch choices (which caption) are deterministic.
-                    raw = {**raw, "__epoch__": epoch}
+        for block in plan.iter_blocks(skip_batches * self.batch_size):
+            reader.want(block)
+            for s, i, ok in block:
+                row = None
+                if ok:
                     try:
-                        row = dict(self.decode(raw)) if self.decode is not None else dict(raw)
-                    except Exception as error:  # noqa: BLE001 - any decoder error skips the sample
-                        fail(s, error)
+                        raw = reader.get(s, i)
+                    except _Failure:
+                        raw = None
+                    if raw is not None:
+                        # Decoders see the epoch, so per-epoch choices (which caption) are deterministic.
+                        raw = {**raw, "__epoch__": epoch}
+                        try:
+                            row = dict(self.decode(raw)) if self.decode is not None else dict(raw)
+                        except Exception as error:  # noqa: BLE001 - any decoder error skips the sample
+                            fail(s, error)
+                    if row is None:
+                        k = self._shard_ids.get(plan.shards[s], 0)
+                        self._skips[worker * len(self.shards) + k] += 1
+                    else:
+                        state["consecutive"] = 0
+                        row.setdefault("__key__", raw["__key__"])
+                        row["valid"] = True
                 if row is None:
-                    k = self._shard_ids.get(plan.shards[s], 0)
-                    self._skips[worker * len(self.shards) + k] += 1
-                else:
-                    state["consecutive"] = 0
-                    row.setdefault("__key__", raw["__key__"])
-                    row["valid"] = True
-            if row is None:
-                if state["template"] is None:
-                    state["template"] = self._template(plan)
-                row = dict(state["template"])
-            rows.append(row)
-            if len(rows) == self.batch_size:
-                yield self.collate(rows)
-                rows = []
+                    if state["template"] is None:
+                        state["template"] = self._template(plan)
+                    row = dict(state["template"])
+                rows.append(row)
+                if len(rows) == self.batch_size:
+                    yield self.collate(rows)
+                    rows = []
 
     def _template(self, plan: SlotPlan) -> dict[str, Any]:
         """A padding row: the first decodable sample of the slot's shards, else of any shard.
