@@ -97,7 +97,9 @@ def run_case(num_shards: int, per_shard: int, stream: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--max-samples", type=int, default=10**9, help="skip cases with more samples")
     parser.add_argument("--max-stream-shards", type=int, default=10_000)
     parser.add_argument("--case", nargs=2, type=int, help=argparse.SUPPRESS)  # child process
@@ -106,7 +108,9 @@ def main() -> None:
         n, per = args.case
         print(json.dumps(run_case(n, per, n <= args.max_stream_shards)))
         return
-    print(f"{'shards':>8} {'x samples':>10} {'plan s':>8} {'plan peak MB':>13} {'1st batch s':>12} {'RSS MB':>8}")
+    print(
+        f"{'shards':>8} {'x samples':>10} {'plan s':>8} {'plan peak MB':>13} {'1st batch s':>12} {'RSS MB':>8}"
+    )
     for n, per in CASES:
         if n * per > args.max_samples:
             print(f"{n:>8} {per:>10}  skipped (--max-samples)")
@@ -116,7 +120,9 @@ def main() -> None:
         result = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=True)
         r = json.loads(result.stdout.strip().splitlines()[-1])
         stream = (
-            f"{r['first_batch_s']:>12.2f} {r['rss_mb']:>8.0f}" if "first_batch_s" in r else f"{'-':>12} {'-':>8}"
+            f"{r['first_batch_s']:>12.2f} {r['rss_mb']:>8.0f}"
+            if "first_batch_s" in r
+            else f"{'-':>12} {'-':>8}"
         )
         print(f"{n:>8} {per:>10} {r['plan_s']:>8.3f} {r['plan_peak_mb']:>13.2f} {stream}", flush=True)
 

@@ -109,6 +109,7 @@ class ShardDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.max_consecutive_failures = max_consecutive_failures
         self.streams: dict[str, ShardStream] = {}
+        self._train_state: dict[str, Any] | None = None  # a resumed fit's stream state, until used
 
     @property
     def data(self) -> DataSplits:
@@ -160,8 +161,25 @@ class ShardDataModule(L.LightningDataModule):
             max_consecutive_failures=self.max_consecutive_failures,
             allow_pipe=self.allow_pipe,
         )
+        if train and self._train_state is not None:
+            stream.load_state_dict(self._train_state)
+            self._train_state = None
         self.streams[split] = stream
         return StreamLoader(stream, persistent_workers=self.num_workers > 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training stream's position, checkpointed with the datamodule as well as with its loader.
+
+        Lightning sizes the epoch from ``len(train_dataloader())`` *before* it hands the loader its
+        saved state, and after an elastic resume (another world size or worker count) the resumed
+        epoch's length differs from a fresh one; restored here first (Lightning restores datamodules
+        before it builds loaders), the loader is built already resumed, with the right length.
+        """
+        stream = self.streams.get("train")
+        return {"train_stream": stream.state_dict()} if stream is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_state = state_dict.get("train_stream")
 
     def train_dataloader(self) -> StreamLoader:
         return self.loader("train", self.topology())
