@@ -214,3 +214,44 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_checkpoint_loadab
     finally:
         writer.kill()
     assert torch.load(path)["global_step"] == 5  # the partial write never replaced last.ckpt
+
+
+def test_the_requeue_waits_until_wandb_is_finished(tiny, tmp_path, monkeypatch):
+    """In process: a requeue signal at the first step under a fake SLURM, logger=wandb (offline).
+    When ``train`` ends (raising RunStopped), W&B is finished and ``scontrol`` not yet called;
+    the requeue is left to the caller's last act (xmodal/train.py ``_hydra_main``). On main it
+    ran at the checkpoint, and SLURM's SIGTERM then killed W&B's service mid-run."""
+    import wandb
+
+    from xmodal.callbacks.preemption import Preemption
+    from xmodal.config import compose_config
+    from xmodal.train import RunStopped, train
+
+    env, record = slurm_env(tmp_path)
+    for name in [*SLURM, "PATH"]:
+        monkeypatch.setenv(name, env[name])
+    start = Preemption.on_train_start
+
+    def signalled_at_start(self, trainer, pl_module):
+        start(self, trainer, pl_module)
+        self.requested = signal.SIGUSR2  # as if SLURM sent it: the first batch end stops
+
+    monkeypatch.setattr(Preemption, "on_train_start", signalled_at_start)
+    finished = []
+    finish = wandb.finish
+    monkeypatch.setattr(wandb, "finish", lambda **kw: (finished.append(record.exists()), finish(**kw)))
+    cfg = compose_config([*tiny, "logger=wandb", "trainer.max_steps=8", "trainer.num_sanity_val_steps=0"])
+
+    with pytest.raises(RunStopped) as stopped:
+        train(cfg)
+    assert finished == [False] and wandb.run is None  # finished, before any requeue
+    assert not record.exists()
+    assert "SLURM requeues the job, it resumes by itself" in str(stopped.value)
+    run_dir = tmp_path / "outputs" / "shapes_caption" / "4242"
+    assert json.loads((run_dir / "metrics.json").read_text())["preempted"] is True
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+    assert stopped.value.preemption.requeue() is True  # what _hydra_main does after printing
+    assert record.read_text().split() == ["requeue", "4242"]
+    assert stopped.value.preemption.requeue() is False  # once only
+    assert record.read_text().split() == ["requeue", "4242"]

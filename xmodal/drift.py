@@ -40,6 +40,7 @@ HARMLESS = (
     "callbacks.rank_checksums",
     "data.num_workers",
     "data.max_consecutive_failures",
+    "data.max_member_bytes",
 )
 """Keys (or whole nodes) a resumed run may change: none shapes the model, the data or the optimizer state."""
 

@@ -39,7 +39,7 @@ from xmodal.config import absolute, world_size
 from xmodal.data.builtin import BUILTIN_DATASETS
 from xmodal.data.datamodule import DecodeSpec, ShardDataModule, SplitSettings
 from xmodal.data.remote import is_remote
-from xmodal.data.shards import is_pipe
+from xmodal.data.shards import is_pipe, set_max_member_bytes
 from xmodal.registry import TASKS
 from xmodal.run import RunIdentity, is_launcher, wandb_run_id
 from xmodal.tasks.config import task_config
@@ -99,6 +99,8 @@ def decode_spec(cfg: DictConfig) -> DecodeSpec:
 def build_datamodule(
     cfg: DictConfig, shards_dir: Path, tokenizer: Tokenizer | None = None
 ) -> ShardDataModule:
+    # Process-wide (and inherited by loader workers): every reader of the run's shards obeys it.
+    set_max_member_bytes(cfg.data.max_member_bytes)
     return ShardDataModule(
         shards_dir,
         batch_size=cfg.data.batch_size // world_size(cfg),

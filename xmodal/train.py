@@ -65,7 +65,14 @@ EXIT_BUSY = 5
 
 
 class RunStopped(Exception):
-    """Fit ended early on a stop or requeue signal, after saving: the message says how to resume."""
+    """Fit ended early on a stop or requeue signal, after saving: the message says how to resume.
+
+    ``preemption`` holds a pending SLURM requeue, run by the caller as its last act (after
+    ``train``'s cleanup has flushed the loggers and finished W&B)."""
+
+    def __init__(self, message: str, preemption: Preemption | None = None):
+        super().__init__(message)
+        self.preemption = preemption
 
 
 def resume_command(run_id: str) -> str:
@@ -78,7 +85,8 @@ def stop_message(preemption: Preemption, step: int, run_id: str) -> str:
     received = preemption.requested
     cause = f"{signal.Signals(received).name}" if received is not None else "a stop signal to another rank"
     saved = "checkpoint saved" if preemption.saved else "state not sound, the last good checkpoint kept"
-    how = "SLURM requeued the job, it resumes by itself; by hand" if preemption.requeued else "resume with"
+    requeue = preemption.requeue_job is not None
+    how = "SLURM requeues the job, it resumes by itself; by hand" if requeue else "resume with"
     return f"stopped by {cause} at step {step} ({saved}); {how}: {resume_command(run_id)}"
 
 
@@ -231,7 +239,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         release_process_group()
         failed = False
         if preemption.preempted:
-            raise RunStopped(stop_message(preemption, trainer.global_step, run.id))
+            raise RunStopped(stop_message(preemption, trainer.global_step, run.id), preemption)
         return metrics
     finally:
         finish_wandb(failed)
@@ -262,6 +270,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         if not is_launcher():
             sys.exit(0)
         print(f"xmodal: {err}", file=sys.stderr, flush=True)
+        if err.preemption is not None:
+            err.preemption.requeue()  # the last act: SLURM SIGTERMs this step right after
         sys.exit(EXIT_STOPPED)
     # A sweeper (e.g. Optuna) optimises the returned value.
     return metrics.get(cfg.callbacks.monitor)

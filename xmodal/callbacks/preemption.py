@@ -6,10 +6,13 @@ time limit) and cannot agree with the other ranks on where to stop. Here the han
 flag; at the end of the next training batch all ranks agree (any rank signalled → all stop), the
 complete state — model, optimizers, schedulers, loop counters and the data stream position — is
 written to ``checkpoints/last.ckpt`` atomically (``LastCheckpoint``, unless the state is not
-sound: see ``save_refusal``), rank zero runs
-``scontrol requeue <job>`` (for SIGUSR2 under SLURM), and fit ends. The requeued job has the same
-SLURM job id, hence the same run id and run dir, and resumes from that checkpoint. SIGTERM (a
-cancelled job, a stopping container) saves the same way and is not requeued.
+sound: see ``save_refusal``) and fit ends. For SIGUSR2 under SLURM rank zero then runs
+``scontrol requeue <job>`` (:meth:`Preemption.requeue`), but only as the very last act of the
+process, once metrics are written, loggers flushed and the W&B run finished (xmodal/train.py):
+SLURM answers a requeue by SIGTERMing the whole step, and a requeue issued at the checkpoint killed
+W&B's service mid-run (a ``ConnectionResetError`` traceback, final records lost). The requeued job
+has the same SLURM job id, hence the same run id and run dir, and resumes from that checkpoint.
+SIGTERM (a cancelled job, a stopping container) saves the same way and is not requeued.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class Preemption(L.Callback):
         self.requeue_signal = requeue_signal
         self.requested: int | None = None  # the signal received, if any
         self.preempted = False
+        self.requeue_job: str | None = None
+        """The SLURM job to requeue at the end of the process (rank zero, on the requeue signal)."""
         self.requeued = False
         """Whether ``scontrol requeue`` accepted this job: it then resumes by itself."""
         self.saved = False
@@ -65,17 +70,37 @@ class Preemption(L.Callback):
         requeue = trainer.strategy.reduce_boolean_decision(self.requested == self.requeue_signal, all=False)
         job = slurm_run_id()  # the SLURM job, as scontrol names it
         if trainer.is_global_zero and requeue and job is not None:
-            result = subprocess.run(["scontrol", "requeue", job], check=False)
-            self.requeued = result.returncode == 0
-            if self.requeued:
-                log.info(
-                    "preempted at step %d: checkpoint saved, SLURM job %s requeued", trainer.global_step, job
-                )
-            else:
-                log.warning("scontrol requeue %s failed with exit code %d", job, result.returncode)
+            self.requeue_job = job  # not now: SLURM would kill this step before W&B is finished
+            log.info(
+                "preempted at step %d: checkpoint saved, SLURM job %s requeued on exit",
+                trainer.global_step,
+                job,
+            )
         elif trainer.is_global_zero:
             log.info("stop signal at step %d: checkpoint saved, not requeued", trainer.global_step)
         trainer.should_stop = True
         # Lightning validates once more when a fit stops early; the grace period before the kill
         # is for saving, and the requeued job validates on schedule anyway.
         trainer.limit_val_batches = 0
+
+    def requeue(self) -> bool:
+        """Run ``scontrol requeue`` for the pending job, if any; True when SLURM accepted it.
+
+        Call it last (after every logger is flushed and W&B finished): SLURM then ends this job's
+        step with SIGTERM, and nothing after this call may be relied on to run."""
+        if self.requeue_job is None:
+            return False
+        job, self.requeue_job = self.requeue_job, None
+        try:
+            result = subprocess.run(["scontrol", "requeue", job], check=False)
+        except OSError as error:  # no scontrol on PATH
+            log.warning("scontrol requeue %s failed (%s): resume by hand with the command above", job, error)
+            return False
+        self.requeued = result.returncode == 0
+        if not self.requeued:
+            log.warning(
+                "scontrol requeue %s failed with exit code %d: resume by hand with the command above",
+                job,
+                result.returncode,
+            )
+        return self.requeued

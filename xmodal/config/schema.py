@@ -132,6 +132,9 @@ class DataConfig:
     allow_pipe: bool = False
     """Run ``pipe:CMD`` shard entries of sizes.json (CMD's stdout is the tar). Off: a shard list from
     elsewhere could run any shell command on every rank (webdataset runs them by default)."""
+    max_member_bytes: int = 64 << 20
+    """Largest shard member read into memory, checked from the tar header before anything is
+    allocated (also inside gzip shards): a larger one is a counted failure naming shard and member."""
     max_image_pixels: int = 50_000_000
     """Images larger than this (read from the header, before decoding) are skipped and counted."""
     num_workers: int = 0

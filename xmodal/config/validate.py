@@ -86,6 +86,7 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
             "must be set (>= 1) in resampled mode",
         )
     check(d.max_consecutive_failures >= 1, "data.max_consecutive_failures", "must be >= 1")
+    check(d.max_member_bytes >= 1, "data.max_member_bytes", "must be >= 1 (bytes)")
     check(d.max_text_len >= 4, "data.max_text_len", "must be >= 4")
     tokenizer = getattr(d, "tokenizer", None)
     problems += tokenizer_problems(

@@ -15,7 +15,6 @@ written.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -27,9 +26,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from xmodal.codecs.json_meta import load_json_member
 from xmodal.data.mnist import MnistSpec, build_mnist
 from xmodal.data.shapes import ShapesSpec, synth
-from xmodal.data.shards import DataFailure, ShardError, read_sizes
+from xmodal.data.shards import (
+    DEFAULT_MAX_MEMBER_BYTES,
+    DataFailure,
+    ShardError,
+    read_sizes,
+    set_max_member_bytes,
+)
 from xmodal.data.sources import FORMATS, detect_format, rows_from_source
 from xmodal.data.splits import INDEX_DIR, SplitSettings, iter_split_records
 from xmodal.data.writer import (
@@ -136,9 +142,16 @@ def _add_source_args(parser: argparse.ArgumentParser) -> None:
         "from this folder)",
     )
     parser.add_argument("--allow-pipe", action="store_true", help="run pipe: shards (as data.allow_pipe)")
+    parser.add_argument(
+        "--max-member-bytes",
+        type=int,
+        default=DEFAULT_MAX_MEMBER_BYTES,
+        help=f"larger members are not read (as data.max_member_bytes; default {DEFAULT_MAX_MEMBER_BYTES})",
+    )
 
 
 def _settings(args: argparse.Namespace) -> SplitSettings:
+    set_max_member_bytes(args.max_member_bytes)  # every reader below (index, stream, examples)
     return SplitSettings(
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
@@ -246,7 +259,7 @@ def _example_caption(sample: dict[str, bytes | str]) -> str:
         return bytes(sample["txt"]).decode("utf-8", errors="replace").strip()
     if "json" in sample:
         try:
-            captions = json.loads(sample["json"]).get("captions") or []
+            captions = load_json_member(sample["json"], "example").get("captions") or []
         except (ValueError, AttributeError):
             captions = []
         if captions:
@@ -279,13 +292,19 @@ def cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     examples = Table(title=f"first {_EXAMPLES_PER_SPLIT} samples of each split")
     for column in ("split", "key", "members", "caption"):
         examples.add_column(column, overflow="fold")
+    unreadable: list[str] = []
     for split in data.splits:
         if not data.splits[split]:
             continue
-        for sample in islice(iter_split_records(data, split, args.allow_pipe), _EXAMPLES_PER_SPLIT):
-            members = ",".join(sorted(k for k in sample if not k.startswith("__")))
-            examples.add_row(split, str(sample["__key__"]), members, _example_caption(sample))
+        try:
+            for sample in islice(iter_split_records(data, split, args.allow_pipe), _EXAMPLES_PER_SPLIT):
+                members = ",".join(sorted(k for k in sample if not k.startswith("__")))
+                examples.add_row(split, str(sample["__key__"]), members, _example_caption(sample))
+        except (ShardError, OSError) as error:  # e.g. a member over --max-member-bytes
+            unreadable.append(f"{split}: {error}")
     console.print(examples)
+    for line in unreadable:
+        console.print(f"[yellow]unreadable:[/yellow] {line}")
     return 0
 
 

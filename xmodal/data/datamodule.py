@@ -59,17 +59,32 @@ def iter_split(shards_dir: Path, split: str, allow_pipe: bool = False) -> Iterat
     )
 
 
-def fit_captions(data: DataSplits, limit: int, allow_pipe: bool = False) -> Iterator[str]:
+def fit_captions(
+    data: DataSplits, limit: int, allow_pipe: bool = False, skipped: list[str] | None = None
+) -> Iterator[str]:
     """At most ``limit`` training captions, taken evenly from the head of every train shard (not
     all from the first shards, which may hold one source or one language); a shard stops being
     read once its share is taken, so a large dataset is never read whole. A carved train split
-    gives only its own keys' captions (no val/test leakage)."""
+    gives only its own keys' captions (no val/test leakage). A sample whose captions cannot be read
+    (invalid or too deeply nested JSON) and a shard that breaks off are skipped, their messages
+    appended to ``skipped``: the tokenizer is fitted on the rest."""
     shards = data.shards("train")
     share = math.ceil(limit / max(len(shards), 1))
+    skips = skipped if skipped is not None else []
+
+    def readable(records: Iterator[dict[str, Any]]) -> Iterator[str]:
+        try:
+            for record in records:
+                try:
+                    yield from sample_captions(record)
+                except ValueError as error:
+                    skips.append(str(error))
+        except (ShardError, OSError) as error:  # the shard's captions read so far are kept
+            skips.append(str(error))
 
     def of_shard(shard: ShardInfo) -> Iterator[str]:
         records = kept(iter_shard(shard.url, allow_pipe), shard.keep)
-        return itertools.islice((c for s in records for c in sample_captions(s)), share)
+        return itertools.islice(readable(records), share)
 
     return itertools.islice(itertools.chain.from_iterable(of_shard(s) for s in shards), limit)
 
@@ -128,8 +143,16 @@ class ShardDataModule(L.LightningDataModule):
         """Fit ``data.tokenizer`` on a bounded sample of the training captions only (no val/test
         leakage)."""
         limit = max_fit_captions(self.tokenizer_spec)
-        captions = fit_captions(self.data, limit, self.allow_pipe)
+        skipped: list[str] = []
+        captions = fit_captions(self.data, limit, self.allow_pipe, skipped)
         self.tokenizer = fit_tokenizer(self.tokenizer_spec, captions, self.max_text_len)
+        if skipped:
+            log.warning(
+                "%d training sample(s) or shard(s) skipped while reading captions for the tokenizer; "
+                "the first: %s",
+                len(skipped),
+                skipped[0],
+            )
         return self.tokenizer
 
     def setup(self, stage: str) -> None:

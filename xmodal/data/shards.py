@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import secrets
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -48,6 +49,40 @@ SIZES_FILE = "sizes.json"
 _HOW_TO_CREATE = "create it with `xmodal-shards synth --out DIR` or `xmodal-shards write ...`"
 NO_EXTENSION = "(no key.extension)"
 """The member kind of a member whose name has no ``key.extension`` form (webdataset skips those)."""
+
+
+DEFAULT_MAX_MEMBER_BYTES = 64 << 20
+"""Largest member read into memory (``data.max_member_bytes``): far above any caption or image a
+model trains on, far below what a lying header or a gzip bomb would make a worker allocate."""
+MAX_MEMBER_ENV = "XMODAL_MAX_MEMBER_BYTES"
+"""Carries the run's limit to processes that do not run the factory (spawned loader workers)."""
+
+
+def _limit_from_env() -> int:
+    text = os.environ.get(MAX_MEMBER_ENV, "")
+    return int(text) if text.isdigit() and int(text) > 0 else DEFAULT_MAX_MEMBER_BYTES
+
+
+_max_member_bytes = _limit_from_env()
+
+
+def max_member_bytes() -> int:
+    """The per-member read limit of this process (:func:`set_max_member_bytes`, else the default)."""
+    return _max_member_bytes
+
+
+def set_max_member_bytes(limit: int) -> None:
+    """Set the per-member read limit of every shard reader in this process and its children.
+
+    One process-wide setting rather than an argument: shards are read from many places (the
+    stream, the tokenizer fit, the index, the FID classifier), and every one must obey the run's
+    limit. The environment variable carries it into spawned DataLoader workers (forked ones
+    inherit the module state anyway)."""
+    global _max_member_bytes
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError(f"data.max_member_bytes must be an integer >= 1, got {limit!r}")
+    _max_member_bytes = limit
+    os.environ[MAX_MEMBER_ENV] = str(limit)
 
 
 _safe_cache: tuple[int, frozenset[str]] = (-1, SAFE_EXTENSIONS)
@@ -82,7 +117,14 @@ class DataFailure(RuntimeError):
 
 
 class ShardError(ValueError):
-    """A shard that is unsafe or malformed (the message names the shard, and the member or key)."""
+    """A shard that is unsafe or malformed (the message names the shard, and the member or key).
+
+    ``member``: the member refused by itself (too large, an invalid size) while the tar around it
+    is sound up to its header, so the sample before it is complete and still handed out."""
+
+    def __init__(self, message: str, member: str | None = None):
+        super().__init__(message)
+        self.member = member
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
@@ -103,19 +145,28 @@ _REGULAR = (b"0", b"\0", b"7")  # file, old-style file, contiguous file
 
 
 def _octal(field: bytes) -> int:
-    """A numeric tar header field: octal text, or base-256 when the top bit is set (large sizes)."""
+    """A numeric tar header field: octal text, or base-256 when the top bit is set (large sizes).
+
+    -1 for a field that is neither (garbage, a sign, a negative base-256 number): never a valid
+    size or checksum, so callers refuse it rather than seek backwards or allocate from it."""
     if field[:1] and field[0] & 0x80:
-        return int.from_bytes(field[1:], "big")
+        return -1 if field[0] & 0x40 else int.from_bytes(field[1:], "big")  # 0xff...: negative
     text = field.partition(b"\0")[0].strip()
-    return int(text, 8) if text else 0
+    if not text:
+        return 0
+    return int(text, 8) if text.isdigit() and b"8" not in text and b"9" not in text else -1
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
-    """PAX extended header records: ``"<len> <key>=<value>\\n"``, where len counts the whole record."""
+    """PAX extended header records: ``"<len> <key>=<value>\\n"``, where len counts the whole record.
+
+    ValueError for a malformed record (a length of 0 would otherwise loop for ever)."""
     records, pos = {}, 0
     while pos < len(data):
         space = data.index(b" ", pos)
-        length = int(data[pos:space])
+        length = int(data[pos:space]) if data[pos:space].isdigit() else 0
+        if length <= space - pos + 1 or pos + length > len(data):
+            raise ValueError(f"malformed PAX record at byte {pos}")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
         pos += length
@@ -123,7 +174,11 @@ def _pax_records(data: bytes) -> dict[str, str]:
 
 
 def _tar_members(
-    stream: IO[bytes], shard: str, keep: Callable[[str], bool] | None = None, size: int | None = None
+    stream: IO[bytes],
+    shard: str,
+    keep: Callable[[str], bool] | None = None,
+    size: int | None = None,
+    limit: int | None = None,
 ) -> Iterator[tuple[str, bytes | None]]:
     """(name, bytes) of every regular member, in order; ``None`` bytes for members ``keep`` rejects.
 
@@ -132,8 +187,14 @@ def _tar_members(
     inside a header. Handles ustar, GNU long names and PAX headers (path, size); checks every
     header checksum; anything but a regular file or directory is refused. A rejected member's bytes
     are skipped unread: by a seek when ``size`` (the file's length, to notice a cut member) is
-    given, else read and dropped.
+    given, else read and dropped in bounded chunks.
+
+    Bounded: a member that is read (kept, or a PAX / long-name header) is checked against ``limit``
+    (default: :func:`max_member_bytes`) from its header, before anything is allocated, so a header
+    claiming 100 GB or a gzip shard inflating to 1 GiB is a ShardError naming shard and member,
+    never a MemoryError. Skipped members are not limited: they are never held in memory.
     """
+    limit = max_member_bytes() if limit is None else limit
     pending: dict[str, str] = {}
     while True:
         header = stream.read(_BLOCK)
@@ -150,9 +211,18 @@ def _tar_members(
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         if header[257:262] == b"ustar" and header[345:346] != b"\0":
             name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
-        length = int(pending["size"]) if "size" in pending else _octal(header[124:136])
+        length = _member_length(header, pending, shard, pending.get("path", name))
         padded = -(-length // _BLOCK) * _BLOCK
-        if kind in _REGULAR and keep is not None and not keep(pending.get("path", name)):
+        wanted = kind in _REGULAR and (keep is None or keep(pending.get("path", name)))
+        if (wanted or kind not in _REGULAR) and length > limit:
+            raise ShardError(
+                f"{shard}: member {pending.get('path', name)!r} claims {length} bytes, over the "
+                f"{limit}-byte limit per member (data.max_member_bytes; raise it if such members are expected)",
+                pending.get("path", name),
+            )
+        if size is not None and stream.tell() + length > size:  # before any seek or allocation
+            raise ShardError(f"{shard}: unreadable tar (member {name!r} truncated)")
+        if kind in _REGULAR and not wanted:
             if size is not None:
                 stream.seek(padded, os.SEEK_CUR)
                 if stream.tell() - (padded - length) > size:
@@ -180,6 +250,26 @@ def _tar_members(
         if kind not in _REGULAR:
             raise ShardError(f"{shard}: member {name!r} is not a regular file (link or device)")
         yield name, data
+
+
+def _member_length(header: bytes, pending: dict[str, str], shard: str, name: str) -> int:
+    """The member's size from its PAX record or its header; ShardError for a negative or garbage one."""
+    if "size" in pending:
+        text = pending["size"]
+        # Digits only, and not thousands of them (int() refuses over 4300 digits with a ValueError).
+        length = int(text) if text.isascii() and text.isdigit() and len(text) <= 64 else -1
+    else:
+        length = _octal(header[124:136])
+    if length < 0:
+        field = pending.get("size", header[124:136])
+        raise ShardError(
+            f"{shard}: unreadable tar (member {name!r} has an invalid size field {field!r})", name
+        )
+    return length
+
+
+_READ_ERRORS = (OSError, EOFError, ValueError, OverflowError, zlib.error)
+"""What reading a broken shard may raise below our checks (a corrupt deflate stream: zlib.error)."""
 
 
 def _discard(stream: IO[bytes], n: int, shard: str, name: str) -> None:
@@ -215,7 +305,9 @@ def _shard_name(path: str | os.PathLike[str] | IO[bytes]) -> str:
     return str(getattr(path, "name", "<stream>")) if hasattr(path, "read") else str(path)
 
 
-def iter_tar_samples(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[dict[str, bytes | str]]:
+def iter_tar_samples(
+    path: str | os.PathLike[str] | IO[bytes], max_member_bytes: int | None = None
+) -> Iterator[dict[str, bytes | str]]:
     """Stream the samples of one tar shard: ``{"__key__", "__shard__", <ext>: bytes, ...}``.
 
     Consecutive members with the same key form a sample (tar order, as in WebDataset). Extensions
@@ -224,7 +316,9 @@ def iter_tar_samples(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[dict[
     ``key.extension`` name, are skipped unread; a sample of skipped members only is still yielded
     (without members), so sample positions match the index's counts. Raises ``ShardError`` (a
     ValueError) naming the shard and member for a link or other non-file member, a member repeated
-    within a sample, or an unreadable tar. ``path`` may also be an open binary stream.
+    within a sample, an unreadable tar, or a member over ``max_member_bytes`` (default: the process
+    setting, :func:`max_member_bytes`; gzip shards are inflated member by member, never whole).
+    ``path`` may also be an open binary stream.
     """
     shard = _shard_name(path)
     if is_pipe(path):  # never run here: only iter_shard(url, allow_pipe=True) runs commands
@@ -246,8 +340,8 @@ def iter_tar_samples(path: str | os.PathLike[str] | IO[bytes]) -> Iterator[dict[
 
     try:
         with _open_tar(path) as (stream, size):
-            yield from _group(_tar_members(stream, shard, keep, size), shard)
-    except (OSError, EOFError, ValueError) as error:
+            yield from _group(_tar_members(stream, shard, keep, size, max_member_bytes), shard)
+    except _READ_ERRORS as error:
         if isinstance(error, ShardError):
             raise
         raise ShardError(f"{shard}: unreadable tar ({error})") from error  # e.g. a corrupt gzip stream
@@ -261,7 +355,18 @@ def _group(
     ``names(key, ext)`` sees every member with a key (kept or not): what :func:`scan_tar` counts.
     """
     sample: dict[str, Any] = {}
-    for member, data in members:
+    while True:
+        try:
+            member, data = next(members)
+        except StopIteration:
+            break
+        except ShardError as error:
+            # A member refused by itself (its header is sound) ends the shard; the sample before
+            # it is complete when the refused member starts another key.
+            refused = split_member_name(error.member) if error.member is not None else None
+            if sample and refused is not None and refused[0] != sample["__key__"]:
+                yield sample
+            raise
         parts = split_member_name(member)
         if parts is None:  # webdataset skips these too (a README, macOS "._x.jpg" files)
             if names is not None:
@@ -325,7 +430,7 @@ def scan_tar(path: str | os.PathLike[str] | IO[bytes]) -> TarScan:
             for sample in _group(_tar_members(stream, shard, lambda _: False, size), shard, names):
                 scan.keys.append(sample["__key__"])
                 close_sample()
-    except (OSError, EOFError, ValueError) as error:
+    except _READ_ERRORS as error:
         scan.error = str(error) if isinstance(error, ShardError) else f"{shard}: unreadable tar ({error})"
     return scan
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ log = logging.getLogger("xmodal")
 
 FEATURES_VERSION = 1
 MAX_TRAIN_SAMPLES = 5000
+PROGRESS_S = 10.0
+"""Seconds between progress lines while the classifier trains (a first run on new data trains it
+before the GAN's first step, for minutes on a CPU: silence there looks like a hang)."""
 
 
 class DomainClassifier(nn.Module):
@@ -129,9 +133,16 @@ def load_split(
 
 
 def train_classifier(
-    images: torch.Tensor, labels: torch.Tensor, channels: int, num_classes: int, steps: int, seed: int
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    channels: int,
+    num_classes: int,
+    steps: int,
+    seed: int,
+    progress_s: float = PROGRESS_S,
 ) -> tuple[DomainClassifier, dict[str, Any]]:
     """Adam on cross-entropy over labelled rows, own RNG (the global one is the training run's).
+    Logs a progress line (step, loss) at most every ``progress_s`` seconds.
 
     Without labels (user shards with none) the classifier stays at its seeded random init: random
     conv features still rank FID sensibly, but conditional accuracy is then meaningless.
@@ -148,7 +159,8 @@ def train_classifier(
     rng = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     net.train()
-    for _ in range(steps):
+    last = time.monotonic()
+    for step in range(1, steps + 1):
         idx = torch.randint(len(x_all), (64,), generator=rng)
         x = x_all[idx].float() / 127.5 - 1.0  # [64, C, H, W]
         # Light noise so features react smoothly to off-manifold (generated) images.
@@ -157,6 +169,9 @@ def train_classifier(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if time.monotonic() - last >= progress_s and step < steps:
+            last = time.monotonic()
+            log.info("FID feature classifier: step %d/%d, loss %.3f", step, steps, float(loss.detach()))
     info["steps"] = steps
     info["final_loss"] = float(loss.detach())
     return net.eval(), info
@@ -183,6 +198,7 @@ def domain_classifier(
     allow_pipe: bool = False,
     train_if_missing: bool = True,
     role: str = DEFAULT_ROLE,
+    progress_s: float = PROGRESS_S,
 ) -> DomainClassifier | None:
     """The cached classifier for this data, image role and settings, trained (and cached
     atomically) on a miss.
@@ -197,8 +213,10 @@ def domain_classifier(
         return net.eval()
     if not train_if_missing:
         return None
+    log.info("training the FID feature classifier: %d steps, cached at %s", steps, path)
+    start = time.monotonic()
     images, labels = load_split(shards_dir, "train", spec, allow_pipe=allow_pipe, role=role)
-    net, info = train_classifier(images, labels, spec.image_channels, num_classes, steps, seed)
+    net, info = train_classifier(images, labels, spec.image_channels, num_classes, steps, seed, progress_s)
     try:
         val_images, val_labels = load_split(
             shards_dir, "val", spec, limit=1000, allow_pipe=allow_pipe, role=role
@@ -206,7 +224,16 @@ def domain_classifier(
         info["val_accuracy"] = accuracy(net, val_images, val_labels)
     except ValueError:
         info["val_accuracy"] = None
-    log.info("FID feature classifier trained on %s: %s", shards_dir, info)
+    accuracy_text = (
+        "none (no labelled val data)" if info["val_accuracy"] is None else f"{info['val_accuracy']:.3f}"
+    )
+    log.info(
+        "FID feature classifier trained in %.0f s: val accuracy %s (%s; %s)",
+        time.monotonic() - start,
+        accuracy_text,
+        shards_dir,
+        info,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"weights": net.state_dict(), "info": json.dumps(info)}, tmp)

@@ -13,13 +13,18 @@ reference, so a plug-in modality must live in an importable module.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from xmodal.codecs.json_meta import load_json_member
 from xmodal.problems import SkipRow
+
+
+def json_member_name(raw: dict[str, Any]) -> str:
+    """``"<shard>: sample '<key>' member 'json'"``: where a raw sample's metadata came from."""
+    return f"{raw.get('__shard__', '<shard>')}: sample {raw.get('__key__', '')!r} member 'json'"
 
 
 class SampleContext:
@@ -35,10 +40,16 @@ class SampleContext:
 
     @property
     def meta(self) -> dict[str, Any]:
-        """The sample's parsed ``.json`` member ({} without one), parsed once per sample."""
+        """The sample's parsed ``.json`` member ({} without one), parsed once per sample; ValueError
+        (a counted skip) naming shard, key and member when it is invalid or nested too deep."""
         if self._meta is None:
             payload = self.raw.get("json")
-            self._meta = json.loads(payload) if payload is not None else {}
+            meta = {} if payload is None else load_json_member(payload, json_member_name(self.raw))
+            if not isinstance(meta, dict):
+                raise ValueError(
+                    f"{json_member_name(self.raw)}: must be a JSON object, not {type(meta).__name__}"
+                )
+            self._meta = meta
         return self._meta
 
 

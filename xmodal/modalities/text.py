@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from xmodal.modalities.base import Modality, SampleContext
+from xmodal.codecs.json_meta import load_json_member
+from xmodal.modalities.base import Modality, SampleContext, json_member_name
 from xmodal.modalities.image import sample_hash
 
 
 def sample_captions(sample: dict[str, Any], meta: dict[str, Any] | None = None) -> list[str]:
     """All captions of a raw sample: the ``captions`` list of its JSON (``meta``: already parsed),
-    else its ``.txt``."""
+    else its ``.txt``. ValueError naming the member for an invalid or too deeply nested JSON."""
     if meta is None and "json" in sample:
-        import json
-
-        meta = json.loads(sample["json"])
+        meta = load_json_member(sample["json"], json_member_name(sample))
+        if not isinstance(meta, dict):
+            raise ValueError(f"{json_member_name(sample)}: must be a JSON object, not {type(meta).__name__}")
     if meta and meta.get("captions"):
         return [str(c) for c in meta["captions"]]
     if "txt" in sample:
