@@ -152,10 +152,14 @@ def summary_text(summary: Mapping[str, Any]) -> str:
     ]
     score = summary["best_score"]
     best = summary["best_checkpoint"] or "none saved"
-    lines.append(f"  best checkpoint:  {best}" + (f" ({summary['monitor']} {score:.4g})" if score is not None else ""))
+    lines.append(
+        f"  best checkpoint:  {best}" + (f" ({summary['monitor']} {score:.4g})" if score is not None else "")
+    )
     lines.append(f"  last checkpoint:  {summary['last_checkpoint'] or 'none saved'}")
     if summary["test"]:
-        lines.append("  test:             " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(summary["test"].items())))
+        lines.append(
+            "  test:             " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(summary["test"].items()))
+        )
     skipped = summary["skipped_samples"]
     lines.append(
         "  skipped samples:  "

@@ -28,6 +28,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from xmodal import summary
 from xmodal.callbacks.metrics_file import scalar_metrics
 from xmodal.callbacks.nonfinite import NonFiniteGuard, NonFiniteStop
 from xmodal.callbacks.preemption import Preemption
@@ -45,7 +46,6 @@ from xmodal.factory import (
     prepare_data,
 )
 from xmodal.files import write_json_atomic
-from xmodal import summary
 from xmodal.registry import RegistryError
 from xmodal.run import (
     decide_run,
@@ -182,7 +182,12 @@ def evaluate_holdout(trainer: L.Trainer, task: Any, datamodule: Any) -> dict[str
 
 
 def report_run(
-    cfg: DictConfig, run_dir: Path, trainer: L.Trainer, record: dict[str, Any], wall_s: float, stopped: str | None
+    cfg: DictConfig,
+    run_dir: Path,
+    trainer: L.Trainer,
+    record: dict[str, Any],
+    wall_s: float,
+    stopped: str | None,
 ) -> None:
     """Print the end-of-run summary (best checkpoint, test metrics, next commands) and write it into
     the run dir as ``summary.json`` / ``summary.txt``; ``record`` is what ``metrics.json`` holds."""
