@@ -28,11 +28,13 @@ from xmodal.callbacks.csv_history import HistoryCSVLogger
 from xmodal.callbacks.data_health import DataHealth
 from xmodal.callbacks.last_checkpoint import LastCheckpoint
 from xmodal.callbacks.metrics_file import MetricsFile
+from xmodal.callbacks.model_summary import ModelTable
 from xmodal.callbacks.nonfinite import NonFiniteGuard
 from xmodal.callbacks.plots import MetricPlots
 from xmodal.callbacks.preemption import Preemption
 from xmodal.callbacks.progress import StepProgress, StepRichProgressBar
 from xmodal.callbacks.samples import ValidationSamples
+from xmodal.callbacks.short_epochs import ShortEpochValidation
 from xmodal.callbacks.throughput import Throughput
 from xmodal.checkpoints import RunDirCheckpointIO
 from xmodal.config import absolute, world_size
@@ -213,6 +215,8 @@ def build_callbacks(
         ValidationSamples(run.dir / "samples", cfg.callbacks.num_samples),
         DataHealth(),  # before MetricsFile, which records what it logs
         MetricsFile(run.dir / "metrics.jsonl"),
+        ShortEpochValidation(),  # an interval longer than a (small data's) epoch: validate each epoch
+        ModelTable(),  # Lightning's table without its all-zero FLOPs column
     ]
     if cfg.callbacks.throughput:
         callbacks.append(Throughput())

@@ -35,6 +35,7 @@ from xmodal.callbacks.preemption import Preemption
 from xmodal.callbacks.progress import StepCounter
 from xmodal.checkpoints import NoIntactCheckpoint, checkpoint_problem, choose_resume
 from xmodal.config import CONFIG_DIR, ConfigError, absolute, register_schemas, validate, world_size
+from xmodal.config.view import shown_config
 from xmodal.console import log_to_file, print_config_tree, print_error, stop_logging_to
 from xmodal.drift import check_drift
 from xmodal.factory import (
@@ -58,6 +59,7 @@ from xmodal.run_lock import RunBusy, RunLock
 from xmodal.tasks.config import task_config
 from xmodal.tokenizers.base import Tokenizer
 from xmodal.tokenizers.build import tokenizer_from_state
+from xmodal.warnings_filter import install_warning_filters, quiet_wandb_init
 
 log = logging.getLogger("xmodal")
 
@@ -214,6 +216,7 @@ def report_run(
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test one run described by a composed config; returns its final metrics."""
     started = time.monotonic()
+    install_warning_filters()  # after Lightning's import (above): its import-time filters come later in the list
     validate(cfg)
     check_launch(cfg)
     launcher = is_launcher()
@@ -235,7 +238,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if launcher:
             export_run_id(run.id)
             write_provenance(run.dir, OmegaConf.to_yaml(cfg, resolve=True), changes)
-            print_config_tree(cfg, save_to=run.dir / "config_tree.log")
+            print_config_tree(cfg, save_to=run.dir / "config_tree.log", shown=shown_config(cfg))
             handler = log_to_file(run.dir / "train.log")
             if _in_multirun():
                 (Path(HydraConfig.get().runtime.output_dir) / "run_dir.txt").write_text(f"{run.dir}\n")
@@ -248,6 +251,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for change in changes:
             log.info("config changed on resume: %s", change)
         loggers = build_loggers(cfg, run)
+        quiet_wandb_init(loggers)
         callbacks, checkpoint = build_callbacks(cfg, run, has_logger=bool(loggers))
         trainer = build_trainer(cfg, run, loggers, callbacks)
         start_from = resume or cfg.ckpt_path
