@@ -306,7 +306,7 @@ def build_trainer(
         num_sanity_val_steps=t.num_sanity_val_steps,
         deterministic=t.deterministic,
         enable_progress_bar=rich_progress(cfg),
-        enable_model_summary=True,
+        enable_model_summary=False,  # the ModelTable callback is the summary (True: Lightning logs that it skips its own)
         use_distributed_sampler=False,  # the stream splits data over ranks itself (exact-once)
         default_root_dir=str(run.dir),
         logger=loggers or False,
