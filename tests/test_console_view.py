@@ -85,20 +85,40 @@ def fit(interval: int, callbacks: list, limit: int | None = None) -> list[int]:
     return model.validated_at
 
 
-def test_an_interval_longer_than_the_epoch_validates_at_every_epoch_end(caplog):
+def test_an_interval_longer_than_the_run_and_the_epoch_validates_at_every_epoch_end(caplog):
     assert fit(250, []) == []  # without it: 12 steps, and no validation at all
     with caplog.at_level(logging.INFO, logger="xmodal"):
         assert fit(250, [ShortEpochValidation()]) == [4, 8, 12]
     notes = [r.getMessage() for r in caplog.records if r.name == "xmodal"]
     assert notes == [
-        "trainer.val_check_interval=250 is longer than an epoch (4 batches): validating at the end of "
-        "every epoch instead"
+        "trainer.val_check_interval=250 is longer than this run (12 batches) and than an epoch "
+        "(4 batches): validating every 4 batches instead"
     ]
-    assert fit(3, [ShortEpochValidation()]) == [3, 6, 9, 12]  # a shorter interval is kept
     assert fit(250, [ShortEpochValidation()], limit=2) == [2, 4, 6, 8, 10, 12]  # the limited epoch
+    # A run long enough for its interval keeps it, across epochs (Lightning counts all batches).
+    assert fit(5, [ShortEpochValidation()]) == fit(5, []) == [5, 10]
 
 
-def test_only_integer_intervals_longer_than_a_known_epoch_are_clamped():
-    assert clamped_interval(250, 4) == 4
-    assert clamped_interval(4, 4) is None and clamped_interval(0.5, 4) is None
-    assert clamped_interval(250, float("inf")) is None  # an epoch of unknown length
+def test_only_integer_intervals_longer_than_a_known_epoch_and_the_run_are_clamped():
+    assert clamped_interval(250, 4, 12) == 4
+    assert clamped_interval(250, 4, 2000) is None  # validates at step 250, 500, ... anyway
+    assert clamped_interval(4, 4, 2) is None and clamped_interval(0.5, 4, 2) is None
+    assert clamped_interval(250, float("inf"), 12) is None  # an epoch of unknown length
+    # check_val_every_n_epoch (debug=overfit: 50 epochs of 1 batch in 200 steps), unless too long.
+    assert clamped_interval(250, 1, 200, every_n_epochs=50) == 50
+    assert clamped_interval(250, 4, 12, every_n_epochs=50) == 4
+
+
+def test_the_factory_builds_the_trainer_with_both_callbacks(tmp_path):
+    from lightning.pytorch.callbacks import ModelSummary
+
+    from xmodal.factory import build_callbacks, build_trainer
+    from xmodal.run import RunIdentity
+
+    cfg = compose_config(["debug=overfit", "trainer.accelerator=cpu"])
+    run = RunIdentity("r", tmp_path, True)
+    callbacks, _ = build_callbacks(cfg, run, has_logger=False)
+    trainer = build_trainer(cfg, run, [], callbacks)
+    (short,) = [c for c in trainer.callbacks if isinstance(c, ShortEpochValidation)]
+    assert short.every_n_epochs == 50  # debug=overfit's check_val_every_n_epoch
+    assert [type(c) for c in trainer.callbacks if isinstance(c, ModelSummary)] == [ModelTable]

@@ -215,7 +215,7 @@ def build_callbacks(
         ValidationSamples(run.dir / "samples", cfg.callbacks.num_samples),
         DataHealth(),  # before MetricsFile, which records what it logs
         MetricsFile(run.dir / "metrics.jsonl"),
-        ShortEpochValidation(),  # an interval longer than a (small data's) epoch: validate each epoch
+        ShortEpochValidation(cfg.trainer.check_val_every_n_epoch),  # an interval no short run reaches
         ModelTable(),  # Lightning's table without its all-zero FLOPs column
     ]
     if cfg.callbacks.throughput:
