@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xmodal.callbacks.progress import format_duration
 from xmodal.files import write_json_atomic
 from xmodal.registry import MODALITIES
 
@@ -135,19 +136,13 @@ def build_summary(outcome: RunOutcome) -> dict[str, Any]:
     return summary
 
 
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
-
-
 def summary_text(summary: Mapping[str, Any]) -> str:
     """The printed summary: one fact per line, the commands last (each whole on one line)."""
     stopped = summary["status"] == "stopped"
     head = f"stopped by {summary['stop_reason']}" if stopped else "finished"
     steps = f"{summary['steps']}/{summary['max_steps']}" if summary["max_steps"] > 0 else summary["steps"]
     lines = [
-        f"run {summary['run_id']} {head} after {_duration(summary['wall_time_s'])}, step {steps}",
+        f"run {summary['run_id']} {head} after {format_duration(summary['wall_time_s'])}, step {steps}",
         f"  run dir:          {summary['run_dir']}",
     ]
     score = summary["best_score"]
