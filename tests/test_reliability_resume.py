@@ -302,4 +302,8 @@ def test_a_stop_signal_ends_the_segment_with_the_resume_command(run, monkeypatch
     )
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["preempted"] is True and summary["global_step"] == 6 and summary["nonfinite_steps"] == 0
+    report = json.loads((run_dir / "summary.json").read_text())
+    assert (report["status"], report["stop_reason"], report["steps"]) == ("stopped", "SIGTERM", 6)
+    assert report["commands"]["resume"] == str(stopped.value).split("resume with: ")[1]
+    assert f"  resume:         {report['commands']['resume']}" in (run_dir / "summary.txt").read_text()
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6

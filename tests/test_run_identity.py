@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -110,6 +111,17 @@ def test_multirun_gives_one_run_dir_per_job_and_one_sweep_dir(tiny, tmp_path):
     pointers = sorted((sweeps[0] / str(job) / "run_dir.txt").read_text().strip() for job in (0, 1))
     assert pointers == [str(r) for r in runs]
     assert sorted(OmegaConf.load(r / "config.yaml").seed for r in runs) == [1, 2]
+    # The sweep summary (xmodal/sweep.py): a row per job, in job order, with its point and run dir.
+    with open(sweeps[0] / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["job"], r["seed"], r["status"]) for r in table] == [
+        ("0", "1", "finished"),
+        ("1", "2", "finished"),
+    ]
+    assert [r["run_dir"] for r in table] == [
+        (sweeps[0] / j / "run_dir.txt").read_text().strip() for j in "01"
+    ]
+    assert "best val/cider" in table[0] and f"sweep summary (2 jobs): {sweeps[0]}" in result.stdout
     # One offline W&B run per job, each under its own run dir, with its own id.
     wandb_runs = [list((r / "wandb").glob("offline-run-*")) for r in runs]
     assert [len(w) for w in wandb_runs] == [1, 1]

@@ -12,6 +12,7 @@ from PIL import Image
 from tests.conftest import TINY, run_cli
 from xmodal.config import CONFIG_DIR, compose_config
 from xmodal.factory import build_datamodule, prepare_data
+from xmodal.summary import SUMMARY_KEYS
 from xmodal.tasks.caption.task import CaptionTask
 from xmodal.tasks.config import task_config
 from xmodal.train import train
@@ -93,6 +94,16 @@ def test_default_experiment_learns_and_leaves_a_complete_run_dir(tiny, tmp_path)
     with Image.open(grids[-1]) as grid:
         assert grid.size[0] >= 4 * 128 and grid.size[1] > 128  # 4 tiles of 128 px plus caption lines
     assert "run:\n  id: learn\n" in (run_dir / "config.yaml").read_text()
+    # The end-of-run summary (xmodal/summary.py; its rules in tests/test_run_summary.py).
+    report = json.loads((run_dir / "summary.json").read_text())
+    assert list(report) == list(SUMMARY_KEYS) and report["status"] == "finished"
+    assert report["best_checkpoint"] == str(run_dir / "checkpoints" / "best.ckpt")
+    assert report["best_score"] == summary["best_score"] and report["test"] == summary["test"]
+    assert (report["steps"], report["max_steps"], report["skipped_samples"]) == (60, 60, {})
+    text = (run_dir / "summary.txt").read_text()
+    assert f"xmodal-eval ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}" in text
+    assert f"xmodal-generate {run_dir / 'checkpoints' / 'best.ckpt'} --image FILES_OR_FOLDER" in text
+    assert report["commands"]["resume"] is None and "resume" not in text
 
 
 DISTRIBUTED = [

@@ -30,12 +30,17 @@ def config_tree(cfg: DictConfig) -> Tree:
     return tree
 
 
-def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
-    tree = config_tree(cfg)
-    rich.print(tree)
+def print_config_tree(cfg: DictConfig, save_to: Path | None = None, shown: DictConfig | None = None) -> None:
+    """Print the tree of ``shown`` (default: all of ``cfg``); ``save_to`` gets the full tree."""
+    rich.print(config_tree(cfg if shown is None else shown))
     if save_to is not None:
         with open(save_to, "w") as f:
-            rich.print(tree, file=f)
+            rich.print(config_tree(cfg), file=f)
+        if shown is not None:
+            note = (
+                f"[dim]the task's own nodes shown; the full config: {rich.markup.escape(str(save_to))}[/dim]"
+            )
+            rich.get_console().print(note, soft_wrap=True)  # the path stays on one line
 
 
 def print_error(message: str) -> None:

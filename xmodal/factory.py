@@ -28,11 +28,13 @@ from xmodal.callbacks.csv_history import HistoryCSVLogger
 from xmodal.callbacks.data_health import DataHealth
 from xmodal.callbacks.last_checkpoint import LastCheckpoint
 from xmodal.callbacks.metrics_file import MetricsFile
+from xmodal.callbacks.model_summary import ModelTable
 from xmodal.callbacks.nonfinite import NonFiniteGuard
 from xmodal.callbacks.plots import MetricPlots
 from xmodal.callbacks.preemption import Preemption
 from xmodal.callbacks.progress import StepProgress, StepRichProgressBar
 from xmodal.callbacks.samples import ValidationSamples
+from xmodal.callbacks.short_epochs import ShortEpochValidation
 from xmodal.callbacks.throughput import Throughput
 from xmodal.checkpoints import RunDirCheckpointIO
 from xmodal.config import absolute, world_size
@@ -215,6 +217,8 @@ def build_callbacks(
         ValidationSamples(run.dir / "samples", cfg.callbacks.num_samples),
         DataHealth(),  # before MetricsFile, which records what it logs
         MetricsFile(run.dir / "metrics.jsonl"),
+        ShortEpochValidation(cfg.trainer.check_val_every_n_epoch),  # an interval no short run reaches
+        ModelTable(),  # Lightning's table without its all-zero FLOPs column
     ]
     if cfg.callbacks.throughput:
         callbacks.append(Throughput())
@@ -304,7 +308,7 @@ def build_trainer(
         num_sanity_val_steps=t.num_sanity_val_steps,
         deterministic=t.deterministic,
         enable_progress_bar=rich_progress(cfg),
-        enable_model_summary=True,
+        enable_model_summary=False,  # the ModelTable callback is the summary (True: Lightning logs that it skips its own)
         use_distributed_sampler=False,  # the stream splits data over ranks itself (exact-once)
         default_root_dir=str(run.dir),
         logger=loggers or False,

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from xmodal import summary
 from xmodal.callbacks.metrics_file import scalar_metrics
 from xmodal.callbacks.nonfinite import NonFiniteGuard, NonFiniteStop
 from xmodal.callbacks.preemption import Preemption
+from xmodal.callbacks.progress import StepCounter
 from xmodal.checkpoints import NoIntactCheckpoint, checkpoint_problem, choose_resume
 from xmodal.config import CONFIG_DIR, ConfigError, absolute, register_schemas, validate, world_size
+from xmodal.config.view import shown_config
 from xmodal.console import log_to_file, print_config_tree, print_error, stop_logging_to
 from xmodal.drift import check_drift
 from xmodal.factory import (
@@ -53,8 +56,10 @@ from xmodal.run import (
     write_provenance,
 )
 from xmodal.run_lock import RunBusy, RunLock
+from xmodal.tasks.config import task_config
 from xmodal.tokenizers.base import Tokenizer
 from xmodal.tokenizers.build import tokenizer_from_state
+from xmodal.warnings_filter import install_warning_filters, quiet_wandb_init
 
 log = logging.getLogger("xmodal")
 
@@ -75,15 +80,26 @@ class RunStopped(Exception):
         self.preemption = preemption
 
 
+def job_overrides() -> list[str]:
+    """This job's own overrides: a multirun job's values (``model.lr=1e-3``), not the sweep's
+    ``-m model.lr=1e-3,3e-4``; outside Hydra, the command line's arguments."""
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return [a for a in sys.argv[1:] if not a.startswith("-")]
+
+
 def resume_command(run_id: str) -> str:
     """This invocation again, pinned to its run id (a rerun with the same id resumes it)."""
-    args = [a for a in sys.argv[1:] if not a.startswith(("run.id=", "++run.id=", "+run.id="))]
-    return f"cd {shlex.quote(os.getcwd())} && " + shlex.join(["xmodal-train", *args, f"run.id={run_id}"])
+    return summary.resume_command(run_id, job_overrides(), os.getcwd())
+
+
+def stop_cause(preemption: Preemption) -> str:
+    received = preemption.requested
+    return f"{signal.Signals(received).name}" if received is not None else "a stop signal to another rank"
 
 
 def stop_message(preemption: Preemption, step: int, run_id: str) -> str:
-    received = preemption.requested
-    cause = f"{signal.Signals(received).name}" if received is not None else "a stop signal to another rank"
+    cause = stop_cause(preemption)
     saved = "checkpoint saved" if preemption.saved else "state not sound, the last good checkpoint kept"
     requeue = preemption.requeue_job is not None
     how = "SLURM requeues the job, it resumes by itself; by hand" if requeue else "resume with"
@@ -175,8 +191,40 @@ def evaluate_holdout(trainer: L.Trainer, task: Any, datamodule: Any) -> dict[str
     return scalar_metrics(trainer.callback_metrics, "holdout/")
 
 
+def report_run(
+    cfg: DictConfig,
+    run_dir: Path,
+    trainer: L.Trainer,
+    record: dict[str, Any],
+    wall_s: float,
+    stopped: str | None,
+) -> None:
+    """Print the end-of-run summary (best checkpoint, test metrics, next commands) and write it into
+    the run dir as ``summary.json`` / ``summary.txt``; ``record`` is what ``metrics.json`` holds."""
+    outcome = summary.RunOutcome(
+        run_id=cfg.run.id,
+        run_dir=run_dir,
+        wall_time_s=wall_s,
+        steps=int(StepCounter(cfg.trainer.max_steps).done(trainer)),
+        max_steps=int(cfg.trainer.max_steps),
+        global_step=trainer.global_step,
+        monitor=cfg.callbacks.monitor,
+        best_score=record["best_score"],
+        best_checkpoint=record["best_checkpoint"],
+        test=record.get("test"),
+        skipped=record["data_skipped"],
+        stop_reason=stopped,
+        argv=job_overrides(),
+        cwd=os.getcwd(),
+        generate_args=summary.generate_args(task_config(cfg), dict(cfg.data.roles), run_dir / "generated"),
+    )
+    log.info("%s", summary.write_summary(run_dir, summary.build_summary(outcome)).rstrip())
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit and test one run described by a composed config; returns its final metrics."""
+    started = time.monotonic()
+    install_warning_filters()  # after Lightning's import (above): its import-time filters come later in the list
     validate(cfg)
     check_launch(cfg)
     launcher = is_launcher()
@@ -198,7 +246,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if launcher:
             export_run_id(run.id)
             write_provenance(run.dir, OmegaConf.to_yaml(cfg, resolve=True), changes)
-            print_config_tree(cfg, save_to=run.dir / "config_tree.log")
+            print_config_tree(cfg, save_to=run.dir / "config_tree.log", shown=shown_config(cfg))
             handler = log_to_file(run.dir / "train.log")
             if _in_multirun():
                 (Path(HydraConfig.get().runtime.output_dir) / "run_dir.txt").write_text(f"{run.dir}\n")
@@ -211,13 +259,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for change in changes:
             log.info("config changed on resume: %s", change)
         loggers = build_loggers(cfg, run)
+        quiet_wandb_init(loggers)
         callbacks, checkpoint = build_callbacks(cfg, run, has_logger=bool(loggers))
         trainer = build_trainer(cfg, run, loggers, callbacks)
         start_from = resume or cfg.ckpt_path
         trainer.fit(task, datamodule=datamodule, ckpt_path=str(start_from) if start_from else None)
         preemption = next(c for c in callbacks if isinstance(c, Preemption))
         metrics: dict[str, float] = scalar_metrics(trainer.callback_metrics, "val/")
-        summary: dict[str, Any] = {
+        record: dict[str, Any] = {
             "run_id": run.id,
             "global_step": trainer.global_step,
             "val": dict(metrics),
@@ -230,12 +279,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "nonfinite_steps": next(c for c in callbacks if isinstance(c, NonFiniteGuard)).total,
         }
         if cfg.test_after_fit and not preemption.preempted:
-            summary["test"] = test_best_checkpoint(cfg, trainer, checkpoint, task, tokenizer, datamodule)
-            metrics.update(summary["test"])
-        summary["data_skipped"] = datamodule.skipped()
-        summary["data_errors"] = datamodule.errors()
+            record["test"] = test_best_checkpoint(cfg, trainer, checkpoint, task, tokenizer, datamodule)
+            metrics.update(record["test"])
+        record["data_skipped"] = datamodule.skipped()
+        record["data_errors"] = datamodule.errors()
         if trainer.is_global_zero:
-            write_json_atomic(run.dir / "metrics.json", summary)
+            write_json_atomic(run.dir / "metrics.json", record)
+            stopped = stop_cause(preemption) if preemption.preempted else None
+            report_run(cfg, run.dir, trainer, record, time.monotonic() - started, stopped)
         release_process_group()
         failed = False
         if preemption.preempted:

@@ -59,7 +59,10 @@ class LastCheckpoint(L.Callback):
             _remove(tmp)
         trainer.strategy.barrier("last_checkpoint_clean")
         try:
-            trainer.save_checkpoint(tmp)  # every rank takes part: sharded strategies write a directory
+            # Every rank takes part: sharded strategies write a directory. The full state (loops,
+            # callbacks, the data stream position) is what resuming needs; said explicitly, since
+            # Lightning logs "weights_only was not set" at every save otherwise.
+            trainer.save_checkpoint(tmp, weights_only=False)
         except Exception:
             if trainer.is_global_zero:
                 _remove(tmp)  # e.g. disk full: no partial file left behind
