@@ -154,3 +154,12 @@ def caption_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]
     scores["cider"] = cider_d(hypotheses, references)
     scores["rougeL"] = rouge_l(hypotheses, references)
     return scores
+
+
+def caption_spread(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Distinct generated captions and distinct first references of a split: how much the captions
+    vary with the input (the collapse check of xmodal/metrics/collapse.py reads both)."""
+    return {
+        "distinct_captions": float(len(set(hypotheses))),
+        "distinct_references": float(len({refs[0] for refs in references if refs})),
+    }

@@ -12,7 +12,7 @@ import math
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -45,6 +45,32 @@ class InceptionFeatures(nn.Module):
         return self.net((x * 255).byte()).float()  # [B, 2048]
 
 
+def feature_spread(total: torch.Tensor, outer_total: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Trace of the feature covariance from FID's running sums (Σx ``[F]``, Σxxᵀ ``[F, F]``, n)."""
+    n = n.double()
+    mean = total.double() / n  # [F]
+    return (torch.trace(outer_total.double()) - n * mean.dot(mean)) / (n - 1).clamp(min=1)
+
+
+class SpreadFID(FrechetInceptionDistance):
+    """FID that also measures how far generated features spread compared with real ones
+    (``spread_ratio``: trace of the fake covariance / trace of the real one), from the same running
+    sums inside ``compute()``, where torchmetrics has them reduced over ranks: exact for any rank
+    count, no second pass over the features. ~1 for a healthy generator, ~0 when it collapsed."""
+
+    spread_ratio: float = math.nan
+
+    def compute(self) -> torch.Tensor:
+        real = feature_spread(
+            self.real_features_sum, self.real_features_cov_sum, self.real_features_num_samples
+        )
+        fake = feature_spread(
+            self.fake_features_sum, self.fake_features_cov_sum, self.fake_features_num_samples
+        )
+        self.spread_ratio = float(fake / real) if float(real) > 0 else math.nan
+        return super().compute()
+
+
 class GenerativeMetrics:
     """FID + KID between real and generated images, and the classifier's accuracy on generated
     images against the labels of the rows whose conditions made them.
@@ -59,11 +85,17 @@ class GenerativeMetrics:
         features: nn.Module | None = None,
         conditional: bool = False,
         kid_subset_size: int = 100,
+        judge: nn.Module | None = None,
     ):
         features = features if features is not None else classifier
         self.classifier = classifier.eval().requires_grad_(False)
+        # The independent judge (xmodal/metrics/judge.py): conditional accuracy by a net that is
+        # not the FID feature space, so the generator cannot have been graded by what it was fit to.
+        self.judge = judge.eval().requires_grad_(False) if judge is not None else None
+        self.judge_acc = MeanMetric()
+        self.judge_real_acc = MeanMetric()
         self.conditional = conditional
-        self.fid = FrechetInceptionDistance(feature=features, reset_real_features=True)
+        self.fid = SpreadFID(feature=features, reset_real_features=True)
         self.kid = KernelInceptionDistance(
             feature=features, subset_size=kid_subset_size, reset_real_features=True
         )
@@ -72,10 +104,15 @@ class GenerativeMetrics:
         self.real_acc = MeanMetric()
 
     def to(self, device: torch.device | str) -> GenerativeMetrics:
-        for metric in (self.fid, self.kid, self.cond_acc, self.real_acc):
+        for metric in self._metrics():
             metric.to(device)
         self.classifier.to(device)
+        if self.judge is not None:
+            self.judge.to(device)
         return self
+
+    def _metrics(self) -> tuple[Metric, ...]:
+        return (self.fid, self.kid, self.cond_acc, self.real_acc, self.judge_acc, self.judge_real_acc)
 
     @torch.no_grad()
     def update(self, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None) -> None:
@@ -94,6 +131,10 @@ class GenerativeMetrics:
             if self.conditional:
                 hits = self.classifier.classify(fake[known]).argmax(1) == labels[known]
                 self.cond_acc.update(hits.float())
+            if self.judge is not None:
+                self.judge_real_acc.update((self.judge(real[known]).argmax(1) == labels[known]).float())
+                if self.conditional:
+                    self.judge_acc.update((self.judge(fake[known]).argmax(1) == labels[known]).float())
 
     def compute(self) -> dict[str, float]:
         """Metrics over everything updated on all ranks since the last reset (a collective call)."""
@@ -108,6 +149,7 @@ class GenerativeMetrics:
             # KID's subsets must not be larger than the sample.
             self.kid.subset_size = min(self.kid_subset_size, n_all)
             out["kid"] = float(self.kid.compute()[0])
+            out["sample_spread"] = self.fid.spread_ratio
         else:
             out["fid"] = out["kid"] = math.nan
         real_acc = float(self.real_acc.compute())
@@ -115,8 +157,12 @@ class GenerativeMetrics:
             out["real_acc"] = real_acc
         if self.conditional:
             out["cond_acc"] = float(self.cond_acc.compute())
+        if self.judge is not None:
+            out["judge_real_acc"] = float(self.judge_real_acc.compute())
+            if self.conditional:
+                out["judge_acc"] = float(self.judge_acc.compute())
         return out
 
     def reset(self) -> None:
-        for metric in (self.fid, self.kid, self.cond_acc, self.real_acc):
+        for metric in self._metrics():
             metric.reset()

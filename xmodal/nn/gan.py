@@ -165,6 +165,7 @@ class Discriminator(nn.Module):
         cond: nn.Module | None,
         cond_dim: int,
         spectral_norm: bool = True,
+        num_classes: int = 0,
     ):
         super().__init__()
         n = _blocks(image_size)
@@ -178,14 +179,26 @@ class Discriminator(nn.Module):
         self.cond = cond
         self.head = maybe_sn(nn.Linear(prev, 1), spectral_norm)
         self.project = maybe_sn(nn.Linear(cond_dim, prev), spectral_norm) if cond is not None else None
+        # AC-GAN head (model.gan.aux_weight): class logits from the same pooled features. Not
+        # spectrally normalised: it is trained by cross-entropy, not by the adversarial loss.
+        self.classes = nn.Linear(prev, num_classes) if num_classes > 0 else None
 
-    def forward(self, images: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    def score(self, images: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(adversarial logits ``[B]``, class logits ``[B, K]`` or None without a class head)."""
         h = self.features(images).sum(dim=(2, 3))  # [B, W] (sum-pooled 4×4 map)
         logits = self.head(h).squeeze(1)  # [B]
         if self.project is not None:
             c = self.cond(batch)  # [B, cond_dim]
             logits = logits + (self.project(c) * h).sum(1)  # projection: <embed(y), h>
-        return logits
+        return logits, self.classes(h) if self.classes is not None else None
+
+    def forward(self, images: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        return self.score(images, batch)[0]
+
+
+def aux_classes(model: Any) -> int:
+    """Classes of D's AC-GAN head: ``model.num_classes`` when ``model.gan.aux_weight > 0``, else 0."""
+    return int(model.num_classes) if model.gan.aux_weight > 0 else 0
 
 
 def build_gan_nets(
@@ -207,6 +220,8 @@ def build_gan_nets(
     )
     discriminator = build_slot(
         model.discriminator,
-        lambda: Discriminator(g.d_width, size, channels, encoder(), cond_dim, g.spectral_norm),
+        lambda: Discriminator(
+            g.d_width, size, channels, encoder(), cond_dim, g.spectral_norm, aux_classes(model)
+        ),
     )
     return generator, discriminator

@@ -9,25 +9,48 @@ non-finite steps skipped and counted, never applied; ``toggled_optimizer`` excep
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xmodal.metrics.collapse import warn_if_collapsed
+
+T = TypeVar("T")
+
+
+def real_term(loss: str, d_real: torch.Tensor) -> torch.Tensor:
+    """Elementwise D loss on logits of real (matching) inputs, fp32."""
+    if loss == "ns":
+        return F.softplus(-d_real)
+    if loss == "hinge":
+        return F.relu(1 - d_real)
+    if loss == "wgan-gp":
+        return -d_real
+    if loss == "lsgan":
+        return 0.5 * (d_real - 1) ** 2
+    raise ValueError(f"unknown adversarial loss {loss!r}")
+
+
+def fake_term(loss: str, d_fake: torch.Tensor) -> torch.Tensor:
+    """Elementwise D loss on logits of inputs D must call fake (generated, or mismatched), fp32."""
+    if loss == "ns":
+        return F.softplus(d_fake)
+    if loss == "hinge":
+        return F.relu(1 + d_fake)
+    if loss == "wgan-gp":
+        return d_fake
+    if loss == "lsgan":
+        return 0.5 * d_fake**2
+    raise ValueError(f"unknown adversarial loss {loss!r}")
+
 
 def d_loss_terms(loss: str, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
     """Elementwise D loss from fp32 logits (``[B]``, or ``[B, 1, h, w]`` patches)."""
-    if loss == "ns":
-        return F.softplus(-d_real) + F.softplus(d_fake)
-    if loss == "hinge":
-        return F.relu(1 - d_real) + F.relu(1 + d_fake)
-    if loss == "wgan-gp":
-        return d_fake - d_real
-    if loss == "lsgan":
-        return 0.5 * ((d_real - 1) ** 2 + d_fake**2)
-    raise ValueError(f"unknown adversarial loss {loss!r}")
+    return real_term(loss, d_real) + fake_term(loss, d_fake)
 
 
 def g_loss_terms(loss: str, d_fake: torch.Tensor) -> torch.Tensor:
@@ -42,6 +65,31 @@ def g_loss_terms(loss: str, d_fake: torch.Tensor) -> torch.Tensor:
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Mean over rows with weight 1 (padding rows of exact epochs weigh 0; none at all → 0, not NaN)."""
     return (values * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def class_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of class ``logits [B, K]`` against ``labels [B]`` over weighted rows with a
+    known label (-1 or out of range: left out)."""
+    known = (labels >= 0) & (labels < logits.shape[1])  # [B]
+    ce = F.cross_entropy(logits.float(), labels.clamp(0, logits.shape[1] - 1), reduction="none")  # [B]
+    return weighted_mean(ce, weights * known.float())
+
+
+def rolled_conditions(batch: dict[str, Any], target: str) -> dict[str, Any]:
+    """``batch`` with every per-row entry but the ``target`` (and ``valid``) taken from the previous
+    row: each target now meets another row's condition (a mismatched pair, GAN-INT-CLS)."""
+    n = len(batch[target])
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if key in (target, "valid"):
+            out[key] = value
+        elif isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == n:
+            out[key] = value.roll(1, dims=0)
+        elif isinstance(value, list) and len(value) == n:
+            out[key] = value[-1:] + value[:-1]
+        else:
+            out[key] = value
+    return out
 
 
 def unscaled_grad_norm(
@@ -131,27 +179,67 @@ class GuardedSteps:
         return self.iteration
 
 
+def _datamodule(task: Any) -> Any:
+    """The task's shard datamodule, or None (trained from a plain DataLoader, e.g. in tests)."""
+    datamodule = getattr(task.trainer, "datamodule", None) if task._trainer is not None else None
+    return datamodule if datamodule is not None and hasattr(datamodule, "shards_dir") else None
+
+
+def rank_zero_cached(task: Any, build: Callable[[bool], T | None], name: str) -> T | None:
+    """``build(train_if_missing)`` on rank zero (trains and caches on a miss) while the others wait
+    at a barrier, then ``build(False)`` on the others: one training, one cache file."""
+    strategy = task.trainer.strategy
+    value = build(True) if strategy.is_global_zero else None
+    strategy.barrier(f"xmodal-{name}")
+    return value if strategy.is_global_zero else build(False)
+
+
 def feature_classifier(task: Any, role: str, num_classes: int, steps: int) -> nn.Module | None:
     """The cached domain classifier behind FID/KID for images of ``role`` in the task's data, or
-    None when the task is trained without the data module (a plain DataLoader in tests).
-
-    Rank zero trains it on a cache miss while the others wait at a barrier, then read its file.
-    """
-    datamodule = getattr(task.trainer, "datamodule", None) if task._trainer is not None else None
-    if datamodule is None or not hasattr(datamodule, "shards_dir"):
+    None when the task is trained without the data module (a plain DataLoader in tests)."""
+    datamodule = _datamodule(task)
+    if datamodule is None:
         return None
     from xmodal.metrics.features import domain_classifier
 
-    args = (datamodule.shards_dir, datamodule.decode, num_classes, steps)
-    options = {"allow_pipe": datamodule.allow_pipe, "role": role}
-    strategy = task.trainer.strategy
-    classifier = domain_classifier(*args, **options) if strategy.is_global_zero else None
-    strategy.barrier("xmodal-fid-features")
+    def build(train_if_missing: bool) -> nn.Module | None:
+        return domain_classifier(
+            datamodule.shards_dir,
+            datamodule.decode,
+            num_classes,
+            steps,
+            allow_pipe=datamodule.allow_pipe,
+            role=role,
+            train_if_missing=train_if_missing,
+        )
+
+    classifier = rank_zero_cached(task, build, "fid-features")
     if classifier is None:
-        classifier = domain_classifier(*args, **options, train_if_missing=False)
-        if classifier is None:
-            raise RuntimeError("rank zero's FID feature classifier is missing from the cache dir")
+        raise RuntimeError("rank zero's FID feature classifier is missing from the cache dir")
     return classifier
+
+
+def judge_classifier(task: Any, role: str, num_classes: int, steps: int) -> nn.Module | None:
+    """The cached independent judge (``judge_acc``) for images of ``role``, or None: no data module,
+    ``steps`` 0, or no labels in the train split."""
+    datamodule = _datamodule(task)
+    if datamodule is None or steps <= 0:
+        return None
+    from xmodal.metrics import judge
+
+    def build(train_if_missing: bool) -> nn.Module | None:
+        found = judge.judge_classifier(
+            datamodule.shards_dir,
+            datamodule.decode,
+            num_classes,
+            steps,
+            allow_pipe=datamodule.allow_pipe,
+            train_if_missing=train_if_missing,
+            role=role,
+        )
+        return found[0] if found is not None else None
+
+    return rank_zero_cached(task, build, "judge")
 
 
 def log_split_metrics(task: Any, stage: str, metrics: Any, prog_bar: str) -> None:
@@ -166,6 +254,7 @@ def log_split_metrics(task: Any, stage: str, metrics: Any, prog_bar: str) -> Non
     """
     values = metrics.compute()  # reduced over ranks: the same on every rank, no sync_dist needed
     metrics.reset()
+    warn_if_collapsed(task, stage, values)
     for name, value in values.items():
         if not math.isnan(value):
             task.log(

@@ -20,7 +20,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from xmodal.images import SampleSet, caption_grid
-from xmodal.metrics.caption import caption_scores, metric_tokens
+from xmodal.metrics.caption import caption_scores, caption_spread, metric_tokens
+from xmodal.metrics.collapse import warn_if_collapsed
 from xmodal.modalities.roles import modality_of
 from xmodal.nn.audio import LogMelEncoder
 from xmodal.nn.image import ConvImageEncoder, FactorizedImageEncoder
@@ -232,7 +233,9 @@ class CaptionTask(XmodalTask):
         rows = sorted(rows)  # the same order whatever the rank count: bit-identical sums
         self.eval_rows = []
         self.scored = True
-        scores = caption_scores([hyp for _, hyp, _ in rows], [refs for _, _, refs in rows])
+        hypotheses, references = [hyp for _, hyp, _ in rows], [refs for _, _, refs in rows]
+        scores = caption_scores(hypotheses, references) | caption_spread(hypotheses, references)
+        warn_if_collapsed(self, stage, scores)
         for name, value in scores.items():
             # One value per split, logged once: batch_size=1 spares Lightning guessing from the batch.
             self.log(f"{stage}/{name}", value, prog_bar=name in ("bleu4", "cider"), batch_size=1)

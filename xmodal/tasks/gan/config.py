@@ -62,6 +62,16 @@ class GanConfig:
     """Training steps of the cached domain classifier that supplies FID/KID features (one-time)."""
     inception_weights: str | None = None
     """Path to torch-fidelity InceptionV3 weights: FID/KID on Inception features instead."""
+    aux_weight: float = 0.0
+    """AC-GAN: D also classifies real images by ``label`` (cross-entropy), and G is pushed toward
+    images D classifies as their row's label, both weighted by this (0 = off). Rows without a
+    label (-1) are left out; needs labels in the data and the built-in D (or one with ``score``)."""
+    mismatch_weight: float = 0.0
+    """Matching-aware D (GAN-INT-CLS): real images paired with another row's condition are scored
+    as fake, weighted by this (0 = off). Teaches D, and so G, that the image must match the condition."""
+    judge_steps: int = 1500
+    """Training steps of the independent judge classifier (``judge_acc``: conditional accuracy by a
+    net that is not the FID feature net; cached, one-time). 0 = no judge."""
 
 
 @dataclass
@@ -102,6 +112,13 @@ class GanModelConfig(ConditionConfig, TaskConfig):
         p.check(0.0 <= g.ema_decay < 1.0, "model.gan.ema_decay", "must be in [0, 1)")
         p.check(g.r1_every >= 1, "model.gan.r1_every", "must be >= 1")
         p.check(g.metric_samples >= 2, "model.gan.metric_samples", "FID needs >= 2 samples")
+        p.check(g.aux_weight >= 0 and g.mismatch_weight >= 0, "model.gan.aux_weight", "weights must be >= 0")
+        p.check(g.judge_steps >= 0, "model.gan.judge_steps", "must be >= 0")
+        p.check(
+            g.mismatch_weight == 0 or self.condition != "none",
+            "model.gan.mismatch_weight",
+            "needs a condition to mismatch (model.condition is none)",
+        )
         p.check(len(g.g_betas) == 2 and len(g.d_betas) == 2, "model.gan.g_betas", "betas are pairs")
         manual_optimization_problems(p, cfg, "GANs")
         if g.inception_weights is not None:

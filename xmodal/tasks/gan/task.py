@@ -25,10 +25,14 @@ from xmodal.images import SampleSet, caption_grid, image_grid
 from xmodal.nn.gan import build_gan_nets
 from xmodal.tasks.adversarial import (
     GuardedSteps,
+    class_loss,
     d_loss_terms,
+    fake_term,
     feature_classifier,
     g_loss_terms,
+    judge_classifier,
     log_split_metrics,
+    rolled_conditions,
     weighted_mean,
 )
 from xmodal.tasks.base import XmodalTask, condition_names, to_device
@@ -97,6 +101,11 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         if nets is None:
             nets = build_gan_nets(self.cfg, len(self.tokenizer), self.tokenizer.pad_id, data)
         self.generator, self.discriminator = nets
+        if self.gan.aux_weight > 0 and getattr(self.discriminator, "classes", None) is None:
+            raise ValueError(
+                "model.gan.aux_weight > 0 needs a discriminator with a class head (the built-in one, "
+                "or one with score(images, batch) -> (logits, class_logits) and a `classes` layer)"
+            )
         self.ema: nn.Module | None = None
         if self.gan.ema_decay > 0:
             self.ema = copy.deepcopy(self.generator).requires_grad_(False)
@@ -122,12 +131,14 @@ class AdversarialTask(GuardedSteps, XmodalTask):
 
         weights = self.gan.inception_weights
         features = InceptionFeatures(weights) if weights else None
+        judge = judge_classifier(self, self.target, self.cfg.num_classes, self.gan.judge_steps)
         for stage_name in ("val", "test"):
             self._metrics[stage_name] = GenerativeMetrics(
                 copy.deepcopy(classifier),
                 copy.deepcopy(features) if features is not None else None,
                 conditional=self.conditional,
                 kid_subset_size=min(100, self.gan.metric_samples),
+                judge=copy.deepcopy(judge) if judge is not None else None,
             )
 
     def parallelize(self, mesh: Any) -> None:
@@ -167,13 +178,23 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         gan = self.gan
         r1 = gan.r1_weight > 0 and d_step % gan.r1_every == 0
         real_in = real.detach().requires_grad_(True) if r1 else real
-        d_real = self.discriminator(real_in, batch).float()  # [B] logits, fp32
+        d_real, real_classes = self.score(real_in, batch)  # [B] logits fp32, [B, K] | None
         d_fake = self.discriminator(fake, batch).float()  # [B]
         loss = weighted_mean(d_loss_terms(gan.loss, d_real, d_fake), weights)
         stats = {
             "d_real": weighted_mean(d_real.detach(), weights),
             "d_fake": weighted_mean(d_fake.detach(), weights),
         }
+        if real_classes is not None:
+            # AC-GAN, real rows only: D classifying fakes would teach it G's mistakes as classes.
+            aux = class_loss(real_classes, batch["label"], weights)
+            loss = loss + gan.aux_weight * aux
+            stats["d_aux"] = aux.detach()
+        if gan.mismatch_weight > 0:
+            d_mismatch = self.discriminator(real, rolled_conditions(batch, self.target)).float()  # [B]
+            mismatch = weighted_mean(fake_term(gan.loss, d_mismatch), weights)
+            loss = loss + gan.mismatch_weight * mismatch
+            stats["d_mismatch"] = mismatch.detach()
         if gan.loss == "wgan-gp":
             alpha = self.noise(real.shape[0], salt=10_000 + d_step)[:, :1]  # [B, 1]
             alpha = torch.sigmoid(alpha).view(-1, *([1] * (real.dim() - 1)))  # [B, 1, ...] in (0, 1)
@@ -189,6 +210,13 @@ class AdversarialTask(GuardedSteps, XmodalTask):
             loss = loss + 0.5 * gan.r1_weight * gan.r1_every * penalty
             stats["r1"] = penalty.detach()
         return loss, stats
+
+    def score(self, images: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """D's fp32 logits ``[B]`` and, with the AC-GAN head on, its class logits ``[B, K]``."""
+        if self.gan.aux_weight > 0:
+            logits, classes = self.discriminator.score(images, batch)
+            return logits.float(), classes.float()
+        return self.discriminator(images, batch).float(), None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         g_opt, d_opt = self.optimizers()
@@ -207,7 +235,12 @@ class AdversarialTask(GuardedSteps, XmodalTask):
                 d_norm = self.optimizer_step(d_opt, d_loss)
         with self.only(g_opt):
             fake = self.generator(self.noise(n, salt=gan.n_critic), batch)
-            g_loss = weighted_mean(g_loss_terms(gan.loss, self.discriminator(fake, batch).float()), weights)
+            d_out, fake_classes = self.score(fake, batch)
+            g_loss = weighted_mean(g_loss_terms(gan.loss, d_out), weights)
+            if fake_classes is not None:
+                stats["g_aux"] = class_loss(fake_classes, batch["label"], weights)
+                g_loss = g_loss + gan.aux_weight * stats["g_aux"]
+                stats["g_aux"] = stats["g_aux"].detach()
             g_norm = self.optimizer_step(g_opt, g_loss)
         if self.ema is not None:
             decay = ema_decay(gan.ema_decay, self.iteration, gan.ema_start)

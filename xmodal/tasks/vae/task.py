@@ -29,6 +29,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from xmodal.images import SampleSet, caption_grid, image_grid, spectrogram_images
+from xmodal.metrics.collapse import warn_if_collapsed
 from xmodal.metrics.likelihood import (
     ActiveUnits,
     bernoulli_log_prob,
@@ -376,6 +377,18 @@ class VaeTask(XmodalTask):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test")
+
+    def _check_collapse(self, stage: str) -> None:
+        # On every rank: compute() is a collective; torchmetrics caches it for Lightning's own log.
+        active = getattr(self, f"{stage}_active")
+        if active.update_called:
+            warn_if_collapsed(self, stage, {"active_units": float(active.compute())})
+
+    def on_validation_epoch_end(self) -> None:
+        self._check_collapse("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._check_collapse("test")
 
     # ----------------------------------------------------------------- samples
     @torch.no_grad()

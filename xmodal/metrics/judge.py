@@ -1,0 +1,157 @@
+"""An independent judge of conditional generation: a classifier that never served as FID features.
+
+Conditional accuracy scored by the FID feature classifier (:mod:`xmodal.metrics.features`) grades
+the generator with the very net whose feature space FID is measured in; a generator can learn that
+net's quirks. The judge is a second classifier with its own architecture (strided convs, flattened
+features, dropout), its own training recipe (random shifts, longer schedule) and its own seed, trained
+on the train split's labels and checked on the *test* split (``real_acc``: the ceiling of
+``judge_acc``). It is cached like the feature classifier, keyed by everything its weights depend on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xmodal.data.datamodule import DecodeSpec
+from xmodal.metrics.features import DEFAULT_ROLE, cache_dir, cache_key, load_split
+
+log = logging.getLogger("xmodal")
+
+JUDGE_VERSION = 1
+JUDGE_SEED = 7919
+"""Not the feature classifier's seed (0): its init and batches differ too."""
+
+
+class JudgeNet(nn.Module):
+    """Images ``[B, C, H, W]`` in [-1, 1] → class logits ``[B, K]`` (strided convs: ~25 ms a step on one CPU thread)."""
+
+    def __init__(self, channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width, 5, stride=2, padding=2),  # 16 px
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),  # 8 px
+            nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),  # 4 px
+            nn.ReLU(),
+            # Flattened, not pooled: where a stroke sits tells digits (and shape kinds) apart.
+            nn.Flatten(),
+            nn.Dropout(0.3),
+            nn.Linear(2 * width * 16, num_classes),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()  # [B, C, H, W]
+        if x.shape[-1] > 32:
+            x = F.adaptive_avg_pool2d(x, 32)  # [B, C, 32, 32]: class evidence survives, 4x cheaper
+        return self.net(x)  # [B, K]
+
+    classify = forward
+
+
+def random_shift(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
+    """Each image ``[B, C, H, W]`` moved by up to ``pixels`` in x and y (edge-padded)."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pixels,) * 4, mode="replicate")
+    dx = torch.randint(0, 2 * pixels + 1, (b,), generator=gen)
+    dy = torch.randint(0, 2 * pixels + 1, (b,), generator=gen)
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(b)])
+
+
+def train_judge(
+    images: torch.Tensor, labels: torch.Tensor, channels: int, num_classes: int, steps: int
+) -> JudgeNet:
+    """AdamW with a cosine schedule on labelled rows of uint8 ``images [N, C, H, W]``; own RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(JUDGE_SEED)
+        net = JudgeNet(channels, num_classes)
+    keep = (labels >= 0) & (labels < num_classes)
+    x_all, y_all = images[keep], labels[keep]
+    gen = torch.Generator().manual_seed(JUDGE_SEED)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1))
+    net.train()
+    started = last_report = time.monotonic()
+    for step in range(steps):
+        idx = torch.randint(len(x_all), (64,), generator=gen)
+        x = random_shift(x_all[idx].float() / 127.5 - 1.0, 2, gen)  # [64, C, H, W]
+        loss = F.cross_entropy(net(x), y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if time.monotonic() - last_report > 15:  # a first GAN run otherwise looks frozen here
+            last_report = time.monotonic()
+            log.info(
+                "judge classifier: step %d/%d, loss %.3f (%.0f s)", step, steps, loss, last_report - started
+            )
+    return net.eval()
+
+
+@torch.no_grad()
+def judge_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of labelled uint8 ``images`` the net classifies as their label (NaN: no labels)."""
+    keep = labels >= 0
+    if not bool(keep.any()):
+        return float("nan")
+    x_all, y_all = images[keep], labels[keep]
+    hits = sum(
+        int((net(x_all[i : i + 256].float() / 127.5 - 1.0).argmax(1) == y_all[i : i + 256]).sum())
+        for i in range(0, len(y_all), 256)
+    )
+    return hits / len(y_all)
+
+
+def judge_path(shards_dir: Path, spec: DecodeSpec, num_classes: int, steps: int, role: str) -> Path:
+    key = cache_key(shards_dir, spec, num_classes, steps, JUDGE_SEED, role)
+    return cache_dir() / f"judge-v{JUDGE_VERSION}-{key}.pt"
+
+
+def judge_classifier(
+    shards_dir: Path,
+    spec: DecodeSpec,
+    num_classes: int,
+    steps: int,
+    allow_pipe: bool = False,
+    train_if_missing: bool = True,
+    role: str = DEFAULT_ROLE,
+) -> tuple[JudgeNet, dict[str, Any]] | None:
+    """The cached judge and its record (``real_acc`` on the test split, or on val without one),
+    trained and cached atomically on a miss; None on a miss with ``train_if_missing=False``, or
+    when the train split has no labels (nothing to judge against)."""
+    path = judge_path(shards_dir, spec, num_classes, steps, role)
+    net = JudgeNet(spec.image_channels, num_classes)
+    if path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["weights"])
+        return net.eval(), json.loads(state["info"])
+    if not train_if_missing:
+        return None
+    images, labels = load_split(shards_dir, "train", spec, allow_pipe=allow_pipe, role=role)
+    if not bool((labels >= 0).any()):
+        return None
+    log.info("training the judge classifier (%d steps, cached at %s)", steps, path)
+    net = train_judge(images, labels, spec.image_channels, num_classes, steps)
+    info: dict[str, Any] = {"steps": steps, "labelled": int((labels >= 0).sum())}
+    for split in ("test", "val"):
+        try:
+            held_images, held_labels = load_split(shards_dir, split, spec, allow_pipe=allow_pipe, role=role)
+        except (ValueError, KeyError, OSError):
+            continue
+        info.update(real_acc=judge_accuracy(net, held_images, held_labels), real_acc_split=split)
+        break
+    log.info("judge classifier trained on %s: %s", shards_dir, info)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"weights": net.state_dict(), "info": json.dumps(info)}, tmp)
+    os.replace(tmp, path)
+    return net, info
