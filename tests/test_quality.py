@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from xmodal.config import compose_config
+from xmodal.callbacks.ema import EMAWeights
+from xmodal.config import ConfigError, compose_config, validate
 from xmodal.data.tokenizer import SPECIALS
 from xmodal.factory import build_task
 from xmodal.metrics.collapse import collapse_warnings
@@ -231,3 +234,83 @@ def test_captioner_collapse_warning_fires_on_one_caption_for_every_image(tiny, c
         ]
     else:
         assert warnings == []
+
+
+class Line(L.LightningModule):
+    """y = w·x on a fixed target: SGD moves w every step, so raw and EMA weights differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.seen_in_validation: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        return ((self.w * batch[0] - 3 * batch[0]) ** 2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.seen_in_validation.append(float(self.w))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def line_trainer(tmp_path, ema: EMAWeights, steps: int) -> tuple[L.Trainer, ModelCheckpoint]:
+    # Saved at the end of each validation, as best.ckpt and last.ckpt are.
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="v", save_on_train_epoch_end=False)
+    trainer = L.Trainer(
+        max_steps=steps,
+        val_check_interval=4,
+        callbacks=[ema, checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    return trainer, checkpoint
+
+
+def line_data() -> DataLoader:
+    x = torch.ones(8, 1)
+    return DataLoader(torch.utils.data.TensorDataset(x), batch_size=1)
+
+
+def test_ema_weights_are_what_validation_sees_and_checkpoints_hold_and_resume_trains_the_raw_ones(tmp_path):
+    model, ema = Line(), EMAWeights(0.9)
+    trainer, _ = line_trainer(tmp_path, ema, steps=8)
+    trainer.fit(model, line_data(), line_data())
+    raw = float(model.w)
+    # Validation ran on the EMA weights, which lag the raw ones; the raw ones are back after it.
+    assert model.seen_in_validation[-1] == pytest.approx(float(ema.shadow["w"]))
+    assert abs(raw - float(ema.shadow["w"])) > 0.05
+    state = torch.load(tmp_path / "v.ckpt", weights_only=False)
+    saved = state["callbacks"]["EMAWeights"]
+    assert float(state["state_dict"]["w"]) == pytest.approx(float(saved["shadow"]["w"]))  # exported: EMA
+    assert float(saved["raw"]["w"]) == pytest.approx(raw)
+    # Resume: training goes on from the raw weights (not the EMA ones in the state_dict)...
+    resumed, resumed_ema = Line(), EMAWeights(0.9)
+    trainer, _ = line_trainer(tmp_path / "r", resumed_ema, steps=12)
+    starts: list[float] = []
+
+    class FirstWeights(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            starts.append(float(pl_module.w))
+
+    trainer.callbacks.append(FirstWeights())
+    trainer.fit(resumed, line_data(), line_data(), ckpt_path=tmp_path / "v.ckpt")
+    assert starts == [pytest.approx(raw)] and resumed_ema.updates == 12  # ...and the EMA goes on too
+
+
+def test_ema_decay_is_a_model_key_of_every_task_but_the_gan():
+    cfg = compose_config(["model.ema_decay=0.999"])
+    assert isinstance(build_callbacks_for(cfg)[-1], EMAWeights)
+    with pytest.raises(ConfigError, match=r"model.ema_decay: the GAN averages its generator itself"):
+        validate(compose_config(["experiment=mnist_gan", "model.ema_decay=0.9"]))
+
+
+def build_callbacks_for(cfg):
+    from xmodal.factory import build_callbacks
+    from xmodal.run import RunIdentity
+
+    return build_callbacks(
+        cfg, RunIdentity(id="x", dir=Path("/tmp/never-written"), fresh=True), has_logger=False
+    )[0]

@@ -23,8 +23,9 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_with_fast_dev_run(experiment, tiny, tmp_path):
     cfg = compose_config([*tiny, f"experiment={experiment}", "debug=fdr"])
-    if cfg.model.task == "gan":  # the FID features' classifier: 20 steps, as in tests/test_gan.py (cached)
-        cfg = compose_config([*tiny, f"experiment={experiment}", "debug=fdr", "model.gan.feature_steps=20"])
+    if cfg.model.task == "gan":  # the FID features' classifier and the judge: 20 steps (cached)
+        short = ["model.gan.feature_steps=20", "model.gan.judge_steps=20"]
+        cfg = compose_config([*tiny, f"experiment={experiment}", "debug=fdr", *short])
     metrics = train(cfg)
     monitor = cfg.callbacks.monitor  # the metric that selects best.ckpt, e.g. val/bleu4
     assert monitor.startswith("val/")
@@ -87,6 +88,7 @@ def test_default_experiment_learns_and_leaves_a_complete_run_dir(tiny, tmp_path)
     assert summary["monitor"] == "val/cider"
     assert summary["best_score"] == pytest.approx(max(h["val/cider"] for h in history))
     caption_metrics = {"bleu1", "bleu2", "bleu3", "bleu4", "cider", "rougeL"}
+    caption_metrics |= {"distinct_captions", "distinct_references"}  # the collapse check's figures
     assert set(summary["test"]) == {"test/loss", *(f"test/{m}" for m in caption_metrics)}
     assert metrics["test/bleu4"] == summary["test"]["test/bleu4"]
     grids = sorted((run_dir / "samples").glob("val_step*.png"))

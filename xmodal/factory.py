@@ -26,6 +26,7 @@ from xmodal.callbacks.best_checkpoint import BestCheckpoint
 from xmodal.callbacks.checksums import RankChecksums
 from xmodal.callbacks.csv_history import HistoryCSVLogger
 from xmodal.callbacks.data_health import DataHealth
+from xmodal.callbacks.ema import EMAWeights
 from xmodal.callbacks.last_checkpoint import LastCheckpoint
 from xmodal.callbacks.metrics_file import MetricsFile
 from xmodal.callbacks.model_summary import ModelTable
@@ -232,6 +233,9 @@ def build_callbacks(
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.callbacks.rank_checksums:
         callbacks.append(RankChecksums(run.dir / "checksums"))
+    ema = task_config(cfg).ema_decay
+    if ema > 0:
+        callbacks.append(EMAWeights(ema))
     return callbacks, checkpoint
 
 

@@ -33,6 +33,9 @@ class TaskConfig:
     task: str = ""
     """Task family: a registered name (``caption``, ``gan``, ``vae``, or a plug-in's) or an import
     path ``pkg.module:TaskClass``."""
+    ema_decay: float = 0.0
+    """EMA of the task's trainable weights (xmodal/callbacks/ema.py), used for validation metrics,
+    samples and the saved checkpoints' weights; 0 = off. The GAN's is ``model.gan.ema_decay``."""
 
     def roles(self) -> tuple[str, ...]:
         """Batch roles every sample must have (a sample without one is skipped and counted)."""
@@ -114,7 +117,25 @@ def model_node_problems(cfg: Any) -> list[str]:
         typed = cls.from_node(plain)
     except Exception as err:  # omegaconf ValidationError: a value of the wrong type
         return [*problems, f"model: {str(err).splitlines()[0]}"]
+    problems += ema_problems(typed, cfg)
     return [*problems, *typed.problems(cfg)]
+
+
+def ema_problems(typed: TaskConfig, cfg: Any) -> list[str]:
+    p = Problems(cfg)
+    p.check(0.0 <= typed.ema_decay < 1.0, "model.ema_decay", "must be in [0, 1)")
+    if typed.ema_decay > 0:
+        p.check(
+            not hasattr(typed, "gan"),
+            "model.ema_decay",
+            "the GAN averages its generator itself: set model.gan.ema_decay instead",
+        )
+        p.check(
+            cfg.trainer.strategy != "fsdp2",
+            "model.ema_decay",
+            "not supported under FSDP2 yet (sharded weights); use trainer=ddp or leave it 0",
+        )
+    return p
 
 
 # ------------------------------------------------------------------ shared by several families

@@ -71,7 +71,7 @@ class GanConfig:
     as fake, weighted by this (0 = off). Teaches D, and so G, that the image must match the condition."""
     judge_steps: int = 1500
     """Training steps of the independent judge classifier (``judge_acc``: conditional accuracy by a
-    net that is not the FID feature net; cached, one-time). 0 = no judge."""
+    net that is not the FID feature net; cached, one-time; conditional GANs only). 0 = no judge."""
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from xmodal.images import SampleSet, caption_grid, image_grid
+from xmodal.nn.ema import ema_decay, update_ema
 from xmodal.nn.gan import build_gan_nets
 from xmodal.tasks.adversarial import (
     GuardedSteps,
@@ -37,22 +38,11 @@ from xmodal.tasks.adversarial import (
 )
 from xmodal.tasks.base import XmodalTask, condition_names, to_device
 from xmodal.tasks.gan.config import GanModelConfig
-from xmodal.tasks.gan.ema import update_ema
 from xmodal.tasks.gan.parallelize import parallelize_gan
 from xmodal.tasks.generation import write_conditional_samples
 
 SAMPLE_SEED = 1234
 """Seed of the fixed noise bank behind every validation sample grid."""
-
-
-def ema_decay(decay: float, iteration: int, start: int) -> float:
-    """EMA decay at an iteration: 0 (copy G) before ``start``, then ``min(decay, (1+t)/(10+t))``
-    with t the iterations since ``start``: a fixed 0.999 would keep >50 % of G's random init for
-    the first ~700 iterations, i.e. for a whole short CPU run."""
-    if iteration < start:
-        return 0.0
-    t = iteration - start
-    return min(decay, (1 + t) / (10 + t))
 
 
 def row_noise(keys: list[str], z_dim: int, salt: int = 0) -> torch.Tensor:
@@ -131,7 +121,9 @@ class AdversarialTask(GuardedSteps, XmodalTask):
 
         weights = self.gan.inception_weights
         features = InceptionFeatures(weights) if weights else None
-        judge = judge_classifier(self, self.target, self.cfg.num_classes, self.gan.judge_steps)
+        # Only a conditional G is asked for classes: an unconditional one has nothing to judge.
+        judge_steps = self.gan.judge_steps if self.conditional else 0
+        judge = judge_classifier(self, self.target, self.cfg.num_classes, judge_steps)
         for stage_name in ("val", "test"):
             self._metrics[stage_name] = GenerativeMetrics(
                 copy.deepcopy(classifier),

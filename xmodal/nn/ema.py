@@ -1,5 +1,6 @@
 """Exponential moving average of a network's weights (our own: Lightning's WeightAveraging
-averages the whole LightningModule and does not work on sharded modules)."""
+averages the whole LightningModule and does not work on sharded modules). The GAN keeps an EMA
+generator with it; every other task gets one through xmodal/callbacks/ema.py."""
 
 from __future__ import annotations
 
@@ -30,3 +31,13 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
             e_local.lerp_(p_local.to(e_local.dtype), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers(), strict=True):
         _local(e).copy_(_local(b))
+
+
+def ema_decay(decay: float, step: int, start: int) -> float:
+    """EMA decay at a step: 0 (copy the weights) before ``start``, then ``min(decay, (1+t)/(10+t))``
+    with t the steps since ``start``: a fixed 0.999 would keep >50 % of the random init for the
+    first ~700 steps, i.e. for a whole short CPU run."""
+    if step < start:
+        return 0.0
+    t = step - start
+    return min(decay, (1 + t) / (10 + t))
