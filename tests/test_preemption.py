@@ -126,7 +126,7 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_usable(tmp_path
         def __init__(self, step: int, crash: bool):
             self.global_step, self.crash = step, crash
 
-        def save_checkpoint(self, path: Path) -> None:
+        def save_checkpoint(self, path: Path, weights_only: bool = False) -> None:  # Trainer's signature
             if self.crash:
                 Path(path).write_bytes(b"partial")  # the process dies here
                 raise SystemExit("killed")
@@ -182,7 +182,7 @@ class Trainer:
     def __init__(self, step, slow):
         self.global_step, self.slow = step, slow
 
-    def save_checkpoint(self, path):
+    def save_checkpoint(self, path, weights_only=False):  # Trainer's signature
         if not self.slow:
             torch.save({"global_step": self.global_step}, path)
             return
