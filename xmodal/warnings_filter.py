@@ -65,6 +65,13 @@ def known_warnings() -> tuple[KnownWarning, ...]:
             "xmodal owns the run dir: a resumed run writes into its own checkpoints/ on purpose, "
             "and best.ckpt / last.ckpt are replaced atomically, never versioned",
         ),
+        KnownWarning(
+            r"Metric `Kernel Inception Distance` will save all extracted features in buffer",
+            UserWarning,
+            r"torchmetrics\.utilities\.prints",
+            "the GAN and translation tasks score at most model.gan.metric_samples rows per pass "
+            "(512 by default), so the buffer holds that many feature rows per rank at most",
+        ),
     )
 
 
