@@ -65,8 +65,11 @@ def run_like_xmodal(
     (ckpts / "old.ckpt").write_bytes(b"")  # a resumed run's dir is not empty
     logs = Records()
     loggers = [logging.getLogger(name) for name in (*TIP_LOGGERS, "lightning.pytorch")]
+    # An earlier xmodal run in this process installed the tip filter on these loggers for good.
+    filters = {logger: list(logger.filters) for logger in loggers}
     for logger in loggers:
         logger.addHandler(logs)
+        logger.filters = []
     try:
         with warnings.catch_warnings(record=True) as shown:
             warnings.resetwarnings()
@@ -97,6 +100,7 @@ def run_like_xmodal(
     finally:
         for logger in loggers:
             logger.removeHandler(logs)
+            logger.filters = filters[logger]
     assert (ckpts / "last.ckpt").is_file()
     return [str(w.message) for w in shown], logs.messages
 
