@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xmodal.nn.diffaugment import POLICIES as DIFFAUGMENT_POLICIES
 from xmodal.problems import Problems
 from xmodal.tasks.config import (
     ConditionConfig,
@@ -69,6 +70,9 @@ class GanConfig:
     mismatch_weight: float = 0.0
     """Matching-aware D (GAN-INT-CLS): real images paired with another row's condition are scored
     as fake, weighted by this (0 = off). Teaches D, and so G, that the image must match the condition."""
+    diffaugment: list[str] = field(default_factory=list)
+    """DiffAugment ops applied to every image D sees, real and generated alike (xmodal/nn/diffaugment.py):
+    any of translation, cutout, color, in order; [] = off. Keeps D from memorising small data."""
     judge_steps: int = 1500
     """Training steps of the independent judge classifier (``judge_acc``: conditional accuracy by a
     net that is not the FID feature net; cached, one-time; conditional GANs only). 0 = no judge."""
@@ -114,6 +118,11 @@ class GanModelConfig(ConditionConfig, TaskConfig):
         p.check(g.metric_samples >= 2, "model.gan.metric_samples", "FID needs >= 2 samples")
         p.check(g.aux_weight >= 0 and g.mismatch_weight >= 0, "model.gan.aux_weight", "weights must be >= 0")
         p.check(g.judge_steps >= 0, "model.gan.judge_steps", "must be >= 0")
+        p.check(
+            all(op in DIFFAUGMENT_POLICIES for op in g.diffaugment),
+            "model.gan.diffaugment",
+            f"ops must be among {DIFFAUGMENT_POLICIES}",
+        )
         p.check(
             g.mismatch_weight == 0 or self.condition != "none",
             "model.gan.mismatch_weight",

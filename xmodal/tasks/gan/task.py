@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from xmodal.images import SampleSet, caption_grid, image_grid
+from xmodal.nn.diffaugment import diff_augment
 from xmodal.nn.ema import ema_decay, update_ema
 from xmodal.nn.gan import build_gan_nets
 from xmodal.tasks.adversarial import (
@@ -144,13 +145,22 @@ class AdversarialTask(GuardedSteps, XmodalTask):
 
     # ----------------------------------------------------------------------------- training
 
-    def noise(self, n: int, salt: int) -> torch.Tensor:
-        """``[n, Z]`` from a generator seeded by (seed, rank, iteration, salt): no RNG state to save."""
-        seed = (((self.run_seed * 1009 + self.global_rank) * 1_000_003 + self.iteration) * 31 + salt) % (
+    def step_seed(self, salt: int) -> int:
+        """A seed from (seed, rank, iteration, salt): no RNG state to save, a resume draws alike."""
+        return (((self.run_seed * 1009 + self.global_rank) * 1_000_003 + self.iteration) * 31 + salt) % (
             2**63
         )
-        gen = torch.Generator(device=self.device).manual_seed(seed)
+
+    def noise(self, n: int, salt: int) -> torch.Tensor:
+        """``[n, Z]`` drawn from a generator seeded by :meth:`step_seed`."""
+        gen = torch.Generator(device=self.device).manual_seed(self.step_seed(salt))
         return torch.randn(n, self.gan.z_dim, generator=gen, device=self.device)
+
+    def augment(self, images: torch.Tensor, salt: int) -> torch.Tensor:
+        """What D sees of ``images``: DiffAugment's ops (``model.gan.diffaugment``), seeded per step."""
+        if not self.gan.diffaugment:
+            return images
+        return diff_augment(images, self.gan.diffaugment, torch.Generator().manual_seed(self.step_seed(salt)))
 
     def penalty_grad(self, outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """d(sum outputs)/d inputs with a graph, computed on scaled outputs under 16-mixed (fp16
@@ -170,8 +180,11 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         gan = self.gan
         r1 = gan.r1_weight > 0 and d_step % gan.r1_every == 0
         real_in = real.detach().requires_grad_(True) if r1 else real
-        d_real, real_classes = self.score(real_in, batch)  # [B] logits fp32, [B, K] | None
-        d_fake = self.discriminator(fake, batch).float()  # [B]
+        salt = 20_000 + 4 * d_step  # augmentations of this D step: real, fake, mismatched
+        d_real, real_classes = self.score(
+            self.augment(real_in, salt), batch
+        )  # [B] logits fp32, [B, K] | None
+        d_fake = self.discriminator(self.augment(fake, salt + 1), batch).float()  # [B]
         loss = weighted_mean(d_loss_terms(gan.loss, d_real, d_fake), weights)
         stats = {
             "d_real": weighted_mean(d_real.detach(), weights),
@@ -183,7 +196,8 @@ class AdversarialTask(GuardedSteps, XmodalTask):
             loss = loss + gan.aux_weight * aux
             stats["d_aux"] = aux.detach()
         if gan.mismatch_weight > 0:
-            d_mismatch = self.discriminator(real, rolled_conditions(batch, self.target)).float()  # [B]
+            mismatched = rolled_conditions(batch, self.target)
+            d_mismatch = self.discriminator(self.augment(real, salt + 2), mismatched).float()  # [B]
             mismatch = weighted_mean(fake_term(gan.loss, d_mismatch), weights)
             loss = loss + gan.mismatch_weight * mismatch
             stats["d_mismatch"] = mismatch.detach()
@@ -227,7 +241,7 @@ class AdversarialTask(GuardedSteps, XmodalTask):
                 d_norm = self.optimizer_step(d_opt, d_loss)
         with self.only(g_opt):
             fake = self.generator(self.noise(n, salt=gan.n_critic), batch)
-            d_out, fake_classes = self.score(fake, batch)
+            d_out, fake_classes = self.score(self.augment(fake, 30_000), batch)
             g_loss = weighted_mean(g_loss_terms(gan.loss, d_out), weights)
             if fake_classes is not None:
                 stats["g_aux"] = class_loss(fake_classes, batch["label"], weights)
