@@ -61,11 +61,11 @@ def test_resampled_weights_3_to_1_draw_three_quarters_from_the_small_source(two_
     # only 3*16 / (3*16 + 96) = 1/3 of the samples.
     assert train.weights == (3 / 16,) * 2 + (1 / 96,) * 6
     plan = plan_epoch(
-        train.shards, "resampled", 0, 0, Topology(0, 2, 2), 8, samples_per_epoch=8000, weights=train.weights
+        train.shards, "resampled", 0, 0, Topology(0, 2, 2), 8, samples_per_epoch=32000, weights=train.weights
     )
     drawn = source_draws(plan, train)
-    assert sum(drawn.values()) == plan.samples_per_rank * 2 == 8000
-    assert drawn["photos"] / 8000 == pytest.approx(0.75, abs=0.03)
+    assert sum(drawn.values()) == plan.samples_per_rank * 2 == 32000
+    assert drawn["photos"] / 32000 == pytest.approx(0.75, abs=0.03)  # ~3500 shard draws: SD ~0.01
     # The count is the plan's own: walking every slot's rows gives the same per-source numbers.
     by_url = {sh.url: name for sh, name in zip(train.shards, ("photos",) * 2 + ("web",) * 6, strict=True)}
     walked = collections.Counter(
@@ -80,9 +80,20 @@ def test_exact_weights_2_and_1_repeat_every_key_of_a_twice_and_of_b_once(two_sou
     settings = SplitSettings(index_dir=str(tmp_path / "index"))  # carved val/test, as a run does
     dump = tmp_path / "keys.txt"
     report = plan_report(
-        photos, 2, 2, mode="exact", batch_size=4, seed=3, epoch=1, dump_keys=dump, settings=settings, sources=specs
+        photos,
+        2,
+        2,
+        mode="exact",
+        batch_size=4,
+        seed=3,
+        epoch=1,
+        dump_keys=dump,
+        settings=settings,
+        sources=specs,
     )
-    seen = collections.Counter(line.split()[3] for line in dump.read_text().splitlines() if line.endswith(" 1"))
+    seen = collections.Counter(
+        line.split()[3] for line in dump.read_text().splitlines() if line.endswith(" 1")
+    )
     mix = resolve_mix(specs, settings)
     keys_a = {r["__key__"] for r in iter_split_records(mix.parts[0], "train")}
     keys_b = {r["__key__"] for r in iter_split_records(mix.parts[1], "train")}
@@ -94,7 +105,9 @@ def test_exact_weights_2_and_1_repeat_every_key_of_a_twice_and_of_b_once(two_sou
     # Validation is every source's own carved val, concatenated.
     val = {r["__key__"] for r in iter_split_records(mix.data, "val")}
     assert val == {r["__key__"] for part in mix.parts for r in iter_split_records(part, "val")}
-    assert val & keys_a == set() and any(k.startswith("a") for k in val) and any(k.startswith("b") for k in val)
+    assert (
+        val & keys_a == set() and any(k.startswith("a") for k in val) and any(k.startswith("b") for k in val)
+    )
     console = Console(file=io.StringIO(), width=200)
     print_plan(report, console)
     assert "each sample of a source appears weight times per epoch" in console.file.getvalue()
@@ -103,7 +116,16 @@ def test_exact_weights_2_and_1_repeat_every_key_of_a_twice_and_of_b_once(two_sou
 def test_plan_cli_prints_each_sources_share(two_sources, tmp_path, capsys):
     photos, web = two_sources
     args = ["plan", str(photos), str(web), "--weights", "3", "1", "--mode", "resampled"]
-    args += ["--samples-per-epoch", "4000", "--world-size", "1", "--val-fraction", "0", "--test-fraction", "0"]
+    args += [
+        "--samples-per-epoch",
+        "4000",
+        "--world-size",
+        "1",
+        "--val-fraction",
+        "0",
+        "--test-fraction",
+        "0",
+    ]
     assert main([*args, "--cache-dir", str(tmp_path)]) == 0
     rows = {line.split("│")[1].strip(): line for line in capsys.readouterr().out.splitlines() if "│" in line}
     assert "75.0%" in rows["photos"] and "25.0%" in rows["web"]  # the share the weights ask for
@@ -161,3 +183,17 @@ def test_refusals_name_the_key_in_one_line(two_sources, tmp_path):
     )
     validate(ok)
     assert ok.experiment_name == "caption_photos-web"
+
+
+def test_an_index_made_for_a_relative_path_serves_the_absolute_one(two_sources, monkeypatch):
+    # Validation resolves data.sources as typed (relative); the run, after prepare_data, absolute.
+    from xmodal.data.splits import resolve_splits
+
+    photos, _ = two_sources
+    monkeypatch.chdir(photos.parent)
+    relative = resolve_splits(photos.name)
+    absolute = resolve_splits(str(photos))
+    assert [sh.num_samples for sh in absolute.splits["train"]] == [
+        sh.num_samples for sh in relative.splits["train"]
+    ]
+    assert all(Path(sh.url).is_absolute() for sh in absolute.splits["train"])
