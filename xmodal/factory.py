@@ -41,6 +41,7 @@ from xmodal.checkpoints import RunDirCheckpointIO
 from xmodal.config import absolute, world_size
 from xmodal.data.builtin import BUILTIN_DATASETS
 from xmodal.data.datamodule import DecodeSpec, ShardDataModule, SplitSettings
+from xmodal.data.mix import SourceSpec, source_names
 from xmodal.data.remote import is_remote
 from xmodal.data.shards import is_pipe, set_max_member_bytes
 from xmodal.registry import TASKS
@@ -55,11 +56,14 @@ def prepare_data(cfg: DictConfig, wait_s: float = 900.0) -> Path | str:
     """The shard source of this config (a local path made absolute, or a url as given),
     generating a built-in dataset on first use.
 
-    Only the launcher generates; ranks started by srun wait for its ``sizes.json``.
+    Only the launcher generates; ranks started by srun wait for its ``sizes.json``. With
+    ``data.sources``, the first source (what readers of one source, such as the GAN's FID
+    classifier, read; the data module reads every source, ``data_sources``).
     """
+    if cfg.data.sources:
+        return data_sources(cfg)[0].shards
     if cfg.data.shards is not None:
-        shards = str(cfg.data.shards)
-        return shards if is_remote(shards) or is_pipe(shards) else absolute(shards)
+        return _located(str(cfg.data.shards))
     dataset = BUILTIN_DATASETS[cfg.data.name]
     spec = dataset.spec(cfg.data)
     out = absolute(cfg.paths.data_dir) / f"{cfg.data.name}-{spec.fingerprint()}"
@@ -73,6 +77,21 @@ def prepare_data(cfg: DictConfig, wait_s: float = 900.0) -> Path | str:
             raise TimeoutError(f"rank 0 did not generate {out} within {wait_s:.0f} s")
         time.sleep(1.0)
     return out
+
+
+def _located(shards: str) -> Path | str:
+    """A local path made absolute (runs may change folder), a url as given."""
+    return shards if is_remote(shards) or is_pipe(shards) else absolute(shards)
+
+
+def data_sources(cfg: DictConfig) -> list[SourceSpec]:
+    """``data.sources`` as the data module takes them: paths absolute, every source named."""
+    entries = list(cfg.data.sources)
+    names = source_names([str(e.shards) for e in entries], [e.name for e in entries])
+    return [
+        SourceSpec(str(_located(str(e.shards))), float(e.weight), name)
+        for e, name in zip(entries, names, strict=True)
+    ]
 
 
 def required_roles(cfg: DictConfig) -> tuple[str, ...]:
@@ -119,6 +138,7 @@ def build_datamodule(
         max_consecutive_failures=cfg.data.max_consecutive_failures,
         allow_pipe=cfg.data.allow_pipe,
         splits=SplitSettings.from_config(cfg),
+        sources=data_sources(cfg) if cfg.data.sources else (),
     )
 
 

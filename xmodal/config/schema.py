@@ -35,14 +35,21 @@ EXPERIMENT_RESOLVER = "xmodal.experiment_name"
 
 def experiment_name_for(default: str, *, _root_: Any) -> str:
     """``${xmodal.experiment_name:shapes_caption}``: the experiment's own name on built-in data,
-    ``<task>_<data dir name>`` on the user's (``data.shards``), made a safe folder name."""
+        ``<task>_<data dir name>`` on the user's (``data.shards``; ``data.sources``: their names joined
+    by ``-``), made a safe folder name."""
     shards = _root_.data.get("shards")
-    if shards is None:
+    sources = _root_.data.get("sources") or []
+    if shards is None and not sources:
         return default
     from xmodal.data.resolve import dataset_name
 
     task = re.split(r"[:.]", str(_root_.model.get("task") or "run"))[-1].lower()
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{task}_{dataset_name(str(shards))}").lstrip("._-")
+    data = (
+        "-".join(str(s.get("name") or dataset_name(str(s.get("shards")))) for s in sources)
+        if shards is None
+        else dataset_name(str(shards))
+    )
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{task}_{data}").lstrip("._-")
     return name[:128] or default
 
 
@@ -97,6 +104,19 @@ class ShapesConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One ``data.sources`` entry: a dataset mixed into the run."""
+
+    shards: str | None = None
+    """Its shards, in any form ``data.shards`` takes (split and carved as ``data.shards`` is)."""
+    weight: float = 1.0
+    """``resampled``: its share of the drawn samples is weight / Σ weights. ``exact``: a whole
+    number, how many times each of its samples appears per epoch."""
+    name: str | None = None
+    """Its name in logs (``data/source/<name>_samples``); unset: its data's folder name."""
+
+
+@dataclass
 class DataConfig:
     name: str = "shapes"
     """Dataset name (recorded with the run); without ``shards`` it must name a built-in dataset:
@@ -111,6 +131,10 @@ class DataConfig:
     """Shards of the val split (any form ``shards`` takes); replaces a val split of ``shards``."""
     test_shards: str | None = None
     """Shards of the test split (any form ``shards`` takes); replaces a test split of ``shards``."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Several datasets mixed by weight, instead of ``shards`` (xmodal/data/mix.py): each is split as
+    ``shards`` is (its own val/test, or carved), training draws by weight, val and test are the
+    sources' val and test concatenated."""
     val_fraction: float | None = None
     """Share of the training samples carved out as val by a hash of each key (stable across runs,
     ranks and workers). Unset: 0.05 when the data has no val split of its own, else none; 0: never

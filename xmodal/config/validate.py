@@ -9,6 +9,7 @@ module knows no task or modality by name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
     problems += tokenizer_problems(
         OmegaConf.to_container(tokenizer, resolve=True) if isinstance(tokenizer, DictConfig) else tokenizer
     )
-    if d.shards is None:
+    if d.shards is None and not d.sources:
         check(
             d.name in BUILTIN_DATASETS,
             "data.name",
@@ -158,6 +159,9 @@ def data_problems(cfg: Any) -> list[str]:
         )
     if p:
         return p
+    needed = ("train", "val", "test") if getattr(cfg, "test_after_fit", True) else ("train", "val")
+    if d.sources:
+        return [*p, *source_problems(cfg, needed)]
     if d.shards is None:  # built-in data (generated later) has every split; explicit ones must exist
         for key in ("val_shards", "test_shards"):
             if getattr(d, key) is not None:
@@ -166,7 +170,6 @@ def data_problems(cfg: Any) -> list[str]:
                 except (ValueError, OSError) as error:
                     p.append(f"data.{key}: {error}")
         return p
-    needed = ("train", "val", "test") if getattr(cfg, "test_after_fit", True) else ("train", "val")
     p += split_problems(str(d.shards), SplitSettings.from_config(cfg), needed)
     if not d.allow_pipe and Path(d.shards, "sizes.json").is_file():
         piped = pipe_urls(d.shards)
@@ -176,6 +179,56 @@ def data_problems(cfg: Any) -> list[str]:
             f"sizes.json lists {len(piped)} pipe: shard(s) that run shell commands, e.g. "
             f"{piped[0] if piped else ''!r}; set data.allow_pipe=true to run them",
         )
+    return p
+
+
+def source_problems(cfg: Any, needed: tuple[str, ...]) -> list[str]:
+    """``data.sources``: alone (not with ``data.shards`` or explicit val/test shards), every entry
+    with shards, a usable weight (a whole number in exact mode) and a distinct safe name, and every
+    source readable with the splits the run needs (its own, or carved). One line each."""
+    from xmodal.data.mix import exact_weight_error, source_names
+    from xmodal.data.splits import SplitSettings, split_problems
+
+    p = Problems(cfg)
+    d = cfg.data
+    if d.shards is not None:
+        return [
+            "data.sources: cannot be combined with data.shards (give one dataset as data.shards, "
+            "several as data.sources)"
+        ]
+    for key in ("val_shards", "test_shards"):
+        p.check(
+            getattr(d, key) is None,
+            f"data.{key}",
+            "cannot be combined with data.sources: each source gives its own split (its folder or "
+            "index, or carved by data.val_fraction/data.test_fraction)",
+        )
+    entries = list(d.sources)
+    for i, entry in enumerate(entries):
+        key = f"data.sources[{i}]"
+        if entry.shards is None:
+            p.append(f"{key}.shards: must be set (any form data.shards takes)")
+        weight = entry.weight
+        if not (math.isfinite(weight) and weight > 0):
+            p.check(False, f"{key}.weight", "must be a finite number > 0")
+        elif d.mode == "exact" and not (float(weight).is_integer() and weight >= 1):
+            p.append(exact_weight_error(i, weight))
+        if entry.name is not None:
+            p.check(
+                SAFE_NAME.match(entry.name) is not None,
+                f"{key}.name",
+                "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            )
+            earlier = [j for j, e in enumerate(entries[:i]) if e.name == entry.name]
+            if earlier:
+                p.append(f"{key}.name: {entry.name!r} already names data.sources[{earlier[0]}]")
+    if p:
+        return p
+    names = source_names([str(e.shards) for e in entries], [e.name for e in entries])
+    settings = SplitSettings.from_config(cfg)
+    for i, entry in enumerate(entries):
+        for line in split_problems(str(entry.shards), settings, needed):
+            p.append(f"data.sources[{i}] ({names[i]}): {line.removeprefix('data.shards: ')}")
     return p
 
 

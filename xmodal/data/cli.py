@@ -4,6 +4,7 @@
     xmodal-shards write photos/ --out data/photos --val-fraction 0.05 --resize 256
     xmodal-shards inspect data/shapes
     xmodal-shards index my_shards/           # count once (cached for runs), report lying counts
+    xmodal-shards plan photos/ web/ --weights 3 1 --mode resampled --samples-per-epoch 10000 --world-size 1
 
 ``inspect``, ``index`` and ``plan`` read any source ``data.shards`` takes (a directory of tars,
 webdataset ShardWriter or img2dataset output, a brace pattern, a list file, a wids index).
@@ -112,7 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "plan", help="dry-run the real loader for a world size × workers layout before paying for a cluster"
     )
-    _add_source_args(p)
+    _add_source_args(p, several=True)
+    p.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        default=None,
+        help="one weight per source, as data.sources[i].weight (default 1 each)",
+    )
+    p.add_argument("--names", nargs="+", default=None, help="one name per source (default: folder names)")
     p.add_argument("--world-size", type=int, required=True, help="ranks (devices × nodes)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank (data.num_workers)")
     p.add_argument("--mode", choices=("exact", "resampled"), default="exact")
@@ -130,8 +139,11 @@ _SOURCE_HELP = (
 )
 
 
-def _add_source_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", help=_SOURCE_HELP)
+def _add_source_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    if several:
+        parser.add_argument("dir", nargs="+", help=_SOURCE_HELP + "; several: mixed as data.sources")
+    else:
+        parser.add_argument("dir", help=_SOURCE_HELP)
     parser.add_argument("--val-fraction", type=float, default=None, help="as data.val_fraction")
     parser.add_argument("--test-fraction", type=float, default=None, help="as data.test_fraction")
     parser.add_argument(
@@ -447,8 +459,9 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         raise ValueError(
             f"--batch-size {args.batch_size} (global) must divide by --world-size {args.world_size}"
         )
+    sources = _plan_sources(args)
     report = plan_report(
-        args.dir,
+        args.dir[0],
         args.world_size,
         args.workers,
         mode=args.mode,
@@ -459,9 +472,34 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         dump_keys=args.dump_keys,
         samples_per_epoch=args.samples_per_epoch,
         settings=_settings(args),
+        sources=sources,
     )
     print_plan(report, console)
     return 0
+
+
+def _plan_sources(args: argparse.Namespace) -> list[Any]:
+    """``plan``'s sources as ``data.sources`` entries: none for one source without weights."""
+    from xmodal.data.mix import SourceSpec, source_names
+
+    if len(args.dir) == 1 and args.weights is None and args.names is None:
+        return []
+    weights = args.weights if args.weights is not None else [1.0] * len(args.dir)
+    for option, values in (("--weights", weights), ("--names", args.names)):
+        if values is not None and len(values) != len(args.dir):
+            raise ValueError(
+                f"{option}: {len(values)} given for {len(args.dir)} source(s); give one per source"
+            )
+    for weight in weights:
+        if not weight > 0:
+            raise ValueError(f"--weights: every weight must be > 0 (got {weight:g})")
+        if args.mode == "exact" and not float(weight).is_integer():
+            raise ValueError(
+                f"--weights: {weight:g} is not a whole number; in exact mode a weight is how many times "
+                "each sample of its source appears per epoch (use --mode resampled for fractions)"
+            )
+    names = source_names(args.dir, args.names or [None] * len(args.dir))
+    return [SourceSpec(d, w, n) for d, w, n in zip(args.dir, weights, names, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,9 @@ the same on any number of ranks. The train loader's position is saved in checkpo
 fit continues with the remaining batches of the epoch.
 
 Splits: ``xmodal.data.splits`` (the data's folders or index, ``data.val_shards``/``test_shards``,
-or carved from train by key hash). Batches: one entry per role, as its modality collates it
+or carved from train by key hash). Several sources (``data.sources``): ``xmodal.data.mix`` (each
+split per source, training drawn by weight, val/test concatenated); the samples an epoch draws per
+source are logged as ``data/source/<name>_samples`` when the epoch starts. Batches: one entry per role, as its modality collates it
 (xmodal/data/batch.py).
 """
 
@@ -17,7 +19,7 @@ import itertools
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from xmodal.data.batch import BatchCollate, DecodeSpec, decode_sample, to_model_
 from xmodal.data.carve import kept
 from xmodal.data.epoch_plan import ShardInfo, Topology
 from xmodal.data.loader import StreamLoader
+from xmodal.data.mix import Mix, SourceSpec, TrainMix, resolve_mix, source_draws
 from xmodal.data.shards import ShardError, iter_shard
 from xmodal.data.splits import DataSplits, SplitSettings, iter_split_records, resolve_splits
 from xmodal.data.stream import ShardStream
@@ -106,8 +109,12 @@ class ShardDataModule(L.LightningDataModule):
         max_consecutive_failures: int = 100,
         allow_pipe: bool = False,
         splits: SplitSettings | None = None,
+        sources: Sequence[SourceSpec] = (),
     ):
         super().__init__()
+        self.sources = tuple(sources)  # data.sources (then ``shards_dir`` is the first one's)
+        self._mix: Mix | None = None
+        self._logged_epoch = -1
         self.allow_pipe = allow_pipe
         self.split_settings = splits or SplitSettings(allow_pipe=allow_pipe)
         self._data: DataSplits | None = None
@@ -130,7 +137,11 @@ class ShardDataModule(L.LightningDataModule):
     def data(self) -> DataSplits:
         """The run's splits, resolved (and indexed, if need be) on first use; warnings logged once."""
         if self._data is None:
-            self._data = resolve_splits(self.shards_dir, self.split_settings)
+            if self.sources:
+                self._mix = resolve_mix(self.sources, self.split_settings)
+                self._data = self._mix.data
+            else:
+                self._data = resolve_splits(self.shards_dir, self.split_settings)
             for warning in self._data.warnings:
                 log.warning("%s", warning)
         return self._data
@@ -169,7 +180,10 @@ class ShardDataModule(L.LightningDataModule):
         """The loader of one split for one rank; training follows ``mode``, evaluation is exact."""
         assert self.tokenizer is not None, "setup() builds the tokenizer first"
         train = split == "train"
-        shards = self.data.shards(split)
+        shards, weights = self.data.shards(split), None
+        if train and self.mix is not None:
+            mixed = self.mix.train(self.mode)
+            shards, weights = list(mixed.shards), mixed.weights
         stream = ShardStream(
             shards,
             self.mode if train else "exact",
@@ -179,6 +193,7 @@ class ShardDataModule(L.LightningDataModule):
             decode=partial(decode_sample, spec=self.decode, train=train),
             collate=BatchCollate(self.tokenizer, self.max_text_len),
             samples_per_epoch=self.samples_per_epoch if train else None,
+            weights=weights,
             # Evaluation order does not matter, and tar order reads each shard once, sequentially.
             shuffle_buffer=self.shuffle_buffer if train else 1,
             max_consecutive_failures=self.max_consecutive_failures,
@@ -189,6 +204,44 @@ class ShardDataModule(L.LightningDataModule):
             self._train_state = None
         self.streams[split] = stream
         return StreamLoader(stream, persistent_workers=self.num_workers > 0)
+
+    @property
+    def mix(self) -> Mix | None:
+        """The resolved ``data.sources`` (None for one ``data.shards``)."""
+        _ = self.data
+        return self._mix
+
+    def source_counts(self) -> dict[str, int]:
+        """Samples the current training epoch draws per source, over every rank (from the plan, the
+        same on every rank; skipped samples are counted apart). Empty without ``data.sources`` or a
+        train loader."""
+        stream = self.streams.get("train")
+        if self.mix is None or stream is None:
+            return {}
+        train: TrainMix = self.mix.train(self.mode)
+        return source_draws(stream.plan(), train)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Once per training epoch (its first batch), log the samples it draws per source."""
+        trainer = self.trainer
+        if (
+            self.sources
+            and trainer is not None
+            and trainer.training
+            and trainer.current_epoch != self._logged_epoch
+        ):
+            self._logged_epoch = trainer.current_epoch
+            counts = self.source_counts()
+            log.info(
+                "epoch %d draws per source: %s",
+                trainer.current_epoch,
+                ", ".join(f"{name} {n}" for name, n in counts.items()),
+            )
+            if trainer.is_global_zero:  # the plan's counts are already global
+                metrics = {f"data/source/{name}_samples": float(n) for name, n in counts.items()}
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=trainer.global_step)
+        return batch
 
     def state_dict(self) -> dict[str, Any]:
         """The training stream's position, checkpointed with the datamodule as well as with its loader.

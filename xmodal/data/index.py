@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ def index_shards(
     identity = [INDEX_VERSION, fractions, [shard_identity(url) for url in sorted(urls)]]
     digest = index_path("", identity).name
     if digest in _memo:
-        return _memo[digest]
+        return _as_asked(_memo[digest], urls)
     path = index_path(cache_dir, identity) if cache_dir is not None else None
     counts = _load(path, identity) if path is not None else None
     if counts is None:
@@ -120,7 +120,20 @@ def index_shards(
         if path is not None:
             _store(path, identity, counts)
     _memo[digest] = counts
-    return counts
+    return _as_asked(counts, urls)
+
+
+def _as_asked(counts: dict[str, ShardCounts], urls: list[str]) -> dict[str, ShardCounts]:
+    """The counts keyed by ``urls`` as given: an index made for ``photos/a.tar`` (relative, say, in
+    validation) serves ``/abs/photos/a.tar`` (the run's absolute path), as its identity is the same."""
+    if all(url in counts for url in urls):
+        return counts
+    by_path = {_local_key(c.url): c for c in counts.values()}
+    return {url: replace(by_path[_local_key(url)], url=url) for url in sorted(urls)}
+
+
+def _local_key(url: str) -> str:
+    return url if is_pipe(url) or is_remote(url) else os.path.abspath(url)
 
 
 def _load(path: Path, identity: list[Any]) -> dict[str, ShardCounts] | None:

@@ -4,22 +4,30 @@
 ``ShardStream.iter_worker``, the hook a DataLoader worker uses), on raw records (no decoding), and
 interleaves the workers' batches round-robin as a DataLoader does. So the counts it reports are what
 a training job would see, bad shards included, and ``dump_keys`` lists the exact sample order.
+Several sources (``data.sources``, ``xmodal.data.mix``) are planned as a run mixes them, and the
+report gives each source's planned draws and the samples it actually yielded.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from xmodal.data.epoch_plan import Topology
+from xmodal.data.mix import SourceSpec, TrainMix, resolve_mix, source_draws
 from xmodal.data.splits import SplitSettings, resolve_splits
 from xmodal.data.stream import ShardStream
 
 
 def _keys_only(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    return {"__key__": [r["__key__"] for r in rows], "valid": [bool(r["valid"]) for r in rows]}
+    return {
+        "__key__": [r["__key__"] for r in rows],
+        "__shard__": [r.get("__shard__") for r in rows],
+        "valid": [bool(r["valid"]) for r in rows],
+    }
 
 
 def plan_report(
@@ -35,6 +43,7 @@ def plan_report(
     samples_per_epoch: int | None = None,
     drop_last: bool = False,
     settings: SplitSettings | None = None,
+    sources: Sequence[SourceSpec] = (),
 ) -> dict[str, Any]:
     """Per-rank batch/row/valid counts of one epoch, plus the plan's warnings and exact-once checks.
 
@@ -45,10 +54,17 @@ def plan_report(
     With ``dump_keys``, writes one line per yielded row: ``rank worker epoch key valid`` (valid 1/0),
     in the order the rank's DataLoader would hand them out. ``settings``: how splits are found
     (default: as a run with default ``data.*`` keys, carving a missing val/test split).
+    ``sources`` (instead of ``shard_dir``): mixed as ``data.sources`` are; the report then has
+    ``"sources": [{"name", "weight", "planned", "yielded"}, ...]`` (samples over all ranks).
+    Exact-once checks count a sample as often as its shard is listed (a source's exact weight).
     """
-    data = resolve_splits(shard_dir, settings or SplitSettings())
-    shards = data.shards(split)
+    mix = resolve_mix(sources, settings) if sources else None
+    data = mix.data if mix is not None else resolve_splits(shard_dir, settings or SplitSettings())
+    train: TrainMix | None = mix.train(mode) if mix is not None and split == "train" else None
+    shards = list(train.shards) if train is not None else data.shards(split)
+    listed = collections.Counter(sh.url for sh in shards)  # times each sample is due
     ranks, skipped, seen = [], collections.Counter(), collections.Counter()
+    planned: dict[str, int] = {}
     warnings: list[str] = []
     padding = dropped = 0
     lines: list[str] = []
@@ -62,6 +78,7 @@ def plan_report(
             batch_size,
             collate=_keys_only,
             samples_per_epoch=samples_per_epoch,
+            weights=train.weights if train is not None else None,
             drop_last=drop_last,
             allow_pipe=(settings or SplitSettings()).allow_pipe,
         )
@@ -69,6 +86,7 @@ def plan_report(
         plan = stream.plan()
         if rank == 0:
             warnings, padding, dropped = [*data.warnings, *plan.warnings], plan.padding, plan.dropped
+            planned = source_draws(plan, train) if train is not None else {}
         counts = {"rank": rank, "batches": 0, "rows": 0, "valid": 0, "padding": 0}
         iterators = [(w, stream.iter_worker(w)) for w in range(topology.workers)]
         while iterators:  # round-robin over workers, as the DataLoader hands batches out
@@ -79,17 +97,20 @@ def plan_report(
                     continue
                 alive.append((worker, iterator))
                 counts["batches"] += 1
-                for key, valid in zip(batch["__key__"], batch["valid"], strict=True):
+                for key, shard, valid in zip(
+                    batch["__key__"], batch["__shard__"], batch["valid"], strict=True
+                ):
                     counts["rows"] += 1
                     counts["valid" if valid else "padding"] += 1
                     if valid:
-                        seen[key] += 1
+                        seen[shard, key] += 1
                     lines.append(f"{rank} {worker} {epoch} {key} {int(valid)}")
             iterators = alive
         skipped.update(stream.skip_counts())
         ranks.append(counts)
     total = sum(sh.num_samples for sh in shards)
     exact = mode == "exact"
+    due = sum(min(n, listed[shard]) for (shard, _), n in seen.items())
     report = {
         "shard_dir": str(shard_dir),
         "split": split,
@@ -103,13 +124,25 @@ def plan_report(
         "num_samples": total,
         "ranks": ranks,
         "batches_equal": len({r["batches"] for r in ranks}) == 1,
-        "duplicates": sum(n - 1 for n in seen.values() if n > 1) if exact else None,
-        "missing": total - len(seen) - dropped - sum(skipped.values()) if exact else None,
+        "duplicates": sum(max(n - listed[shard], 0) for (shard, _), n in seen.items()) if exact else None,
+        "missing": total - due - dropped - sum(skipped.values()) if exact else None,
         "skipped": dict(skipped),
         "padding": padding,
         "dropped": dropped,
         "warnings": warnings,
     }
+    if train is not None:
+        source_of = {}
+        for sh, i in zip(shards, train.source.tolist(), strict=True):
+            source_of.setdefault(sh.url, i)
+        yielded: collections.Counter[int] = collections.Counter()
+        for (shard, _), n in seen.items():
+            yielded[source_of[shard]] += n
+        report["sources"] = [
+            {"name": spec.name, "weight": spec.weight, "planned": planned[spec.name], "yielded": yielded[i]}
+            for i, spec in enumerate(mix.specs)  # type: ignore[union-attr]
+        ]
+        report["shard_dir"] = data.spec
     if dump_keys is not None:
         Path(dump_keys).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return report
@@ -132,6 +165,8 @@ def print_plan(report: dict[str, Any], console: Any = None) -> None:
     for r in report["ranks"]:
         table.add_row(*(str(r[c]) for c in ("rank", "batches", "rows", "valid", "padding")))
     console.print(table)
+    if report.get("sources"):
+        _print_sources(report["sources"], report["mode"], console)
     console.print(
         f"batches equal on all ranks: {report['batches_equal']}; dropped (drop_last): {report['dropped']}; "
         f"skipped (bad data): {sum(report['skipped'].values())}"
@@ -142,3 +177,34 @@ def print_plan(report: dict[str, Any], console: Any = None) -> None:
         console.print(f"[yellow]skipped {n} rows in {shard}[/yellow]")
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def _print_sources(sources: list[dict[str, Any]], mode: str, console: Any) -> None:
+    """Each source's weight and share of the epoch's samples: the share its weight asks for
+    (resampled: weight / Σ weights; exact: weight repeats of each sample), planned and yielded."""
+    from rich.table import Table
+
+    planned = max(sum(s["planned"] for s in sources), 1)
+    yielded = max(sum(s["yielded"] for s in sources), 1)
+    weights = sum(s["weight"] for s in sources)
+    table = Table(title=f"sources ({mode}: {_MEANING[mode]})")
+    for column in ("source", "weight", "asked share", "planned", "planned share", "yielded", "yielded share"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    for s in sources:
+        asked = s["weight"] / weights if mode == "resampled" else s["planned"] / planned
+        table.add_row(
+            s["name"],
+            f"{s['weight']:g}",
+            f"{asked:.1%}",
+            str(s["planned"]),
+            f"{s['planned'] / planned:.1%}",
+            str(s["yielded"]),
+            f"{s['yielded'] / yielded:.1%}",
+        )
+    console.print(table)
+
+
+_MEANING = {
+    "resampled": "a source's share of the drawn samples is its weight / the sum of weights",
+    "exact": "each sample of a source appears weight times per epoch",
+}
