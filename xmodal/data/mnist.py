@@ -24,7 +24,13 @@ import numpy as np
 from PIL import Image
 
 from xmodal.console import progress_counter
-from xmodal.data.shards import SIZES_FILE, publish_dataset, read_sizes, write_sizes, write_tar_shard
+from xmodal.data.shards import (
+    cached_dataset,
+    publish_dataset,
+    spec_differences,
+    write_sizes,
+    write_tar_shard,
+)
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TOTAL = 5000
@@ -98,15 +104,8 @@ def make_digit(
 def build_mnist(out_dir: str | Path, spec: MnistSpec = MnistSpec(), progress: bool = True) -> Path:
     """Write the shards (a cache: returns at once when ``out_dir`` already holds this spec)."""
     out_dir = Path(out_dir)
-    if (out_dir / SIZES_FILE).is_file():
-        stored = read_sizes(out_dir).get("spec")
-        if stored != asdict(spec):
-            raise ValueError(
-                f"{out_dir} holds MNIST shards of another spec ({stored}); delete it or choose another"
-            )
+    if cached_dataset(out_dir, "MNIST", lambda stored: spec_differences(stored, asdict(spec))):
         return out_dir
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"{out_dir} exists and is not an MNIST shard directory: choose another")
     digits, labels = load_digits()
     n_train = len(digits) - spec.n_val - spec.n_test
     bounds = {

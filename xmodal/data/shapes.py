@@ -45,7 +45,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from xmodal.console import progress_counter
-from xmodal.data.shards import SIZES_FILE, publish_dataset, read_sizes, write_sizes, write_tar_shard
+from xmodal.data.shards import (
+    cached_dataset,
+    publish_dataset,
+    write_sizes,
+    write_tar_shard,
+)
 
 KINDS: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -538,20 +543,7 @@ def _spec_differences(stored: Any, spec: ShapesSpec) -> list[str]:
 
 
 def _check_existing(out_dir: Path, spec: ShapesSpec) -> bool:
-    """True on a cache hit; raises if ``out_dir`` holds something else; False if free to create."""
-    if (out_dir / SIZES_FILE).is_file():
-        differences = _spec_differences(read_sizes(out_dir).get("spec"), spec)
-        if not differences:
-            return True
-        raise ValueError(
-            f"{out_dir} already holds a dataset generated from a different spec: differs in "
-            f"{', '.join(differences)}; delete it or choose another directory"
-        )
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(
-            f"{out_dir} exists but is not a shapes dataset (no sizes.json): choose another directory"
-        )
-    return False
+    return cached_dataset(out_dir, "shapes", lambda stored: _spec_differences(stored, spec))
 
 
 def synth(out_dir: str | Path, spec: ShapesSpec, progress: bool = True) -> Path:

@@ -35,7 +35,13 @@ from PIL import Image, ImageFilter
 
 from xmodal.console import progress_counter
 from xmodal.data.shapes import COLOURS, ShapesSpec, make_sample, render_image
-from xmodal.data.shards import SIZES_FILE, publish_dataset, read_sizes, write_sizes, write_tar_shard
+from xmodal.data.shards import (
+    cached_dataset,
+    publish_dataset,
+    spec_differences,
+    write_sizes,
+    write_tar_shard,
+)
 
 PAIRING = "outline->filled"
 VERSION = 1
@@ -92,19 +98,7 @@ def make_pair(spec: ShapesPairsSpec, split: str, index: int) -> dict[str, bytes 
 
 
 def _cached(out_dir: Path, spec: ShapesPairsSpec) -> bool:
-    """True on a cache hit; raises if ``out_dir`` holds something else; False if free to create."""
-    if (out_dir / SIZES_FILE).is_file():
-        stored = read_sizes(out_dir).get("spec")
-        if stored == spec.to_dict():
-            return True
-        raise ValueError(
-            f"{out_dir} holds shapes pairs of another spec ({stored}); delete it or choose another directory"
-        )
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(
-            f"{out_dir} exists but is not a shapes_pairs dataset (no sizes.json): choose another"
-        )
-    return False
+    return cached_dataset(out_dir, "shapes_pairs", lambda stored: spec_differences(stored, spec.to_dict()))
 
 
 def synth_pairs(out_dir: str | Path, spec: ShapesPairsSpec, progress: bool = True) -> Path:

@@ -695,6 +695,37 @@ def split_size(directory: str | os.PathLike[str], split: str) -> int:
     return sum(_split_entry(directory, split).values())
 
 
+def cached_dataset(out_dir: Path, kind: str, differences: Callable[[Any], list[str]]) -> bool:
+    """True when ``out_dir`` already holds this built-in dataset: ``differences(stored spec)`` of
+    its ``sizes.json`` is empty. Raises naming them when it holds another spec, or when ``out_dir``
+    holds anything else; False when it is free to create (one check for every generator)."""
+    if (out_dir / SIZES_FILE).is_file():
+        found = differences(read_sizes(out_dir).get("spec"))
+        if not found:
+            return True
+        raise ValueError(
+            f"{out_dir} holds {kind} shards of another spec: differs in {', '.join(found)}; "
+            "delete it or choose another directory"
+        )
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(
+            f"{out_dir} exists but is not a {kind} dataset (no sizes.json): choose another directory"
+        )
+    return False
+
+
+def spec_differences(stored: Any, wanted: dict[str, Any]) -> list[str]:
+    """``key (stored …, requested …)`` for each key where a stored spec dict differs from ``wanted``."""
+    if not isinstance(stored, dict):
+        return [f"no spec stored (found {stored!r})"]
+    keys = sorted(set(stored) | set(wanted))
+    return [
+        f"{k} (stored {stored.get(k)!r}, requested {wanted.get(k)!r})"
+        for k in keys
+        if stored.get(k) != wanted.get(k)
+    ]
+
+
 def publish_dataset(out_dir: Path, fill: Callable[[Path], None]) -> bool:
     """Build a dataset directory with ``fill(tmp)`` and rename it into place atomically.
 
