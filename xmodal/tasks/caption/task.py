@@ -49,6 +49,7 @@ class CaptionTask(XmodalTask):
 
     config_class = CaptionConfig
     tests_holdout = True
+    compiled_nets = ("encoder", "decoder")
 
     def __init__(
         self,
@@ -74,6 +75,7 @@ class CaptionTask(XmodalTask):
                 dropout=cfg.dropout,
                 max_len=max(data["max_text_len"], cfg.max_decode_len),
                 pad_id=self.tokenizer.pad_id,
+                activation_checkpointing=cfg.activation_checkpointing,
             ),
         )
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
