@@ -83,6 +83,14 @@ def test_factory_passes_the_trainer_options_and_each_listed_net_is_compiled_once
     assert list(task.state_dict()) == list(plain.state_dict())
     assert not [k for k in task.state_dict() if "_orig_mod" in k]
     assert plain.net_options == NetOptions()  # defaults: eager, NCHW
+    # Decoding runs the nets uncompiled (a growing key/value cache would compile a graph per
+    # length) and leaves them compiled afterwards.
+    from torch._dynamo.utils import counters
+
+    task.eval()
+    task.caption(caption_batch(task)["image"], max_decode_len=6)
+    assert counters["stats"]["unique_graphs"] == 1  # the encoder's forward only
+    assert (task.encoder._compiled_call_impl, task.decoder._compiled_call_impl) == compiled
 
 
 def test_gan_generator_and_discriminator_are_two_graphs_matching_eager():

@@ -23,6 +23,8 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -178,6 +180,20 @@ class XmodalTask(L.LightningModule):
                 # Modes are inductor's; other backends (aot_eager, eager in tests) take none.
                 mode = options.compile_mode if options.compile_backend == "inductor" else None
                 net.compile(backend=options.compile_backend, mode=mode)
+
+    @contextmanager
+    def eager_nets(self) -> Iterator[None]:
+        """Run the listed nets uncompiled inside the block (autoregressive decoding: a key/value
+        cache that grows each step would trace a new graph per length, each one a compile)."""
+        nets = [getattr(self, name, None) for name in self.compiled_nets]
+        saved = [(net, net._compiled_call_impl) for net in nets if net is not None]
+        for net, _ in saved:
+            net._compiled_call_impl = None
+        try:
+            yield
+        finally:
+            for net, compiled in saved:
+                net._compiled_call_impl = compiled
 
     @property
     def run_seed(self) -> int:

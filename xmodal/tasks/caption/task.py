@@ -178,9 +178,12 @@ class CaptionTask(XmodalTask):
             # Sharded (FSDP2) ranks must all run the same number of steps.
             "stop_early": self.device_mesh is None,
         }
-        if cfg["beam_size"] == 1:
-            return self.decoder.greedy(memory, **common)
-        return self.decoder.beam_search(memory, beam=cfg["beam_size"], alpha=cfg["length_penalty"], **common)
+        with self.eager_nets():  # a compiled decoder would recompile for each cache length
+            if cfg["beam_size"] == 1:
+                return self.decoder.greedy(memory, **common)
+            return self.decoder.beam_search(
+                memory, beam=cfg["beam_size"], alpha=cfg["length_penalty"], **common
+            )
 
     @torch.no_grad()
     def caption(
