@@ -93,6 +93,16 @@ def test_factory_passes_the_trainer_options_and_each_listed_net_is_compiled_once
     assert (task.encoder._compiled_call_impl, task.decoder._compiled_call_impl) == compiled
 
 
+def test_a_task_listing_no_nets_says_so_instead_of_compiling_nothing_silently():
+    task = gan(compile=True, compile_backend="eager")
+    task.compiled_nets = ()
+    with pytest.warns(
+        UserWarning, match=r"^trainer.compile / trainer.channels_last: AdversarialTask lists no"
+    ):
+        task.configure_model()
+    assert task.generator._compiled_call_impl is None
+
+
 def test_gan_generator_and_discriminator_are_two_graphs_matching_eager():
     task, eager = gan(compile=True, compile_backend="aot_eager"), gan()
     task.configure_model()

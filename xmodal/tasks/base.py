@@ -170,6 +170,12 @@ class XmodalTask(L.LightningModule):
             return
         self._nets_prepared = True
         options = self.net_options
+        if (options.compile or options.channels_last) and not self.compiled_nets:
+            warnings.warn(
+                f"trainer.compile / trainer.channels_last: {type(self).__name__} lists no nets in "
+                "compiled_nets; its nets run as they are",
+                stacklevel=2,
+            )
         for name in self.compiled_nets:
             net = getattr(self, name, None)
             if net is None:
