@@ -36,6 +36,11 @@ HARMLESS = (
     "trainer.enable_progress_bar",
     "trainer.profiler",
     "trainer.fast_dev_run",
+    "trainer.compile",  # how the nets run (same weights, same maths), not what they are
+    "trainer.compile_mode",
+    "trainer.compile_backend",
+    "trainer.channels_last",
+    "model.activation_checkpointing",
     "callbacks.num_samples",
     "callbacks.rank_checksums",
     "data.num_workers",

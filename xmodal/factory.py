@@ -166,7 +166,16 @@ def build_task(cfg: DictConfig, tokenizer: Tokenizer) -> L.LightningModule:
     tokenizer's JSON-ready state), so a checkpoint's hparams alone rebuild it
     (``Task.load_from_checkpoint(path)``), whatever the tokenizer."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    return task_class(cfg.model.task)(model, tokenizer.state(), data_shape(cfg))
+    task = task_class(cfg.model.task)(model, tokenizer.state(), data_shape(cfg))
+    t = cfg.trainer
+    # How the nets run, not what they are: not hyperparameters (a checkpoint loads without them).
+    task.configure_nets(
+        compile=t.compile,
+        compile_mode=t.compile_mode,
+        compile_backend=t.compile_backend,
+        channels_last=t.channels_last,
+    )
+    return task
 
 
 def wandb_offline(setting: bool | None) -> bool:

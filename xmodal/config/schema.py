@@ -22,6 +22,7 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true",
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp2", "fsdp")
 LOGGERS = ("wandb", "csv", "none")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 class ConfigError(ValueError):
@@ -223,6 +224,17 @@ class TrainerConfig:
     profiler: str | None = None
     deterministic: bool = False
     enable_progress_bar: bool = True
+    compile: bool = False
+    """``torch.compile`` each of the task's nets as its own graph (a GAN's G and D apart), after
+    FSDP2 sharding; checkpoints stay loadable without it (no ``_orig_mod.`` keys)."""
+    compile_mode: str = "default"
+    """default | reduce-overhead (CUDA graphs) | max-autotune: inductor's modes."""
+    compile_backend: str = "inductor"
+    """inductor (needs a C++ compiler on CPU, Triton on GPU) | aot_eager | eager (traced, no codegen:
+    the tests' backends) | any name ``torch._dynamo.list_backends()`` knows."""
+    channels_last: bool = False
+    """Conv nets' weights and 4-D input batches in channels_last memory (NHWC): faster
+    convolutions on tensor-core GPUs; same outputs."""
 
 
 @dataclass

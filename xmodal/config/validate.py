@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xmodal.config.schema import (
     ACCELERATORS,
+    COMPILE_MODES,
     LOGGERS,
     PRECISIONS,
     SAFE_NAME,
@@ -67,6 +68,7 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
             "trainer.strategy",
             "Lightning's FSDP1 'fsdp' needs a GPU; use trainer=fsdp2 (ModelParallelStrategy) on CPU",
         )
+    problems += compile_problems(cfg, cuda)
     check(t.max_steps == -1 or t.max_steps > 0, "trainer.max_steps", "must be > 0, or -1 for no limit")
     check(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", "must be >= 1")
     world = t.devices * t.num_nodes
@@ -137,6 +139,39 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
         "is derived as <paths.output_dir>/<experiment_name>/<run.id>; set those instead",
     )
     return list(problems)
+
+
+def compile_problems(cfg: Any, cuda: bool) -> list[str]:
+    """``trainer.compile_mode`` is inductor's and ``trainer.compile_backend`` one dynamo knows; with
+    inductor on CPU (``cuda`` False) a C++ compiler must be on PATH, else every net fails at its
+    first call."""
+    p = Problems(cfg)
+    t = cfg.trainer
+    p.check(t.compile_mode in COMPILE_MODES, "trainer.compile_mode", f"must be one of {COMPILE_MODES}")
+    if not t.compile:
+        return p
+    import torch._dynamo
+
+    p.check(
+        t.compile_backend in torch._dynamo.list_backends(exclude_tags=()),
+        "trainer.compile_backend",
+        f"is not a torch.compile backend (e.g. {', '.join(torch._dynamo.list_backends())}, "
+        "or the debug ones aot_eager, eager)",
+    )
+    p.check(
+        t.compile_backend == "inductor" or t.compile_mode == "default",
+        "trainer.compile_mode",
+        f"is an inductor mode; backend {t.compile_backend!r} takes only 'default'",
+    )
+    if t.compile_backend == "inductor" and not cuda:
+        import shutil
+
+        p.check(
+            any(shutil.which(cc) for cc in ("g++", "c++", "clang++")),
+            "trainer.compile_backend",
+            "inductor on CPU needs a C++ compiler (g++ or clang++) on PATH; use aot_eager or install one",
+        )
+    return p
 
 
 def data_problems(cfg: Any) -> list[str]:

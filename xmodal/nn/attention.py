@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 Cache = dict[str, Any]
 """Per-layer decoding state: ``self_k``/``self_v`` ``[B, H, t, Dh]`` grow by one step each call;
@@ -127,3 +128,14 @@ class DecoderLayer(nn.Module):
                 cache["cross_k"], cache["cross_v"] = mk, mv
         x = x + self.drop(self.cross_attn.attend(h, mk, mv, keep=memory_keep))
         return x + self.drop(self.ffn(self.norm3(x)))  # [B, T, D]
+
+
+def run_block(block: nn.Module, recompute: bool, *args: Any) -> torch.Tensor:
+    """``block(*args)``; with ``recompute`` (activation checkpointing) only the inputs are kept and
+    the block runs again in backward: memory per block falls from its activations to its input,
+    at the cost of one more forward. Non-reentrant: gradients reach every input and parameter
+    (also under FSDP2 and torch.compile), and the dropout RNG state is replayed, so the loss and
+    gradients equal the plain run's."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xmodal.nn.attention import Cache, DecoderLayer
+from xmodal.nn.attention import Cache, DecoderLayer, run_block
 
 
 def length_penalty(lengths: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -31,9 +31,12 @@ class TransformerTextDecoder(nn.Module):
         dropout: float,
         max_len: int,
         pad_id: int,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         self.pad_id = pad_id
+        self.activation_checkpointing = activation_checkpointing
+        """Training forwards keep only each layer's input and recompute the layer in backward."""
         self.max_len = max_len
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
         # Small init: the tied output layer then starts near uniform logits (loss ≈ ln V) instead
@@ -68,8 +71,10 @@ class TransformerTextDecoder(nn.Module):
         start = cache[0]["self_k"].shape[2] if cache and "self_k" in cache[0] else 0
         length = tokens.shape[1]
         x = self.embed(tokens) + self.pos[:, start : start + length]  # [B, T, D]
+        # Training only: evaluation keeps no activations for a backward, and decoding fills a cache.
+        recompute = self.activation_checkpointing and self.training and cache is None
         for i, layer in enumerate(self.layers):
-            x = layer(x, memory, memory_keep, None if cache is None else cache[i])
+            x = run_block(layer, recompute, x, memory, memory_keep, None if cache is None else cache[i])
         return self.out(self.norm(x))  # [B, T, V]
 
     def step(

@@ -10,7 +10,9 @@ A task is a LightningModule built as ``Task(model, tokenizer, data)`` from plain
 - ``generate_outputs(inputs, args) -> rows``: what ``xmodal-generate`` prints or writes;
 - ``parallelize(mesh)``: how FSDP2 shards it (each family's ``parallelize.py``);
 - class-level hints for the Trainer: ``find_unused_parameters`` (DDP), ``clips_own_gradients``
-  (manual optimization), ``tests_holdout`` (a ``holdout`` split is tested with ``test_prefix``).
+  (manual optimization), ``tests_holdout`` (a ``holdout`` split is tested with ``test_prefix``);
+- ``compiled_nets``: the attribute names of its nets, each compiled on its own under
+  ``trainer.compile`` and converted under ``trainer.channels_last`` (:meth:`prepare_nets`).
 
 It inherits: uint8 → model units after the device transfer (each role's modality converts its own
 entries), the run seed, logger-aware step scalars and the "last evaluation batch" test.
@@ -21,6 +23,9 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import lightning as L
@@ -51,6 +56,17 @@ class NonFiniteStep(NamedTuple):
     value: float
 
 
+@dataclass(frozen=True)
+class NetOptions:
+    """How the Trainer runs a task's nets (``trainer.compile*``, ``trainer.channels_last``): not
+    hyperparameters, so a checkpoint loads the same with or without them."""
+
+    compile: bool = False
+    compile_mode: str = "default"
+    compile_backend: str = "inductor"
+    channels_last: bool = False
+
+
 class GenerateError(ValueError):
     """``xmodal-generate`` arguments that do not fit this checkpoint (printed, exit code 2)."""
 
@@ -65,6 +81,13 @@ class XmodalTask(L.LightningModule):
     """Manual optimization clipping inside the task: the Trainer gets no ``gradient_clip_val``."""
     tests_holdout: ClassVar[bool] = False
     """After the test split, also test a ``holdout`` split when the data has one."""
+
+    compiled_nets: ClassVar[tuple[str, ...]] = ()
+    """Attribute names of the task's nets (e.g. ``("generator", "discriminator")``): each is
+    compiled as its own graph under ``trainer.compile`` and converted to channels_last under
+    ``trainer.channels_last``. A listed attribute that is None (an optional net) is skipped."""
+    net_options: NetOptions = NetOptions()
+    """Set by the factory from the ``trainer`` node (:meth:`configure_nets`); defaults: eager, NCHW."""
 
     test_prefix: str = "test"
     """Metric prefix of ``trainer.test`` (``holdout`` while testing that split)."""
@@ -116,12 +139,67 @@ class XmodalTask(L.LightningModule):
 
     # ----------------------------------------------------------------- what every task shares
     def configure_model(self) -> None:
-        """Under ``trainer=fsdp2`` apply the family's plan; Lightning calls this hook again for
-        test/validate after fit, so shard once."""
-        if self.device_mesh is None or getattr(self, "_parallelized", False):
+        """Under ``trainer=fsdp2`` apply the family's plan, then compile / convert the nets
+        (:meth:`prepare_nets`); Lightning calls this hook again for test/validate after fit, so
+        each happens once."""
+        if self.device_mesh is not None and not getattr(self, "_parallelized", False):
+            self.parallelize(self.device_mesh["data_parallel"])
+            self._parallelized = True
+        self.prepare_nets()
+
+    def configure_nets(
+        self,
+        compile: bool = False,
+        compile_mode: str = "default",
+        compile_backend: str = "inductor",
+        channels_last: bool = False,
+    ) -> None:
+        """Ask for compiled and/or channels_last nets (applied by :meth:`prepare_nets`)."""
+        self.net_options = NetOptions(compile, compile_mode, compile_backend, channels_last)
+
+    def prepare_nets(self) -> None:
+        """Each net of :attr:`compiled_nets`, once: to channels_last, then compiled in place.
+
+        ``nn.Module.compile`` rather than ``torch.compile(net)``: the module stays itself (no
+        ``OptimizedModule`` wrapper), so state_dict keys carry no ``_orig_mod.`` and a checkpoint
+        of a compiled run loads into an uncompiled task; it runs after FSDP2's ``fully_shard``, so
+        the sharding hooks are part of what is traced. Compilation itself is lazy (first call),
+        after Lightning has moved the module to its device.
+        """
+        if getattr(self, "_nets_prepared", False):
             return
-        self.parallelize(self.device_mesh["data_parallel"])
-        self._parallelized = True
+        self._nets_prepared = True
+        options = self.net_options
+        if (options.compile or options.channels_last) and not self.compiled_nets:
+            warnings.warn(
+                f"trainer.compile / trainer.channels_last: {type(self).__name__} lists no nets in "
+                "compiled_nets; its nets run as they are",
+                stacklevel=2,
+            )
+        for name in self.compiled_nets:
+            net = getattr(self, name, None)
+            if net is None:
+                continue
+            if options.channels_last:
+                net.to(memory_format=torch.channels_last)  # only 4-D weights change (convolutions)
+            if options.compile:
+                # Modes are inductor's; other backends (aot_eager, eager in tests) take none.
+                mode = options.compile_mode if options.compile_backend == "inductor" else None
+                net.compile(backend=options.compile_backend, mode=mode)
+
+    @contextmanager
+    def eager_nets(self) -> Iterator[None]:
+        """Run the listed nets uncompiled inside the block (autoregressive decoding: a key/value
+        cache that grows each step would trace a new graph per length, each one a compile)."""
+        nets = [getattr(self, name, None) for name in self.compiled_nets]
+        saved = [(net, net._compiled_call_impl) for net in nets if net is not None]
+        for net, _ in saved:
+            net._compiled_call_impl = None
+        try:
+            yield
+        finally:
+            for net, compiled in saved:
+                net._compiled_call_impl = compiled
 
     @property
     def run_seed(self) -> int:
@@ -147,7 +225,8 @@ class XmodalTask(L.LightningModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not isinstance(batch, dict):
             return batch
-        return to_model_units(batch, self.hparams.get("data", {}).get("roles"))
+        batch = to_model_units(batch, self.hparams.get("data", {}).get("roles"))
+        return to_channels_last(batch) if self.net_options.channels_last else batch
 
     def finite_or_skip(self, loss: torch.Tensor) -> torch.Tensor | None:
         """``loss`` when it is finite on every rank; else None, recorded in :attr:`nonfinite`.
@@ -235,6 +314,17 @@ class XmodalTask(L.LightningModule):
         file, checkpoint selection) run before the module's and must see them, and all ranks
         reach it together (exact epochs pad), so a reduction there pairs up across ranks."""
         return batch_idx + 1 >= self.eval_batches()
+
+
+def to_channels_last(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch with its 4-D float tensors (images ``[B, C, H, W]``, log-mels ``[B, 1, M, T]``)
+    in channels_last memory, as the converted conv nets want them; values are unchanged."""
+    return {
+        key: value.contiguous(memory_format=torch.channels_last)
+        if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point()
+        else value
+        for key, value in batch.items()
+    }
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

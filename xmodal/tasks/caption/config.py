@@ -56,6 +56,10 @@ class CaptionConfig(OptimizerConfig, TaskConfig):
     token_dropout: float = 0.0
     """Training only: rate at which teacher-forced input words become ``<unk>`` (word dropout), so
     the decoder reads words from the source rather than from the words before them."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward instead of keeping its activations (training only):
+    less memory for about one more decoder forward; same loss and gradients. Built-in decoder only
+    (a ``model.decoder`` of that class takes ``activation_checkpointing`` among its own keys)."""
     encoder: Any = None
     """``_target_`` of any module called as ``encoder(source [B, ...]) -> tokens [B, N, d_model]``
     (instantiated with the keys given here; interpolate ``${model.d_model}``, ``${data.image_size}``);
@@ -105,6 +109,11 @@ class CaptionConfig(OptimizerConfig, TaskConfig):
                 "model.encoder_patch",
                 f"patch × 2^(stages-1) = {grid_divisor} must divide data.image_size={d.image_size}",
             )
+        p.check(
+            not (self.activation_checkpointing and self.decoder is not None),
+            "model.activation_checkpointing",
+            "applies to the built-in decoder; with model.decoder set, give it among model.decoder's keys",
+        )
         check_slot(p, "model.encoder", self.encoder)
         check_slot(p, "model.decoder", self.decoder)
         optimizer_problems(p, self)

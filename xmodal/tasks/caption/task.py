@@ -49,6 +49,7 @@ class CaptionTask(XmodalTask):
 
     config_class = CaptionConfig
     tests_holdout = True
+    compiled_nets = ("encoder", "decoder")
 
     def __init__(
         self,
@@ -74,6 +75,7 @@ class CaptionTask(XmodalTask):
                 dropout=cfg.dropout,
                 max_len=max(data["max_text_len"], cfg.max_decode_len),
                 pad_id=self.tokenizer.pad_id,
+                activation_checkpointing=cfg.activation_checkpointing,
             ),
         )
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -176,9 +178,12 @@ class CaptionTask(XmodalTask):
             # Sharded (FSDP2) ranks must all run the same number of steps.
             "stop_early": self.device_mesh is None,
         }
-        if cfg["beam_size"] == 1:
-            return self.decoder.greedy(memory, **common)
-        return self.decoder.beam_search(memory, beam=cfg["beam_size"], alpha=cfg["length_penalty"], **common)
+        with self.eager_nets():  # a compiled decoder would recompile for each cache length
+            if cfg["beam_size"] == 1:
+                return self.decoder.greedy(memory, **common)
+            return self.decoder.beam_search(
+                memory, beam=cfg["beam_size"], alpha=cfg["length_penalty"], **common
+            )
 
     @torch.no_grad()
     def caption(

@@ -51,6 +51,7 @@ class TranslationTask(GuardedSteps, XmodalTask):
     """
 
     config_class = TranslationConfig
+    compiled_nets = ("generator", "discriminator")
     checkpoint_prefix = "translation"
     # D's backward never reaches G's parameters, and G's step leaves D's (toggled off); with
     # model.loss=none D gets no gradient at all. DDP must be told, or it waits for them.

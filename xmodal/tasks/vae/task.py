@@ -124,6 +124,7 @@ class VaeTask(XmodalTask):
     """
 
     config_class = VaeModelConfig
+    compiled_nets = ("encoder", "decoder")
 
     def __init__(
         self,
