@@ -72,6 +72,10 @@ class AdversarialTask(GuardedSteps, XmodalTask):
     checkpoint_prefix = "gan"  # checkpoints keep gan_iteration / gan_skipped_steps
     find_unused_parameters = True  # D's backward never reaches G's parameters, and the reverse
     clips_own_gradients = True
+    compiled_nets = (
+        "generator",
+        "discriminator",
+    )  # trainer.compile: two graphs (the EMA copy is not trained)
 
     def __init__(
         self,
