@@ -57,17 +57,43 @@ def test_each_finished_job_adds_its_row_and_the_end_prints_the_table(tmp_path, c
         ("2", "3e-4", "finished", "0.25"),
     ]
     assert rows[2]["run_dir"] == str(tmp_path / "outputs" / "run-2") and rows[2]["test/cider"] == "0.125"
+    # summary.md: only what differs between jobs (model.lr, status; not logger=csv), the scores, the
+    # run dir; padded so that it also reads as plain text. Printed the same when the sweep ends.
+    run = [str(tmp_path / "outputs" / f"run-{job}") for job in (0, 1, 2)]
+    width = len(run[0])
+    table = [
+        f"| job | model.lr | status   | best val/cider | test/cider | {'run_dir'.ljust(width)} |",
+        f"| --- | -------- | -------- | -------------- | ---------- | {'-' * width} |",
+        f"| 0   | 1e-3     | finished | 0.5            | 0.25       | {run[0]} |",
+        f"| 1   | 1e-2     | FAILED   |                |            | {''.ljust(width)} |",
+        f"| 2   | 3e-4     | finished | 0.25           | 0.125      | {run[2]} |",
+    ]
+    assert (sweep_dir / "summary.md").read_text().splitlines() == table
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == f"sweep summary (3 jobs): {sweep_dir / 'summary.csv'}"
-    # Only what differs between jobs: model.lr and status, not logger=csv.
-    assert printed[1].split() == ["job", "model.lr", "status", "best", "val/cider", "test/cider", "run_dir"]
-    assert printed[4].split() == [
-        "2",
-        "3e-4",
-        "finished",
-        "0.25",
-        "0.125",
-        str(tmp_path / "outputs" / "run-2"),
+    assert printed == [
+        f"sweep summary (3 jobs): {sweep_dir / 'summary.md'} (every column: summary.csv)",
+        *table,
+    ]
+
+
+def test_the_markdown_table_is_rebuilt_as_jobs_finish_and_escapes_pipes(tmp_path):
+    sweep_dir = tmp_path / "outputs" / "multirun" / "s"
+    callback = SweepSummary()
+    callback.on_job_end(hydra_config(sweep_dir, 0), finished_job(sweep_dir, 0, "a|b", 0.5))
+    run = str(tmp_path / "outputs" / "run-0")
+    # One job: nothing differs yet, so no override column; the scores and the run dir are there.
+    assert (sweep_dir / "summary.md").read_text().splitlines() == [
+        f"| job | best val/cider | test/cider | {'run_dir'.ljust(len(run))} |",
+        f"| --- | -------------- | ---------- | {'-' * len(run)} |",
+        f"| 0   | 0.5            | 0.25       | {run} |",
+    ]
+    callback.on_job_end(hydra_config(sweep_dir, 1), finished_job(sweep_dir, 1, "1e-3", 0.5))
+    lines = (sweep_dir / "summary.md").read_text().splitlines()
+    assert [line.split(" | ")[:2] for line in lines] == [
+        ["| job", "model.lr"],
+        ["| ---", "--------"],
+        ["| 0  ", r"a\|b    "],
+        ["| 1  ", "1e-3    "],
     ]
 
 

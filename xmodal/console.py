@@ -35,7 +35,8 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None, shown: DictC
     rich.print(config_tree(cfg if shown is None else shown))
     if save_to is not None:
         with open(save_to, "w") as f:
-            rich.print(config_tree(cfg), file=f)
+            # force_jupyter=False: in a notebook Rich would display the tree instead of writing the file.
+            rich.console.Console(file=f, force_jupyter=False).print(config_tree(cfg))
         if shown is not None:
             note = (
                 f"[dim]the task's own nodes shown; the full config: {rich.markup.escape(str(save_to))}[/dim]"

@@ -1,17 +1,19 @@
-"""The sweep summary: ``<sweep dir>/summary.csv``, one row per job of a Hydra multirun.
+"""The sweep summary: ``<sweep dir>/summary.csv`` and ``summary.md``, a row per job of a multirun.
 
 Each job of ``xmodal-train -m ...`` leaves ``<sweep dir>/<job>/run_dir.txt`` (the run dir it
 trained in, xmodal/train.py) and its run's ``summary.json`` (xmodal/summary.py). A Hydra callback
 (registered in ``conf/hydra/default.yaml``) writes ``<sweep dir>/<job>/sweep_row.json`` when a job
-ends — its overrides, status, best score and test metrics, its run dir — and rebuilds
-``summary.csv`` from every row written so far, so the table grows as jobs finish (jobs of a SLURM
-launcher end on other nodes: each writes its own row file, and the launcher rebuilds the table once
-more at the end of the sweep, when it also prints it).
+ends — its overrides, status, best score and test metrics, its run dir — and rebuilds both tables
+from every row written so far, so they grow as jobs finish (jobs of a SLURM launcher end on other
+nodes: each writes its own row file, and the launcher rebuilds the tables once more at the end of
+the sweep, when it also prints the Markdown one). ``summary.csv`` holds every column, ``summary.md``
+the ones a reader compares: the overrides that differ between jobs, the scores, the run dir.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -26,6 +28,7 @@ from xmodal.files import write_json_atomic
 
 ROW_FILE = "sweep_row.json"
 TABLE_FILE = "summary.csv"
+MARKDOWN_FILE = "summary.md"
 
 
 def job_row(job: str, overrides: Sequence[str], status: str, job_dir: Path) -> dict[str, Any]:
@@ -63,15 +66,28 @@ def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return [k for k in seen if k not in tail] + tail
 
 
-def write_table(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Rebuild ``summary.csv`` from the row files (written whole, then renamed); returns the rows."""
-    rows = sweep_rows(sweep_dir)
-    partial = sweep_dir / f".{TABLE_FILE}.{os.getpid()}"
+def _write_atomic(path: Path, text: str) -> None:
+    """Written whole, then renamed: a reader (or a job ending at the same time) never sees half a table."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
     with open(partial, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns(rows), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(partial, sweep_dir / TABLE_FILE)
+        f.write(text)
+    os.replace(partial, path)
+
+
+def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Every column of every row, as CSV."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns(rows), restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def write_table(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Rebuild ``summary.csv`` and ``summary.md`` from the row files; returns the rows."""
+    rows = sweep_rows(sweep_dir)
+    _write_atomic(sweep_dir / TABLE_FILE, csv_text(rows))
+    _write_atomic(sweep_dir / MARKDOWN_FILE, markdown_table(rows) + "\n")
     return rows
 
 
@@ -79,26 +95,35 @@ def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
 
 
-def table_text(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The printed table: the columns that differ between jobs, the scores, the run dir."""
+def shown_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """What a reader compares: the job, the columns that differ between jobs (overrides, status),
+    the scores (best monitor, test metrics), the run dir."""
     keys = columns(rows)
     scores = [k for k in keys if k.startswith("best ") or k.startswith("test/")]
     varying = [k for k in keys if k not in scores and len({_cell(r.get(k)) for r in rows}) > 1]
-    shown = [
+    return [
         "job",
         *(k for k in varying if k not in ("job", "run_dir", "best_checkpoint")),
         *scores,
         "run_dir",
     ]
-    cells = [shown] + [[_cell(r.get(k)) for k in shown] for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(shown))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells
-    )
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The shown columns as a Markdown table, padded so that it reads as plain text too."""
+    shown = shown_columns(rows)
+    lines = [shown, *([_cell(r.get(k)) for k in shown] for r in rows)]
+    lines = [[cell.replace("|", "\\|") for cell in line] for line in lines]  # "|" would end a cell
+    widths = [max(3, *(len(line[i]) for line in lines)) for i in range(len(shown))]
+
+    def text(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    return "\n".join([text(lines[0]), text(["-" * w for w in widths]), *map(text, lines[1:])])
 
 
 class SweepSummary(Callback):
-    """Hydra callback: a row per finished job, the table rebuilt each time and at the sweep's end."""
+    """Hydra callback: a row per finished job, the tables rebuilt each time and at the sweep's end."""
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
@@ -116,5 +141,7 @@ class SweepSummary(Callback):
         rows = write_table(sweep_dir)
         if rows:
             print(
-                f"sweep summary ({len(rows)} jobs): {sweep_dir / TABLE_FILE}\n{table_text(rows)}", flush=True
+                f"sweep summary ({len(rows)} jobs): {sweep_dir / MARKDOWN_FILE} (every column: {TABLE_FILE})\n"
+                f"{markdown_table(rows)}",
+                flush=True,
             )
