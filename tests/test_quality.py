@@ -144,6 +144,9 @@ def test_aux_weight_needs_a_discriminator_with_a_class_head():
     no_head = nn.Linear(2, 1)
     with pytest.raises(ValueError, match=r"model.gan.aux_weight > 0 needs a discriminator with a class head"):
         AdversarialTask(model, list(SPECIALS), data, nets=(LabelG(), no_head))
+    # Data without labels (a user's captioned photos): said at the first step, not a KeyError.
+    with pytest.raises(ValueError, match=r"needs a class label per sample .*set model.gan.aux_weight=0"):
+        AdversarialTask.labels({"image": torch.zeros(2, 2)})
 
 
 def test_mismatched_pairs_keep_each_image_and_take_the_previous_rows_condition():

@@ -72,10 +72,8 @@ class AdversarialTask(GuardedSteps, XmodalTask):
     checkpoint_prefix = "gan"  # checkpoints keep gan_iteration / gan_skipped_steps
     find_unused_parameters = True  # D's backward never reaches G's parameters, and the reverse
     clips_own_gradients = True
-    compiled_nets = (
-        "generator",
-        "discriminator",
-    )  # trainer.compile: two graphs (the EMA copy is not trained)
+    # trainer.compile: two graphs (the EMA copy is never trained, so never compiled).
+    compiled_nets = ("generator", "discriminator")
 
     def __init__(
         self,
@@ -185,9 +183,8 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         r1 = gan.r1_weight > 0 and d_step % gan.r1_every == 0
         real_in = real.detach().requires_grad_(True) if r1 else real
         salt = 20_000 + 4 * d_step  # augmentations of this D step: real, fake, mismatched
-        d_real, real_classes = self.score(
-            self.augment(real_in, salt), batch
-        )  # [B] logits fp32, [B, K] | None
+        # [B] logits fp32; [B, K] class logits with the AC-GAN head, else None
+        d_real, real_classes = self.score(self.augment(real_in, salt), batch)
         d_fake = self.discriminator(self.augment(fake, salt + 1), batch).float()  # [B]
         loss = weighted_mean(d_loss_terms(gan.loss, d_real, d_fake), weights)
         stats = {
@@ -196,7 +193,7 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         }
         if real_classes is not None:
             # AC-GAN, real rows only: D classifying fakes would teach it G's mistakes as classes.
-            aux = class_loss(real_classes, batch["label"], weights)
+            aux = class_loss(real_classes, self.labels(batch), weights)
             loss = loss + gan.aux_weight * aux
             stats["d_aux"] = aux.detach()
         if gan.mismatch_weight > 0:
@@ -220,6 +217,16 @@ class AdversarialTask(GuardedSteps, XmodalTask):
             loss = loss + 0.5 * gan.r1_weight * gan.r1_every * penalty
             stats["r1"] = penalty.detach()
         return loss, stats
+
+    @staticmethod
+    def labels(batch: dict[str, Any]) -> torch.Tensor:
+        """The AC-GAN head's targets ``[B]`` (-1: no label, left out)."""
+        if "label" not in batch:
+            raise ValueError(
+                "model.gan.aux_weight > 0 needs a class label per sample (a 'label' in each sample's "
+                "json); this data has none: set model.gan.aux_weight=0"
+            )
+        return batch["label"]
 
     def score(self, images: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """D's fp32 logits ``[B]`` and, with the AC-GAN head on, its class logits ``[B, K]``."""
@@ -248,7 +255,7 @@ class AdversarialTask(GuardedSteps, XmodalTask):
             d_out, fake_classes = self.score(self.augment(fake, 30_000), batch)
             g_loss = weighted_mean(g_loss_terms(gan.loss, d_out), weights)
             if fake_classes is not None:
-                stats["g_aux"] = class_loss(fake_classes, batch["label"], weights)
+                stats["g_aux"] = class_loss(fake_classes, self.labels(batch), weights)
                 g_loss = g_loss + gan.aux_weight * stats["g_aux"]
                 stats["g_aux"] = stats["g_aux"].detach()
             g_norm = self.optimizer_step(g_opt, g_loss)
