@@ -23,6 +23,7 @@ from xmodal.console import print_error
 from xmodal.factory import build_datamodule, prepare_data, rich_progress, task_class
 from xmodal.files import write_json_atomic
 from xmodal.registry import RegistryError
+from xmodal.warnings_filter import install_warning_filters
 
 
 def load_task(ckpt_path: str | Path) -> L.LightningModule:
@@ -51,6 +52,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "invalid config:\n  ckpt_path: required, e.g. xmodal-eval ckpt_path=outputs/.../best.ckpt"
         )
     validate(cfg)
+    install_warning_filters()  # the same known noise as a training run's (after Lightning's import)
     task = load_task(absolute(cfg.ckpt_path))
     datamodule = build_datamodule(cfg, prepare_data(cfg), tokenizer=task.tokenizer)
     trainer = L.Trainer(
