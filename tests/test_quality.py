@@ -24,7 +24,7 @@ from xmodal.metrics.features import DomainClassifier
 from xmodal.metrics.fid import GenerativeMetrics
 from xmodal.metrics.judge import judge_accuracy, train_judge
 from xmodal.nn.diffaugment import diff_augment
-from xmodal.tasks.adversarial import rolled_conditions
+from xmodal.tasks.adversarial import class_loss, rolled_conditions
 from xmodal.tasks.gan.task import AdversarialTask
 from xmodal.tokenizers.word import WordTokenizer
 
@@ -144,9 +144,19 @@ def test_aux_weight_needs_a_discriminator_with_a_class_head():
     no_head = nn.Linear(2, 1)
     with pytest.raises(ValueError, match=r"model.gan.aux_weight > 0 needs a discriminator with a class head"):
         AdversarialTask(model, list(SPECIALS), data, nets=(LabelG(), no_head))
-    # Data without labels (a user's captioned photos): said at the first step, not a KeyError.
-    with pytest.raises(ValueError, match=r"needs a class label per sample .*set model.gan.aux_weight=0"):
-        AdversarialTask.labels({"image": torch.zeros(2, 2)})
+
+
+def test_aux_head_on_data_without_labels_trains_on_and_says_so_once(caplog):
+    # A user's captioned photos under a shipped experiment that turns the head on: no KeyError.
+    task = label_task(aux_weight=1.0)
+    batch = {"image": torch.zeros(3, 2)}
+    with caplog.at_level(logging.WARNING, logger="xmodal"):
+        assert task.labels(batch).tolist() == [-1, -1, -1]  # left out of the head's loss
+        task.labels(batch)
+    warned = [r.getMessage() for r in caplog.records if "AC-GAN head learns nothing" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].endswith("set model.gan.aux_weight=0")
+    logits = torch.randn(3, 2, requires_grad=True)
+    assert float(class_loss(logits, task.labels(batch), torch.ones(3))) == 0.0
 
 
 def test_mismatched_pairs_keep_each_image_and_take_the_previous_rows_condition():

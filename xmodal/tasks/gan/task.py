@@ -15,6 +15,7 @@ Here: an EMA generator of our own for samples and metrics; noise drawn from a ge
 from __future__ import annotations
 
 import copy
+import logging
 import zlib
 from typing import Any
 
@@ -41,6 +42,8 @@ from xmodal.tasks.base import XmodalTask, condition_names, to_device
 from xmodal.tasks.gan.config import GanModelConfig
 from xmodal.tasks.gan.parallelize import parallelize_gan
 from xmodal.tasks.generation import write_conditional_samples
+
+log = logging.getLogger("xmodal")
 
 SAMPLE_SEED = 1234
 """Seed of the fixed noise bank behind every validation sample grid."""
@@ -102,6 +105,7 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         self.ema: nn.Module | None = None
         if self.gan.ema_decay > 0:
             self.ema = copy.deepcopy(self.generator).requires_grad_(False)
+        self._warned_no_labels = False
         self.iteration = 0
         """Training batches done (n_critic D steps + 1 G step each); saved in checkpoints."""
         self.skipped_steps = 0
@@ -218,15 +222,18 @@ class AdversarialTask(GuardedSteps, XmodalTask):
             stats["r1"] = penalty.detach()
         return loss, stats
 
-    @staticmethod
-    def labels(batch: dict[str, Any]) -> torch.Tensor:
-        """The AC-GAN head's targets ``[B]`` (-1: no label, left out)."""
-        if "label" not in batch:
-            raise ValueError(
-                "model.gan.aux_weight > 0 needs a class label per sample (a 'label' in each sample's "
-                "json); this data has none: set model.gan.aux_weight=0"
+    def labels(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The AC-GAN head's targets ``[B]`` (-1: no label, left out). Data without labels (a
+        user's captioned photos under a shipped experiment) trains on, the head idle, said once."""
+        if "label" in batch:
+            return batch["label"]
+        if not self._warned_no_labels:
+            self._warned_no_labels = True
+            log.warning(
+                "model.gan.aux_weight > 0 but the data has no class labels (a 'label' in each "
+                "sample's json): the AC-GAN head learns nothing; set model.gan.aux_weight=0"
             )
-        return batch["label"]
+        return torch.full((len(batch[self.target]),), -1, dtype=torch.long, device=self.device)
 
     def score(self, images: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """D's fp32 logits ``[B]`` and, with the AC-GAN head on, its class logits ``[B, K]``."""
