@@ -263,10 +263,10 @@ def test_non_finite_step_is_skipped_not_applied():
 
 
 def test_ema_copies_g_before_its_start_then_warms_up_to_its_decay():
-    assert ema_decay(0.999, iteration=5, start=10) == 0.0
-    assert ema_decay(0.999, iteration=10, start=10) == pytest.approx(0.1)
-    assert ema_decay(0.999, iteration=100, start=10) == pytest.approx(91 / 100)
-    assert ema_decay(0.999, iteration=100_000, start=0) == 0.999
+    assert ema_decay(0.999, step=5, start=10) == 0.0
+    assert ema_decay(0.999, step=10, start=10) == pytest.approx(0.1)
+    assert ema_decay(0.999, step=100, start=10) == pytest.approx(91 / 100)
+    assert ema_decay(0.999, step=100_000, start=0) == 0.999
 
 
 def test_fid_of_identical_sets_is_about_zero_and_grows_with_a_shift():
