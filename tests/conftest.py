@@ -78,3 +78,26 @@ def checkpoint_tensors(path: Path) -> list[tuple[str, torch.Tensor]]:
         for j, state in opt["state"].items():
             named += [(f"opt{i}.{j}.{k}", v) for k, v in state.items()]
     return [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def tiny_gan_model(**gan: object) -> dict:
+    """The ``model`` node of a GAN task for tiny injected nets (2-D points): fast Adam, no EMA;
+    ``gan`` overrides ``model.gan`` keys."""
+    from omegaconf import OmegaConf
+
+    from xmodal.config import compose_config
+
+    model = OmegaConf.to_container(compose_config(["model=gan"]).model, resolve=True)
+    model["gan"].update(
+        {
+            "z_dim": 8,
+            "loss": "ns",
+            "g_lr": 2e-3,
+            "d_lr": 2e-3,
+            "g_betas": [0.5, 0.999],
+            "d_betas": [0.5, 0.999],
+            "ema_decay": 0.0,
+            **gan,
+        }
+    )
+    return model

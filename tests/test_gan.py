@@ -10,11 +10,10 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
-from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tests.conftest import TINY, run_cli
+from tests.conftest import TINY, run_cli, tiny_gan_model
 from xmodal.config import ConfigError, compose_config, validate
 from xmodal.data.tokenizer import SPECIALS
 from xmodal.factory import build_datamodule, prepare_data
@@ -76,19 +75,7 @@ class MlpD(nn.Module):
 
 def point_task(seed: int = 0, **gan: object) -> AdversarialTask:
     """The task with tiny MLP nets injected (the DCGAN nets are swapped by constructor argument)."""
-    model = OmegaConf.to_container(compose_config(["model=gan"]).model, resolve=True)
-    model["gan"].update(
-        {
-            "z_dim": 8,
-            "loss": "ns",
-            "g_lr": 2e-3,
-            "d_lr": 2e-3,
-            "g_betas": [0.5, 0.999],
-            "d_betas": [0.5, 0.999],
-            "ema_decay": 0.0,
-        }
-    )
-    model["gan"].update(gan)
+    model = tiny_gan_model(**gan)
     L.seed_everything(seed, verbose=False)
     data = {"image_size": 32, "image_channels": 1, "audio_mels": 8, "audio_frames": 8, "max_text_len": 8}
     return AdversarialTask(model, list(SPECIALS), data, nets=(MlpG(), MlpD()))

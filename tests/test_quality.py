@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -15,15 +14,15 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from tests.conftest import tiny_gan_model
 from xmodal.callbacks.ema import EMAWeights
 from xmodal.config import ConfigError, compose_config, validate
 from xmodal.data.tokenizer import SPECIALS
 from xmodal.factory import build_task
 from xmodal.metrics.collapse import collapse_warnings
-from xmodal.metrics.features import DomainClassifier
+from xmodal.metrics.features import DomainClassifier, accuracy
 from xmodal.metrics.fid import GenerativeMetrics
-from xmodal.metrics.judge import judge_accuracy, train_judge
-from xmodal.nn.diffaugment import diff_augment
+from xmodal.metrics.judge import train_judge
 from xmodal.tasks.adversarial import class_loss, rolled_conditions
 from xmodal.tasks.gan.task import AdversarialTask
 from xmodal.tokenizers.word import WordTokenizer
@@ -77,18 +76,7 @@ class AuxD(nn.Module):
 
 
 def label_task(**gan: object) -> AdversarialTask:
-    model = OmegaConf.to_container(compose_config(["model=gan"]).model, resolve=True)
-    model["gan"].update(
-        {
-            "z_dim": 8,
-            "loss": "ns",
-            "g_lr": 2e-3,
-            "d_lr": 2e-3,
-            "g_betas": [0.5, 0.999],
-            "d_betas": [0.5, 0.999],
-        }
-    )
-    model["gan"].update({"ema_decay": 0.0, **gan})
+    model = tiny_gan_model(**gan)
     L.seed_everything(0, verbose=False)
     data = {"image_size": 32, "image_channels": 1, "audio_mels": 8, "audio_frames": 8, "max_text_len": 8}
     return AdversarialTask(model, list(SPECIALS), data, nets=(LabelG(), AuxD()))
@@ -192,9 +180,9 @@ def test_judge_learns_classes_it_was_never_shown_these_images_of(one_thread):
     train_images, train_labels = bars(256, seed=0)
     held_images, held_labels = bars(128, seed=1)
     judge = train_judge(train_images, train_labels, channels=1, num_classes=2, steps=60)
-    assert judge_accuracy(judge, held_images, held_labels) > 0.95
+    assert accuracy(judge, held_images, held_labels) > 0.95
     # Unlabelled rows (-1) are not scored; none labelled at all → NaN, not a made-up figure.
-    assert math.isnan(judge_accuracy(judge, held_images, torch.full_like(held_labels, -1)))
+    assert math.isnan(accuracy(judge, held_images, torch.full_like(held_labels, -1)))
 
 
 def test_generative_metrics_report_the_judges_accuracy_beside_the_feature_classifiers(one_thread):
@@ -314,41 +302,12 @@ def test_ema_weights_are_what_validation_sees_and_checkpoints_hold_and_resume_tr
     assert starts == [pytest.approx(raw)] and resumed_ema.updates == 12  # ...and the EMA goes on too
 
 
-def test_ema_decay_is_a_model_key_of_every_task_but_the_gan():
-    cfg = compose_config(["model.ema_decay=0.999"])
-    assert isinstance(build_callbacks_for(cfg)[-1], EMAWeights)
-    with pytest.raises(ConfigError, match=r"model.ema_decay: the GAN averages its generator itself"):
-        validate(compose_config(["experiment=mnist_gan", "model.ema_decay=0.9"]))
-
-
-def build_callbacks_for(cfg):
+def test_ema_decay_is_a_model_key_of_every_task_but_the_gan(tmp_path):
     from xmodal.factory import build_callbacks
     from xmodal.run import RunIdentity
 
-    return build_callbacks(
-        cfg, RunIdentity(id="x", dir=Path("/tmp/never-written"), fresh=True), has_logger=False
-    )[0]
-
-
-def test_diffaugment_moves_and_cuts_images_alike_for_a_seed_and_passes_gradients():
-    x = torch.zeros(16, 1, 32, 32)
-    x[:, :, 16, 16] = 1.0  # one lit pixel per image
-    x.requires_grad_(True)
-    moved = diff_augment(x, ["translation"], torch.Generator().manual_seed(3))
-    where = moved.detach()[:, 0].flatten(1).argmax(1)  # [B] flat index of the lit pixel
-    dy, dx = where // 32 - 16, where % 32 - 16
-    assert moved.detach().sum(dim=(1, 2, 3)).tolist() == [1.0] * 16  # moved, never lost (4 ≤ 16 px)
-    assert int(dy.abs().max()) <= 4 and int(dx.abs().max()) <= 4 and bool((dy != 0).any())
-    again = diff_augment(x, ["translation"], torch.Generator().manual_seed(3))
-    assert torch.equal(moved, again)  # a seed: the same shifts (a resume augments alike)
-    moved.sum().backward()
-    assert x.grad is not None and x.grad[:, 0, 16, 16].tolist() == [1.0] * 16  # G's gradient passes through
-    cut = diff_augment(torch.ones(8, 3, 32, 32), ["cutout"], torch.Generator().manual_seed(0))
-    zeroed = (cut[:, 0] == 0).flatten(1).sum(1)  # [B] pixels cut per image
-    assert int(zeroed.max()) == 16 * 16 and int(zeroed.min()) > 0  # a 16 px square, edges clip it
-    assert torch.equal(cut[:, 0], cut[:, 2])  # every channel of a pixel alike
-
-
-def test_diffaugment_ops_are_checked_by_name():
-    with pytest.raises(ConfigError, match=r"model.gan.diffaugment: ops must be among \('translation'"):
-        validate(compose_config(["experiment=mnist_gan", "model.gan.diffaugment=[flip]"]))
+    run = RunIdentity(id="x", dir=tmp_path, fresh=True)
+    callbacks, _ = build_callbacks(compose_config(["model.ema_decay=0.999"]), run, has_logger=False)
+    assert isinstance(callbacks[-1], EMAWeights)
+    with pytest.raises(ConfigError, match=r"model.ema_decay: the GAN averages its generator itself"):
+        validate(compose_config(["experiment=mnist_gan", "model.ema_decay=0.9"]))

@@ -178,7 +178,8 @@ def train_classifier(
 
 
 @torch.no_grad()
-def accuracy(net: DomainClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of labelled uint8 ``images`` that ``net.classify`` gives their label (NaN: no labels)."""
     keep = labels >= 0
     if not bool(keep.any()):
         return float("nan")
@@ -207,10 +208,8 @@ def domain_classifier(
     """
     path = cache_dir() / f"{cache_key(shards_dir, spec, num_classes, steps, seed, role)}.pt"
     net = DomainClassifier(spec.image_channels, num_classes)
-    if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["weights"])
-        return net.eval()
+    if load_cached_net(path, net) is not None:
+        return net
     if not train_if_missing:
         return None
     log.info("training the FID feature classifier: %d steps, cached at %s", steps, path)
@@ -234,8 +233,25 @@ def domain_classifier(
         shards_dir,
         info,
     )
+    save_cached_net(path, net, info)
+    return net
+
+
+def load_cached_net(path: Path, net: nn.Module) -> dict[str, Any] | None:
+    """Load a cached net's weights into ``net`` (left in eval mode) and return its training record,
+    or None when ``path`` does not exist."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict(state["weights"])
+    net.eval()
+    return json.loads(state["info"])
+
+
+def save_cached_net(path: Path, net: nn.Module, info: dict[str, Any]) -> None:
+    """Write a trained net and its record atomically (a temporary file renamed into place), so a
+    rank reading the cache never sees a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save({"weights": net.state_dict(), "info": json.dumps(info)}, tmp)
     os.replace(tmp, path)
-    return net

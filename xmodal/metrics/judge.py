@@ -10,9 +10,7 @@ on the train split's labels and checked on the *test* split (``real_acc``: the c
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmodal.data.datamodule import DecodeSpec
-from xmodal.metrics.features import DEFAULT_ROLE, cache_dir, cache_key, load_split
+from xmodal.metrics.features import (
+    DEFAULT_ROLE,
+    accuracy,
+    cache_dir,
+    cache_key,
+    load_cached_net,
+    load_split,
+    save_cached_net,
+)
 
 log = logging.getLogger("xmodal")
 
@@ -97,20 +103,6 @@ def train_judge(
     return net.eval()
 
 
-@torch.no_grad()
-def judge_accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of labelled uint8 ``images`` the net classifies as their label (NaN: no labels)."""
-    keep = labels >= 0
-    if not bool(keep.any()):
-        return float("nan")
-    x_all, y_all = images[keep], labels[keep]
-    hits = sum(
-        int((net(x_all[i : i + 256].float() / 127.5 - 1.0).argmax(1) == y_all[i : i + 256]).sum())
-        for i in range(0, len(y_all), 256)
-    )
-    return hits / len(y_all)
-
-
 def judge_path(shards_dir: Path, spec: DecodeSpec, num_classes: int, steps: int, role: str) -> Path:
     key = cache_key(shards_dir, spec, num_classes, steps, JUDGE_SEED, role)
     return cache_dir() / f"judge-v{JUDGE_VERSION}-{key}.pt"
@@ -130,10 +122,9 @@ def judge_classifier(
     when the train split has no labels (nothing to judge against)."""
     path = judge_path(shards_dir, spec, num_classes, steps, role)
     net = JudgeNet(spec.image_channels, num_classes)
-    if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state["weights"])
-        return net.eval(), json.loads(state["info"])
+    cached = load_cached_net(path, net)
+    if cached is not None:
+        return net, cached
     if not train_if_missing:
         return None
     images, labels = load_split(shards_dir, "train", spec, allow_pipe=allow_pipe, role=role)
@@ -147,11 +138,8 @@ def judge_classifier(
             held_images, held_labels = load_split(shards_dir, split, spec, allow_pipe=allow_pipe, role=role)
         except (ValueError, KeyError, OSError):
             continue
-        info.update(real_acc=judge_accuracy(net, held_images, held_labels), real_acc_split=split)
+        info.update(real_acc=accuracy(net, held_images, held_labels), real_acc_split=split)
         break
     log.info("judge classifier trained on %s: %s", shards_dir, info)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"weights": net.state_dict(), "info": json.dumps(info)}, tmp)
-    os.replace(tmp, path)
+    save_cached_net(path, net, info)
     return net, info
