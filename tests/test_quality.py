@@ -23,6 +23,7 @@ from xmodal.metrics.collapse import collapse_warnings
 from xmodal.metrics.features import DomainClassifier, accuracy
 from xmodal.metrics.fid import GenerativeMetrics
 from xmodal.metrics.judge import train_judge
+from xmodal.nn.diffaugment import diff_augment
 from xmodal.tasks.adversarial import class_loss, rolled_conditions
 from xmodal.tasks.gan.task import AdversarialTask
 from xmodal.tokenizers.word import WordTokenizer
@@ -311,3 +312,27 @@ def test_ema_decay_is_a_model_key_of_every_task_but_the_gan(tmp_path):
     assert isinstance(callbacks[-1], EMAWeights)
     with pytest.raises(ConfigError, match=r"model.ema_decay: the GAN averages its generator itself"):
         validate(compose_config(["experiment=mnist_gan", "model.ema_decay=0.9"]))
+
+
+def test_diffaugment_moves_and_cuts_images_alike_for_a_seed_and_passes_gradients():
+    x = torch.zeros(16, 1, 32, 32)
+    x[:, :, 16, 16] = 1.0  # one lit pixel per image
+    x.requires_grad_(True)
+    moved = diff_augment(x, ["translation"], torch.Generator().manual_seed(3))
+    where = moved.detach()[:, 0].flatten(1).argmax(1)  # [B] flat index of the lit pixel
+    dy, dx = where // 32 - 16, where % 32 - 16
+    assert moved.detach().sum(dim=(1, 2, 3)).tolist() == [1.0] * 16  # moved, never lost (4 ≤ 16 px)
+    assert int(dy.abs().max()) <= 4 and int(dx.abs().max()) <= 4 and bool((dy != 0).any())
+    again = diff_augment(x, ["translation"], torch.Generator().manual_seed(3))
+    assert torch.equal(moved, again)  # a seed: the same shifts (a resume augments alike)
+    moved.sum().backward()
+    assert x.grad is not None and x.grad[:, 0, 16, 16].tolist() == [1.0] * 16  # G's gradient passes through
+    cut = diff_augment(torch.ones(8, 3, 32, 32), ["cutout"], torch.Generator().manual_seed(0))
+    zeroed = (cut[:, 0] == 0).flatten(1).sum(1)  # [B] pixels cut per image
+    assert int(zeroed.max()) == 16 * 16 and int(zeroed.min()) > 0  # a 16 px square, edges clip it
+    assert torch.equal(cut[:, 0], cut[:, 2])  # every channel of a pixel alike
+
+
+def test_diffaugment_ops_are_checked_by_name():
+    with pytest.raises(ConfigError, match=r"model.gan.diffaugment: ops must be among \('translation'"):
+        validate(compose_config(["experiment=mnist_gan", "model.gan.diffaugment=[flip]"]))
