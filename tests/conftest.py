@@ -19,6 +19,12 @@ sys.path.insert(0, str(NETBLOCK))
 import sitecustomize  # noqa: E402,F401  (blocks non-loopback sockets in this process)
 
 os.environ["WANDB_MODE"] = "offline"
+# One intra-op thread per process, inherited by every CLI run and DDP rank the tests start. The
+# suite runs two pytest workers on 2 cores (pyproject addopts, pytest_xdist_auto_num_workers
+# below), and a test may start two ranks beside the other worker's test: with torch's default of
+# one thread per core the threads spin-wait for each other, and small ops (a KID compute, a
+# 32 px conv) ran 10-90x slower than on one thread when measured on the loaded 2-core box.
+os.environ["OMP_NUM_THREADS"] = "1"
 # The GAN metrics' cached domain classifier: never into the user's ~/.cache from tests.
 os.environ.setdefault("XMODAL_CACHE_DIR", tempfile.mkdtemp(prefix="xmodal-test-cache-"))
 os.environ["WANDB_SILENT"] = "true"
@@ -101,3 +107,15 @@ def tiny_gan_model(**gan: object) -> dict:
         }
     )
     return model
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the env var above came too late if torch was imported already
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per core, at most 4 (each test may start two ranks of its own)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores))

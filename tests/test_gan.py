@@ -364,7 +364,8 @@ def test_fsdp2_two_cpu_ranks_train_and_resume_from_a_distributed_checkpoint(data
         "callbacks.rank_checksums=true",
         "run.id=f",
     ]
-    result = run_cli(["xmodal-train", *args, "trainer.max_steps=2"], tmp_path)
+    # The first segment's test pass is never looked at: skipped.
+    result = run_cli(["xmodal-train", *args, "trainer.max_steps=2", "test_after_fit=false"], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = tmp_path / "shapes_gan" / "f"
     assert (run_dir / "checkpoints" / "last.ckpt" / ".metadata").is_file()  # sharded checkpoint
