@@ -40,7 +40,7 @@ def test_batch_contract(tiny):
     assert batch["text"].dtype == torch.long and batch["text"].shape == batch["text_mask"].shape
     assert batch["valid"].dtype == torch.bool and batch["valid"].all()
     assert len(batch["captions"][0]) >= 3  # every reference is kept for evaluation
-    assert set(batch) == {"image", "text", "text_mask", "label", "valid", "captions", "__key__"}
+    assert set(batch) == {"image", "text", "text_mask", "label", "valid", "captions", "__key__", "__shard__"}
 
 
 def test_every_split_is_exact_once_over_two_ranks_with_equal_batch_counts(tiny):

@@ -37,6 +37,7 @@ from xmodal.callbacks.progress import StepProgress, StepRichProgressBar
 from xmodal.callbacks.samples import ValidationSamples
 from xmodal.callbacks.short_epochs import ShortEpochValidation
 from xmodal.callbacks.throughput import Throughput
+from xmodal.callbacks.watchdog import RankWatchdog
 from xmodal.checkpoints import RunDirCheckpointIO
 from xmodal.config import absolute, world_size
 from xmodal.data.builtin import BUILTIN_DATASETS
@@ -265,6 +266,8 @@ def build_callbacks(
     ema = task_config(cfg).ema_decay
     if ema > 0:
         callbacks.append(EMAWeights(ema))
+    if cfg.run.peer_timeout_s > 0 or cfg.run.stall_timeout_s > 0:
+        callbacks.append(RankWatchdog(run.dir, cfg.run.peer_timeout_s, cfg.run.stall_timeout_s))
     return callbacks, checkpoint
 
 

@@ -75,6 +75,13 @@ class RunConfig:
     max_nonfinite_steps: int = 10
     """Training steps in a row with a non-finite loss or gradient (each skipped) before the run
     stops with exit code 4."""
+    peer_timeout_s: float = 120.0
+    """A rank whose heartbeat (``ranks/rank<R>.json``, written every tenth of this) is older than
+    this is taken as dead or frozen: the others dump their stacks to ``stacks/``, say which rank and
+    where it was, and exit with code 6. 0 turns the peer watch off (xmodal/callbacks/watchdog.py)."""
+    stall_timeout_s: float = 1800.0
+    """A rank that passes no batch or checkpoint boundary for this long (stuck in a collective, a
+    loader, a filesystem) dumps its stacks and exits with code 7. 0 turns it off."""
 
 
 @dataclass

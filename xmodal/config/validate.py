@@ -124,6 +124,11 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
         # A directory is a distributed (FSDP2) checkpoint.
         check(Path(cfg.ckpt_path).exists(), "ckpt_path", "no such checkpoint")
     check(cfg.run.max_nonfinite_steps >= 1, "run.max_nonfinite_steps", "must be >= 1")
+    for key in ("peer_timeout_s", "stall_timeout_s"):
+        value = cfg.run[key]
+        check(
+            math.isfinite(value) and value >= 0, f"run.{key}", f"must be >= 0 seconds, 0 = off (got {value})"
+        )
     for key in cfg.run.allow_changes if isinstance(cfg, DictConfig) else ():
         found = OmegaConf.select(cfg, str(key), default=_NO_KEY) is not _NO_KEY
         check(found, "run.allow_changes", f"{key!r} names no config key")

@@ -9,7 +9,8 @@ Every other member is left undecoded (no cost).
 
 Batch: one entry per role as its modality collates it (``image`` uint8 ``[B, C, H, W]``, ``audio``
 ``[B, 1, M, T]`` + ``audio_mask``, ``text`` ``[B, T]`` + ``text_mask`` + ``captions``, ``label``
-``[B]``, ...), plus ``<role>_present`` for optional roles, ``valid`` bool ``[B]`` and ``__key__``.
+``[B]``, ...), plus ``<role>_present`` for optional roles, ``valid`` bool ``[B]``, ``__key__`` and
+``__shard__`` (the shard each row was read from, for diagnosis; None for ``xmodal-generate`` inputs).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def decode_sample(raw: dict[str, Any], spec: DecodeSpec, train: bool) -> dict[st
     missing or a member cannot be decoded."""
     key = raw["__key__"]
     plan = spec.plan()
-    out: dict[str, Any] = {"__key__": key, ROLES_FIELD: plan}
+    out: dict[str, Any] = {"__key__": key, "__shard__": raw.get("__shard__"), ROLES_FIELD: plan}
     ctx = SampleContext(key, raw.get("__epoch__", 0), spec.seed, train, raw)
     for role, modality, how in plan:
         found = modality.member(raw, role)
@@ -119,6 +120,7 @@ class BatchCollate:
         batch: dict[str, Any] = {
             "valid": torch.tensor([r.get("valid", True) for r in rows], dtype=torch.bool),  # [B]
             "__key__": [r["__key__"] for r in rows],
+            "__shard__": [r.get("__shard__") for r in rows],  # where a sample came from (diagnosis)
         }
         for role, modality, how in first[ROLES_FIELD]:
             batch.update(modality.collate(rows, role, self))
