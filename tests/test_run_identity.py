@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -122,6 +123,10 @@ def test_multirun_gives_one_run_dir_per_job_and_one_sweep_dir(tiny, tmp_path):
         (sweeps[0] / j / "run_dir.txt").read_text().strip() for j in "01"
     ]
     assert "best val/cider" in table[0] and f"sweep summary (2 jobs): {sweeps[0]}" in result.stdout
+    # Readable aliases of the run dirs, named by what differs between the jobs.
+    aliases = sorted((sweeps[0] / "runs").iterdir())
+    assert [a.name for a in aliases] == ["0_seed=1", "1_seed=2"]
+    assert [a.resolve() for a in aliases] == [Path(r["run_dir"]).resolve() for r in table]
     # One offline W&B run per job, each under its own run dir, with its own id.
     wandb_runs = [list((r / "wandb").glob("offline-run-*")) for r in runs]
     assert [len(w) for w in wandb_runs] == [1, 1]

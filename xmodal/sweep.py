@@ -84,11 +84,43 @@ def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def write_table(sweep_dir: Path) -> list[dict[str, Any]]:
-    """Rebuild ``summary.csv`` and ``summary.md`` from the row files; returns the rows."""
+    """Rebuild ``summary.csv`` and ``summary.md`` from the row files and the ``runs/`` aliases;
+    returns the rows."""
     rows = sweep_rows(sweep_dir)
     _write_atomic(sweep_dir / TABLE_FILE, csv_text(rows))
     _write_atomic(sweep_dir / MARKDOWN_FILE, markdown_table(rows) + "\n")
+    link_aliases(sweep_dir, rows)
     return rows
+
+
+def alias_name(row: Mapping[str, Any], varying: Sequence[str]) -> str:
+    """``3_model.lr=0.001,seed=2``: the job number and the override values that differ between
+    jobs, as a file name (a path separator in a value becomes ``_``, long names are cut)."""
+    point = ",".join(f"{k}={_cell(row.get(k))}" for k in varying)
+    name = f"{row['job']}_{point}" if point else str(row["job"])
+    return name.replace(os.sep, "_")[:200]
+
+
+def link_aliases(sweep_dir: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``<sweep dir>/runs/<alias>`` → each job's run dir, named by what differs between jobs so far
+    (run dirs themselves are named by run id: a timestamp or the SLURM job id). Rebuilt as jobs
+    finish, since the set of differing overrides grows with them."""
+    varying = [k for k in shown_columns(rows) if k not in ("job", "run_dir", "status")]
+    varying = [k for k in varying if not k.startswith(("best ", "test/"))]
+    runs = sweep_dir / "runs"
+    runs.mkdir(exist_ok=True)
+    wanted = {alias_name(r, varying): Path(r["run_dir"]) for r in rows if r.get("run_dir")}
+    for link in runs.iterdir():
+        if link.is_symlink() and link.name not in wanted:
+            link.unlink(missing_ok=True)
+    for name, target in wanted.items():
+        link = runs / name
+        if link.is_symlink() and Path(os.readlink(link)) == target:
+            continue
+        partial = runs / f".{name}.{os.getpid()}"
+        partial.unlink(missing_ok=True)
+        partial.symlink_to(target, target_is_directory=True)
+        os.replace(partial, link)  # atomic: another job rebuilding at once sees old or new
 
 
 def _cell(value: Any) -> str:
