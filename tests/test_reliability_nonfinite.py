@@ -3,6 +3,8 @@ ever holds a non-finite tensor or a diverged state; stops by signal exit 3 (issu
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -42,6 +44,10 @@ def test_a_diverging_captioner_stops_with_exit_4_and_saves_no_checkpoint(tiny, t
     assert "training diverged: 3 steps in a row were not finite (the last: step 3: loss = nan)" in line
     assert "Traceback" not in result.stderr
     assert "optimizer step skipped (1 in a row" in result.stdout + result.stderr
+    # What is left, and how to go on: the run's own end-of-run note.
+    run_dir = tmp_path / "outputs" / "shapes_caption" / "nan"
+    note = rf"run nan ended at step \d+ without finishing; run dir: {re.escape(str(run_dir))}; no checkpoint written yet; "
+    assert re.search(note + r"rerun to start again: cd .* && xmodal-train .* run\.id=nan\n", result.stdout)
     # After the first (finite) step every weight is ~1e6 but finite: a state that must not be kept.
     ckpts = tmp_path / "outputs" / "shapes_caption" / "nan" / "checkpoints"
     assert not list(ckpts.glob("*.ckpt")), sorted(p.name for p in ckpts.iterdir())

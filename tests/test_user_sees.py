@@ -151,3 +151,25 @@ def test_generate_flag_hints_equal_the_modality_classes():
         cls = MODALITIES.get(name)
         for key in ("input_flag", "input_files"):
             assert MODALITIES._hints[name][key] == getattr(cls, key), (name, key)
+
+
+def test_train_from_python_gets_a_console_handler_only_when_nothing_would_show_its_lines(capsys):
+    """From a notebook or a script, Hydra's job logging is not set up: xmodal's progress lines and
+    summary must still show; under a configured logger nothing is added (no double lines)."""
+    import logging
+
+    from xmodal.console import log_to_console_if_unconfigured, stop_logging_to
+
+    root, xmodal_log = logging.getLogger(), logging.getLogger("xmodal")
+    saved = root.handlers[:], xmodal_log.handlers[:], xmodal_log.level
+    root.handlers[:], xmodal_log.handlers[:] = [], []
+    try:
+        handler = log_to_console_if_unconfigured()
+        assert handler is not None and log_to_console_if_unconfigured() is None
+        xmodal_log.info("step 3/10 (30%)")
+        stop_logging_to(handler)
+        assert "[xmodal][INFO] - step 3/10 (30%)" in capsys.readouterr().out
+        assert not xmodal_log.handlers
+    finally:
+        root.handlers[:], xmodal_log.handlers[:] = saved[0], saved[1]
+        xmodal_log.setLevel(saved[2])

@@ -50,6 +50,20 @@ def print_error(message: str) -> None:
     console.print(f"[bold red]error:[/bold red] {rich.markup.escape(message)}")
 
 
+def log_to_console_if_unconfigured() -> logging.Handler | None:
+    """A stdout handler for xmodal's records when nothing would show them (``train()`` called from
+    Python or a notebook, where Hydra's job logging is not set up: progress lines, the summary and
+    warnings went nowhere but to Python's last-resort WARNING handler). None when a handler exists."""
+    xmodal_log = logging.getLogger("xmodal")
+    if xmodal_log.hasHandlers():
+        return None
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    xmodal_log.addHandler(handler)
+    xmodal_log.setLevel(logging.INFO)
+    return handler
+
+
 def log_to_file(path: Path) -> logging.Handler:
     """Mirror xmodal's and Lightning's log records into the run dir."""
     handler = logging.FileHandler(path)

@@ -36,7 +36,13 @@ from xmodal.callbacks.progress import StepCounter
 from xmodal.checkpoints import NoIntactCheckpoint, checkpoint_problem, choose_resume
 from xmodal.config import CONFIG_DIR, ConfigError, absolute, register_schemas, validate, world_size
 from xmodal.config.view import shown_config
-from xmodal.console import log_to_file, print_config_tree, print_error, stop_logging_to
+from xmodal.console import (
+    log_to_console_if_unconfigured,
+    log_to_file,
+    print_config_tree,
+    print_error,
+    stop_logging_to,
+)
 from xmodal.drift import check_drift
 from xmodal.factory import (
     build_callbacks,
@@ -91,6 +97,17 @@ def job_overrides() -> list[str]:
 def resume_command(run_id: str) -> str:
     """This invocation again, pinned to its run id (a rerun with the same id resumes it)."""
     return summary.resume_command(run_id, job_overrides(), os.getcwd())
+
+
+def failure_note(run_id: str, run_dir: Path, step: int) -> str:
+    """What a run that ended without finishing leaves behind (divergence, a crash): where, which
+    checkpoints survive, and the command that resumes from the newest."""
+    kept = [n for n in ("last.ckpt", "last.prev.ckpt", "best.ckpt") if (run_dir / "checkpoints" / n).exists()]
+    if kept:
+        then = f"checkpoints kept: {', '.join(kept)}; rerun to resume from the newest"
+    else:
+        then = "no checkpoint written yet; rerun to start again"
+    return f"run {run_id} ended at step {step} without finishing; run dir: {run_dir}; {then}: {resume_command(run_id)}"
 
 
 def stop_cause(preemption: Preemption) -> str:
@@ -232,6 +249,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with open_dict(cfg):
         cfg.run.id, cfg.run.dir = run.id, str(run.dir)
     handler = None
+    console_handler = log_to_console_if_unconfigured() if launcher else None
+    trainer: L.Trainer | None = None
     failed = True
     lock = RunLock(run.dir) if launcher else None  # ranks started after the launcher share its hold
     try:
@@ -294,8 +313,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return metrics
     finally:
         finish_wandb(failed)
+        if failed and trainer is not None and launcher:
+            log.error("%s", failure_note(run.id, run.dir, trainer.global_step))
         if handler is not None:
             stop_logging_to(handler)
+        if console_handler is not None:
+            stop_logging_to(console_handler)
         if launcher:
             forget_run_id()
         if lock is not None:
