@@ -247,3 +247,68 @@ def test_ddp_over_uneven_shards_runs_three_exact_epochs_without_hanging(tiny, tm
     summary = json.loads((tmp_path / "outputs" / "caption_shards" / "uneven" / "metrics.json").read_text())
     assert summary["global_step"] == expected
     assert summary["data_skipped"] == {}
+
+
+FAKE_SRUN = """#!/usr/bin/env python3
+# srun on one machine: SLURM_JOB_NUM_NODES x SLURM_NTASKS_PER_NODE tasks, each with the per-task
+# environment real srun sets (global, local and node ranks); exits with the first failing status.
+import os, subprocess, sys
+args = sys.argv[1:]
+while args and args[0].startswith("--"):
+    args.pop(0)  # --kill-on-bad-exit=1 and the like
+nodes, per_node = int(os.environ["SLURM_JOB_NUM_NODES"]), int(os.environ["SLURM_NTASKS_PER_NODE"])
+tasks = []
+for node in range(nodes):
+    for local in range(per_node):
+        env = {**os.environ, "SLURM_PROCID": str(node * per_node + local), "SLURM_LOCALID": str(local),
+               "SLURM_NODEID": str(node), "SLURM_NTASKS": str(nodes * per_node), "SLURM_STEP_ID": "0"}
+        tasks.append(subprocess.Popen(args, env=env))
+sys.exit(next((code for code in (t.wait() for t in tasks) if code), 0))
+"""
+
+
+def test_two_nodes_started_by_the_multinode_sbatch_script_train_like_one_node_with_two_devices(
+    ddp_run, tmp_path
+):
+    """``trainer.num_nodes=2`` × 1 CPU device, started by the rendered sbatch script through an
+    srun that sets each task's SLURM ranks (MASTER_ADDR from ``scontrol show hostnames``): the same
+    weights, bit for bit, as the 1 node × 2 devices run of the same data and seed."""
+    import os
+    import socket
+    import subprocess
+
+    from xmodal.cluster.slurm import render_sbatch
+
+    root, overrides = ddp_run
+    overrides = [o for o in overrides if not o.startswith("paths.output_dir")]
+    overrides += [f"paths.output_dir={tmp_path / 'outputs'}", "trainer=ddp_cpu", "trainer.devices=1"]
+    overrides += ["trainer.num_nodes=2", "test_after_fit=false"]
+    script = render_sbatch(
+        compose_config(overrides), overrides, submit_dir=tmp_path, log_dir=tmp_path / "logs"
+    )
+    assert "#SBATCH --nodes=2\n" in script and "#SBATCH --ntasks-per-node=1\n" in script
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf '127.0.0.1\\n127.0.0.1\\n'\n")  # the 2 "nodes"
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    (tmp_path / "job.sbatch").write_text(script)
+    with socket.socket() as probe:  # the script derives MASTER_PORT from the job id: pick a free one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    job_id = str(10_000 * 700 + (port - 15000) % 10_000) if 15000 <= port < 25000 else "7000101"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": job_id}
+    env |= {"SLURM_JOB_NAME": "xmodal", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2"}
+    env |= {"SLURM_NTASKS_PER_NODE": "1", "SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_NODELIST": "node[1-2]"}
+    for var in ("MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "RANK", "LOCAL_RANK"):
+        env.pop(var, None)
+    result = subprocess.run(
+        ["bash", "job.sbatch"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "outputs" / "shapes_caption" / job_id  # the run id is the SLURM job id
+    nodes = rank_checksums(run_dir)
+    one_node = rank_checksums(root / "outputs" / "shapes_caption" / "ddp")
+    assert [r["world_size"] for r in nodes] == [2, 2] and nodes[0]["global_step"] == 6
+    assert nodes[0]["end"] == nodes[1]["end"] == one_node[0]["end"] != nodes[0]["start"]
