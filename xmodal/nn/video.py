@@ -109,6 +109,7 @@ class VideoVaeEncoder(nn.Module):
             out = base * min(2**i, 4)
             layers += [
                 nn.Conv3d(in_ch, out, kernel_size=(3, 4, 4), stride=(ts, 2, 2), padding=(1, 1, 1)),
+                nn.GroupNorm(min(8, out), out),
                 nn.SiLU(),
             ]
             in_ch, t = out, t // ts
@@ -170,7 +171,7 @@ class VideoVaeDecoder(nn.Module):
             # Kernel 4, stride 2, padding 1 doubles a length exactly; kernel 3, stride 1 keeps it.
             kernel_t = 4 if strides[i] == 2 else 3
             up = nn.ConvTranspose3d(widths[i], out, (kernel_t, 4, 4), stride=(strides[i], 2, 2), padding=1)
-            layers += [up, nn.SiLU()]
+            layers += [up, nn.GroupNorm(min(8, out), out), nn.SiLU()]
         self.body = nn.Sequential(*layers)
         self.out = nn.Conv3d(
             base, (2 if likelihood == "logistic" else 1) * channels, kernel_size=3, padding=1
