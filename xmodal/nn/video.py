@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from xmodal.nn.vae import _hidden, _widths  # the 2-D VAE's widths, so both scale alike
+
 
 def _halved(n: int, stages: int) -> int:
     """Length after ``stages`` stride-2, padding-1, kernel-3 convolutions (ceil(n / 2) each)."""
@@ -76,7 +78,7 @@ class VideoEncoder(nn.Module):
         return self.proj(tokens) + self.pos  # [B, N, D]
 
 
-def _vae_stages(frames: int, height: int, width: int, bottom: int = 4) -> int:
+def _vae_stages(height: int, width: int, bottom: int = 4) -> int:
     """Stride-2 stages that bring the frame side to ``bottom`` (32 px → 3); time halves with them
     while it is longer than 1."""
     stages = int(math.log2(max(height // bottom, 1)))
@@ -102,11 +104,10 @@ class VideoVaeEncoder(nn.Module):
         self, channels: int, frames: int, height: int, width: int, base: int, z_dim: int, cond_dim: int = 0
     ):
         super().__init__()
-        stages = _vae_stages(frames, height, width)
+        stages = _vae_stages(height, width)
         layers: list[nn.Module] = []
         in_ch, t = channels, frames
-        for i, ts in enumerate(_time_strides(frames, stages)):
-            out = base * min(2**i, 4)
+        for out, ts in zip(_widths(base, stages), _time_strides(frames, stages), strict=True):
             layers += [
                 nn.Conv3d(in_ch, out, kernel_size=(3, 4, 4), stride=(ts, 2, 2), padding=(1, 1, 1)),
                 nn.GroupNorm(min(8, out), out),
@@ -115,7 +116,7 @@ class VideoVaeEncoder(nn.Module):
             in_ch, t = out, t // ts
         self.body = nn.Sequential(*layers)
         side = height >> stages
-        hidden = max(4 * z_dim, 8 * base)
+        hidden = _hidden(base, z_dim)
         self.head = nn.Sequential(
             nn.Linear(in_ch * t * side * side + cond_dim, hidden), nn.SiLU(), nn.Linear(hidden, 2 * z_dim)
         )
@@ -154,11 +155,11 @@ class VideoVaeDecoder(nn.Module):
                 f"video VAE likelihood must be gaussian, logistic or laplace, got {likelihood!r}"
             )
         self.likelihood = likelihood
-        stages = _vae_stages(frames, height, width)
+        stages = _vae_stages(height, width)
         strides = _time_strides(frames, stages)
-        widths = [base * min(2**i, 4) for i in range(stages)]
+        widths = _widths(base, stages)
         self.bottom = (widths[-1], frames // math.prod(strides), height >> stages, width >> stages)
-        hidden = max(4 * z_dim, 8 * base)
+        hidden = _hidden(base, z_dim)
         self.stem = nn.Sequential(
             nn.Linear(z_dim + cond_dim, hidden),
             nn.SiLU(),
