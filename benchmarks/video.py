@@ -32,7 +32,6 @@ from omegaconf import OmegaConf
 
 from xmodal.data.moving_shapes import MOTIONS, motion_word
 from xmodal.data.shapes import COLOURS, KINDS
-from xmodal.data.shapes_pairs import FOREGROUND_LEVEL
 from xmodal.evaluate import load_task
 from xmodal.factory import build_datamodule, prepare_data
 from xmodal.metrics.caption import caption_scores, metric_tokens
@@ -95,23 +94,21 @@ def caption_row(run_dir: Path) -> dict[str, float]:
     }
 
 
-def sample_motion(clips: torch.Tensor) -> list[str | None]:
-    """Direction of each clip's bright-pixel centre, first → last frame; clips ``[B, C, T, H, W]`` in [-1, 1]."""
-    level = FOREGROUND_LEVEL / 127.5 - 1
-    mask = (clips.amax(1) > level).float()  # [B, T, H, W]
+def sample_motion(clips: torch.Tensor) -> list[str]:
+    """Direction of each clip's shape, first → last frame; clips ``[B, C, T, H, W]`` in [-1, 1].
+
+    The shape's centre is the centre of mass of each frame's brightness above that frame's median
+    (the background): samples are blurred means, so a fixed threshold would find no shape at all."""
+    value = clips.amax(1)  # [B, T, H, W]
+    weight = (value - value.flatten(2).median(2).values[..., None, None]).clamp(min=0)
     ys, xs = torch.meshgrid(torch.arange(clips.shape[3]), torch.arange(clips.shape[4]), indexing="ij")
-    total = mask.sum((2, 3))  # [B, T]
-    centre = (
-        torch.stack([(mask * xs).sum((2, 3)), (mask * ys).sum((2, 3))], -1) / total.clamp(min=1)[..., None]
-    )
+    total = weight.sum((2, 3)).clamp(min=1e-6)  # [B, T]
+    centre = torch.stack([(weight * xs).sum((2, 3)), (weight * ys).sum((2, 3))], -1) / total[..., None]
     moves = centre[:, -1] - centre[:, 0]  # [B, 2] x, y
-    named = []
-    for (dx, dy), seen in zip(moves.tolist(), (total > 0).all(1).tolist(), strict=True):
-        if not seen:
-            named.append(None)  # a frame without a shape: no direction
-            continue
-        named.append(("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up"))
-    return named
+    return [
+        ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
+        for dx, dy in moves.tolist()
+    ]
 
 
 def vae_row(run_dir: Path) -> dict[str, float]:
