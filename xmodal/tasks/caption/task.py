@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from xmodal.images import SampleSet, caption_grid
+from xmodal.images import SampleSet, animated_grids, caption_grid
 from xmodal.metrics.caption import caption_scores, caption_spread, metric_tokens
 from xmodal.metrics.collapse import warn_if_collapsed
 from xmodal.modalities.roles import modality_of
@@ -27,6 +27,7 @@ from xmodal.nn.audio import LogMelEncoder
 from xmodal.nn.image import ConvImageEncoder, FactorizedImageEncoder
 from xmodal.nn.slots import build_slot
 from xmodal.nn.text import TransformerTextDecoder
+from xmodal.nn.video import VideoEncoder
 from xmodal.tasks.base import GenerateError, XmodalTask, to_device
 from xmodal.tasks.caption.config import CaptionConfig
 from xmodal.tasks.caption.parallelize import parallelize_caption
@@ -85,7 +86,7 @@ class CaptionTask(XmodalTask):
 
     @staticmethod
     def default_encoder(cfg: CaptionConfig, data: dict[str, Any]) -> nn.Module:
-        """The built-in encoder of the source's modality (conv stages on pixels or log-mels)."""
+        """The built-in encoder of the source's modality (conv stages on pixels, log-mels or clips)."""
         if modality_of(cfg.source, data.get("roles")).name == "audio":
             return LogMelEncoder(
                 cfg.encoder_channels,
@@ -93,6 +94,15 @@ class CaptionTask(XmodalTask):
                 data["audio_mels"],
                 data["audio_frames"],
                 patch=cfg.audio_patch,
+            )
+        if modality_of(cfg.source, data.get("roles")).name == "video":
+            return VideoEncoder(
+                cfg.encoder_channels,
+                cfg.d_model,
+                data["video_size"],
+                data["video_frames"],
+                cfg.encoder_patch,
+                in_channels=data["image_channels"],
             )
         image_encoder = FactorizedImageEncoder if cfg.image_encoder == "factorized" else ConvImageEncoder
         return image_encoder(
@@ -197,12 +207,18 @@ class CaptionTask(XmodalTask):
         """Sources with generated captions (a grid) and a table of key, references and caption."""
         source = batch[self.source]
         captions = self.caption(source.to(self.device), batch.get(f"{self.source}_mask"))
-        shown = modality_of(self.source, self.hparams.data.get("roles")).show(source)
+        modality = modality_of(self.source, self.hparams.data.get("roles"))
         rows = [
             [key, " / ".join(refs), hyp]
             for key, refs, hyp in zip(batch["__key__"], batch["captions"], captions, strict=True)
         ]
-        return SampleSet({"val": caption_grid(shown, captions)}, ["key", "references", "generated"], rows)
+        samples = SampleSet(
+            {"val": caption_grid(modality.show(source), captions)}, ["key", "references", "generated"], rows
+        )
+        clips = modality.animate(source)  # [B, T, C, H, W] for a source with time (video), else None
+        if clips is not None:
+            samples.animations["val"] = animated_grids(clips, lambda frames: caption_grid(frames, captions))
+        return samples
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         loss = self.loss(batch, self.cfg.label_smoothing)

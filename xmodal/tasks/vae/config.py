@@ -17,7 +17,7 @@ from xmodal.tasks.config import (
 )
 
 VAE_LIKELIHOODS = ("bernoulli", "gaussian", "logistic", "laplace")
-TARGETS = ("image", "audio")
+TARGETS = ("image", "audio", "video")
 
 
 @dataclass
@@ -54,7 +54,8 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
 
     task: str = "vae"
     target: str = "image"
-    """image | audio (log-mel; gaussian or laplace likelihood): the nets only see ``[B, C, H, W]``."""
+    """image | audio (log-mel; gaussian or laplace likelihood): the 2-D nets only see ``[B, C, H, W]`` |
+    video (clips ``[B, C, T, H, W]``: the 3-D conv nets of xmodal/nn/video.py)."""
     cond_dim: int = 64
     d_model: int = 64
     weight_decay: float = 0.0
@@ -72,7 +73,7 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
     def problems(self, cfg: Any) -> list[str]:
         p = Problems(cfg)
         d, v = cfg.data, self.vae
-        p.check(self.target in TARGETS, "model.target", "the vae task generates image or audio")
+        p.check(self.target in TARGETS, "model.target", "the vae task generates image, audio or video")
         condition_problems(p, self, self.target)
         if self.target == "image":
             p.check(
@@ -108,6 +109,15 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
                     "model.vae.likelihood: an audio target (real-valued log-mel) needs gaussian or laplace; "
                     f"bernoulli and logistic model pixel intensities (got {v.likelihood!r})"
                 )
+        if self.target == "video":
+            p.check(
+                d.video_size in (32, 64), "data.video_size", "a video target's 3-D conv nets take 32 or 64 px"
+            )
+            p.check(
+                v.likelihood != "bernoulli",
+                "model.vae.likelihood",
+                "a video target takes gaussian, logistic or laplace (the 3-D decoder has no bernoulli)",
+            )
         check_slot(p, "model.encoder", self.encoder)
         check_slot(p, "model.decoder", self.decoder)
         optimizer_problems(p, self)

@@ -25,10 +25,11 @@ import zlib
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 from torchmetrics import MeanMetric
 
-from xmodal.images import SampleSet, caption_grid, image_grid, spectrogram_images
+from xmodal.images import SampleSet, animated_grids, caption_grid, image_grid, spectrogram_images
 from xmodal.metrics.collapse import warn_if_collapsed
 from xmodal.metrics.likelihood import (
     ActiveUnits,
@@ -41,9 +42,11 @@ from xmodal.metrics.likelihood import (
     log_normal_diag,
     log_standard_normal,
 )
+from xmodal.modalities.roles import modality_of
 from xmodal.nn.condition import build_condition_encoder
 from xmodal.nn.slots import build_slot
 from xmodal.nn.vae import ConvDecoder, ConvEncoder
+from xmodal.nn.video import VideoVaeDecoder, VideoVaeEncoder
 from xmodal.tasks.base import XmodalTask, condition_names, to_device
 from xmodal.tasks.generation import write_conditional_samples
 from xmodal.tasks.schedule import with_warmup_cosine
@@ -152,10 +155,14 @@ class VaeTask(XmodalTask):
         )
         cond_dim = cfg.cond_dim if self.condition is not None else 0
         z_dim, width = self.vae.z_dim, self.vae.width
-        self.encoder = build_slot(cfg.encoder, lambda: ConvEncoder(*self.shape, width, z_dim, cond_dim))
+        # A clip's shape has a time axis: the 3-D conv nets take (C, T, H, W) as the 2-D ones (C, H, W).
+        encoder_class, decoder_class = (
+            (VideoVaeEncoder, VideoVaeDecoder) if len(self.shape) == 4 else (ConvEncoder, ConvDecoder)
+        )
+        self.encoder = build_slot(cfg.encoder, lambda: encoder_class(*self.shape, width, z_dim, cond_dim))
         self.decoder = build_slot(
             cfg.decoder,
-            lambda: ConvDecoder(
+            lambda: decoder_class(
                 *self.shape,
                 width,
                 z_dim,
@@ -182,13 +189,16 @@ class VaeTask(XmodalTask):
             setattr(self, f"{stage}_active", ActiveUnits(z_dim))
 
     @staticmethod
-    def target_shape(target: str, data: dict[str, int]) -> tuple[int, int, int]:
-        """``(C, H, W)`` of the generated modality: an image, or a log-mel ``[1, M, T]``."""
+    def target_shape(target: str, data: dict[str, int]) -> tuple[int, ...]:
+        """``(C, H, W)`` of the generated modality: an image, or a log-mel ``[1, M, T]``; a clip's
+        ``(C, T, H, W)``."""
         if target == "image":
             return (data["image_channels"], data["image_size"], data["image_size"])
         if target == "audio":
             return (1, data["audio_mels"], data["audio_frames"])
-        raise ValueError(f"model.target: the vae task generates image or audio, got {target!r}")
+        if target == "video":
+            return (data["image_channels"], data["video_frames"], data["video_size"], data["video_size"])
+        raise ValueError(f"model.target: the vae task generates image, audio or video, got {target!r}")
 
     # ----------------------------------------------------------------- distributed / setup
     def parallelize(self, mesh: Any) -> None:
@@ -225,7 +235,25 @@ class VaeTask(XmodalTask):
         spectrogram on the fixed model scale, low bands at the bottom)."""
         if self.target == "audio":
             return spectrogram_images(x, value_range=(-1.0, 1.0))
-        return x
+        return modality_of(self.target, self.hparams.data.get("roles")).show(x)  # a clip: its frames in a row
+
+    @torch.no_grad()
+    def animations(
+        self, pairs: torch.Tensor, cond: torch.Tensor | None, names: list[str]
+    ) -> dict[str, list[Image.Image]]:
+        """For a target with time (video): the reconstruction rows (``pairs``) and the samples of
+        :meth:`validation_samples` as one grid per frame (GIFs); {} for stills."""
+        modality = modality_of(self.target, self.hparams.data.get("roles"))
+        recon = modality.animate(pairs)  # [2B, T, C, H, W] | None
+        if recon is None:
+            return {}
+        drawn = modality.animate(self.sample(len(names), cond))  # the grid's draws (same seed)
+        columns = min(8, len(names))
+        tiles = lambda frames: image_grid(frames, columns=columns, scale=2)  # noqa: E731
+        if cond is None:
+            return {"reconstruction": animated_grids(recon, tiles), "prior": animated_grids(drawn, tiles)}
+        captioned = animated_grids(drawn, lambda frames: caption_grid(frames, names))
+        return {"reconstruction": animated_grids(recon, tiles), "conditional": captioned}
 
     def prepare(
         self, images: torch.Tensor, uniform: torch.Tensor | None
@@ -426,7 +454,7 @@ class VaeTask(XmodalTask):
         else:
             grids["conditional"] = caption_grid(self.as_images(self.sample(n, cond)), names)
         table = [[key, name] for key, name in zip(batch["__key__"], names, strict=True)]
-        return SampleSet(grids, ["key", "condition"], table)
+        return SampleSet(grids, ["key", "condition"], table, self.animations(torch.cat(rows), cond, names))
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
