@@ -139,3 +139,36 @@ def test_a_256_px_experiment_composes_and_trains_two_steps(tmp_path):
     )
     metrics = train(cfg)
     assert "val/loss" in metrics
+
+
+def phone_jpeg(orientation: int) -> bytes:
+    """A 40×20 photo stored as the sensor saw it (left half red, right half blue), with the EXIF
+    orientation tag a phone camera writes, encoded by PIL as a camera app would (libjpeg)."""
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    pixels[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=95, exif=exif.tobytes())
+    return out.getvalue()
+
+
+def test_a_phone_photo_with_an_exif_orientation_is_turned_upright():
+    from xmodal.codecs.pixels import jpeg_orientation
+
+    upright = decode_image(phone_jpeg(6), 32)  # 6: turn 90° clockwise to view
+    assert jpeg_orientation(phone_jpeg(6)) == 6 and jpeg_orientation(phone_jpeg(1)) == 1
+    # Turned clockwise, the sensor's left (red) half is on top, its right (blue) half below.
+    assert upright[:, 4, 16].tolist()[0] > 200 and upright[:, 4, 16].tolist()[2] < 60
+    assert upright[:, 28, 16].tolist()[2] > 200 and upright[:, 28, 16].tolist()[0] < 60
+    plain = decode_image(phone_jpeg(1), 32)  # no turn: red left, blue right (the fast path)
+    assert plain[0, 16, 4] > 200 and plain[2, 16, 28] > 200
+    # A big-endian ("MM", as many cameras write) APP1 segment is read the same way.
+    tiff = (
+        b"MM\x00*" + struct.pack(">I", 8) + struct.pack(">H", 1) + struct.pack(">HHIHH", 0x0112, 3, 1, 8, 0)
+    )
+    segment = b"Exif\x00\x00" + tiff + struct.pack(">I", 0)
+    jpeg = phone_jpeg(1)
+    hand_made = jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(segment) + 2) + segment + jpeg[2:]
+    assert jpeg_orientation(hand_made) == 8

@@ -13,7 +13,8 @@ Large sources (users' photos are 256–1024 px; experiments see 32–256): a JPE
 size it is fitted to is decoded at 1/2, 1/4 or 1/8 scale inside libjpeg (DCT scaling; PIL's
 ``draft`` on the PIL path), never below the fitted size, then resized as any image. 16-bit
 greyscale is scaled to 8 bits (its high byte, ≈ v / 257), not clipped to white as PIL's
-``convert("L")`` does.
+``convert("L")`` does. Photos carrying an EXIF orientation (phone cameras) are turned upright,
+as viewers show them: shards written from a phone's JPEGs by webdataset's own writer keep the tag.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import pyspng
 import simplejpeg
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 MAX_IMAGE_PIXELS = 50_000_000
 
@@ -43,6 +44,32 @@ def check_pixels(width: int, height: int, max_pixels: int) -> None:
     """Refuse an image by its header size, before a pixel is decoded (decompression bombs)."""
     if width * height > max_pixels:
         raise ValueError(f"image of {width}×{height} pixels exceeds data.max_image_pixels={max_pixels}")
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF orientation tag (1–8) of a JPEG, 1 when it has none: phone cameras store pixels as
+    the sensor saw them and this tag says how to turn them upright. Read from the APP1 segment's
+    first IFD without decoding anything (the fast path's check costs a few µs)."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: metadata segments come before
+            break
+        body = data[pos + 4 : pos + 2 + length]
+        if marker == 0xE1 and body.startswith(b"Exif\x00\x00"):
+            tiff = body[6:]
+            order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+            if order is None or len(tiff) < 8:
+                return 1
+            ifd = int.from_bytes(tiff[4:8], order)
+            count = int.from_bytes(tiff[ifd : ifd + 2], order) if ifd + 2 <= len(tiff) else 0
+            for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+                if int.from_bytes(tiff[entry : entry + 2], order) == 0x0112:
+                    value = int.from_bytes(tiff[entry + 8 : entry + 10], order)
+                    return value if 1 <= value <= 8 else 1
+            return 1
+        pos += 2 + length
+    return 1
 
 
 def _jpeg_scale(width: int, height: int, need: int) -> int:
@@ -75,8 +102,8 @@ def _decode_fast(data: bytes, channels: int, max_pixels: int, need: int = 0) -> 
         except ValueError:
             return None
         check_pixels(width, height, max_pixels)
-        if space not in _JPEG_SPACES[channels]:
-            return None
+        if space not in _JPEG_SPACES[channels] or jpeg_orientation(data) != 1:
+            return None  # PIL turns a rotated or mirrored photo upright (decode_pil)
         try:
             # strict: a truncated or corrupt file raises (then PIL names the fault) instead of
             # coming back grey-filled.
@@ -114,6 +141,8 @@ def decode_pil(data: bytes, channels: int, max_pixels: int, need: int = 0) -> Im
         # reduces 16-bit RGB, so grey and colour 16-bit images agree.
         wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
         img = Image.fromarray((wide >> 8).astype(np.uint8), "L")
+    if img.format in ("JPEG", "MPO", "TIFF", "WEBP") and img.getexif().get(0x0112, 1) != 1:
+        img = ImageOps.exif_transpose(img)  # upright, as the camera meant it (PNGs rarely carry it)
     return img.convert("RGB" if channels == 3 else "L")
 
 
