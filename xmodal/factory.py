@@ -267,11 +267,11 @@ def build_callbacks(
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.callbacks.rank_checksums:
         callbacks.append(RankChecksums(run.dir / "checksums"))
-    ema = task_config(cfg).ema_decay
-    if ema > 0:
-        callbacks.append(EMAWeights(ema))
     if cfg.run.peer_timeout_s > 0 or cfg.run.stall_timeout_s > 0:
         callbacks.append(RankWatchdog(run.dir, cfg.run.peer_timeout_s, cfg.run.stall_timeout_s))
+    ema = task_config(cfg).ema_decay
+    if ema > 0:
+        callbacks.append(EMAWeights(ema))  # last: it averages a step after the guard has judged it
     return callbacks, checkpoint
 
 
