@@ -21,6 +21,24 @@ class SampleSet:
     grids: dict[str, Image.Image] = field(default_factory=dict)
     table_columns: list[str] = field(default_factory=list)
     table_rows: list[list[str]] = field(default_factory=list)
+    files: dict[str, list[SampleFile]] = field(default_factory=dict)
+    """Named groups of files (``audio``: WAV clips) → ``samples/<group>_step<N>/<file name>``, and
+    W&B audio for ``.wav`` files."""
+
+
+@dataclass
+class SampleFile:
+    """One file of a :class:`SampleSet` group: its name (``00_a-red-circle.wav``), caption, bytes."""
+
+    name: str
+    caption: str
+    data: bytes
+
+
+def file_slug(text: str, limit: int = 48) -> str:
+    """A caption as a safe file-name part: lowercase ASCII letters and digits joined by ``-``."""
+    words = "".join(c if c.isascii() and c.isalnum() else " " for c in text.lower()).split()
+    return "-".join(words)[:limit].strip("-") or "sample"
 
 
 def to_pixels(images: torch.Tensor) -> np.ndarray:

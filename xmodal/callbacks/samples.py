@@ -1,4 +1,4 @@
-"""Samples at every validation: PNG grids (and a Markdown table) in ``samples/``, the same in W&B.
+"""Samples at every validation: PNG grids (a Markdown table, WAV clips) in ``samples/``, the same in W&B.
 
 What to show is the task's business (``pl_module.validation_samples(batch) -> SampleSet``): a
 captioner returns images with generated captions, a GAN samples from a fixed noise bank, a VAE
@@ -42,9 +42,22 @@ class ValidationSamples(L.Callback):
         if samples.table_rows:
             table = markdown_table(samples.table_columns, samples.table_rows)
             (self.out_dir / f"table_step{step:07d}.md").write_text(table)
+        files = {}
+        for group, entries in samples.files.items():
+            folder = self.out_dir / f"{group}_step{step:07d}"
+            folder.mkdir(exist_ok=True)
+            for entry in entries:
+                (folder / entry.name).write_bytes(entry.data)
+            files[group] = [(str(folder / e.name), e.caption) for e in entries if e.name.endswith(".wav")]
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 for name, grid in samples.grids.items():
                     logger.log_image(f"samples/{name}", [grid], step=trainer.global_step)
                 if samples.table_rows:
                     logger.log_table("samples/table", samples.table_columns, samples.table_rows)
+                for group, clips in files.items():
+                    if clips:
+                        paths, captions = zip(*clips, strict=True)
+                        logger.log_audio(
+                            f"samples/{group}", list(paths), step=trainer.global_step, caption=list(captions)
+                        )
