@@ -16,13 +16,7 @@ from xmodal.codecs.vocoder import griffin_lim, mel_to_linear_power, unit_to_mel_
 from xmodal.data.shapes import KIND_HZ, ShapesSpec, captions, render_audio, sample_rng, sample_scene
 from xmodal.metrics.tones import ToneAccuracy, caption_shapes, detect_tones, tone_hits
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tone_clip(freqs: list[float], seconds: float = 0.5, amplitude: float = 0.3) -> np.ndarray:
