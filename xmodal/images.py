@@ -38,7 +38,10 @@ class SampleFile:
 def file_slug(text: str, limit: int = 48) -> str:
     """A caption as a safe file-name part: lowercase ASCII letters and digits joined by ``-``."""
     words = "".join(c if c.isascii() and c.isalnum() else " " for c in text.lower()).split()
-    return "-".join(words)[:limit].strip("-") or "sample"
+    slug = "-".join(words)
+    if len(slug) > limit:  # cut at a word boundary: "...-and-a" rather than "...-and-a-bl"
+        slug = slug[: limit + 1].rsplit("-", 1)[0][:limit]
+    return slug or "sample"
 
 
 def to_pixels(images: torch.Tensor) -> np.ndarray:
