@@ -7,7 +7,8 @@ Trains ``experiment=shapes_text2audio_vae`` for ``--steps`` (its shipped 1000 by
 a trained ``--ckpt`` and tests it (``xmodal-eval``'s code), then prints the test tone accuracy of
 clips decoded per test caption (vocoded by Griffin-Lim, re-analysed by a plain FFT:
 ``xmodal/metrics/tones.py``), of the real test clips through the same vocoder and analysis (the
-bound the vocoder allows) and of chance (one in 4 kinds, 6 colours, 9 positions). Extra arguments
+bound the vocoder allows), of the checkpoint's reconstructions (z from the encoder: do decoder
+and vocoder keep tones that z carries?) and of chance (one in 4 kinds, 6 colours, 9 positions). Extra arguments
 are Hydra overrides.
 """
 
@@ -26,8 +27,9 @@ import torch
 ATTRIBUTES = {"kind": 4, "colour": 6, "position": 9}  # candidates per attribute (chance = 1 / n)
 
 
-def train_run(overrides: list[str]) -> tuple[dict[str, float], float]:
-    """Fit and test one run; its test metrics (metrics.json) and the wall time of the whole run."""
+def train_run(overrides: list[str]) -> tuple[dict[str, float], float, Path]:
+    """Fit and test one run; its test metrics (metrics.json), the wall time of the whole run and
+    the checkpoint it tested."""
     from xmodal.config import compose_config
     from xmodal.train import train
 
@@ -36,7 +38,8 @@ def train_run(overrides: list[str]) -> tuple[dict[str, float], float]:
     train(cfg)
     wall = time.perf_counter() - start
     run_dir = Path(cfg.paths.output_dir) / cfg.experiment_name / "bench"
-    return json.loads((run_dir / "metrics.json").read_text())["test"], wall
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    return summary["test"], wall, Path(summary["best_checkpoint"])
 
 
 def test_checkpoint(ckpt: Path, overrides: list[str]) -> tuple[dict[str, float], float]:
@@ -50,6 +53,35 @@ def test_checkpoint(ckpt: Path, overrides: list[str]) -> tuple[dict[str, float],
     return metrics, time.perf_counter() - start
 
 
+@torch.no_grad()
+def reconstruction_tones(ckpt: Path, overrides: list[str], batches: int) -> dict[str, float]:
+    """Tone accuracy of the checkpoint's reconstructions (z = the encoder's posterior mean of the
+    real clip, decoded with its caption) on the first ``batches`` test batches: whether decoder,
+    vocoder and detector keep the tones when z carries them."""
+    from xmodal.config import compose_config
+    from xmodal.evaluate import load_task
+    from xmodal.factory import build_datamodule, prepare_data
+    from xmodal.metrics.tones import ToneAccuracy
+    from xmodal.tasks.base import condition_names
+
+    task = load_task(ckpt).eval()
+    cfg = compose_config(overrides)
+    datamodule = build_datamodule(cfg, prepare_data(cfg), tokenizer=task.tokenizer)
+    datamodule.setup("test")
+    tones = ToneAccuracy()
+    for i, batch in enumerate(datamodule.test_dataloader()):
+        if i == batches:
+            break
+        real, mask = task.target_data(batch)  # [B, 1, M, T], [B, 1, 1, T]
+        cond = task.conditioning(batch)
+        recon = task.display(task.decoder(task.encode(real, cond)[0], cond)[0])
+        valid = batch["valid"]
+        keep = valid.tolist()
+        captions = [c for c, v in zip(condition_names(batch, task.cfg.condition), keep, strict=True) if v]
+        tones.update(torch.where(mask, recon, real)[valid], mask[valid, 0, 0], captions)
+    return {f"test/tone_recon_{name}_acc": float(tones.means[name].compute()) for name in tones.named()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -59,6 +91,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared box)")
     parser.add_argument(
         "--out", type=Path, default=None, help="keep runs and data here (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--recon-batches", type=int, default=2, help="test batches for the reconstruction row"
     )
     args, extra = parser.parse_known_args()
     torch.set_num_threads(args.threads)
@@ -72,19 +107,22 @@ def main() -> int:
         *extra,
     ]
     if args.ckpt is None:
-        test, wall = train_run([*overrides, "logger=csv"])
+        test, wall, ckpt = train_run([*overrides, "logger=csv"])
         what = f"train + test ({args.steps or 'the experiment default'} steps)"
     else:
-        test, wall = test_checkpoint(args.ckpt, overrides)
+        (test, wall), ckpt = test_checkpoint(args.ckpt, overrides), args.ckpt
         what = f"test of {args.ckpt}"
+    test |= reconstruction_tones(ckpt, overrides, args.recon_batches)
     print(f"\nmachine: {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); {what}")
     print(f"wall {wall:.0f} s; test nll {test.get('test/nll', float('nan')):.1f} nats; runs in {root}")
     print("| test clips | " + " | ".join(f"{a} acc" for a in ATTRIBUTES) + " |")
     print("|" + "---|" * (1 + len(ATTRIBUTES)))
-    for label, prefix in (
-        ("decoded per caption", "test/tone"),
+    rows = (
+        ("decoded per caption (z from the prior)", "test/tone"),
+        (f"reconstructed (z from the encoder; {args.recon_batches} batches)", "test/tone_recon"),
         ("real, through the vocoder", "test/tone_real"),
-    ):
+    )
+    for label, prefix in rows:
         cells = [
             f"{test[f'{prefix}_{a}_acc']:.3f}" if f"{prefix}_{a}_acc" in test else "—" for a in ATTRIBUTES
         ]
