@@ -84,11 +84,9 @@ def vocode(units: torch.Tensor, n_iter: int = GRIFFIN_LIM_ITERS, seed: int = 0) 
     return griffin_lim(mel_to_linear_power(mel).sqrt(), n_iter=n_iter, seed=seed)
 
 
-def real_lengths(mask: torch.Tensor | None, frames: int) -> list[int]:
-    """Samples of each clip's real part, ``(real frames − 1) · HOP`` per row of a frame mask
-    ``[B, T]`` (True on real frames); None: every clip is all ``frames`` long."""
-    if mask is None:
-        return []
+def real_lengths(mask: torch.Tensor) -> list[int]:
+    """Samples of each clip's real part: ``(real frames − 1) · HOP`` per row of a frame mask
+    ``[B, T]`` (True on real frames), the length :func:`vocode` gives a clip of that many frames."""
     return [(max(int(n), 1) - 1) * HOP for n in mask.reshape(mask.shape[0], -1).sum(1)]
 
 

@@ -105,7 +105,7 @@ class ToneAccuracy(torch.nn.Module):
     def update(self, units: torch.Tensor, mask: torch.Tensor | None, captions: list[str]) -> None:
         """Log-mels ``[B, 1, M, T]`` in model units, real frames ``[B, T]`` (None: all), a caption each."""
         waves = vocode(units.float(), n_iter=self.n_iter).cpu()  # [B, S]
-        lengths = real_lengths(mask, units.shape[-1]) or [waves.shape[1]] * len(captions)
+        lengths = [waves.shape[1]] * len(captions) if mask is None else real_lengths(mask)
         for wave, length, caption in zip(waves, lengths, captions, strict=True):
             for name, hits in tone_hits(wave[:length], caption).items():
                 if hits:

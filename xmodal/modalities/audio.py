@@ -46,7 +46,7 @@ class AudioModality(Modality):
         # Heard, not only seen: log-mels [B, 1, M, T] in model units → Griffin-Lim → 16-bit WAVs,
         # each cut to its real frames when a mask [B, T] says where the clip ends.
         waves = vocode(values.float()).cpu()  # [B, S]
-        lengths = real_lengths(mask, values.shape[-1]) or [waves.shape[1]] * waves.shape[0]
+        lengths = [waves.shape[1]] * waves.shape[0] if mask is None else real_lengths(mask)
         return [("wav", wave_to_wav(wave[:n])) for wave, n in zip(waves, lengths, strict=True)]
 
     def problems(self, cfg: Any) -> list[str]:
