@@ -55,6 +55,18 @@ def tiny(data_dir: Path, tmp_path: Path) -> list[str]:
     return [*TINY, f"paths.data_dir={data_dir}", f"paths.output_dir={tmp_path / 'outputs'}"]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny nets: one intra-op thread is ~10× faster than two on a busy 2-core machine (a module
+    asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     """A plain tar of (name, bytes) members, for hand-made (and hand-broken) shards."""
     import io

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import make_tar
-from xmodal.codecs.audio import HOP, SAMPLE_RATE, decode_audio, mel_filterbank
+from xmodal.codecs.audio import HOP, SAMPLE_RATE, decode_audio, mel_filterbank, wav_bytes
 from xmodal.config import ConfigError, compose_config, validate
 from xmodal.data.datamodule import BatchCollate, DecodeSpec, decode_sample
 from xmodal.data.epoch_plan import Topology, shards_from_dir
@@ -24,13 +23,7 @@ from xmodal.data.tokenizer import WordTokenizer
 
 
 def wav(samples: np.ndarray, rate: int) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
+    return wav_bytes((np.clip(samples, -1, 1) * 32767).astype("<i2"), rate)
 
 
 def tone(hz: float, rate: int, seconds: float = 0.5) -> np.ndarray:

@@ -16,6 +16,8 @@ their paths; the condition depends on the model:
 
 A VAE whose target is audio writes its log-mel samples as spectrogram PNGs (mel bands up, low
 ones at the bottom; time across), on the model's fixed scale, so brightness compares between files.
+It also writes each as a 16 kHz WAV beside the PNG (``sample_0000.wav``: Griffin-Lim, see
+xmodal/codecs/vocoder.py), the model's every frame long.
 
 A file input may also be a folder (every file of that modality in it, recursively, sorted) or a
 quoted glob (``--image 'photos/*.jpg'``); ``--json`` or ``--csv`` print machine-readable rows:

@@ -25,6 +25,27 @@ class SampleSet:
     animations: dict[str, list[Image.Image]] = field(default_factory=dict)
     """Grids over time (one per frame, for clips: ``Modality.animate``), written as
     ``samples/<name>_step<N>.gif`` and logged as W&B videos."""
+    files: dict[str, list[SampleFile]] = field(default_factory=dict)
+    """Named groups of files (``audio``: WAV clips) → ``samples/<group>_step<N>/<file name>``, and
+    W&B audio for ``.wav`` files."""
+
+
+@dataclass
+class SampleFile:
+    """One file of a :class:`SampleSet` group: its name (``00_a-red-circle.wav``), caption, bytes."""
+
+    name: str
+    caption: str
+    data: bytes
+
+
+def file_slug(text: str, limit: int = 48) -> str:
+    """A caption as a safe file-name part: lowercase ASCII letters and digits joined by ``-``."""
+    words = "".join(c if c.isascii() and c.isalnum() else " " for c in text.lower()).split()
+    slug = "-".join(words)
+    if len(slug) > limit:  # cut at a word boundary: "...-and-a" rather than "...-and-a-bl"
+        slug = slug[: limit + 1].rsplit("-", 1)[0][:limit]
+    return slug or "sample"
 
 
 def to_pixels(images: torch.Tensor) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Samples at every validation: PNG grids (and a Markdown table) in ``samples/``, the same in W&B;
+"""Samples at every validation: PNG grids (a Markdown table, WAV clips) in ``samples/``, the same in W&B;
 clips as looping GIFs (W&B videos).
 
 What to show is the task's business (``pl_module.validation_samples(batch) -> SampleSet``): a
@@ -48,6 +48,13 @@ class ValidationSamples(L.Callback):
         for name, frames in samples.animations.items():
             save_gif(frames, gifs[name])
             save_gif(frames, self.out_dir / f"{name}_latest.gif")
+        files = {}
+        for group, entries in samples.files.items():
+            folder = self.out_dir / f"{group}_step{step:07d}"
+            folder.mkdir(exist_ok=True)
+            for entry in entries:
+                (folder / entry.name).write_bytes(entry.data)
+            files[group] = [(str(folder / e.name), e.caption) for e in entries if e.name.endswith(".wav")]
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 for name, grid in samples.grids.items():
@@ -59,6 +66,12 @@ class ValidationSamples(L.Callback):
                     )
                 if samples.table_rows:
                     logger.log_table("samples/table", samples.table_columns, samples.table_rows)
+                for group, clips in files.items():
+                    if clips:
+                        paths, captions = zip(*clips, strict=True)
+                        logger.log_audio(
+                            f"samples/{group}", list(paths), step=trainer.global_step, caption=list(captions)
+                        )
 
 
 def save_gif(frames: list[Image.Image], path: Path, fps: int = 4) -> None:

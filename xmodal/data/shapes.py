@@ -34,7 +34,6 @@ import hashlib
 import io
 import json
 import re
-import wave
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -44,6 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from xmodal.codecs.audio import wav_bytes
 from xmodal.console import progress_counter
 from xmodal.data.shards import (
     cached_dataset,
@@ -482,17 +482,6 @@ def render_audio(scene: Sequence[Shape], spec: ShapesSpec) -> np.ndarray:
         tones = np.sin(2 * np.pi * freqs[:, None] * t[None, :]).sum(axis=0)  # [S]
         clip[i * slot : (i + 1) * slot] = SIZE_AMPLITUDE[shape.size] * tones * envelope
     return np.round(clip * 32767).astype(np.int16)  # peak ≤ 3 × 0.30 < 1: never clips
-
-
-def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
-    """16-bit PCM mono WAV file bytes of an int16 ``[N]`` clip."""
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(audio.astype("<i2").tobytes())
-    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------

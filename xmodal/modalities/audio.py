@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from xmodal.codecs.audio import LOG_FLOOR, decode_audio, log_mel_to_unit
+from xmodal.codecs.vocoder import real_lengths, vocode, wave_to_wav
 from xmodal.images import spectrogram_images
 from xmodal.modalities.base import Modality, SampleContext
 from xmodal.problems import Problems
@@ -40,6 +41,13 @@ class AudioModality(Modality):
     def show(self, values: torch.Tensor) -> torch.Tensor:
         # A spectrogram shows as a grey image (mel bands upwards), scaled to [-1, 1] per clip.
         return spectrogram_images(values)
+
+    def output_files(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> list[tuple[str, bytes]]:
+        # Heard, not only seen: log-mels [B, 1, M, T] in model units → Griffin-Lim → 16-bit WAVs,
+        # each cut to its real frames when a mask [B, T] says where the clip ends.
+        waves = vocode(values.float()).cpu()  # [B, S]
+        lengths = [waves.shape[1]] * waves.shape[0] if mask is None else real_lengths(mask)
+        return [("wav", wave_to_wav(wave[:n])) for wave, n in zip(waves, lengths, strict=True)]
 
     def problems(self, cfg: Any) -> list[str]:
         p = Problems(cfg)

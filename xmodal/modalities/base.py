@@ -111,6 +111,12 @@ class Modality:
         video), or None for a modality without time to show (the default: stills only)."""
         return None
 
+    def output_files(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> list[tuple[str, bytes]]:
+        """Generated values (model units, ``[B, ...]``) → one ``(extension, bytes)`` file per row
+        that a person opens beside the ``show`` image (a WAV to listen to); ``mask``: the role's
+        mask when it has one (audio frames). Default: none ([])."""
+        return []
+
     def read_inputs(self, values: list[Any], role: str, spec: Any, collate: Any) -> dict[str, Any]:
         """A batch (model units) holding ``role`` from ``xmodal-generate`` inputs: file paths by
         default. Raises ValueError naming the input that cannot be read."""

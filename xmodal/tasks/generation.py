@@ -96,15 +96,24 @@ def write_conditional_samples(
     inputs: dict[str, list[Any]],
     args: Any,
     sample: Callable[[dict[str, Any], int], torch.Tensor],
+    show: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    target: Modality | None = None,
 ) -> list[dict[str, str]]:
     """A generator's ``generate_outputs``: the batch of requested conditions (``cfg.condition``,
     ``args.num`` rows each) on the task's device, ``sample(batch, rows)`` → images ``[N, C, H, W]``
-    in [-1, 1], written as PNGs + ``grid.png`` in ``args.out``; one row per file."""
+    in [-1, 1] (or values that ``show`` makes images), written as PNGs + ``grid.png`` in
+    ``args.out``, plus the ``target`` modality's own files of the values (``sample_0000.wav``);
+    one row per sample."""
     batch, names = conditional_batch(task, cfg.condition, inputs, args)
     check_labels(batch, cfg)
-    images = sample(to_device(batch, task.device), len(names)).float().cpu()
-    paths = write_images(images, names, args.out)
-    return [{"image": str(path), "condition": name} for path, name in zip(paths, names, strict=True)]
+    values = sample(to_device(batch, task.device), len(names)).float().cpu()
+    paths = write_images(values if show is None else show(values), names, args.out)
+    rows = [{"image": str(path)} for path in paths]
+    for i, (ext, data) in enumerate([] if target is None else target.output_files(values)):
+        path = args.out / f"sample_{i:04d}.{ext}"
+        path.write_bytes(data)
+        rows[i][target.name] = str(path)
+    return [{**row, "condition": name} for row, name in zip(rows, names, strict=True)]
 
 
 def conditional_batch(

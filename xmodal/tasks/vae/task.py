@@ -29,7 +29,15 @@ from PIL import Image
 from torch import nn
 from torchmetrics import MeanMetric
 
-from xmodal.images import SampleSet, animated_grids, caption_grid, image_grid, spectrogram_images
+from xmodal.images import (
+    SampleFile,
+    SampleSet,
+    animated_grids,
+    caption_grid,
+    file_slug,
+    image_grid,
+    spectrogram_images,
+)
 from xmodal.metrics.collapse import warn_if_collapsed
 from xmodal.metrics.likelihood import (
     ActiveUnits,
@@ -42,6 +50,7 @@ from xmodal.metrics.likelihood import (
     log_normal_diag,
     log_standard_normal,
 )
+from xmodal.metrics.tones import ToneAccuracy
 from xmodal.modalities.roles import modality_of
 from xmodal.nn.condition import build_condition_encoder
 from xmodal.nn.slots import build_slot
@@ -187,6 +196,16 @@ class VaeTask(XmodalTask):
                 setattr(self, f"{stage}_{name}", MeanMetric())
             setattr(self, f"{stage}_kl_dims", nn.ModuleList(MeanMetric() for _ in range(z_dim)))
             setattr(self, f"{stage}_active", ActiveUnits(z_dim))
+        # Text → audio: whether clips decoded for each caption carry the tones it asks for (val,
+        # test), and the real clips through the same vocoder (test): the bound the vocoder allows.
+        roles = (data or {}).get("roles")
+        self.tones = None
+        if (
+            self.target == "audio"
+            and cfg.condition != "none"
+            and modality_of(cfg.condition, roles).name == "text"
+        ):
+            self.tones = nn.ModuleDict({s: ToneAccuracy() for s in ("val", "test", "test_real")})
 
     @staticmethod
     def target_shape(target: str, data: dict[str, int]) -> tuple[int, ...]:
@@ -400,6 +419,25 @@ class VaeTask(XmodalTask):
         active = getattr(self, f"{stage}_active")
         active.update(out["mu"][valid])
         self.log(f"{stage}/active_units", active)
+        if self.tones is not None:
+            self._evaluate_tones(batch, stage, valid)
+
+    @torch.no_grad()
+    def _evaluate_tones(self, batch: dict[str, Any], stage: str, valid: torch.Tensor) -> None:
+        """Decode a clip per caption from a prior draw keyed by the sample, vocode, find its tones."""
+        keep = valid.tolist()
+        captions = [c for c, k in zip(condition_names(batch, self.cfg.condition), keep, strict=True) if k]
+        real, mask = self.target_data(batch)  # [B, 1, M, T], [B, 1, 1, T]
+        z = keyed_prior(batch["__key__"], self.vae.z_dim).to(self.device)  # [B, Z]
+        cond = self.conditioning(batch)
+        generated = torch.where(mask, self.display(self.decoder(z, cond)[0]), real)  # padding: silence
+        checks = [(stage, generated)] + ([("test_real", real)] if stage == "test" else [])
+        for name, clips in checks:
+            tones = self.tones[name]
+            tones.update(clips[valid], mask[valid, 0, 0], captions)
+            prefix = f"{stage}/tone_real" if name == "test_real" else f"{stage}/tone"
+            for attribute in tones.named():
+                self.log(f"{prefix}_{attribute}_acc", tones.means[attribute])
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -452,9 +490,29 @@ class VaeTask(XmodalTask):
         if cond is None:
             grids["prior"] = image_grid(self.as_images(self.sample(n)), columns=columns, scale=2)
         else:
-            grids["conditional"] = caption_grid(self.as_images(self.sample(n, cond)), names)
+            samples = self.sample(n, cond)  # [B, C, H, W] model units
+            grids["conditional"] = caption_grid(self.as_images(samples), names)
         table = [[key, name] for key, name in zip(batch["__key__"], names, strict=True)]
-        return SampleSet(grids, ["key", "condition"], table, self.animations(torch.cat(rows), cond, names))
+        files = {} if cond is None else self.sample_files(samples, mask, names)
+        animations = self.animations(torch.cat(rows), cond, names)
+        return SampleSet(grids, ["key", "condition"], table, animations=animations, files=files)
+
+    def sample_files(
+        self, samples: torch.Tensor, mask: torch.Tensor | None, names: list[str]
+    ) -> dict[str, list[SampleFile]]:
+        """The target modality's files of conditional samples (WAVs of log-mels, cut to the real
+        frames of the batch's clips; an image target has none), named by row and caption."""
+        if mask is not None:
+            samples = torch.where(mask, samples, torch.full((), -1.0, device=samples.device))
+        target = modality_of(self.target, self.hparams.data.get("roles"))
+        made = target.output_files(samples.float().cpu(), None if mask is None else mask[:, 0, 0].cpu())
+        if not made:  # a modality without files of its own (images, clips)
+            return {}
+        entries = [
+            SampleFile(f"{i:02d}_{file_slug(name)}.{ext}", name, data)
+            for i, (name, (ext, data)) in enumerate(zip(names, made, strict=True))
+        ]
+        return {self.target: entries} if entries else {}
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
@@ -466,12 +524,20 @@ class VaeTask(XmodalTask):
     # ----------------------------------------------------------------- xmodal-generate
     def generate_outputs(self, inputs: dict[str, list[Any]], args: Any) -> list[dict[str, str]]:
         """``args.num`` seeded samples per condition as PNGs plus ``grid.png`` in ``args.out`` (an
-        audio target's log-mels as spectrograms on the fixed model scale)."""
+        audio target's log-mels as spectrograms on the fixed model scale, and as WAVs)."""
 
         def sample(batch: dict[str, Any], n: int) -> torch.Tensor:
-            return self.as_images(self.sample(n, self.conditioning(batch), seed=args.seed))
+            return self.sample(n, self.conditioning(batch), seed=args.seed)
 
-        return write_conditional_samples(self, self.cfg, inputs, args, sample)
+        target = modality_of(self.target, self.hparams.data.get("roles"))
+        return write_conditional_samples(self, self.cfg, inputs, args, sample, self.as_images, target)
+
+
+def keyed_prior(keys: list[str], z_dim: int) -> torch.Tensor:
+    """A prior draw ``[B, z_dim]`` per sample key (not the IWAE draws': another seed of the key)."""
+    return torch.stack(
+        [torch.randn(z_dim, generator=torch.Generator().manual_seed(key_seed(k) ^ 0x70E5)) for k in keys]
+    )
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
