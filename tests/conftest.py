@@ -131,3 +131,25 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto``: one worker per core, at most 4 (each test may start two ranks of its own)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(4, cores))
+
+
+# The files whose tests start multi-process or long runs (measured: BENCHMARKS.md "Test suite"),
+# scheduled first: pytest-xdist hands whole files (--dist loadfile) to whichever worker is free in
+# collection order, so a heavy file collected last would leave one worker running alone at the end.
+HEAVY_FILES = (
+    "test_train_distributed.py",
+    "test_gan.py",
+    "test_vae.py",
+    "test_preemption.py",
+    "test_experiments.py",
+    "test_video.py",
+    "test_translation.py",
+    "test_plugin.py",
+    "test_watchdog.py",
+    "test_run_identity.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(HEAVY_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FILES)))  # stable: order kept within

@@ -241,7 +241,7 @@ def test_ddp_two_ranks_train_the_video_captioner_to_identical_weights(data_dir, 
         "trainer=ddp_cpu",
         "trainer.max_steps=4",
         # One validation of one batch (it writes the GIF samples) and no test stage: the DDP
-        # contract is the weights; 2-rank metrics equal 1-rank ones (tests/test_train.py).
+        # contract is the weights; 2-rank metrics equal 1-rank ones (tests/test_train_distributed.py).
         "trainer.val_check_interval=4",
         "trainer.limit_val_batches=1",
         "test_after_fit=false",
