@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from tests.conftest import make_tar
-from xmodal.codecs.audio import HOP, SAMPLE_RATE, decode_audio, mel_filterbank, wav_bytes
+from xmodal.codecs.audio import HOP, SAMPLE_RATE, decode_audio, mel_filterbank
+from xmodal.codecs.wav import wav_bytes
 from xmodal.config import ConfigError, compose_config, validate
 from xmodal.data.datamodule import BatchCollate, DecodeSpec, decode_sample
 from xmodal.data.epoch_plan import Topology, shards_from_dir

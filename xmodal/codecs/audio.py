@@ -55,17 +55,6 @@ def read_wav(data: bytes) -> tuple[np.ndarray, int]:
     return samples.reshape(-1, channels).mean(axis=1), rate
 
 
-def wav_bytes(audio: np.ndarray, sample_rate: int) -> bytes:
-    """16-bit PCM mono WAV file bytes of an int16 ``[N]`` clip."""
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sample_rate)
-        w.writeframes(audio.astype("<i2").tobytes())
-    return buffer.getvalue()
-
-
 def read_flac(data: bytes) -> tuple[np.ndarray, int]:
     try:
         import soundfile

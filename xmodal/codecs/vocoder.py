@@ -17,7 +17,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from xmodal.codecs.audio import HOP, LOG_FLOOR, N_FFT, SAMPLE_RATE, mel_filterbank, unit_to_log_mel, wav_bytes
+from xmodal.codecs.audio import HOP, LOG_FLOOR, N_FFT, SAMPLE_RATE, mel_filterbank, unit_to_log_mel
+from xmodal.codecs.wav import wav_bytes
 
 GRIFFIN_LIM_ITERS = 32
 NNLS_STEPS = 32

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from xmodal.codecs.audio import wav_bytes
+from xmodal.codecs.wav import wav_bytes
 from xmodal.console import progress_counter
 from xmodal.data.shards import (
     cached_dataset,
