@@ -15,7 +15,8 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from tests.conftest import fit_gan, tiny_gan_model
 from xmodal.config import compose_config
@@ -28,6 +29,7 @@ from xmodal.tasks.base import GenerateError
 from xmodal.tasks.gan.config import GanModelConfig
 from xmodal.tasks.gan.task import AdversarialTask
 from xmodal.tasks.generation import conditional_batch
+from xmodal.tasks.vae.task import VaeTask
 
 VOCAB = [*SPECIALS, "red", "blue"]
 RED, BLUE = len(SPECIALS), len(SPECIALS) + 1  # token ids of the two caption words
@@ -218,3 +220,13 @@ def test_generate_takes_one_input_of_each_condition_per_row(tmp_path):
     assert names == ["red + " + tone] * 2 + ["blue + " + tone] * 2
     assert batch["text"].shape[0] == batch["audio"].shape[0] == 4
     assert task.generate(batch, torch.zeros(4, Z)).shape == (4, 3, 32, 32)
+
+
+def test_the_conditional_vae_takes_text_and_audio_together():
+    model = compose_config(["experiment=shapes_text2image_vae", "model.condition=[text,audio]"]).model
+    task = VaeTask(OmegaConf.to_container(model, resolve=True), VOCAB, DATA)
+    batch = task.on_after_batch_transfer(default_collate([ColourCaptions()[i] for i in range(4)]), 0)
+    terms = task.elbo_terms(batch)
+    assert terms["recon"].shape == (4,) and bool(torch.isfinite(terms["recon"]).all())
+    loud, quiet = task.conditioning(batch), task.conditioning({**batch, "audio": -batch["audio"]})
+    assert loud.shape == (4, 64) and not torch.allclose(loud, quiet)  # [B, cond_dim], audio counts
