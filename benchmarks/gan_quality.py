@@ -67,6 +67,11 @@ def main() -> None:
         name, _, overrides = spec.partition(":")
         rows.append(run_variant(args.experiment, name, shlex.split(overrides), args.out, args.data_dir))
     print(f"\n{args.experiment}: val judge_acc / FID per validation; test = best checkpoint (by val FID)")
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    """The Markdown table of :func:`run_variant` rows: validation curves, test figures, wall time."""
     print(
         "| variant | overrides | val judge_acc | val FID | test judge_acc | test cond_acc | test FID | wall s |"
     )

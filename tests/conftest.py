@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    import lightning as L
     import torch
 
 NETBLOCK = Path(__file__).parent / "netblock"
@@ -153,3 +154,23 @@ HEAVY_FILES = (
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(HEAVY_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FILES)))  # stable: order kept within
+
+
+def fit_gan(task: object, loader: object, iterations: int, plugins: list | None = None) -> L.Trainer:
+    """Fit a GAN task in-process for ``iterations`` (Lightning counts n_critic + 1 steps each) on
+    ``loader``: CPU, one device, no logger, checkpoints, progress bar or validation."""
+    import lightning as L
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=iterations * (task.gan.n_critic + 1),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        plugins=plugins,
+    )
+    trainer.fit(task, loader)
+    return trainer

@@ -13,7 +13,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tests.conftest import TINY, run_cli, tiny_gan_model
+from tests.conftest import TINY, fit_gan, run_cli, tiny_gan_model
 from xmodal.config import ConfigError, compose_config, validate
 from xmodal.data.tokenizer import SPECIALS
 from xmodal.factory import build_datamodule, prepare_data
@@ -84,31 +84,10 @@ def point_task(seed: int = 0, **gan: object) -> AdversarialTask:
 def fit_points(
     task: AdversarialTask, iterations: int, batch_size: int = 128, plugins=None, dataset=None
 ) -> L.Trainer:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=iterations * (task.gan.n_critic + 1),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        plugins=plugins,
-    )
     loader = DataLoader(
         dataset or Points(), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
     )
-    trainer.fit(task, loader)
-    return trainer
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny MLPs run faster on one thread (and much faster on a shared, loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return fit_gan(task, loader, iterations, plugins)
 
 
 def test_moment_matching_on_a_2d_gaussian(one_thread):

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from tests.conftest import tiny_gan_model
+from tests.conftest import fit_gan, tiny_gan_model
 from xmodal.callbacks.ema import EMAWeights
 from xmodal.config import ConfigError, compose_config, validate
 from xmodal.data.tokenizer import SPECIALS
@@ -94,28 +94,11 @@ def asked_class_accuracy(task: AdversarialTask) -> float:
     return float((nearest == labels).float().mean())
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fit(task: AdversarialTask, iterations: int) -> None:
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=iterations * 2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
     loader = DataLoader(
         LabelledPoints(), batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0)
     )
-    trainer.fit(task, loader)
+    fit_gan(task, loader, iterations)
 
 
 def test_aux_classifier_head_makes_g_render_the_asked_class(one_thread):

@@ -40,7 +40,7 @@ from xmodal.callbacks.throughput import Throughput
 from xmodal.callbacks.watchdog import RankWatchdog
 from xmodal.checkpoints import RunDirCheckpointIO
 from xmodal.config import absolute, world_size
-from xmodal.data.builtin import BUILTIN_DATASETS
+from xmodal.data.builtin import BUILTIN_DATASETS, builtin_dir
 from xmodal.data.datamodule import DecodeSpec, ShardDataModule, SplitSettings
 from xmodal.data.mix import SourceSpec, source_names
 from xmodal.data.remote import is_remote
@@ -66,12 +66,11 @@ def prepare_data(cfg: DictConfig, wait_s: float = 900.0) -> Path | str:
     if cfg.data.shards is not None:
         return _located(str(cfg.data.shards))
     dataset = BUILTIN_DATASETS[cfg.data.name]
-    spec = dataset.spec(cfg.data)
-    out = absolute(cfg.paths.data_dir) / f"{cfg.data.name}-{spec.fingerprint()}"
+    out = builtin_dir(absolute(cfg.paths.data_dir), cfg.data)
     if is_launcher():
         if not (out / "sizes.json").exists():
             log.info("generating the built-in %s data into %s", cfg.data.name, out)
-        return dataset.build(out, spec)
+        return dataset.build(out, dataset.spec(cfg.data))
     deadline = time.monotonic() + wait_s
     while not (out / "sizes.json").exists():
         if time.monotonic() > deadline:

@@ -78,12 +78,15 @@ def generate_args(task_cfg: Any, roles: Mapping[str, str], output_dir: Path) -> 
     source = getattr(task_cfg, "source", None)
     role = source or getattr(task_cfg, "condition", None)
     out = [] if source else ["--num", "8", "--out", str(output_dir)]
-    if not role or role == "none":
-        return shlex.join(out)
-    modality = roles.get(role, role)
-    flag = MODALITIES.attr(modality, "input_flag") or modality
-    placeholder = "FILES_OR_FOLDER" if MODALITIES.attr(modality, "input_files") else flag.upper()
-    return shlex.join([f"--{flag}", placeholder, *out])
+    # A list of conditions (model.condition=[text, audio]) takes one flag each.
+    wanted = [role] if isinstance(role, str) else list(role or [])
+    words = []
+    for name in (r for r in wanted if r != "none"):
+        modality = roles.get(name, name)
+        flag = MODALITIES.attr(modality, "input_flag") or modality
+        placeholder = "FILES_OR_FOLDER" if MODALITIES.attr(modality, "input_files") else flag.upper()
+        words += [f"--{flag}", placeholder]
+    return shlex.join([*words, *out])
 
 
 def _in_cwd(cwd: str, words: list[str]) -> str:

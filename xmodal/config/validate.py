@@ -9,6 +9,7 @@ module knows no task or modality by name.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +26,9 @@ from xmodal.config.schema import (
     STRATEGIES,
     ConfigError,
     TrainConfig,
+    absolute,
 )
-from xmodal.data.builtin import BUILTIN_DATASETS
+from xmodal.data.builtin import BUILTIN_DATASETS, builtin_dir
 from xmodal.problems import Problems, unknown_keys
 from xmodal.registry import MODALITIES
 from xmodal.tasks.config import model_node_problems, task_config
@@ -290,12 +292,40 @@ def role_problems(cfg: Any, task_roles: tuple[str, ...] | None) -> list[str]:
                 f"data.optional_modalities: must name modalities {tuple(MODALITIES.names())} or roles of "
                 f"data.roles; {role!r} is neither (got {list(d.optional_modalities)!r})"
             )
+    held = declared_modalities(cfg)
     for role in task_roles or ():
         if roles.get(role, role) not in MODALITIES:
             p.append(f"model: the task reads role {role!r}, which is no modality and not in data.roles")
+        elif (
+            held is not None
+            and role not in roles
+            and role not in held
+            and role not in d.optional_modalities
+            and not MODALITIES.attr(role, "decoded_always")
+        ):
+            p.append(
+                f"model: the task reads role {role!r} (model.condition, model.source or model.target), "
+                f"which is not a modality of the data: its sizes.json lists {held}"
+            )
     for _, modality in MODALITIES.items():
         p += modality().problems(cfg)
     return p
+
+
+def declared_modalities(cfg: Any) -> list[str] | None:
+    """The modalities the data's ``sizes.json`` lists, or None where that is not known before the
+    run (several sources, a remote source, a built-in dataset not generated yet, no list)."""
+    d = cfg.data
+    if d.sources:
+        return None
+    try:
+        root = (
+            absolute(str(d.shards)) if d.shards is not None else builtin_dir(absolute(cfg.paths.data_dir), d)
+        )
+        listed = json.loads((root / "sizes.json").read_text()).get("modalities")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return [str(m) for m in listed] if isinstance(listed, list) and listed else None
 
 
 def _cuda_available() -> bool:

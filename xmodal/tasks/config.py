@@ -178,8 +178,10 @@ CONDITIONS = ("none", "label", "text", "audio")
 class ConditionConfig:
     """What a conditional generator (GAN, VAE) is conditioned on, through one condition-encoder slot."""
 
-    condition: str = "none"
-    """none | label | text | audio: the batch role the condition encoder reads."""
+    condition: Any = "none"
+    """none | label | text | audio: the batch role the condition encoder reads; or a list of them
+    (``[text, audio]``): one encoder each, fused together (xmodal/nn/condition.py MultiCondition).
+    Typed ``Any`` because OmegaConf has no str-or-list type; :func:`condition_problems` checks it."""
     num_classes: int = 10
     """Classes of ``label`` conditioning (and of the domain classifier's label head)."""
     cond_dim: int = 128
@@ -192,14 +194,36 @@ class ConditionConfig:
     """``_target_`` of any module called as ``encoder(batch) -> [B, cond_dim]`` (instantiated with
     the keys given here; interpolate ``${model.cond_dim}``); unset = the built-in for ``condition``."""
 
+    def conditions(self) -> tuple[str, ...]:
+        """``condition`` as a tuple of names (``none``: empty)."""
+        return condition_names_of(self.condition)
+
+
+def condition_names_of(condition: Any) -> tuple[str, ...]:
+    """A ``model.condition`` value (a name or a list of names) as a tuple, ``none`` left out."""
+    if isinstance(condition, str):
+        names: tuple[Any, ...] = (condition,)
+    else:  # a list; anything else is no condition here (and a problem condition_problems reports)
+        names = tuple(condition) if isinstance(condition, list | tuple) else ()
+    return tuple(str(name) for name in names if name != "none")
+
 
 def condition_problems(problems: Problems, m: ConditionConfig, target: str) -> None:
-    problems.check(m.condition in CONDITIONS, "model.condition", f"must be one of {CONDITIONS}")
+    single = isinstance(m.condition, str)
+    names = [m.condition] if single else m.condition if isinstance(m.condition, list) else None
+    known = names is not None and len(names) > 0 and all(name in CONDITIONS for name in names)
+    problems.check(
+        known and (single or "none" not in names),
+        "model.condition",
+        f"must be one of {CONDITIONS} or a list of {CONDITIONS[1:]}",
+    )
+    if known and len(set(names)) < len(names):
+        problems.check(False, "model.condition", "names a condition twice")
     problems.check(m.d_model % max(m.heads, 1) == 0, "model.d_model", f"must divide by model.heads={m.heads}")
     problems.check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     problems.check(m.num_classes >= 1, "model.num_classes", "must be >= 1")
     problems.check(m.cond_dim >= 1, "model.cond_dim", "must be >= 1")
-    if m.condition == target:
+    if target in m.conditions():
         article = "an" if target[:1] in "aeiou" else "a"
         problems.append(
             f"model.condition: {article} {target} target cannot be conditioned on itself (got {target!r})"
@@ -207,8 +231,9 @@ def condition_problems(problems: Problems, m: ConditionConfig, target: str) -> N
     check_slot(problems, "model.condition_encoder", m.condition_encoder)
 
 
-def condition_roles(target: str, condition: str) -> tuple[str, ...]:
-    return (target,) if condition in ("none", target) else (target, condition)
+def condition_roles(target: str, condition: Any) -> tuple[str, ...]:
+    """The target role and every condition role (a name or a list; ``none``: the target alone)."""
+    return (target, *(name for name in condition_names_of(condition) if name != target))
 
 
 def check_slot(problems: Problems, key: str, slot: Any) -> None:

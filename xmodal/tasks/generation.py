@@ -18,6 +18,7 @@ from xmodal.images import caption_grid, image_grid, to_pixels
 from xmodal.modalities.base import Modality
 from xmodal.modalities.roles import modality_of
 from xmodal.tasks.base import GenerateError, to_device
+from xmodal.tasks.config import condition_names_of
 
 
 def flag_of(modality: Modality) -> str:
@@ -56,11 +57,16 @@ def role_inputs(task: Any, role: str, values: list[Any], repeat: int = 1) -> dic
     return batch
 
 
-def only_inputs(ckpt: Any, inputs: dict[str, list[Any]], wanted: str | None, what: str) -> None:
-    """Refuse inputs of any modality but ``wanted`` (None: no inputs at all)."""
+def only_inputs(
+    ckpt: Any, inputs: dict[str, list[Any]], wanted: str | tuple[str, ...] | None, what: str
+) -> None:
+    """Refuse inputs of any modality but ``wanted`` (one name or several; None: no inputs at all)."""
     from xmodal.registry import MODALITIES
 
-    extra = [flag_of(MODALITIES.get(name)()) for name, values in inputs.items() if values and name != wanted]
+    allowed = (wanted,) if isinstance(wanted, str) else wanted or ()
+    extra = [
+        flag_of(MODALITIES.get(name)()) for name, values in inputs.items() if values and name not in allowed
+    ]
     if extra:
         raise GenerateError(f"{ckpt} is {what}: {' '.join(extra)} does not apply")
 
@@ -83,7 +89,7 @@ def write_images(images: torch.Tensor, names: list[str], out: Path) -> list[Path
 def check_labels(batch: dict[str, Any], cfg: Any) -> None:
     """Refuse requested class ids the model does not know (before its embedding would)."""
     labels = batch.get("label")
-    if cfg.condition == "label" and labels is not None:
+    if "label" in condition_names_of(cfg.condition) and labels is not None:
         bad = sorted({int(y) for y in labels if not 0 <= int(y) < cfg.num_classes})
         if bad:
             raise GenerateError(f"--label {bad}: this model knows classes 0..{cfg.num_classes - 1}")
@@ -117,24 +123,40 @@ def write_conditional_samples(
 
 
 def conditional_batch(
-    task: Any, condition: str, inputs: dict[str, list[Any]], args: Any
+    task: Any, condition: str | list[str], inputs: dict[str, list[Any]], args: Any
 ) -> tuple[dict[str, Any], list[str]]:
     """A batch holding each requested condition ``args.num`` times, and a name per row, for a
-    generator conditioned on role ``condition`` (``none``: unconditional)."""
+    generator conditioned on role ``condition`` (``none``: unconditional; a list of roles: one
+    input of each per row, e.g. ``--caption A --audio a.wav``)."""
     n = args.num
-    if condition == "none":
+    roles = condition_names_of(condition)
+    if not roles:
         only_inputs(args.ckpt, inputs, None, "unconditional")
         return {"valid": torch.ones(n, dtype=torch.bool), "__key__": [""] * n}, [""] * n
-    modality = modality_of(condition, task.hparams.data.get("roles"))
-    only_inputs(args.ckpt, inputs, modality.name, f"conditioned on {condition!r}")
-    values = inputs.get(modality.name)
-    if not values:
-        kind = (
-            "TEXT" if modality.input_flag == "caption" else "N" if modality.input_flag == "label" else "FILE"
-        )
-        raise GenerateError(f"{args.ckpt} is conditioned on {condition}: give {flag_of(modality)} {kind} …")
-    batch = role_inputs(task, condition, values, repeat=n)
-    names = [str(v) for v in values for _ in range(n)]
+    shown = condition if isinstance(condition, str) else list(roles)
+    modalities = [modality_of(role, task.hparams.data.get("roles")) for role in roles]
+    only_inputs(args.ckpt, inputs, tuple(m.name for m in modalities), f"conditioned on {shown!r}")
+    batch: dict[str, Any] = {}
+    names: list[str] = []
+    for role, modality in zip(roles, modalities, strict=True):
+        values = inputs.get(modality.name)
+        if not values:
+            kind = (
+                "TEXT"
+                if modality.input_flag == "caption"
+                else "N"
+                if modality.input_flag == "label"
+                else "FILE"
+            )
+            raise GenerateError(f"{args.ckpt} is conditioned on {role}: give {flag_of(modality)} {kind} …")
+        if names and len(values) * n != len(names):
+            raise GenerateError(
+                f"{args.ckpt} is conditioned on {shown}: give as many {flag_of(modality)} as "
+                f"{flag_of(modalities[0])} inputs (one of each per sample row)"
+            )
+        batch.update(role_inputs(task, role, values, repeat=n))
+        row = [str(v) for v in values for _ in range(n)]
+        names = [f"{a} + {b}" for a, b in zip(names, row, strict=True)] if names else row
     batch["valid"] = torch.ones(len(names), dtype=torch.bool)
     batch["__key__"] = names
     return batch, names

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from xmodal.nn.diffaugment import POLICIES as DIFFAUGMENT_POLICIES
+from xmodal.nn.fusion import FUSIONS
 from xmodal.problems import Problems
 from xmodal.tasks.config import (
     ConditionConfig,
@@ -86,6 +87,12 @@ class GanModelConfig(ConditionConfig, TaskConfig):
     target: str = "image"
     """Batch role G generates and D judges (``image``)."""
     gan: GanConfig = field(default_factory=GanConfig)
+    fusion: str = "cbn"
+    """How the built-in G takes its condition (xmodal/nn/fusion.py): ``cbn`` (conditional batch
+    norm from the pooled vector) | ``concat`` (pooled vector concatenated to the noise and to
+    every feature map) | ``film`` (per-block FiLM γ, β from an MLP, after a plain norm) |
+    ``cross_attention`` (the 8×8 and 16×16 maps attend over the condition's tokens and padding
+    mask). D keeps its projection head whatever the choice."""
     generator: Any = None
     """``_target_`` of any G called as ``G(z [B, z_dim], batch) -> images [B, C, H, W]`` in [-1, 1];
     unset = the built-in DCGAN generator (conditional BN)."""
@@ -104,6 +111,12 @@ class GanModelConfig(ConditionConfig, TaskConfig):
         g = self.gan
         p.check(self.target == "image", "model.target", f"the {self.task} task generates images")
         condition_problems(p, self, self.target)
+        p.one_of("model.fusion", tuple(FUSIONS))
+        if self.fusion != "cbn" and self.fusion in FUSIONS:
+            p.check(bool(self.conditions()), "model.fusion", "fuses a condition; model.condition is none")
+            p.check(
+                self.generator is None, "model.fusion", "applies to the built-in G; model.generator is set"
+            )
         if self.generator is None or self.discriminator is None:
             p.check(
                 cfg.data.image_size in (32, 64),
@@ -124,7 +137,7 @@ class GanModelConfig(ConditionConfig, TaskConfig):
             f"ops must be among {DIFFAUGMENT_POLICIES}",
         )
         p.check(
-            g.mismatch_weight == 0 or self.condition != "none",
+            g.mismatch_weight == 0 or bool(self.conditions()),
             "model.gan.mismatch_weight",
             "needs a condition to mismatch (model.condition is none)",
         )

@@ -2,7 +2,8 @@
 
 Under bf16-mixed the parameters are gathered in bf16 and gradients reduced in fp32. The nets'
 FSDP2-specific details (spectral norm's buffers, batch norm statistics in fp32, the EMA update on
-sharded tensors) are handled in xmodal/nn/gan.py and, for the EMA, in xmodal/nn/ema.py.
+sharded tensors) are handled in xmodal/nn/gan.py, xmodal/nn/fusion.py (the norms) and, for the
+EMA, in xmodal/nn/ema.py.
 """
 
 from __future__ import annotations

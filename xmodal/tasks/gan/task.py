@@ -93,7 +93,7 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         self.cfg = GanModelConfig.from_node(model)
         self.gan = self.cfg.gan
         self.target = self.cfg.target
-        self.conditional = self.cfg.condition != "none"
+        self.conditional = bool(self.cfg.conditions())
         if nets is None:
             nets = build_gan_nets(self.cfg, len(self.tokenizer), self.tokenizer.pad_id, data)
         self.generator, self.discriminator = nets
@@ -330,7 +330,7 @@ class AdversarialTask(GuardedSteps, XmodalTask):
             return SampleSet({"val": image_grid(fake)})
         shown = condition_names(batch, self.cfg.condition)
         rows = [[key, cond] for key, cond in zip(batch["__key__"], shown, strict=True)]
-        return SampleSet({"val": caption_grid(fake, shown)}, ["key", self.cfg.condition], rows)
+        return SampleSet({"val": caption_grid(fake, shown)}, ["key", "+".join(self.cfg.conditions())], rows)
 
     # ----------------------------------------------------------------------------- xmodal-generate
     def generate_outputs(self, inputs: dict[str, list[Any]], args: Any) -> list[dict[str, str]]:

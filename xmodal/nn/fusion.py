@@ -1,0 +1,169 @@
+"""How a conditional generator takes its condition (``model.fusion``), one small block per choice.
+
+Every norm site of the DCGAN generator (the 4×4 seed and each upsampled block) is a *fusion
+norm*: ``norm(x [B, C, H, W], pooled [B, cond_dim] | None) -> [B, C, H, W]``. The choices:
+
+- ``cbn``: conditional batch norm, scale and shift linear in the pooled vector (the default, and
+  the generator as it was before ``model.fusion``: same parameters, same numbers);
+- ``concat``: the pooled vector is concatenated to the noise, and tiled over each normalised
+  feature map, mixed back to C channels by a 1×1 conv;
+- ``film``: plain (affine) batch norm, then FiLM γ, β from a per-block two-layer MLP of the
+  pooled vector (Perez et al. 2018);
+- ``cross_attention``: plain batch norm everywhere; at the 8×8 and 16×16 blocks the feature map
+  attends over the condition's *token* sequence (caption tokens, audio frames) with its padding
+  mask, residually. The only choice that sees more than one pooled vector.
+
+Norms normalise in fp32 (see :class:`ConditionalBatchNorm2d`); the new layers that write into the
+residual stream start at zero, so every choice starts as the plain generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xmodal.nn.attention import MultiHeadAttention
+from xmodal.nn.condition import Encoded
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """Batch norm whose scale and shift come from the condition vector (plain affine BN without one)."""
+
+    def __init__(self, channels: int, cond_dim: int | None):
+        super().__init__()
+        self.conditional = cond_dim is not None
+        self.bn = nn.BatchNorm2d(channels, affine=not self.conditional)
+        if cond_dim is not None:
+            self.gain = nn.Linear(cond_dim, channels)
+            self.bias = nn.Linear(cond_dim, channels)
+            nn.init.zeros_(self.gain.weight)
+            nn.init.zeros_(self.gain.bias)
+            nn.init.zeros_(self.bias.weight)
+            nn.init.zeros_(self.bias.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        x = self._normalize_fp32(x).to(x.dtype)  # [B, C, H, W]
+        if not self.conditional or cond is None:
+            return x
+        gain = 1 + self.gain(cond)[:, :, None, None]  # [B, C, 1, 1]
+        return x * gain + self.bias(cond)[:, :, None, None]
+
+    def _normalize_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.bn(x)`` computed in fp32 whatever dtype the input and affine weights arrive in.
+
+        Under FSDP2's bf16 parameter policy the affine weights are cast to bf16 while the running
+        statistics (buffers) stay fp32, and ``batch_norm`` refuses the mix; fp32 statistics are the
+        numerically safe choice under any autocast anyway.
+        """
+        bn = self.bn
+        momentum = bn.momentum
+        if bn.training and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative moving average, as nn.BatchNorm2d does it
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        weight = bn.weight.float() if bn.weight is not None else None
+        bias = bn.bias.float() if bn.bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            return F.batch_norm(
+                x.float(),
+                bn.running_mean,
+                bn.running_var,
+                weight,
+                bias,
+                training=bn.training,
+                momentum=momentum or 0.0,
+                eps=bn.eps,
+            )
+
+
+def plain_norm(channels: int, cond_dim: int | None = None) -> ConditionalBatchNorm2d:
+    """Affine batch norm that ignores the condition (the norm of ``cross_attention``)."""
+    return ConditionalBatchNorm2d(channels, None)
+
+
+class FiLMNorm(nn.Module):
+    """Plain affine batch norm, then ``x · (1 + γ(c)) + β(c)`` with γ, β from a two-layer MLP."""
+
+    def __init__(self, channels: int, cond_dim: int):
+        super().__init__()
+        self.norm = ConditionalBatchNorm2d(channels, None)
+        self.film = nn.Sequential(nn.Linear(cond_dim, cond_dim), nn.ReLU(), nn.Linear(cond_dim, 2 * channels))
+        nn.init.zeros_(self.film[2].weight)  # starts as the identity: γ = 0, β = 0
+        nn.init.zeros_(self.film[2].bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm(x, None)  # [B, C, H, W]
+        if cond is None:
+            return x
+        gamma, beta = self.film(cond).chunk(2, dim=1)  # [B, C] each
+        return x * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
+
+
+class ConcatNorm(nn.Module):
+    """Plain affine batch norm, then the pooled vector tiled over the map ``[B, C + c, H, W]``
+    and mixed back to ``C`` channels by a 1×1 conv, residually."""
+
+    def __init__(self, channels: int, cond_dim: int):
+        super().__init__()
+        self.norm = ConditionalBatchNorm2d(channels, None)
+        self.mix = nn.Conv2d(channels + cond_dim, channels, kernel_size=1)
+        nn.init.zeros_(self.mix.weight)  # starts as the plain norm
+        nn.init.zeros_(self.mix.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm(x, None)  # [B, C, H, W]
+        if cond is None:
+            return x
+        tiled = cond.to(x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[2:])  # [B, c, H, W]
+        return x + self.mix(torch.cat([x, tiled], dim=1))  # [B, C, H, W]
+
+
+class CrossAttention2d(nn.Module):
+    """Residual cross-attention of a feature map over condition tokens.
+
+    Each of the ``H·W`` cells is a query ``[B, HW, C]`` (layer-normed); keys and values are the
+    condition tokens ``[B, T, cond_dim]`` projected to ``C``; padded tokens (``mask`` False) are
+    never attended. The output projection starts at zero, so the block starts as the identity.
+    """
+
+    def __init__(self, channels: int, cond_dim: int, heads: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.context = nn.Linear(cond_dim, channels)
+        # heads must divide the block's width; fall back to one head for odd widths.
+        self.attn = MultiHeadAttention(channels, heads if channels % heads == 0 else 1)
+        nn.init.zeros_(self.attn.out.weight)
+        nn.init.zeros_(self.attn.out.bias)
+
+    def forward(self, x: torch.Tensor, cond: Encoded) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        queries = self.norm(x.flatten(2).transpose(1, 2))  # [B, HW, C]
+        context = self.context(cond.tokens.to(queries.dtype))  # [B, T, C]
+        k, v = self.attn.project_kv(context)  # [B, heads, T, C/heads] each
+        y = self.attn.attend(queries, k, v, keep=cond.mask)  # [B, HW, C]
+        return x + y.transpose(1, 2).reshape(batch, channels, height, width)  # [B, C, H, W]
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """One ``model.fusion`` choice: the norm at every site, and what else the generator adds."""
+
+    norm: Callable[[int, int], nn.Module]
+    """``(channels, cond_dim)`` → a fusion norm called as ``norm(x, pooled | None)``."""
+    noise_concat: bool = False
+    """The pooled vector is concatenated to the noise before G's first linear layer."""
+    attention_sizes: tuple[int, ...] = ()
+    """Feature-map sides (px) after whose block a :class:`CrossAttention2d` reads the tokens."""
+
+
+FUSIONS: dict[str, Fusion] = {
+    "cbn": Fusion(ConditionalBatchNorm2d),
+    "concat": Fusion(ConcatNorm, noise_concat=True),
+    "film": Fusion(FiLMNorm),
+    "cross_attention": Fusion(plain_norm, attention_sizes=(8, 16)),
+}
+"""``model.fusion`` name → its blocks; ``cbn`` is the default (xmodal/tasks/gan/config.py)."""
