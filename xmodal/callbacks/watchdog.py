@@ -12,7 +12,8 @@ Every rank runs one daemon thread that:
   a tuple in memory at batch and checkpoint boundaries (no I/O on the step path);
 - **watches its peers**: rank zero reads every peer's heartbeat, the others read rank zero's (O(world)
   reads, not O(world²), on a shared filesystem); a heartbeat older than ``peer_timeout_s`` means the
-  rank is gone or frozen. The launcher of a local multi-rank run also polls its child processes
+  rank is gone or frozen (a peer never seen, as with a run dir on node-local disks, is warned
+  about once and never taken for dead). The launcher of a local multi-rank run also polls its child processes
   (faster than Lightning's 5 s observer) and a launched child notices its parent is gone;
 - **watches itself**: no step, batch or checkpoint boundary for ``stall_timeout_s`` means this rank
   is stuck (usually in a collective waiting for a peer, or in its own data loader).
@@ -109,6 +110,8 @@ class RankWatchdog(L.Callback):
         self._progress: tuple[float, int, str, Any, Any] = (time.monotonic(), 0, "setup", None, None)
         self._stop = threading.Event()
         self._failing = threading.Lock()
+        self._last_beats: dict[int, dict[str, Any]] = {}  # each peer's newest heartbeat of this segment
+        self._unseen_warned: set[int] = set()
         self._failed = False
         self._thread: threading.Thread | None = None
         self._started_wall = time.time()
@@ -251,16 +254,30 @@ class RankWatchdog(L.Callback):
         )
 
     def check_peers(self, now: float) -> tuple[int, str] | None:
-        """A peer whose heartbeat is older than ``peer_timeout_s`` (rank zero watches all, the others
-        rank zero). A peer that never wrote one counts from this rank's own start."""
+        """A peer whose heartbeat went older than ``peer_timeout_s`` (rank zero watches all, the
+        others rank zero). Only a peer seen alive in this segment can be declared lost: one whose
+        file never appears (a run dir on node-local disk, not shared between nodes) is warned about
+        once and left to the stall check, never taken for dead."""
         if self.peer_timeout_s <= 0 or self.world_size < 2:
             return None
         peers = range(1, self.world_size) if self.rank == 0 else [0]
         for peer in peers:
             beat = self.read_beat(peer)
-            last = float(beat["time"]) if beat else self._started_wall
-            if beat and float(beat["time"]) < self._started_wall - 1:
-                last = self._started_wall  # a file left by an earlier segment of this run
+            if beat and float(beat["time"]) >= self._started_wall - 1:
+                self._last_beats[peer] = beat  # a file left by an earlier segment does not count
+            beat = self._last_beats.get(peer)
+            if beat is None:
+                if now - self._started_wall > self.peer_timeout_s and peer not in self._unseen_warned:
+                    self._unseen_warned.add(peer)
+                    log.warning(
+                        "no heartbeat of rank %d in %s after %.0f s: is the run dir shared between the "
+                        "nodes? Its peer watch is off; a stall is still caught (run.stall_timeout_s)",
+                        peer,
+                        self.ranks_dir,
+                        now - self._started_wall,
+                    )
+                continue
+            last = float(beat["time"])
             if now - last > self.peer_timeout_s:
                 return EXIT_PEER_LOST, (
                     f"rank {peer} stopped answering (no heartbeat for {now - last:.0f} s, "
