@@ -204,7 +204,7 @@ def test_video_captioner_learns_tiny_clips_shows_gifs_and_captions_files(tiny, t
     assert row["video"] == str(clip) and row["caption"]
 
 
-def test_text_to_video_vae_learns_and_samples_clips(tiny):
+def test_text_to_video_vae_learns_and_samples_clips(tiny, tmp_path):
     task, datamodule = built([*tiny, *VAE])
     batch = datamodule.sample_batch(16, "train")
 
@@ -219,6 +219,17 @@ def test_text_to_video_vae_learns_and_samples_clips(tiny):
     assert set(samples.animations) == {"reconstruction", "conditional"}
     assert len(samples.animations["conditional"]) == 8
     assert task.sample(2, task.conditioning(batch)[:2]).shape == (2, 3, 8, 32, 32)
+    # xmodal-generate --caption ... --out DIR: a frame strip and a looping GIF per sample.
+    from types import SimpleNamespace
+
+    from xmodal.codecs.video import decode_video
+
+    out = tmp_path / "gen"
+    args = SimpleNamespace(ckpt="vae.ckpt", num=2, seed=0, out=out)
+    rows = task.generate_outputs({"text": ["a red circle moves to the left"]}, args)
+    assert [row["video"] for row in rows] == [str(out / f"sample_{i:04d}.gif") for i in range(2)]
+    clip = decode_video((out / "sample_0000.gif").read_bytes(), "gif", frames=8, size=32, max_pixels=10**6)
+    assert clip.shape == (3, 8, 32, 32) and rows[0]["image"].endswith(".png")
 
 
 def test_video_configs_refuse_what_the_nets_cannot_take(tiny):

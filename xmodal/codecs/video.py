@@ -138,3 +138,14 @@ def encode_video(frames: Sequence[np.ndarray] | np.ndarray, fps: int = 8, codec:
             )
         container.mux(stream.encode())
     return buffer.getvalue()
+
+
+def encode_gif(frames: Sequence[np.ndarray] | np.ndarray, fps: int = 4) -> bytes:
+    """RGB uint8 frames ``[T, H, W, 3]`` → the bytes of an endlessly looping GIF (Pillow: any
+    viewer or browser plays it, no codec needed), read back by :func:`decode_video`."""
+    images = [Image.fromarray(np.ascontiguousarray(frame)) for frame in frames]
+    buffer = io.BytesIO()
+    images[0].save(
+        buffer, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
+    )
+    return buffer.getvalue()

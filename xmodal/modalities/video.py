@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from xmodal.codecs.video import CONTAINER_EXTENSIONS, SEQUENCE_EXTENSIONS, decode_video
+from xmodal.codecs.video import CONTAINER_EXTENSIONS, SEQUENCE_EXTENSIONS, decode_video, encode_gif
+from xmodal.images import to_pixels
 from xmodal.modalities.base import Modality, SampleContext
 from xmodal.problems import Problems
 
@@ -58,6 +59,11 @@ class VideoModality(Modality):
 
     def animate(self, values: torch.Tensor) -> torch.Tensor | None:
         return values.float().transpose(1, 2)  # [B, T, C, H, W]
+
+    def output_files(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> list[tuple[str, bytes]]:
+        # Watched, not only seen as a strip of frames: one looping GIF per generated clip.
+        clips = self.animate(values)  # [B, T, C, H, W] in [-1, 1]
+        return [("gif", encode_gif(to_pixels(clip))) for clip in clips]  # to_pixels: [T, H, W, 3]
 
     def problems(self, cfg: Any) -> list[str]:
         p = Problems(cfg)

@@ -524,7 +524,8 @@ class VaeTask(XmodalTask):
     # ----------------------------------------------------------------- xmodal-generate
     def generate_outputs(self, inputs: dict[str, list[Any]], args: Any) -> list[dict[str, str]]:
         """``args.num`` seeded samples per condition as PNGs plus ``grid.png`` in ``args.out`` (an
-        audio target's log-mels as spectrograms on the fixed model scale, and as WAVs)."""
+        audio target's log-mels as spectrograms on the fixed model scale, and as WAVs; a video
+        target's clips as frame strips, and as looping GIFs)."""
 
         def sample(batch: dict[str, Any], n: int) -> torch.Tensor:
             return self.sample(n, self.conditioning(batch), seed=args.seed)
