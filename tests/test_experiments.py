@@ -21,6 +21,7 @@ def test_every_experiment_runs_with_fast_dev_run(experiment, tiny, tmp_path):
     short = {
         "gan": ["model.gan.feature_steps=20", "model.gan.judge_steps=20"],
         "translation": ["model.feature_steps=20"],
+        "vae": ["model.vae.judge_steps=20"],
     }.get(cfg.model.task)
     if short:
         cfg = compose_config([*tiny, f"experiment={experiment}", "debug=fdr", *short])

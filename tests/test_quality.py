@@ -319,3 +319,23 @@ def test_diffaugment_moves_and_cuts_images_alike_for_a_seed_and_passes_gradients
 def test_diffaugment_ops_are_checked_by_name():
     with pytest.raises(ConfigError, match=r"model.gan.diffaugment: ops must be among \('translation'"):
         validate(compose_config(["experiment=mnist_gan", "model.gan.diffaugment=[flip]"]))
+
+
+def test_a_text_to_image_vae_is_judged_like_the_gan_and_keeps_the_judge_out_of_its_weights(tiny, tmp_path):
+    from xmodal.train import train
+
+    args = [*tiny, "experiment=shapes_text2image_vae", "model.vae.judge_steps=30", "model.vae.iwae_k=2"]
+    args += ["trainer.max_steps=2", "trainer.val_check_interval=2", "logger=none", "run.id=j"]
+    metrics = train(compose_config(args))
+    judged = {k: v for k, v in metrics.items() if "judge" in k}
+    assert set(judged) == {"val/judge_acc", "val/judge_real_acc", "test/judge_acc", "test/judge_real_acc"}
+    assert all(0.0 <= v <= 1.0 for v in judged.values())
+    ckpt = torch.load(
+        tmp_path / "outputs" / "shapes_text2image_vae" / "j" / "checkpoints" / "last.ckpt",
+        map_location="cpu",
+        weights_only=False,
+    )
+    assert not [k for k in ckpt["state_dict"] if "judge" in k]  # xmodal-eval loads it strictly
+    # Without judge_steps (or without a condition) nothing is judged.
+    plain = train(compose_config([*args[:-1], "model.vae.judge_steps=0", "run.id=k", "test_after_fit=false"]))
+    assert not [k for k in plain if "judge" in k]

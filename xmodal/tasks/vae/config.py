@@ -46,6 +46,11 @@ class VaeConfig:
     """Importance samples for the IWAE NLL bound at validation/test."""
     logvar_clamp: float = 10.0
     """|log σ²| of the posterior is clamped to this."""
+    judge_steps: int = 0
+    """A conditional image VAE: train the independent judge (xmodal/metrics/judge.py, the GAN's
+    ``judge_acc``) for this many steps on the train split's labels, cached, and log
+    ``judge_acc`` (samples decoded per condition read as its class) beside ``judge_real_acc``
+    (real images; the ceiling). 0 = off."""
 
 
 @dataclass
@@ -93,6 +98,7 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
         p.check(v.z_dim >= 1 and v.width >= 1, "model.vae.z_dim", "z_dim and width must be >= 1")
         p.check(v.kl_cycles >= 1, "model.vae.kl_cycles", "must be >= 1")
         p.check(v.logvar_clamp > 0, "model.vae.logvar_clamp", "must be > 0")
+        p.check(v.judge_steps >= 0, "model.vae.judge_steps", "must be >= 0 (0 = off)")
         p.check(
             not v.binarize or v.likelihood == "bernoulli",
             "model.vae.binarize",

@@ -56,6 +56,7 @@ from xmodal.nn.condition import build_condition_encoder
 from xmodal.nn.slots import build_slot
 from xmodal.nn.vae import ConvDecoder, ConvEncoder
 from xmodal.nn.video import VideoVaeDecoder, VideoVaeEncoder
+from xmodal.tasks.adversarial import judge_classifier
 from xmodal.tasks.base import XmodalTask, condition_names, to_device
 from xmodal.tasks.generation import write_conditional_samples
 from xmodal.tasks.schedule import with_warmup_cosine
@@ -206,6 +207,11 @@ class VaeTask(XmodalTask):
             and modality_of(cfg.condition, roles).name == "text"
         ):
             self.tones = nn.ModuleDict({s: ToneAccuracy() for s in ("val", "test", "test_real")})
+        # Conditional image VAE: whether samples decoded per condition read as its class to the
+        # independent judge (the GAN's judge_acc), built in setup() from the data module.
+        # Held in a plain dict, not as a submodule: the judge is no part of the model's state_dict.
+        self._judge: dict[str, nn.Module] = {}
+        self.judge_acc = nn.ModuleDict({s: MeanMetric() for s in ("val", "test", "val_real", "test_real")})
 
     @staticmethod
     def target_shape(target: str, data: dict[str, int]) -> tuple[int, ...]:
@@ -421,6 +427,8 @@ class VaeTask(XmodalTask):
         self.log(f"{stage}/active_units", active)
         if self.tones is not None:
             self._evaluate_tones(batch, stage, valid)
+        if self._judge:
+            self._evaluate_judge(batch, stage, valid)
 
     @torch.no_grad()
     def _evaluate_tones(self, batch: dict[str, Any], stage: str, valid: torch.Tensor) -> None:
@@ -438,6 +446,33 @@ class VaeTask(XmodalTask):
             prefix = f"{stage}/tone_real" if name == "test_real" else f"{stage}/tone"
             for attribute in tones.named():
                 self.log(f"{prefix}_{attribute}_acc", tones.means[attribute])
+
+    def setup(self, stage: str) -> None:
+        """The cached judge for ``model.vae.judge_steps`` > 0 on a conditional image VAE."""
+        if self._judge or self.vae.judge_steps <= 0 or self.target != "image" or self.condition is None:
+            return
+        judge = judge_classifier(self, self.target, self.cfg.num_classes, self.vae.judge_steps)
+        if judge is not None:
+            self._judge["net"] = judge.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def _evaluate_judge(self, batch: dict[str, Any], stage: str, valid: torch.Tensor) -> None:
+        """One decode per row from a prior draw keyed by the sample, under the row's condition:
+        the judge's class for it against the row's label (rows without one are left out)."""
+        labels = batch.get("label")
+        if labels is None:
+            return
+        known = valid & (labels >= 0)  # [B]
+        z = keyed_prior(batch["__key__"], self.vae.z_dim).to(self.device)  # [B, Z]
+        fake = self.display(self.decoder(z, self.conditioning(batch))[0]).float()  # [B, C, H, W]
+        real, _ = self.target_data(batch)
+        judge = self._judge["net"].to(self.device)
+        # Updated on every rank, even with no rows, so every rank takes part in the reduction.
+        for name, images in ((stage, fake), (f"{stage}_real", real.float())):
+            hits = judge(images[known]).argmax(1) == labels[known]  # [K]
+            self.judge_acc[name].update(hits.float())
+            key = f"{stage}/judge_acc" if name == stage else f"{stage}/judge_real_acc"
+            self.log(key, self.judge_acc[name], on_step=False, on_epoch=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")
