@@ -140,6 +140,7 @@ class RankWatchdog(L.Callback):
         self._stop.clear()
         if self._thread is None or not self._thread.is_alive():
             self._started_wall = time.time()
+            self._last_beats, self._unseen_warned = {}, set()  # peers are watched afresh per stage
             self._thread = threading.Thread(target=self._run, name="xmodal-watchdog", daemon=True)
             self._thread.start()
 
