@@ -59,7 +59,34 @@ class ConvEncoder(nn.Module):
         return mu, logvar
 
 
-class ConvDecoder(nn.Module):
+class LikelihoodHead(nn.Module):
+    """What the 2-D and 3-D VAE decoders share: the scale of their likelihood and the split of the
+    output conv into ``(location, log_scale)``, whatever the number of spatial/time axes."""
+
+    likelihood: str
+
+    def init_scale(self, likelihood: str, channels: int, learn_sigma: bool, sigma: float) -> None:
+        """gaussian/laplace: one log σ per channel, a parameter (``learn_sigma``) or a fixed buffer."""
+        self.log_sigma: nn.Parameter | None = None
+        if likelihood in ("gaussian", "laplace"):
+            init = torch.full((channels,), math.log(sigma))
+            if learn_sigma:
+                self.log_sigma = nn.Parameter(init)
+            else:
+                self.register_buffer("fixed_log_sigma", init, persistent=False)
+
+    def likelihood_params(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output conv's ``[B, k·C, ...]`` → ``(location, log_scale)`` (see ConvDecoder)."""
+        if self.likelihood == "bernoulli":
+            return out, None
+        if self.likelihood == "logistic":
+            location, log_scale = out.chunk(2, dim=1)  # [B, C, ...] each
+            return torch.tanh(location), log_scale.clamp(min=-7.0)
+        log_sigma = self.log_sigma if self.log_sigma is not None else self.fixed_log_sigma
+        return out, log_sigma.view(1, -1, *([1] * (out.dim() - 2))).expand_as(out)
+
+
+class ConvDecoder(LikelihoodHead):
     """``z [B, Z]`` (+ ``cond [B, c]``) → the likelihood's parameters for ``[B, C, H, W]``.
 
     Returns ``(location, log_scale)``: location holds logits (bernoulli) or means (others);
@@ -101,13 +128,7 @@ class ConvDecoder(nn.Module):
         self.body = nn.Sequential(*layers)
         per_pixel = 2 if likelihood == "logistic" else 1
         self.out = nn.Conv2d(base, per_pixel * channels, kernel_size=3, padding=1)
-        self.log_sigma: nn.Parameter | None = None
-        if likelihood in ("gaussian", "laplace"):
-            init = torch.full((channels,), math.log(sigma))
-            if learn_sigma:
-                self.log_sigma = nn.Parameter(init)
-            else:
-                self.register_buffer("fixed_log_sigma", init, persistent=False)
+        self.init_scale(likelihood, channels, learn_sigma, sigma)
 
     def forward(
         self, z: torch.Tensor, cond: torch.Tensor | None = None
@@ -116,10 +137,4 @@ class ConvDecoder(nn.Module):
             z = torch.cat([z, cond.to(z.dtype)], dim=1)  # [B, Z + c]
         h = self.stem(z).view(-1, *self.bottom)  # [B, C0, h, w]
         out = self.out(self.body(h))  # [B, k·C, H, W]
-        if self.likelihood == "bernoulli":
-            return out, None
-        if self.likelihood == "logistic":
-            location, log_scale = out.chunk(2, dim=1)  # [B, C, H, W] each
-            return torch.tanh(location), log_scale.clamp(min=-7.0)
-        log_sigma = self.log_sigma if self.log_sigma is not None else self.fixed_log_sigma
-        return out, log_sigma.view(1, -1, 1, 1).expand_as(out)
+        return self.likelihood_params(out)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from xmodal.nn.vae import _hidden, _widths  # the 2-D VAE's widths, so both scale alike
+from xmodal.nn.vae import LikelihoodHead, _hidden, _widths  # the 2-D VAE's widths: both scale alike
 
 
 def _halved(n: int, stages: int) -> int:
@@ -129,7 +129,7 @@ class VideoVaeEncoder(nn.Module):
         return mu, logvar
 
 
-class VideoVaeDecoder(nn.Module):
+class VideoVaeDecoder(LikelihoodHead):
     """``z [B, Z]`` (+ ``cond [B, c]``) → the likelihood's parameters for ``[B, C, T, H, W]``.
 
     ``(location, log_scale)`` as :class:`xmodal.nn.vae.ConvDecoder`: ``logistic`` has a per-pixel
@@ -177,21 +177,12 @@ class VideoVaeDecoder(nn.Module):
         self.out = nn.Conv3d(
             base, (2 if likelihood == "logistic" else 1) * channels, kernel_size=3, padding=1
         )
-        self.log_sigma: nn.Parameter | None = None
-        if likelihood != "logistic":
-            init = torch.full((channels,), math.log(sigma))
-            if learn_sigma:
-                self.log_sigma = nn.Parameter(init)
-            else:
-                self.register_buffer("fixed_log_sigma", init, persistent=False)
+        self.init_scale(likelihood, channels, learn_sigma, sigma)
 
-    def forward(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, z: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if cond is not None:
             z = torch.cat([z, cond.to(z.dtype)], dim=1)  # [B, Z + c]
         h = self.stem(z).view(-1, *self.bottom)  # [B, C0, t, h, w]
-        out = self.out(self.body(h))  # [B, k·C, T, H, W]
-        if self.likelihood == "logistic":
-            location, log_scale = out.chunk(2, dim=1)  # [B, C, T, H, W] each
-            return torch.tanh(location), log_scale.clamp(min=-7.0)
-        log_sigma = self.log_sigma if self.log_sigma is not None else self.fixed_log_sigma
-        return out, log_sigma.view(1, -1, 1, 1, 1).expand_as(out)
+        return self.likelihood_params(self.out(self.body(h)))  # from [B, k·C, T, H, W]
