@@ -117,6 +117,49 @@ def test_two_ranks_then_one_then_three_see_every_sample_once(tmp_path, drop_last
     assert drop_last or nxt == ALL_KEYS
 
 
+def resampled(shards, topology: Topology) -> ShardStream:
+    return ShardStream(
+        shards, "resampled", SEED, topology, BATCH, shuffle_buffer=BUFFER, samples_per_epoch=40
+    )
+
+
+def test_a_resampled_epoch_resumed_on_another_topology_draws_only_its_remaining_rows(tmp_path):
+    shards = write_shards(tmp_path)
+    seen: collections.Counter = collections.Counter()
+    two = [resampled(shards, Topology(r, 2, 2)) for r in range(2)]
+    assert len(two[0]) == 10  # ceil(40 / (4 slots x 2)) = 5 batches per slot, 2 slots per rank
+    assert run_ranks(two, 3, seen) == [3, 3]
+    state = two[0].state_dict()
+    assert state["consumed"] == {"drawn": 12}  # 3 batches x 2 rows x 2 ranks
+
+    one = resampled(shards, Topology(0, 1, 0))
+    one.load_state_dict(state)
+    assert len(one) == 3 + 14  # the trainer's counter goes on from 3; 40 - 12 = 28 rows = 14 batches
+    rest = take(one)
+    assert len(rest) == 14 and all(len(keys) == BATCH for keys in rest)  # every row drawn is real
+    assert set(k for keys in rest for k in keys) <= set(ALL_KEYS)
+    again = resampled(shards, Topology(0, 1, 0))
+    again.load_state_dict(state)
+    assert take(again) == rest  # seeded: the same state draws the same rest
+    fresh = resampled(shards, Topology(0, 1, 0))
+    assert take(fresh)[:14] != rest  # drawn apart from the epoch's first draws
+
+    one = resampled(shards, Topology(0, 1, 0))
+    one.load_state_dict(state)
+    assert run_ranks([one], 4, collections.Counter()) == [4]
+    state = one.state_dict()
+    assert state["consumed"] == {"drawn": 12 + 4 * BATCH}
+    three = [resampled(shards, Topology(r, 3, 1)) for r in range(3)]
+    for s in three:
+        s.load_state_dict(state)
+    counts = run_ranks(three, None, collections.Counter())
+    assert counts == [4, 4, 4]  # ceil((40 - 20) / (3 slots x 2)) on every rank: no collective waits
+    assert all(len(s) == 7 + 4 for s in three)
+    for s in three:  # the next epoch is whole again, on the new topology
+        s.set_epoch(1)
+    assert [len(s) for s in three] == [7, 7, 7] and three[0].plan().consumed is None  # ceil(40 / 6)
+
+
 def stream_loaded(shards, topology: Topology, state: dict, drop_last: bool) -> ShardStream:
     s = stream(shards, topology, drop_last)
     s.load_state_dict(state)

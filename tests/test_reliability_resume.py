@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from tests.conftest import TINY, checkpoint_tensors, run_cli
 from xmodal.callbacks.nonfinite import NonFiniteStop
@@ -26,8 +27,8 @@ from xmodal.checkpoints import (
     choose_resume,
     nonfinite_tensors,
 )
-from xmodal.config import compose_config
-from xmodal.drift import check_drift
+from xmodal.config import ConfigError, compose_config
+from xmodal.drift import check_drift, world_size_note
 from xmodal.run import RUN_ID_ENV
 from xmodal.run_lock import RunBusy, RunLock
 from xmodal.tasks.caption.task import CaptionTask
@@ -98,6 +99,25 @@ def test_harmless_changes_pass_and_unknown_allow_keys_are_refused(run):
     )
     with pytest.raises(Exception, match=r"run.allow_changes: 'model.head' names no config key"):
         train(compose_config([*args, "run.allow_changes=[model.head]"]))
+
+
+def test_the_world_size_may_change_on_resume_unless_the_weights_are_sharded(run, tmp_path):
+    run_dir, args = run
+    ddp = ["trainer=ddp_cpu", "trainer.max_steps=4"]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(_resolved(args, *ddp), resolve=True))
+    lines = check_drift(tmp_path, _resolved(args, *ddp, "trainer.devices=1", "trainer.strategy=auto"))
+    assert "trainer.devices: 2 → 1" in lines and "trainer.strategy: 'ddp' → 'auto'" in lines
+    assert world_size_note(lines).startswith("the world size changes on resume (trainer.devices: 2 → 1;")
+    assert world_size_note([line for line in lines if not line.startswith("trainer.")]) is None
+    fsdp = ["trainer=fsdp2", "trainer.max_steps=4"]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(_resolved(args, *fsdp), resolve=True))
+    with pytest.raises(
+        ConfigError, match=r"(?s)trainer.devices: 2 → 3.*run.allow_changes=\[trainer.devices\]"
+    ):
+        check_drift(tmp_path, _resolved(args, *fsdp, "trainer.devices=3"))
+    with pytest.raises(ConfigError, match=r"trainer.strategy: 'ddp' → 'fsdp2'"):
+        (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(_resolved(args, *ddp), resolve=True))
+        check_drift(tmp_path, _resolved(args, *ddp, "trainer.strategy=fsdp2"))
 
 
 def _resolved(args: list[str], *more: str):

@@ -4,6 +4,7 @@ by the multi-node sbatch script; weights equal across ranks and to one rank's me
 from __future__ import annotations
 
 import json
+import logging
 
 import lightning as L
 import pytest
@@ -115,6 +116,44 @@ def test_fsdp2_two_cpu_ranks_match_ddp_and_resume_from_a_distributed_checkpoint(
         6,
         9,
     ]
+
+
+def test_a_two_rank_run_resumes_mid_epoch_on_one_rank_finishing_the_epoch_then_the_next(
+    ddp_run, tmp_path, caplog
+):
+    """A requeued job that gets fewer devices: no run.allow_changes, the rest of epoch 0 over one rank."""
+    import shutil
+
+    import torch
+
+    from xmodal.train import train
+
+    root, overrides = ddp_run
+    shutil.copytree(root / "outputs" / "shapes_caption" / "ddp", tmp_path / "shapes_caption" / "ddp")
+    overrides = [o for o in overrides if not o.startswith(("paths.output_dir", "callbacks.rank_checksums"))]
+    resume = [
+        *overrides,
+        f"paths.output_dir={tmp_path}",
+        "run.id=ddp",
+        "trainer=ddp_cpu",
+        "trainer.devices=1",
+    ]
+    resume += ["trainer.strategy=auto", "trainer.max_steps=9", "test_after_fit=false"]
+    with caplog.at_level(logging.INFO, logger="xmodal"):
+        train(compose_config(resume))
+    # Epoch 0 on 2 ranks: 3 shards of 64 over 2 slots (128 | 64 samples) = 8 batches of 16 per rank.
+    # At step 6: 96 + 64 of 192 consumed; the other 32 are 2 batches on one rank (steps 7, 8), and
+    # step 9 is the first batch of epoch 1 (12 batches on one rank).
+    assert "elastic resume of exact epoch 0: 160 of 192 samples consumed on 2 rank(s)" in caplog.text
+    assert "the world size changes on resume (trainer.devices: 2 → 1; trainer.strategy: 'ddp' → 'auto')" in (
+        caplog.text
+    )
+    run_dir = tmp_path / "shapes_caption" / "ddp"
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 9
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    stream = next(v["train_stream"] for v in state.values() if isinstance(v, dict) and "train_stream" in v)
+    assert (stream["epoch"], stream["batches_consumed"], stream["topology"]["world_size"]) == (1, 1, 1)
+    assert stream["plan_base"] is None  # epoch 1 is whole again, planned for one rank
 
 
 def test_ddp_over_uneven_shards_runs_three_exact_epochs_without_hanging(tiny, tmp_path):

@@ -4,9 +4,15 @@ the change cannot make the resumed run a hybrid of two.
 The newly composed config is compared with the run's ``config.yaml`` before anything is written.
 Keys in :data:`HARMLESS` (budgets, intervals, loggers, workers, where files go) may change and are
 recorded; every other key — the model, the data and its order, the optimizer, the seed, the
-trainer's numerics and world size — is refused unless listed in ``run.allow_changes``. A key
-nobody classified is assumed to matter. (A resumed run restores the optimizer from its checkpoint,
-so even ``model.lr`` would silently keep its old value: refused too.)
+trainer's numerics — is refused unless listed in ``run.allow_changes``. A key nobody classified is
+assumed to matter. (A resumed run restores the optimizer from its checkpoint, so even ``model.lr``
+would silently keep its old value: refused too.)
+
+The world size (:data:`ELASTIC`) may change on resume, as a requeued job often gets other nodes: the
+data stream plans the rest of the epoch over the new layout (every remaining sample once,
+``xmodal.data.stream``) and the weights are whole in every rank's checkpoint. The change is recorded
+and warned about (the global batch changes; the learning rate is not rescaled). Runs that shard their
+weights (FSDP2: a checkpoint directory of one shard per rank) still need ``run.allow_changes``.
 """
 
 from __future__ import annotations
@@ -49,6 +55,11 @@ HARMLESS = (
 )
 """Keys (or whole nodes) a resumed run may change: none shapes the model, the data or the optimizer state."""
 
+ELASTIC = ("trainer.devices", "trainer.num_nodes")
+"""Keys that set the world size: a resumed run may change them unless its weights are sharded."""
+
+SHARDED_STRATEGIES = ("fsdp2", "fsdp", "model_parallel")
+
 _ABSENT = "<absent>"
 
 
@@ -82,6 +93,17 @@ def show(value: Any) -> str:
     return value if value == _ABSENT else repr(value)
 
 
+def elastic(key: str, old: Any, new: Any, cfg: DictConfig) -> bool:
+    """Whether this change only moves the run to another world size: the device or node count, or
+    one replicated data-parallel strategy for another (``ddp`` on 2 devices → ``auto`` on 1), while
+    nothing is sharded before or after."""
+    if str(cfg.trainer.strategy) in SHARDED_STRATEGIES:
+        return False
+    if key == "trainer.strategy":
+        return old not in SHARDED_STRATEGIES and new not in SHARDED_STRATEGIES
+    return covered(key, ELASTIC)
+
+
 def check_drift(run_dir: Path, cfg: DictConfig) -> list[str]:
     """Refuse (:class:`ConfigError`) a restart whose config changes keys that matter; return one
     ``key: old → new`` line per allowed change (empty for a new run or an unchanged config)."""
@@ -90,7 +112,11 @@ def check_drift(run_dir: Path, cfg: DictConfig) -> list[str]:
         return []
     diff = changes(saved.read_text(), OmegaConf.to_yaml(cfg, resolve=True))
     allowed = [str(k) for k in cfg.run.allow_changes]
-    refused = {k: v for k, v in diff.items() if not covered(k, HARMLESS) and not covered(k, allowed)}
+    refused = {
+        k: v
+        for k, v in diff.items()
+        if not covered(k, HARMLESS) and not covered(k, allowed) and not elastic(k, *v, cfg)
+    }
     if refused:
         lines = "\n  ".join(f"{k}: {show(old)} → {show(new)}" for k, (old, new) in refused.items())
         keys = ",".join(refused)
@@ -100,3 +126,15 @@ def check_drift(run_dir: Path, cfg: DictConfig) -> list[str]:
             f"Start a new run (another run.id), or allow exactly these changes: run.allow_changes=[{keys}]"
         )
     return [f"{k}: {show(old)} → {show(new)}" for k, (old, new) in diff.items()]
+
+
+def world_size_note(changed: list[str]) -> str | None:
+    """A warning line when a resume changes the world size (``check_drift``'s lines), else None."""
+    moved = [line for line in changed if covered(line.split(":", 1)[0], (*ELASTIC, "trainer.strategy"))]
+    if not moved:
+        return None
+    return (
+        f"the world size changes on resume ({'; '.join(moved)}): the rest of the epoch is planned over "
+        "the new ranks (every remaining sample once in data.mode=exact), but the global batch changes "
+        "with it and the learning rate is not rescaled"
+    )

@@ -43,7 +43,7 @@ from xmodal.console import (
     print_error,
     stop_logging_to,
 )
-from xmodal.drift import check_drift
+from xmodal.drift import check_drift, world_size_note
 from xmodal.factory import (
     build_callbacks,
     build_datamodule,
@@ -277,6 +277,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.info("resuming run %s from %s", run.id, resume)
         for change in changes:
             log.info("config changed on resume: %s", change)
+        if launcher and (note := world_size_note(changes)):
+            log.warning(note)
         loggers = build_loggers(cfg, run)
         quiet_wandb_init(loggers)
         callbacks, checkpoint = build_callbacks(cfg, run, has_logger=bool(loggers))

@@ -39,7 +39,9 @@ rows are: its whole blocks before row ``m`` (a prefix of each shard, by tar orde
 block. ``EpochPlan.consumed_after(batches)`` states them by shard (``Consumed``: a consumed prefix per
 shard plus a few extra indices), not by slot; ``plan_epoch(..., consumed=...)`` plans the *rest* of an
 epoch over any topology (elastic resume, ``xmodal.data.stream``): each partly read shard becomes a
-*piece* that starts after its prefix and passes over its extra indices.
+*piece* that starts after its prefix and passes over its extra indices. A resampled epoch has no
+sample set, only a length: ``Drawn`` counts its rows drawn so far, and the rest of it is drawn afresh
+over the new topology.
 """
 
 from __future__ import annotations
@@ -162,6 +164,30 @@ class Consumed:
             raise ValueError("the saved consumed samples do not fit this index")
         prefix[shards] = counts
         return _normalised(prefix, extra, sizes)
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """Rows of one resampled epoch already drawn, over all slots. A resampled epoch has no sample set
+    to complete, only a length (``samples_per_epoch``), so this count is all an elastic resume needs:
+    the rest of the epoch draws the remaining rows afresh over the new topology."""
+
+    rows: int
+
+    def to_state(self) -> dict[str, int]:
+        return {"drawn": int(self.rows)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, int]) -> Drawn:
+        rows = int(state["drawn"])
+        if rows < 0:
+            raise ValueError("the saved drawn rows are negative")
+        return cls(rows)
+
+
+def consumed_from_state(mode: str, state: dict[str, Any], sizes: np.ndarray) -> Consumed | Drawn:
+    """A saved ``Consumed`` (exact) or ``Drawn`` (resampled) for an index with these shard sizes."""
+    return Drawn.from_state(state) if mode == "resampled" else Consumed.from_state(state, sizes)
 
 
 def _normalised(prefix: np.ndarray, extra: dict[int, Any], sizes: np.ndarray) -> Consumed:
@@ -311,7 +337,8 @@ class EpochPlan:
     ``batches_per_rank`` and ``samples_per_rank`` (rows, padding included) are the same on every rank;
     ``valid_per_rank`` counts real rows. ``padding``/``dropped`` are totals over all slots (``dropped``:
     samples trimmed by ``drop_last=True``). ``warnings`` are human-readable layout problems.
-    ``consumed`` (exact mode): samples of the epoch yielded before this plan, which it leaves out.
+    ``consumed``: samples of the epoch yielded before this plan, which it leaves out (exact mode,
+    ``Consumed``), or rows drawn before it, which shorten it (resampled mode, ``Drawn``).
     """
 
     mode: str
@@ -324,7 +351,7 @@ class EpochPlan:
     slot_shards: list[np.ndarray]  # per slot: positions into ``shard_list`` in reading order
     slot_rows: list[int]  # per slot: real rows (before padding)
     shard_list: tuple[ShardInfo, ...]
-    consumed: Consumed | None = None
+    consumed: Consumed | Drawn | None = None
     warnings: list[str] = field(default_factory=list)
     padding: int = 0
     dropped: int = 0
@@ -356,7 +383,7 @@ class EpochPlan:
         positions = self.slot_shards[s]
         sizes = np.fromiter((self.shard_list[p].num_samples for p in positions), np.int64, len(positions))
         starts, skips = np.zeros(len(positions), dtype=np.int64), {}
-        if self.consumed is not None:
+        if isinstance(self.consumed, Consumed):
             starts = self.consumed.prefix[positions]
             for k, indices in self.consumed.extra.items():
                 for j in np.flatnonzero(positions == k).tolist():
@@ -364,7 +391,7 @@ class EpochPlan:
         seed_parts = (
             (self.seed, self.epoch, 2, s)
             if self.mode == "exact"
-            else (self.seed, 4, rank, worker, self.epoch)
+            else (self.seed, 4, rank, worker, self.epoch, *_resume_salt(self.consumed))
         )
         return SlotPlan(
             rank=rank,
@@ -380,12 +407,14 @@ class EpochPlan:
             seed_parts=seed_parts,
         )
 
-    def consumed_after(self, batches: int) -> Consumed:
+    def consumed_after(self, batches: int) -> Consumed | Drawn:
         """The epoch's samples yielded once every rank has consumed its first ``batches`` batches of
         this plan (ranks move in lockstep; a rank's batch ``i`` comes from its worker ``i % W``), plus
-        those consumed before the plan (``consumed``). Exact mode only."""
-        if self.mode != "exact":
-            raise ValueError("consumed samples are defined in exact mode only")
+        those consumed before the plan (``consumed``). Resampled mode: the rows drawn so far."""
+        if self.mode == "resampled":
+            before = self.consumed.rows if isinstance(self.consumed, Drawn) else 0
+            return Drawn(before + batches * self.batch_size * self.topology.world_size)
+        assert not isinstance(self.consumed, Drawn)
         sizes = np.asarray([sh.num_samples for sh in self.shard_list], dtype=np.int64)
         base = self.consumed
         prefix = np.zeros(len(sizes), dtype=np.int64) if base is None else base.prefix.copy()
@@ -412,14 +441,15 @@ def plan_epoch(
     weights: Sequence[float] | None = None,
     drop_last: bool = False,
     shuffle_buffer: int = 1000,
-    consumed: Consumed | None = None,
+    consumed: Consumed | Drawn | None = None,
 ) -> EpochPlan:
     """The epoch plan (see the module docstring). Pure: the same inputs give the same plan anywhere.
 
     ``samples_per_epoch`` (global, resampled mode only) is spread evenly over the slots and rounded up
     to whole batches per slot. ``weights`` (resampled only): one non-negative weight per shard, the
     relative probability of drawing it. ``drop_last`` (exact only): trim instead of pad.
-    ``consumed`` (exact only): plan the rest of the epoch, leaving these samples out.
+    ``consumed``: plan the rest of the epoch, leaving these samples out (exact, ``Consumed``) or
+    drawing only the rows not yet drawn, seeded apart from the first draws (resampled, ``Drawn``).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -439,21 +469,22 @@ def plan_epoch(
         shard_list=shards,
         shuffle_buffer=shuffle_buffer,
     )
+    if isinstance(consumed, Drawn) != (mode == "resampled") and consumed is not None:
+        raise ValueError(f"{type(consumed).__name__} does not apply to {mode} mode")
     if mode == "resampled":
-        if consumed is not None:
-            raise ValueError("consumed samples apply to exact mode only")
         if samples_per_epoch is None or samples_per_epoch < 1:
             raise ValueError("resampled mode needs samples_per_epoch >= 1 (global samples per epoch)")
         if drop_last:
             raise ValueError("drop_last applies to exact mode only (resampled epochs are whole batches)")
         p = _shard_probabilities(sizes, weights)
-        per_slot = math.ceil(samples_per_epoch / (slots * batch_size))
+        wanted = samples_per_epoch - (consumed.rows if isinstance(consumed, Drawn) else 0)
+        per_slot = max(0, math.ceil(wanted / (slots * batch_size)))
         rows = per_slot * batch_size
         size_list = sizes.tolist()
         slot_shards = []
         for rank in range(topology.world_size):
             for worker in range(workers):
-                rng = _rng(seed, 3, rank, worker, epoch)
+                rng = _rng(seed, 3, rank, worker, epoch, *_resume_salt(consumed))
                 drawn: list[int] = []
                 total = 0
                 while total < rows:  # draw in chunks; keep only what is needed
@@ -465,7 +496,11 @@ def plan_epoch(
                         total += size_list[pos]
                 slot_shards.append(np.asarray(drawn, dtype=np.int64))
         return EpochPlan(
-            batches_per_slot=per_slot, slot_shards=slot_shards, slot_rows=[rows] * slots, **common
+            batches_per_slot=per_slot,
+            slot_shards=slot_shards,
+            slot_rows=[rows] * slots,
+            consumed=consumed,
+            **common,
         )
 
     if weights is not None or samples_per_epoch is not None:
@@ -511,6 +546,12 @@ def plan_epoch(
             f"drop_last: the smallest slot has fewer than batch_size={batch_size} samples, so the epoch is empty"
         )
     return plan
+
+
+def _resume_salt(consumed: Consumed | Drawn | None) -> tuple[int, ...]:
+    """Seed parts that set a resampled epoch's rest apart from its first draws (none for a whole epoch,
+    so a fresh epoch's draws do not change)."""
+    return (1, consumed.rows) if isinstance(consumed, Drawn) else ()
 
 
 def _assign(perm: np.ndarray, loads: np.ndarray, slots: int, labels: np.ndarray) -> list[np.ndarray]:

@@ -22,7 +22,8 @@ and from it ``consumed`` names the epoch's samples already yielded on *all* rank
 - Another world size or worker count (exact mode): the *rest* of the epoch is planned over the new
   topology (``plan_epoch(..., consumed=...)``), so every sample not yet yielded is yielded exactly once,
   on equal batch counts per rank; ``len()`` is then the batches already run plus the rest. The next
-  epoch is whole again. Resampled mode (no sample set to complete) still needs the same topology.
+  epoch is whole again. Resampled mode has no sample set to complete, only a length: the rows of the
+  epoch not yet drawn are drawn afresh over the new topology (seeded by where the epoch stood).
 
 Bad data. A decode exception (from ``decode``) or an unreadable/truncated shard (``ShardError``) is
 caught, counted per shard (``skip_counts()``), logged rate-limited (never a sleep), and the affected
@@ -47,12 +48,22 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from xmodal.data.carve import KeepRange, kept
-from xmodal.data.epoch_plan import Consumed, EpochPlan, Row, ShardInfo, SlotPlan, Topology, plan_epoch
+from xmodal.data.epoch_plan import (
+    Consumed,
+    Drawn,
+    EpochPlan,
+    Row,
+    ShardInfo,
+    SlotPlan,
+    Topology,
+    consumed_from_state,
+    plan_epoch,
+)
 from xmodal.data.shards import DataFailure, ShardError, iter_shard
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2  # 2: consumed samples by shard (elastic resume), block-shuffle order
+STATE_VERSION = 3  # 2: consumed samples by shard (elastic resume), block-shuffle order; 3: resampled too
 Decode = Callable[[dict[str, Any]], dict[str, Any]]
 Collate = Callable[[list[dict[str, Any]]], Any]
 
@@ -242,7 +253,7 @@ class ShardStream(IterableDataset):
         self._pending_start: int | None = None
         self._plan: EpochPlan | None = None
         # An elastic resume plans the rest of an epoch: samples consumed before it, and batches.
-        self._base: Consumed | None = None
+        self._base: Consumed | Drawn | None = None
         self._base_epoch = -1
         self._base_batches = 0
         self._base_generation = 0
@@ -286,7 +297,7 @@ class ShardStream(IterableDataset):
             )
         return self._plan
 
-    def _active_base(self, epoch: int) -> Consumed | None:
+    def _active_base(self, epoch: int) -> Consumed | Drawn | None:
         """The samples consumed before an elastic resume, while the rest of that epoch is planned."""
         active = self._base is not None and epoch == self._base_epoch and self._shared[2]
         return self._base if active else None
@@ -312,8 +323,8 @@ class ShardStream(IterableDataset):
         self._shared[1] = start
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the epoch stands: batches run per rank, and (exact mode) the samples consumed on every
-        rank, by shard. O(shards + slots x shuffle_buffer); reads no tar."""
+        """Where the epoch stands: batches run per rank, and the samples consumed on every rank (exact
+        mode: by shard; resampled: a count). O(shards + slots x shuffle_buffer); reads no tar."""
         plan = self.plan()
         start = self._base_batches if plan.consumed is not None else 0
         state: dict[str, Any] = {
@@ -329,8 +340,7 @@ class ShardStream(IterableDataset):
             "plan_batches": plan.batches_per_rank,
             "plan_base": plan.consumed.to_state() if plan.consumed is not None else None,
         }
-        if self.mode == "exact":
-            state["consumed"] = plan.consumed_after(self._consumed - start).to_state()
+        state["consumed"] = plan.consumed_after(self._consumed - start).to_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -350,12 +360,8 @@ class ShardStream(IterableDataset):
         old = Topology(**state["topology"])
         same = (old.world_size, old.num_workers) == (self.topology.world_size, self.topology.num_workers)
         version = int(state.get("version", 1))
-        if not same and (version < 2 or self.mode != "exact"):
-            why = (
-                "a resampled epoch has no sample set to complete"
-                if version >= 2
-                else "it was saved by an older xmodal"
-            )
+        if not same and "consumed" not in state:  # version 1, or a resampled state of version 2
+            why = "it was saved by an older xmodal"
             raise ValueError(
                 "cannot resume the data stream with a different topology: saved (rank, world_size, "
                 f"num_workers) = ({old.rank}, {old.world_size}, {old.num_workers}), now "
@@ -377,22 +383,27 @@ class ShardStream(IterableDataset):
         else:
             plan_start, plan_batches = int(state["plan_start"]), int(state["plan_batches"])
             saved_base = state["plan_base"]
-            base = Consumed.from_state(saved_base, self._sizes) if saved_base is not None else None
+            base = consumed_from_state(self.mode, saved_base, self._sizes) if saved_base is not None else None
         if consumed >= plan_start + plan_batches:  # the epoch was finished
             self._resume(epoch + 1, None, 0, 0)
             return
         if same:
             self._resume(epoch, base, plan_start, consumed - plan_start)
             return
-        done = Consumed.from_state(state["consumed"], self._sizes)
+        done = consumed_from_state(self.mode, state["consumed"], self._sizes)
         self._resume(epoch, done, consumed, 0)
         rest = self.plan(epoch)
+        if isinstance(done, Drawn):
+            used, total = done.rows, self.samples_per_epoch or 0
+        else:
+            used, total = int(self._sizes.sum() - done.remaining(self._sizes).sum()), int(self._sizes.sum())
         log.info(
-            "elastic resume of epoch %d: %d of %d samples consumed on %d rank(s) x %d worker(s); the rest "
-            "as %d batches per rank on %d x %d",
+            "elastic resume of %s epoch %d: %d of %d samples consumed on %d rank(s) x %d worker(s); the "
+            "rest as %d batches per rank on %d x %d",
+            self.mode,
             epoch,
-            int(self._sizes.sum() - done.remaining(self._sizes).sum()),
-            int(self._sizes.sum()),
+            used,
+            total,
             old.world_size,
             old.workers,
             rest.batches_per_rank,
