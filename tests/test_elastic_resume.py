@@ -143,6 +143,14 @@ def test_a_resampled_epoch_resumed_on_another_topology_draws_only_its_remaining_
     assert take(again) == rest  # seeded: the same state draws the same rest
     fresh = resampled(shards, Topology(0, 1, 0))
     assert take(fresh)[:14] != rest  # drawn apart from the epoch's first draws
+    # One rank takes the whole global batch (data.batch_size / world size): 28 rows = 7 batches of 4.
+    wide = ShardStream(shards, "resampled", SEED, Topology(0, 1, 0), 2 * BATCH, samples_per_epoch=40)
+    wide.load_state_dict(state)
+    assert len(wide) == 3 + 7 and all(len(keys) == 2 * BATCH for keys in take(wide))
+    with pytest.raises(ValueError, match="saved batch_size=2, now 4"):  # the same layout: no
+        ShardStream(shards, "resampled", SEED, Topology(0, 2, 2), 4, samples_per_epoch=40).load_state_dict(
+            state
+        )
 
     one = resampled(shards, Topology(0, 1, 0))
     one.load_state_dict(state)

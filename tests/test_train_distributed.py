@@ -98,6 +98,8 @@ def test_fsdp2_two_cpu_ranks_match_ddp_and_resume_from_a_distributed_checkpoint(
         assert fsdp["val"][key] == pytest.approx(ddp["val"][key], rel=1e-4, abs=1e-6)
     assert fsdp["test"]["test/loss"] == pytest.approx(ddp["test"]["test/loss"], rel=1e-4)
 
+    # The resumed segment runs compiled (dynamo's eager backend: traced graphs, no C++ build), so
+    # this also checks torch.compile under FSDP2 and that compile is harmless on resume.
     result = run_cli(
         [
             "xmodal-train",
@@ -106,10 +108,15 @@ def test_fsdp2_two_cpu_ranks_match_ddp_and_resume_from_a_distributed_checkpoint(
             "run.id=f",
             "trainer.max_steps=9",
             "test_after_fit=false",
+            "trainer.compile=true",
+            "trainer.compile_backend=eager",
         ],
         tmp_path,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "config changed on resume: trainer.compile: False → True" in result.stdout + result.stderr
+    resumed = rank_checksums(run_dir)
+    assert resumed[0]["end"] == resumed[1]["end"] != ranks[0]["end"]
     assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 9
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [
         3,
@@ -138,26 +145,27 @@ def test_a_two_rank_run_resumes_mid_epoch_on_one_rank_finishing_the_epoch_then_t
         "trainer=ddp_cpu",
         "trainer.devices=1",
     ]
-    resume += ["trainer.strategy=auto", "trainer.max_steps=9", "test_after_fit=false"]
+    resume += ["trainer.strategy=auto", "trainer.max_steps=13", "test_after_fit=false"]
     with caplog.at_level(logging.INFO, logger="xmodal"):
         train(compose_config(resume))
-    # Epoch 0 on 2 ranks: 3 shards of 64 over 2 slots (128 | 64 samples) = 8 batches of 16 per rank.
-    # At step 6: 96 + 64 of 192 consumed; the other 32 are 2 batches on one rank (steps 7, 8), and
-    # step 9 is the first batch of epoch 1 (12 batches on one rank).
-    assert "elastic resume of exact epoch 0: 160 of 192 samples consumed on 2 rank(s)" in caplog.text
+    # Epoch 0 on 2 ranks (8 rows each of the global 16): 3 shards of 64 over 2 slots (128 | 64
+    # samples) = 16 batches per rank. At step 6: 48 + 48 of 192 consumed; the other 96 are 6
+    # batches of 16 on one rank (steps 7-12), and step 13 is the first batch of epoch 1.
+    assert "elastic resume of exact epoch 0: 96 of 192 samples consumed on 2 rank(s)" in caplog.text
     assert "the world size changes on resume (trainer.devices: 2 → 1; trainer.strategy: 'ddp' → 'auto')" in (
         caplog.text
     )
     run_dir = tmp_path / "shapes_caption" / "ddp"
-    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 9
+    assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 13
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     stream = next(v["train_stream"] for v in state.values() if isinstance(v, dict) and "train_stream" in v)
     assert (stream["epoch"], stream["batches_consumed"], stream["topology"]["world_size"]) == (1, 1, 1)
-    assert stream["plan_base"] is None  # epoch 1 is whole again, planned for one rank
+    assert stream["plan_base"] is None and stream["plan_batches"] == 12  # epoch 1 whole, on one rank
 
 
 def test_ddp_over_uneven_shards_runs_three_exact_epochs_without_hanging(tiny, tmp_path):
-    """Shards of 7, 3, 5, 2 and 4 samples over 2 ranks: equal batch counts per rank, so no hang."""
+    """Shards of 7, 3, 5, 2 and 4 samples over 2 ranks: equal batch counts per rank, so no hang;
+    the nets compiled (dynamo under DDP, whose buckets split the graphs)."""
     from xmodal.data.epoch_plan import ShardInfo, Topology, plan_epoch
     from xmodal.data.shapes import ShapesSpec, make_sample
     from xmodal.data.shards import write_sizes, write_tar_shard
@@ -177,6 +185,7 @@ def test_ddp_over_uneven_shards_runs_three_exact_epochs_without_hanging(tiny, tm
     overrides = [o for o in tiny if not o.startswith("data.batch_size")]
     args = [*overrides, f"data.shards={shards_dir}", "data.batch_size=4", "trainer=ddp_cpu", "run.id=uneven"]
     args += ["trainer.max_steps=-1", "trainer.max_epochs=3", "trainer.val_check_interval=null", "logger=none"]
+    args += ["trainer.compile=true", "trainer.compile_backend=eager"]  # and torch.compile under DDP
     result = run_cli(["xmodal-train", *args], tmp_path, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     shards = [ShardInfo(str(shards_dir / "train" / n), c) for n, c in sizes["train"].items()]

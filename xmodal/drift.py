@@ -10,9 +10,10 @@ would silently keep its old value: refused too.)
 
 The world size (:data:`ELASTIC`) may change on resume, as a requeued job often gets other nodes: the
 data stream plans the rest of the epoch over the new layout (every remaining sample once,
-``xmodal.data.stream``) and the weights are whole in every rank's checkpoint. The change is recorded
-and warned about (the global batch changes; the learning rate is not rescaled). Runs that shard their
-weights (FSDP2: a checkpoint directory of one shard per rank) still need ``run.allow_changes``.
+``xmodal.data.stream``) and the weights are whole in every rank's checkpoint; ``data.batch_size`` is
+the global batch, so the optimization keeps its batch. The change is recorded and warned about.
+Runs that shard their weights (FSDP2: a checkpoint directory of one shard per rank) still need
+``run.allow_changes``.
 """
 
 from __future__ import annotations
@@ -135,6 +136,6 @@ def world_size_note(changed: list[str]) -> str | None:
         return None
     return (
         f"the world size changes on resume ({'; '.join(moved)}): the rest of the epoch is planned over "
-        "the new ranks (every remaining sample once in data.mode=exact), but the global batch changes "
-        "with it and the learning rate is not rescaled"
+        "the new ranks (every remaining sample once in data.mode=exact); data.batch_size stays the "
+        "global batch, so each rank now takes another share of it"
     )

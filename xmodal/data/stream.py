@@ -352,13 +352,15 @@ class ShardStream(IterableDataset):
         or index differ, or a resampled or version-1 state meets another topology. A finished epoch
         resumes at the start of the next one.
         """
-        for name in ("mode", "seed", "batch_size"):
+        old = Topology(**state["topology"])
+        same = (old.world_size, old.num_workers) == (self.topology.world_size, self.topology.num_workers)
+        # A rank's batch is data.batch_size / world size: it changes with the world size (elastic),
+        # and the rest of the epoch is planned with the new one; on the same layout it must not.
+        for name in ("mode", "seed", "batch_size") if same else ("mode", "seed"):
             if state[name] != getattr(self, name):
                 raise ValueError(
                     f"cannot resume the data stream: saved {name}={state[name]!r}, now {getattr(self, name)!r}"
                 )
-        old = Topology(**state["topology"])
-        same = (old.world_size, old.num_workers) == (self.topology.world_size, self.topology.num_workers)
         version = int(state.get("version", 1))
         if not same and "consumed" not in state:  # version 1, or a resampled state of version 2
             why = "it was saved by an older xmodal"
