@@ -34,6 +34,7 @@ DEFAULT_FRACTION = 0.05
 INDEX_DIR = "shard-index"
 """Folder of ``paths.data_dir`` holding the cached shard indexes."""
 _STATED_BY = {"sizes.json": "sizes.json", "img2dataset": "its _stats.json", "wids": "the wids index"}
+_STATED_BY |= {"remote sizes.json": "sizes.json", "remote wids": "the wids index"}
 
 
 @dataclass(frozen=True)
