@@ -99,6 +99,7 @@ class Mix:
         )
         splits: dict[str, list[ShardInfo]] = {}
         how: dict[str, str] = {}
+        groups: dict[str, tuple[int, ...]] = {}
         for split in order:
             if split in self.explicit:
                 splits[split] = list(self.explicit[split].shards)
@@ -111,6 +112,7 @@ class Mix:
             ]
             splits[split] = [sh for _, part in having for sh in part.splits[split]]
             how[split] = "; ".join(f"{spec.name}: {part.how[split]}" for spec, part in having)
+            groups[split] = tuple(len(part.splits[split]) for _, part in having)
         first = self.parts[0]
         return DataSplits(
             spec=" + ".join(spec.shards for spec in self.specs),
@@ -130,6 +132,7 @@ class Mix:
                 ),
                 *(f"data.{split}_shards: {w}" for split, ex in self.explicit.items() for w in ex.warnings),
             ],
+            groups=groups,
         )
 
     def train(self, mode: str) -> TrainMix:

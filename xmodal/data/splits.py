@@ -77,6 +77,9 @@ class DataSplits:
     counts: dict[str, ShardCounts] = field(default_factory=dict)
     """Every scanned shard's counts (member kinds, dotted keys, read errors)."""
     warnings: list[str] = field(default_factory=list)
+    groups: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Of several sources (``Mix.data``): per split, how many of its shards each source gives, in
+    order (``(2, 6)``: the first 2 are one source's); a split not named is one source's."""
 
     def shards(self, split: str) -> list[ShardInfo]:
         """The split's shards; ValueError naming the data and the fix when it has none."""
