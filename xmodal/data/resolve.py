@@ -135,7 +135,16 @@ def _remote(spec: str) -> Source:
     if is_tar_name(name):
         return Source(spec, "remote tar", {"train": (spec,)})
     if is_remote_file(spec):
-        text = read_remote_text(spec, what="file")
+        try:
+            text = read_remote_text(spec, what="file")
+        except ShardError as error:
+            if "." in name:
+                raise
+            # ``https://host/data``: meant as a folder, which an http(s) server cannot list.
+            raise ShardError(
+                f"{error}; a folder cannot be listed over http(s): name the shards with a brace "
+                "pattern, a list file or a wids index"
+            ) from None
         if name == SIZES_FILE:
             return _remote_sizes(spec, url_dir(spec), text)
         if name.lower().endswith(".json"):
