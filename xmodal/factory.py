@@ -58,8 +58,9 @@ def prepare_data(cfg: DictConfig, wait_s: float = 900.0) -> Path | str:
     generating a built-in dataset on first use.
 
     Only the launcher generates; ranks started by srun wait for its ``sizes.json``. With
-    ``data.sources``, the first source (what readers of one source, such as the GAN's FID
-    classifier, read; the data module reads every source, ``data_sources``).
+    ``data.sources``, the first source: only a label (``ShardDataModule.shards_dir``, in messages);
+    every reader, the FID classifier and the judge too, reads the data module's splits of all the
+    sources (``ShardDataModule.data``, from ``data_sources``).
     """
     if cfg.data.sources:
         return data_sources(cfg)[0].shards

@@ -225,11 +225,20 @@ def data_problems(cfg: Any) -> list[str]:
 
 
 def source_problems(cfg: Any, needed: tuple[str, ...]) -> list[str]:
-    """``data.sources``: alone (not with ``data.shards`` or explicit val/test shards), every entry
-    with shards, a usable weight (a whole number in exact mode) and a distinct safe name, and every
-    source readable with the splits the run needs (its own, or carved). One line each."""
-    from xmodal.data.mix import exact_weight_error, source_names
-    from xmodal.data.splits import SplitSettings, split_problems
+    """``data.sources``: not with ``data.shards``, every entry with shards, a usable weight (a whole
+    number in exact mode) and a distinct safe name, every source readable with the splits the run
+    needs (its own, or carved), and ``data.val_shards``/``test_shards``, when set, readable and
+    not empty, in place of the sources' own split (no fraction > 0 beside them, no shard a
+    source trains on). One line each."""
+    from xmodal.data.mix import exact_weight_error, source_names, source_settings
+    from xmodal.data.splits import (
+        SplitSettings,
+        check_apart,
+        explicit_splits,
+        resolve_explicit,
+        resolve_splits,
+        split_problems,
+    )
 
     p = Problems(cfg)
     d = cfg.data
@@ -238,13 +247,6 @@ def source_problems(cfg: Any, needed: tuple[str, ...]) -> list[str]:
             "data.sources: cannot be combined with data.shards (give one dataset as data.shards, "
             "several as data.sources)"
         ]
-    for key in ("val_shards", "test_shards"):
-        p.check(
-            getattr(d, key) is None,
-            f"data.{key}",
-            "cannot be combined with data.sources: each source gives its own split (its folder or "
-            "index, or carved by data.val_fraction/data.test_fraction)",
-        )
     entries = list(d.sources)
     for i, entry in enumerate(entries):
         key = f"data.sources[{i}]"
@@ -268,9 +270,37 @@ def source_problems(cfg: Any, needed: tuple[str, ...]) -> list[str]:
         return p
     names = source_names([str(e.shards) for e in entries], [e.name for e in entries])
     settings = SplitSettings.from_config(cfg)
+    explicit = explicit_splits(settings)
+    try:
+        own = source_settings(settings)
+    except ValueError as error:
+        return [*p, str(error)]
+    held_out = {}
+    for split in explicit:
+        try:
+            held_out[split] = resolve_explicit(split, settings)
+        except (ValueError, OSError) as error:
+            p.append(str(error))
+            continue
+        if split in needed and not any(sh.num_samples for sh in held_out[split].shards):
+            p.append(f"data.{split}_shards: {explicit[split]} holds no samples")
     for i, entry in enumerate(entries):
-        for line in split_problems(str(entry.shards), settings, needed):
+        lines = split_problems(str(entry.shards), own, tuple(s for s in needed if s not in explicit))
+        for line in lines:
             p.append(f"data.sources[{i}] ({names[i]}): {line.removeprefix('data.shards: ')}")
+        if lines:
+            continue
+        train = [sh.url for sh in resolve_splits(str(entry.shards), own).splits.get("train", [])]
+        for split, ex in held_out.items():
+            try:
+                check_apart(
+                    split,
+                    [sh.url for sh in ex.shards],
+                    train,
+                    f"data.sources[{i}] ({names[i]})'s train split",
+                )
+            except ValueError as error:
+                p.append(str(error))
     return p
 
 

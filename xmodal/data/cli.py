@@ -5,6 +5,7 @@
     xmodal-shards inspect data/shapes
     xmodal-shards index my_shards/           # count once (cached for runs), report lying counts
     xmodal-shards plan photos/ web/ --weights 3 1 --mode resampled --samples-per-epoch 10000 --world-size 1
+    xmodal-shards plan photos/ web/ --val-shards coco/val --split val --world-size 8
 
 ``inspect``, ``index`` and ``plan`` read any source ``data.shards`` takes (a directory of tars,
 webdataset ShardWriter or img2dataset output, a brace pattern, a list file, a wids index).
@@ -147,6 +148,10 @@ def _add_source_args(parser: argparse.ArgumentParser, several: bool = False) -> 
     parser.add_argument("--val-fraction", type=float, default=None, help="as data.val_fraction")
     parser.add_argument("--test-fraction", type=float, default=None, help="as data.test_fraction")
     parser.add_argument(
+        "--val-shards", default=None, help="as data.val_shards: the val split (of every source, when mixed)"
+    )
+    parser.add_argument("--test-shards", default=None, help="as data.test_shards")
+    parser.add_argument(
         "--cache-dir",
         type=Path,
         default=Path("data") / INDEX_DIR,
@@ -165,6 +170,8 @@ def _add_source_args(parser: argparse.ArgumentParser, several: bool = False) -> 
 def _settings(args: argparse.Namespace) -> SplitSettings:
     set_max_member_bytes(args.max_member_bytes)  # every reader below (index, stream, examples)
     return SplitSettings(
+        val_shards=args.val_shards,
+        test_shards=args.test_shards,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         index_dir=str(args.cache_dir),

@@ -12,11 +12,13 @@ credentials come from the usual environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_
 from __future__ import annotations
 
 import io
+import posixpath
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
+from urllib.parse import urlparse, urlunparse
 
 from xmodal.data.shards import PIPE_PREFIX, ShardError, iter_tar_samples
 
@@ -57,12 +59,16 @@ def _storage_options(url: str, options: RemoteOptions) -> dict[str, Any]:
 
 
 def open_remote(
-    url: str, options: RemoteOptions | None = None, sleep: Callable[[float], None] = time.sleep
+    url: str,
+    options: RemoteOptions | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    what: str = "shard",
 ) -> IO[bytes]:
     """A buffered binary stream of ``url``; retried ``options.retries`` times with a growing pause.
 
-    Raises ``ShardError`` naming the url: a missing object at once, anything else once the
-    retries are spent. A missing fsspec back-end names the extra to install.
+    Raises ``ShardError`` naming the url (and ``what`` it is: a shard, a list file): a missing
+    object at once, anything else once the retries are spent. A missing fsspec back-end names the
+    extra to install.
     """
     import fsspec
 
@@ -81,10 +87,10 @@ def open_remote(
             # fsspec's HTTP back-end reports any failed request (a 503 too) as not found, so for
             # http(s) it is retried like other errors; S3/GCS say "not found" only when it is.
             if scheme not in ("http", "https"):
-                raise ShardError(f"{url}: no such remote shard") from None
+                raise ShardError(f"{url}: no such remote {what}") from None
             if attempt == options.retries:
                 raise ShardError(
-                    f"{url}: no such remote shard (or the server failed {attempt + 1} attempts)"
+                    f"{url}: no such remote {what} (or the server failed {attempt + 1} attempts)"
                 ) from None
         except Exception as error:  # OSError, timeouts, and aiohttp/botocore errors (not OSErrors)
             if attempt == options.retries:
@@ -194,9 +200,54 @@ def list_remote_tars(url: str) -> tuple[list[str], bool]:
     return tars, has_sizes
 
 
-def read_remote_text(url: str, options: RemoteOptions | None = None) -> str:
-    stream = open_remote(url, options)
+def read_remote_text(url: str, options: RemoteOptions | None = None, what: str = "file") -> str:
+    """A remote text file (a list, an index), opened with the shards' timeout and retries; a read
+    that breaks off or bytes that are not UTF-8 are a ``ShardError`` naming the url."""
+    stream = open_remote(url, options, what=what)
     try:
-        return stream.read().decode("utf-8")
+        data = stream.read()
+    except Exception as error:  # a dropped connection: aiohttp/botocore errors, not OSErrors
+        raise ShardError(f"{url}: read failed ({type(error).__name__}: {error})") from None
     finally:
         stream.close()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ShardError(f"{url}: not a UTF-8 text file ({error})") from None
+
+
+def is_remote_file(url: str) -> bool:
+    """Whether a remote url that is not a tar names one file (a list, a wids index, a
+    ``sizes.json``) rather than a prefix to list. An http(s) server cannot be listed, so there
+    any url not ending in ``/`` is a file; an object store is asked (one HEAD)."""
+    if url.endswith("/"):
+        return False
+    if url.split("://", 1)[0].lower() in ("http", "https"):
+        return True
+    fs, path = _filesystem(url)
+    try:
+        return bool(fs.isfile(path))
+    except Exception:  # no permission to stat, say: listing it says what is wrong
+        return False
+
+
+def url_dir(url: str) -> str:
+    """The folder of a url (``s3://b/x/list.txt`` → ``s3://b/x``), what its relative entries join."""
+    parsed = urlparse(url)
+    return parsed._replace(path=posixpath.dirname(parsed.path), query="", fragment="").geturl()
+
+
+def join_url(base: str, entry: str) -> str:
+    """``entry`` read from a file at folder ``base``, merged as webdataset's wids merges urls: an
+    entry with a scheme stands alone, an absolute path keeps the base's scheme and host, a relative
+    one joins the base's path (``..`` resolved). ``urljoin`` would not do: it drops a relative
+    entry of an ``s3://`` base, whose scheme it does not know."""
+    if "://" in entry:
+        return entry
+    parsed, rel = urlparse(base), urlparse(entry)
+    path = (
+        rel.path
+        if rel.path.startswith("/")
+        else posixpath.normpath(posixpath.join(parsed.path or "/", rel.path))
+    )
+    return urlunparse((parsed.scheme, parsed.netloc, path, "", rel.query, ""))

@@ -15,9 +15,12 @@ files per split, plus the sample counts the source states, if any:
 - one tar file.
 
 Remote sources (xmodal/data/remote.py): one ``http(s)://``, ``s3://`` or ``gs://`` tar, a remote
-brace pattern, or a bucket prefix (listed: its split folders, its ``sizes.json``); list files and
-wids indexes may name remote shards. A ``pipe:CMD`` source is one train shard (run only with
-``data.allow_pipe=true``).
+brace pattern, a bucket prefix (listed: its split folders, its ``sizes.json``), or a remote list
+file, wids index or ``sizes.json`` (fetched with the shards' timeouts and retries; relative entries
+resolve against the file's own url, as webdataset's wids does). Local list files and wids indexes
+may name remote shards too. A ``pipe:CMD`` source is one train shard (run only with
+``data.allow_pipe=true``); a remote list or index may not name one (it would run a command the
+server chose).
 
 Shards are sorted by path, so the list is the same on every rank. Counts not stated come from
 ``xmodal.data.index`` (a scan, cached).
@@ -29,11 +32,20 @@ import glob
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from xmodal.data.remote import is_remote, list_remote_tars, read_remote_text
+from xmodal.data.remote import (
+    is_remote,
+    is_remote_file,
+    join_url,
+    list_remote_tars,
+    read_remote_text,
+    url_dir,
+)
 from xmodal.data.shards import (
     _HOW_TO_CREATE,
     SIZES_FILE,
@@ -59,7 +71,9 @@ class Source:
 
     spec: str
     kind: str
-    """sizes.json | img2dataset | split folders | tars | pattern | list | wids | tar."""
+    """sizes.json | img2dataset | split folders | tars | pattern | list | wids | tar | pipe, or
+    remote tar | remote pattern | remote list | remote wids | remote sizes.json | remote split
+    folders | remote tars."""
     splits: dict[str, tuple[str, ...]]
     stated: dict[str, int] = field(default_factory=dict)
     """Samples per shard url as the source states them (sizes.json, img2dataset stats, wids)."""
@@ -69,7 +83,7 @@ class Source:
     @property
     def has_own_splits(self) -> bool:
         """Whether the splits come from the data (folders, an index) rather than "all is train"."""
-        return self.kind in ("sizes.json", "split folders")
+        return self.kind in ("sizes.json", "split folders", "remote sizes.json", "remote split folders")
 
     def urls(self) -> list[str]:
         return sorted({url for urls in self.splits.values() for url in urls})
@@ -117,18 +131,29 @@ def resolve_source(spec: str | os.PathLike[str]) -> Source:
 def _remote(spec: str) -> Source:
     if _BRACE.search(spec):
         return Source(spec, "remote pattern", {"train": tuple(sorted(dict.fromkeys(expand_braces(spec))))})
-    if is_tar_name(spec.rsplit("/", 1)[-1]):
+    name = spec.rsplit("/", 1)[-1]
+    if is_tar_name(name):
         return Source(spec, "remote tar", {"train": (spec,)})
+    if is_remote_file(spec):
+        try:
+            text = read_remote_text(spec, what="file")
+        except ShardError as error:
+            if "." in name:
+                raise
+            # ``https://host/data``: meant as a folder, which an http(s) server cannot list.
+            raise ShardError(
+                f"{error}; a folder cannot be listed over http(s): name the shards with a brace "
+                "pattern, a list file or a wids index"
+            ) from None
+        if name == SIZES_FILE:
+            return _remote_sizes(spec, url_dir(spec), text)
+        if name.lower().endswith(".json"):
+            return _wids_index(spec, text, url_dir(spec), remote=True)
+        return _list_text(spec, text, lambda entry: _remote_entry(spec, entry), spec, "remote list")
     root = spec.rstrip("/")
     tars, has_sizes = list_remote_tars(root)
     if has_sizes:
-        sizes = json.loads(read_remote_text(f"{root}/{SIZES_FILE}"))
-        splits = {
-            split: tuple(sorted(f"{root}/{name}" for name in entries))
-            for split, entries in sizes["splits"].items()
-        }
-        stated = {f"{root}/{name}": n for entries in sizes["splits"].values() for name, n in entries.items()}
-        return Source(spec, "remote sizes.json", splits, stated)
+        return _remote_sizes(spec, root, read_remote_text(f"{root}/{SIZES_FILE}"))
     if not tars:
         raise FileNotFoundError(f"{spec}: no .tar shards below this prefix")
     by_folder: dict[str, list[str]] = {}
@@ -140,6 +165,30 @@ def _remote(spec: str) -> Source:
             raise ValueError(f"{spec} has split folders and tars outside them: move them into a split folder")
         return Source(spec, "remote split folders", {k: tuple(v) for k, v in by_folder.items()})
     return Source(spec, "remote tars", {"train": tuple(tars)})
+
+
+def _remote_sizes(spec: str, root: str, text: str) -> Source:
+    try:
+        sizes = json.loads(text)
+        entries_of = {split: dict(entries) for split, entries in sizes["splits"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"{root}/{SIZES_FILE}: not xmodal's sizes.json ({error}); {_HOW}") from None
+    splits = {
+        split: tuple(sorted(join_url(root, n) for n in entries)) for split, entries in entries_of.items()
+    }
+    stated = {join_url(root, n): c for entries in entries_of.values() for n, c in entries.items()}
+    return Source(spec, "remote sizes.json", splits, stated)
+
+
+def _remote_entry(list_url: str, entry: str) -> list[str]:
+    """The shard urls one entry of a remote list names: relative to the list's own url, braces
+    expanded (a glob cannot be: an http(s) server has no listing)."""
+    if is_pipe(entry):
+        raise ValueError(f"{list_url}: a remote list may not name pipe: shards (got {entry!r})")
+    url = join_url(url_dir(list_url), entry)
+    if any(c in urlparse(url).path for c in "*?["):  # a presigned url's "?query" is no glob
+        raise ValueError(f"{list_url}: {entry!r} is a glob; a remote list names shards or brace patterns")
+    return expand_braces(url)
 
 
 def _directory(spec: str, root: Path) -> Source:
@@ -199,48 +248,73 @@ def _from_sizes(spec: str, root: Path, sizes: dict[str, Any], kind: str) -> Sour
 
 def _list_file(spec: str, path: Path) -> Source:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not a text list of shards ({error}); {_HOW}") from error
-    urls: list[str] = []
-    for line in lines:
-        entry = line.split("#", 1)[0].strip()
-        if not entry:
-            continue
+
+    def local(entry: str) -> list[str]:
         if is_remote(entry) or is_pipe(entry):
-            urls.append(entry)
-            continue
+            return [entry]
         full = entry if Path(entry).is_absolute() else str(path.parent / entry)
-        urls += _expand(full) if (_BRACE.search(full) or any(c in full for c in "*?[")) else [full]
-    _check_exist(urls, str(path))
+        return _expand(full) if (_BRACE.search(full) or any(c in full for c in "*?[")) else [full]
+
+    return _list_text(spec, text, local, str(path), "list")
+
+
+def _list_text(spec: str, text: str, entry_urls: Callable[[str], list[str]], where: str, kind: str) -> Source:
+    """A list file's shards: one entry a line (``#`` comments), each expanded by ``entry_urls``."""
+    if text.lstrip().startswith("<"):  # a server's error or folder page, not a list
+        raise ValueError(f"{where}: an HTML page, not a list of shards (one url a line); {_HOW}")
+    urls: list[str] = []
+    for line in text.splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            urls += entry_urls(entry)
+    _check_exist(urls, where)
     if not urls:
-        raise ValueError(f"{path} lists no shards")
-    return Source(spec, "list", {"train": tuple(urls)})
+        raise ValueError(f"{where} lists no shards")
+    return Source(spec, kind, {"train": tuple(urls)})
 
 
 def _wids(spec: str, path: Path) -> Source:
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error})") from error
+    return _wids_index(spec, text, str(path.parent), remote=False)
+
+
+def _wids_index(spec: str, text: str, folder: str, remote: bool) -> Source:
+    """A wids shard index read from ``text``; relative urls from the index's own ``folder`` (a
+    local path or a url), or from its ``"base"`` (itself relative to that folder), as wids does."""
+    where = spec
+    try:
+        index = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not valid JSON ({error})") from error
     if not isinstance(index, dict) or not isinstance(index.get("shardlist"), list):
-        raise ValueError(f'{path}: not a wids shard index (no "shardlist"); {_HOW}')
-    # wids reads relative urls from the index's own location, or from its "base".
-    base = path.parent / str(index.get("base", ""))
+        raise ValueError(f'{where}: not a wids shard index (no "shardlist"); {_HOW}')
+    base = str(index.get("base", ""))
     stated: dict[str, int] = {}
     urls = []
     for number, entry in enumerate(index["shardlist"]):
         url = entry.get("url") if isinstance(entry, dict) else None
         if not isinstance(url, str):
-            raise ValueError(f'{path}: shardlist[{number}] has no "url"')
-        local = not (is_remote(url) or is_pipe(url) or Path(url).is_absolute())
-        full = str(base / url) if local else url
+            raise ValueError(f'{where}: shardlist[{number}] has no "url"')
+        if remote:
+            if is_pipe(url):
+                raise ValueError(f"{where}: a remote index may not name pipe: shards (got {url!r})")
+            full = join_url(join_url(folder, base) if base else folder, url)
+        else:
+            local = not (is_remote(url) or is_pipe(url) or Path(url).is_absolute())
+            full = str(Path(folder) / base / url) if local else url
         urls.append(full)
         n = entry.get("nsamples")
         if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
             stated[full] = n
-    _check_exist(urls, str(path))
-    return Source(spec, "wids", {"train": tuple(sorted(urls))}, stated, {"name": index.get("name")})
+    _check_exist(urls, where)
+    kind = "remote wids" if remote else "wids"
+    return Source(spec, kind, {"train": tuple(sorted(urls))}, stated, {"name": index.get("name")})
 
 
 def expand_braces(pattern: str) -> list[str]:

@@ -4,7 +4,8 @@
 split was found, warnings). Rules, in order:
 
 1. ``data.val_shards`` / ``data.test_shards`` (any source form, ``xmodal.data.resolve``) replace
-   those splits of ``data.shards``.
+   those splits of ``data.shards`` (of every source, with ``data.sources``: ``resolve_explicit``);
+   a shard that is also a training shard is refused.
 2. The source's own splits: ``sizes.json``, split folders (``train/ val/ test/``).
 3. A split still missing is **carved** from train by key hash (``xmodal.data.carve``):
    ``data.val_fraction`` / ``data.test_fraction``, :data:`DEFAULT_FRACTION` when unset. Carving a
@@ -34,6 +35,7 @@ DEFAULT_FRACTION = 0.05
 INDEX_DIR = "shard-index"
 """Folder of ``paths.data_dir`` holding the cached shard indexes."""
 _STATED_BY = {"sizes.json": "sizes.json", "img2dataset": "its _stats.json", "wids": "the wids index"}
+_STATED_BY |= {"remote sizes.json": "sizes.json", "remote wids": "the wids index"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ class DataSplits:
     counts: dict[str, ShardCounts] = field(default_factory=dict)
     """Every scanned shard's counts (member kinds, dotted keys, read errors)."""
     warnings: list[str] = field(default_factory=list)
+    groups: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Of several sources (``Mix.data``): per split, how many of its shards each source gives, in
+    order (``(2, 6)``: the first 2 are one source's); a split not named is one source's."""
 
     def shards(self, split: str) -> list[ShardInfo]:
         """The split's shards; ValueError naming the data and the fix when it has none."""
@@ -120,15 +125,8 @@ def resolve_splits(spec: str | os.PathLike[str], settings: SplitSettings | None 
     how = dict.fromkeys(urls, source.kind)
     stated = dict(source.stated)
     stated_by = dict.fromkeys(source.stated, _STATED_BY.get(source.kind, source.kind))
-    for split, override in (("val", settings.val_shards), ("test", settings.test_shards)):
-        if override is None:
-            continue
-        other = resolve_source(override)
-        if other.has_own_splits and split not in other.splits:
-            raise ValueError(
-                f"data.{split}_shards={override!r} has splits {sorted(other.splits)} but no {split!r}"
-            )
-        urls[split] = list(other.splits[split]) if other.has_own_splits else other.urls()
+    for split, override in explicit_splits(settings).items():
+        urls[split], other = _explicit_urls(split, override)
         how[split] = f"data.{split}_shards"
         stated.update(other.stated)
         stated_by.update(dict.fromkeys(other.stated, _STATED_BY.get(other.kind, other.kind)))
@@ -136,6 +134,8 @@ def resolve_splits(spec: str | os.PathLike[str], settings: SplitSettings | None 
         raise ValueError(
             f"{text} has no train split (splits: {', '.join(sorted(urls))}): add a train/ folder"
         )
+    for split in explicit_splits(settings):
+        check_apart(split, urls[split], urls["train"], f"the train split of {text}")
 
     fractions = {}
     for split, given in (("val", settings.val_fraction), ("test", settings.test_fraction)):
@@ -188,6 +188,69 @@ def resolve_splits(spec: str | os.PathLike[str], settings: SplitSettings | None 
         for split in carve.ranges():
             splits[split] = [sh for sh in splits[split] if sh.num_samples > 0]  # nothing to open
     return DataSplits(text, source, splits, how, carve, counts, warnings)
+
+
+def explicit_splits(settings: SplitSettings) -> dict[str, str]:
+    """``{"val": data.val_shards, "test": data.test_shards}``, the ones that are set."""
+    given = {"val": settings.val_shards, "test": settings.test_shards}
+    return {split: spec for split, spec in given.items() if spec is not None}
+
+
+def _explicit_urls(split: str, override: str) -> tuple[list[str], Source]:
+    """The shards ``data.{split}_shards`` names: its own ``split`` when it has splits (a dataset
+    folder with ``val/``), else every shard it holds."""
+    other = resolve_source(override)
+    if other.has_own_splits and split not in other.splits:
+        raise ValueError(
+            f"data.{split}_shards={override!r} has splits {sorted(other.splits)} but no {split!r}"
+        )
+    return (list(other.splits[split]) if other.has_own_splits else other.urls()), other
+
+
+def check_apart(split: str, explicit: list[str], train: list[str], what: str) -> None:
+    """ValueError when an explicit val/test shard is also a training shard (its samples would be
+    scored as held out while trained on)."""
+    trained = {_same_file(url) for url in train}
+    both = [url for url in explicit if _same_file(url) in trained]
+    if both:
+        more = f" and {len(both) - 1} more" if len(both) > 1 else ""
+        raise ValueError(
+            f"data.{split}_shards: {both[0]}{more} is also in {what}: held-out samples would be trained on"
+        )
+
+
+def _same_file(url: str) -> str:
+    return url if "://" in url or url.startswith("pipe:") else os.path.abspath(url)
+
+
+@dataclass
+class ExplicitSplit:
+    """``data.val_shards`` or ``data.test_shards`` resolved on its own (for ``data.sources``, where
+    it is the run's split whatever the sources hold)."""
+
+    spec: str
+    shards: list[ShardInfo]
+    counts: dict[str, ShardCounts]
+    warnings: list[str]
+
+
+def resolve_explicit(split: str, settings: SplitSettings) -> ExplicitSplit:
+    """The shards of ``data.{split}_shards`` with their counts: stated by the source, else indexed
+    (cached as any scan). ValueError/FileNotFoundError name the key."""
+    spec = explicit_splits(settings)[split]
+    try:
+        urls, other = _explicit_urls(split, spec)
+    except (ValueError, OSError) as error:
+        message = str(error)
+        prefix = "" if message.startswith(f"data.{split}_shards") else f"data.{split}_shards: "
+        raise type(error)(prefix + message) from error
+    unstated = [u for u in urls if u not in other.stated]
+    counts = index_shards(sorted(set(unstated)), None, settings.index_dir, settings.allow_pipe)
+    warnings = [
+        f"{url}: readable up to sample {c.samples} only: {c.error}" for url, c in counts.items() if c.error
+    ]
+    shards = [ShardInfo(u, counts[u].samples if u in counts else other.stated[u]) for u in urls]
+    return ExplicitSplit(spec, shards, counts, warnings)
 
 
 def iter_split_records(data: DataSplits, split: str, allow_pipe: bool = False) -> Iterator[dict[str, Any]]:

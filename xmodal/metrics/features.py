@@ -5,7 +5,14 @@ photos, not on 32 px digits or procedural shapes. A classifier trained on the da
 needs nothing from the network, takes seconds on a CPU, and its penultimate layer is a feature
 space where the dataset's classes are separated; its logits also score generated samples against
 their conditions (conditional accuracy). FID values are therefore comparable only between runs
-with the same feature extractor (same data dir and settings): the cache key records exactly that.
+with the same feature extractor (same data and settings): the cache key records exactly that.
+
+It reads the run's own splits (``ShardDataModule.data``: its carving, ``data.val_shards``, every
+source of ``data.sources``), never a default view of one directory: trained on a bounded sample of
+the run's train split, in which every source of a mix gets an equal share (capped at its size, the
+rest given to the others: a small source's classes are learnt too), and checked on its val split.
+The real images FID compares with are the val loader's batches (the task's evaluation steps), i.e.
+that same val split.
 """
 
 from __future__ import annotations
@@ -15,18 +22,23 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmodal.data.datamodule import DecodeSpec, decode_sample, iter_split
+from xmodal.data.carve import kept
+from xmodal.data.datamodule import DecodeSpec, decode_sample
+from xmodal.data.shards import iter_shard
+from xmodal.data.splits import DataSplits, SplitSettings, resolve_splits
 
 log = logging.getLogger("xmodal")
 
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
+"""2: keyed by the run's splits (every source's shards and counts), a mix sampled per source."""
 MAX_TRAIN_SAMPLES = 5000
 PROGRESS_S = 10.0
 """Seconds between progress lines while the classifier trains (a first run on new data trains it
@@ -77,38 +89,80 @@ def cache_dir() -> Path:
 
 DEFAULT_ROLE = "image"
 
+RunData: TypeAlias = "DataSplits | str | os.PathLike[str]"
+"""What the classifiers read: the run's resolved splits, or a data dir read with default settings."""
+
+
+def run_splits(data: RunData, allow_pipe: bool = False) -> DataSplits:
+    """``data`` as splits: the run's own (a :class:`DataSplits`, e.g. ``ShardDataModule.data``) as
+    they are, a path resolved with the default settings."""
+    if isinstance(data, DataSplits):
+        return data
+    return resolve_splits(os.fspath(data), SplitSettings(allow_pipe=allow_pipe))
+
+
+def data_identity(data: DataSplits) -> list[Any]:
+    """Every shard of the train, val and test splits as [split, url, file bytes (local files),
+    samples, carved key range]: another source, shard, count or carve is another identity."""
+    rows: list[Any] = []
+    for split in ("train", "val", "test"):
+        for sh in data.splits.get(split, []):
+            local = "://" not in sh.url and not sh.url.startswith("pipe:")
+            url = os.path.abspath(sh.url) if local else sh.url
+            size = os.stat(sh.url).st_size if local and os.path.isfile(sh.url) else None
+            rows.append([split, url, size, sh.num_samples, list(sh.keep) if sh.keep else None])
+    return rows
+
 
 def cache_key(
-    shards_dir: Path, spec: DecodeSpec, num_classes: int, steps: int, seed: int, role: str = DEFAULT_ROLE
+    data: RunData, spec: DecodeSpec, num_classes: int, steps: int, seed: int, role: str = DEFAULT_ROLE
 ) -> str:
-    """Digest of everything the classifier's weights depend on: the data (dir + its sizes.json),
-    the image role and decoded shape, the classes, the training length and seed, and this code's
-    version."""
-    sizes = Path(shards_dir) / "sizes.json"
+    """Digest of everything the classifier's weights depend on: the data (every shard of every
+    split and source the run reads, with its size and count), the image role and decoded shape,
+    the classes, the training length and seed, and this code's version."""
+    identity = json.dumps(data_identity(run_splits(data))).encode()
     payload = {
-        "dir": str(Path(shards_dir).resolve()),
-        "sizes": hashlib.sha256(sizes.read_bytes()).hexdigest() if sizes.exists() else None,
+        "data": hashlib.sha256(identity).hexdigest(),
         "image": [spec.image_size, spec.image_channels, spec.image_fit],
         "classes": num_classes,
         "steps": steps,
         "seed": seed,
         "version": FEATURES_VERSION,
     }
-    if role != DEFAULT_ROLE:  # keys of the default role stay those cached before roles existed
+    if role != DEFAULT_ROLE:
         payload["role"] = role
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def even_shares(limit: int, sizes: list[int]) -> list[int]:
+    """``limit`` split as evenly as ``sizes`` allow: a group smaller than its share gives all it
+    has and the rest goes to the others (sum = min(limit, sum(sizes)))."""
+    shares = [0] * len(sizes)
+    left = limit
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    for done, i in enumerate(order):
+        shares[i] = min(sizes[i], left // (len(sizes) - done))
+        left -= shares[i]
+    if left and order:  # the floor's remainder, where there is room
+        for i in reversed(order):
+            extra = min(left, sizes[i] - shares[i])
+            shares[i] += extra
+            left -= extra
+    return shares
+
+
 def load_split(
-    shards_dir: Path,
+    data: RunData,
     split: str,
     spec: DecodeSpec,
     limit: int = MAX_TRAIN_SAMPLES,
     allow_pipe: bool = False,
     role: str = DEFAULT_ROLE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``limit`` decodable samples of a split: uint8 images ``[N, C, H, W]`` of ``role``
-    (``tgt`` of paired data, through ``spec.roles``), labels ``[N]``."""
+    """At most ``limit`` decodable samples of a split: uint8 images ``[N, C, H, W]`` of ``role``
+    (``tgt`` of paired data, through ``spec.roles``), labels ``[N]``. One source: its first
+    samples in shard order; several (``data.sources``): each source's first samples, the limit
+    shared evenly over the sources (``even_shares``)."""
     spec = DecodeSpec(
         image_size=spec.image_size,
         image_channels=spec.image_channels,
@@ -117,19 +171,36 @@ def load_split(
         image_fit=spec.image_fit,
         roles=spec.roles,
     )
+    splits = run_splits(data, allow_pipe)
+    shards = splits.shards(split)
+    groups = splits.groups.get(split) or (len(shards),)
+    starts = [sum(groups[:g]) for g in range(len(groups))]
+    members = [shards[start : start + n] for start, n in zip(starts, groups, strict=True)]
+    shares = even_shares(limit, [sum(sh.num_samples for sh in group) for group in members])
     images, labels = [], []
-    for raw in iter_split(Path(shards_dir), split, allow_pipe):
-        try:
-            sample = decode_sample(raw, spec, train=False)
-        except ValueError:
-            continue
-        images.append(sample[role])
-        labels.append(sample["label"])
-        if len(images) >= limit:
-            break
+    for group, share in zip(members, shares, strict=True):
+        taken = 0
+        for shard in group:
+            if taken >= share:
+                break
+            for raw in kept(iter_shard(shard.url, allow_pipe), shard.keep):
+                try:
+                    sample = decode_sample(raw, spec, train=False)
+                except ValueError:
+                    continue
+                images.append(sample[role])
+                labels.append(sample["label"])
+                taken += 1
+                if taken >= share:
+                    break
     if not images:
-        raise ValueError(f"split {split!r} of {shards_dir} has no decodable image for the FID classifier")
+        raise ValueError(f"split {split!r} of {splits.spec} has no decodable image for the FID classifier")
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+
+
+def label_counts(labels: torch.Tensor) -> dict[str, int]:
+    """Samples per label (``-1``: none), for the classifiers' records."""
+    return {str(k): v for k, v in sorted(Counter(labels.tolist()).items())}
 
 
 def train_classifier(
@@ -191,7 +262,7 @@ def accuracy(net: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> floa
 
 
 def domain_classifier(
-    shards_dir: Path,
+    data: RunData,
     spec: DecodeSpec,
     num_classes: int,
     steps: int,
@@ -201,12 +272,13 @@ def domain_classifier(
     role: str = DEFAULT_ROLE,
     progress_s: float = PROGRESS_S,
 ) -> DomainClassifier | None:
-    """The cached classifier for this data, image role and settings, trained (and cached
-    atomically) on a miss.
+    """The cached classifier for this data (the run's splits, ``run_splits``), image role and
+    settings, trained (and cached atomically) on a miss.
 
     With ``train_if_missing=False`` a miss returns None (other ranks wait for rank zero's file).
     """
-    path = cache_dir() / f"{cache_key(shards_dir, spec, num_classes, steps, seed, role)}.pt"
+    splits = run_splits(data, allow_pipe)
+    path = cache_dir() / f"{cache_key(splits, spec, num_classes, steps, seed, role)}.pt"
     net = DomainClassifier(spec.image_channels, num_classes)
     if load_cached_net(path, net) is not None:
         return net
@@ -214,12 +286,12 @@ def domain_classifier(
         return None
     log.info("training the FID feature classifier: %d steps, cached at %s", steps, path)
     start = time.monotonic()
-    images, labels = load_split(shards_dir, "train", spec, allow_pipe=allow_pipe, role=role)
+    images, labels = load_split(splits, "train", spec, allow_pipe=allow_pipe, role=role)
     net, info = train_classifier(images, labels, spec.image_channels, num_classes, steps, seed, progress_s)
+    info["samples"] = len(labels)
+    info["labels"] = label_counts(labels)
     try:
-        val_images, val_labels = load_split(
-            shards_dir, "val", spec, limit=1000, allow_pipe=allow_pipe, role=role
-        )
+        val_images, val_labels = load_split(splits, "val", spec, limit=1000, allow_pipe=allow_pipe, role=role)
         info["val_accuracy"] = accuracy(net, val_images, val_labels)
     except ValueError:
         info["val_accuracy"] = None
@@ -230,7 +302,7 @@ def domain_classifier(
         "FID feature classifier trained in %.0f s: val accuracy %s (%s; %s)",
         time.monotonic() - start,
         accuracy_text,
-        shards_dir,
+        splits.spec,
         info,
     )
     save_cached_net(path, net, info)

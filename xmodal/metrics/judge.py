@@ -22,11 +22,14 @@ from torch import nn
 from xmodal.data.datamodule import DecodeSpec
 from xmodal.metrics.features import (
     DEFAULT_ROLE,
+    RunData,
     accuracy,
     cache_dir,
     cache_key,
+    label_counts,
     load_cached_net,
     load_split,
+    run_splits,
     save_cached_net,
 )
 
@@ -103,13 +106,13 @@ def train_judge(
     return net.eval()
 
 
-def judge_path(shards_dir: Path, spec: DecodeSpec, num_classes: int, steps: int, role: str) -> Path:
-    key = cache_key(shards_dir, spec, num_classes, steps, JUDGE_SEED, role)
+def judge_path(data: RunData, spec: DecodeSpec, num_classes: int, steps: int, role: str) -> Path:
+    key = cache_key(data, spec, num_classes, steps, JUDGE_SEED, role)
     return cache_dir() / f"judge-v{JUDGE_VERSION}-{key}.pt"
 
 
 def judge_classifier(
-    shards_dir: Path,
+    data: RunData,
     spec: DecodeSpec,
     num_classes: int,
     steps: int,
@@ -119,27 +122,33 @@ def judge_classifier(
 ) -> tuple[JudgeNet, dict[str, Any]] | None:
     """The cached judge and its record (``real_acc`` on the test split, or on val without one),
     trained and cached atomically on a miss; None on a miss with ``train_if_missing=False``, or
-    when the train split has no labels (nothing to judge against)."""
-    path = judge_path(shards_dir, spec, num_classes, steps, role)
+    when the train split has no labels (nothing to judge against). ``data``: the run's splits
+    (every source of a mix, its explicit val/test shards), or a data dir with default settings."""
+    splits = run_splits(data, allow_pipe)
+    path = judge_path(splits, spec, num_classes, steps, role)
     net = JudgeNet(spec.image_channels, num_classes)
     cached = load_cached_net(path, net)
     if cached is not None:
         return net, cached
     if not train_if_missing:
         return None
-    images, labels = load_split(shards_dir, "train", spec, allow_pipe=allow_pipe, role=role)
+    images, labels = load_split(splits, "train", spec, allow_pipe=allow_pipe, role=role)
     if not bool((labels >= 0).any()):
         return None
     log.info("training the judge classifier (%d steps, cached at %s)", steps, path)
     net = train_judge(images, labels, spec.image_channels, num_classes, steps)
-    info: dict[str, Any] = {"steps": steps, "labelled": int((labels >= 0).sum())}
+    info: dict[str, Any] = {
+        "steps": steps,
+        "labelled": int((labels >= 0).sum()),
+        "labels": label_counts(labels),
+    }
     for split in ("test", "val"):
         try:
-            held_images, held_labels = load_split(shards_dir, split, spec, allow_pipe=allow_pipe, role=role)
+            held_images, held_labels = load_split(splits, split, spec, allow_pipe=allow_pipe, role=role)
         except (ValueError, KeyError, OSError):
             continue
         info.update(real_acc=accuracy(net, held_images, held_labels), real_acc_split=split)
         break
-    log.info("judge classifier trained on %s: %s", shards_dir, info)
+    log.info("judge classifier trained on %s: %s", splits.spec, info)
     save_cached_net(path, net, info)
     return net, info

@@ -204,7 +204,7 @@ def feature_classifier(task: Any, role: str, num_classes: int, steps: int) -> nn
 
     def build(train_if_missing: bool) -> nn.Module | None:
         return domain_classifier(
-            datamodule.shards_dir,
+            datamodule.data,  # the run's splits: every source, its carving and explicit val/test
             datamodule.decode,
             num_classes,
             steps,
@@ -229,7 +229,7 @@ def judge_classifier(task: Any, role: str, num_classes: int, steps: int) -> nn.M
 
     def build(train_if_missing: bool) -> nn.Module | None:
         found = judge.judge_classifier(
-            datamodule.shards_dir,
+            datamodule.data,  # the run's splits: every source, its carving and explicit val/test
             datamodule.decode,
             num_classes,
             steps,
