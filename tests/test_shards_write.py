@@ -181,6 +181,31 @@ def test_bad_rows_are_skipped_counted_and_reported(tmp_path, capsys):
     assert "2 samples written, 4 rows skipped" in printed
 
 
+def test_a_folder_of_clips_and_captions_needs_no_image_and_require_says_what_must_be_there(
+    tmp_path, capsys
+):
+    """A sound recorder's WAVs with captions (audio captioning data): no image in any row."""
+    src = tmp_path / "clips"
+    src.mkdir()
+    for i in range(6):
+        (src / f"clip{i}.wav").write_bytes(wav_bytes())
+        (src / f"clip{i}.txt").write_text(f"a tone number {i}\n", encoding="utf-8")
+    (src / "extra.txt").write_text("a caption with no clip\n", encoding="utf-8")
+    assert main(["write", str(src), "--out", str(tmp_path / "out"), "--split", "train", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "every row needs a file of: audio (--require to choose)" in printed
+    sizes = read_sizes(tmp_path / "out")
+    assert sizes["required"] == ["audio"] and sizes["modalities"] == ["audio", "text"]
+    assert sizes["skipped"] == {"missing audio": 1}  # the caption without its clip, counted
+    assert sorted(read_all(tmp_path / "out")["train"]) == [f"clip{i}" for i in range(6)]
+
+    assert main(["write", str(src), "--out", str(tmp_path / "img"), "--require", "image", "--quiet"]) == 2
+    assert "nothing written (missing image (7))" in capsys.readouterr().err
+    assert main(["write", str(src), "--out", str(tmp_path / "x"), "--require", "sound", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--require 'sound': name modalities (" in err and "audio" in err and len(err.splitlines()) == 1
+
+
 def test_jsonl_bad_rows_report_line_numbers_and_nothing_written_exits_2(tmp_path, capsys):
     source = tmp_path / "rows.jsonl"
     lines = [

@@ -72,6 +72,20 @@ def test_steps_count_in_the_users_units_when_lightning_counts_more():
     assert [format_duration(s) for s in (4.4, 92, 3 * 3600 + 60)] == ["4s", "1m32s", "3h01m"]
 
 
+def test_a_fast_dev_run_counts_toward_its_batches_not_max_steps():
+    """debug=fdr stops after 1 batch whatever max_steps says: "step 1000/1000" was printed."""
+    from omegaconf import OmegaConf
+
+    from xmodal.callbacks.progress import target_steps
+
+    fdr = OmegaConf.create({"max_steps": 1000, "fast_dev_run": 1})
+    assert target_steps(fdr) == 1 and target_steps(OmegaConf.create({"max_steps": 1000})) == 1000
+    counter = StepCounter(target_steps(fdr))
+    caption = SimpleNamespace(max_steps=1, global_step=1)  # Lightning's max_steps = fast_dev_run
+    gan = SimpleNamespace(max_steps=1, global_step=2)  # one iteration = 2 optimizer steps
+    assert counter.label(caption) == counter.label(gan) == "1/1"
+
+
 def test_throughput_counts_the_flops_of_a_whole_training_step(tmp_path):
     """A first linear layer's step: forward 2·B·I·O plus its weight gradient 2·B·I·O (its input needs none)."""
     import lightning as L

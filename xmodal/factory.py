@@ -33,7 +33,7 @@ from xmodal.callbacks.model_summary import ModelTable
 from xmodal.callbacks.nonfinite import NonFiniteGuard
 from xmodal.callbacks.plots import MetricPlots
 from xmodal.callbacks.preemption import Preemption
-from xmodal.callbacks.progress import StepProgress, StepRichProgressBar
+from xmodal.callbacks.progress import StepProgress, StepRichProgressBar, target_steps
 from xmodal.callbacks.samples import ValidationSamples
 from xmodal.callbacks.short_epochs import ShortEpochValidation
 from xmodal.callbacks.throughput import Throughput
@@ -260,9 +260,9 @@ def build_callbacks(
     if cfg.callbacks.plots:
         callbacks.append(MetricPlots(run.dir, cfg.callbacks.monitor))  # after MetricsFile: reads its rows
     if rich_progress(cfg):
-        callbacks.append(StepRichProgressBar(cfg.trainer.max_steps))
+        callbacks.append(StepRichProgressBar(target_steps(cfg.trainer)))
     else:
-        callbacks.append(StepProgress(cfg.trainer.max_steps, cfg.callbacks.progress_interval_s))
+        callbacks.append(StepProgress(target_steps(cfg.trainer), cfg.callbacks.progress_interval_s))
     if has_logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.callbacks.rank_checksums:

@@ -32,7 +32,7 @@ from xmodal import summary
 from xmodal.callbacks.metrics_file import scalar_metrics
 from xmodal.callbacks.nonfinite import NonFiniteGuard, NonFiniteStop
 from xmodal.callbacks.preemption import Preemption
-from xmodal.callbacks.progress import StepCounter
+from xmodal.callbacks.progress import StepCounter, target_steps
 from xmodal.checkpoints import NoIntactCheckpoint, checkpoint_problem, choose_resume
 from xmodal.config import CONFIG_DIR, ConfigError, absolute, register_schemas, validate, world_size
 from xmodal.config.view import shown_config
@@ -222,8 +222,8 @@ def report_run(
         run_id=cfg.run.id,
         run_dir=run_dir,
         wall_time_s=wall_s,
-        steps=int(StepCounter(cfg.trainer.max_steps).done(trainer)),
-        max_steps=int(cfg.trainer.max_steps),
+        steps=int(StepCounter(target_steps(cfg.trainer)).done(trainer)),
+        max_steps=target_steps(cfg.trainer),
         global_step=trainer.global_step,
         monitor=cfg.callbacks.monitor,
         best_score=record["best_score"],

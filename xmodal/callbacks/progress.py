@@ -32,6 +32,14 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def target_steps(trainer_cfg: Any) -> int:
+    """The steps a run is asked for, in the user's units: ``trainer.max_steps``, or under
+    ``trainer.fast_dev_run`` its batch count (Lightning then stops after those, whatever
+    ``max_steps`` says, so "step 1000/1000" would be false)."""
+    fast = trainer_cfg.get("fast_dev_run", 0)
+    return int(fast) if fast else int(trainer_cfg.max_steps)
+
+
 class StepCounter:
     """Steps done in the user's units, and the rate over this process's steps (not resumed ones)."""
 
@@ -42,7 +50,8 @@ class StepCounter:
     def done(self, trainer: L.Trainer) -> float:
         lightning_max = trainer.max_steps
         if lightning_max and lightning_max > 0 and self.max_steps > 0:
-            return trainer.global_step * self.max_steps / lightning_max
+            # Capped: under fast_dev_run a GAN iteration is 2 optimizer steps of Lightning's 1.
+            return min(trainer.global_step * self.max_steps / lightning_max, float(self.max_steps))
         return float(trainer.global_step)
 
     def start(self, trainer: L.Trainer) -> None:

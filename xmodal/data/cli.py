@@ -217,6 +217,13 @@ def _add_write_parser(commands: Any) -> None:
         default=None,
         help=f"share of samples for 'test', by a hash of the key (default {DEFAULT_TEST_FRACTION})",
     )
+    w.add_argument(
+        "--require",
+        default="auto",
+        metavar="MODALITIES",
+        help="modalities every row must have a file of, e.g. image or audio,image (auto: image if the "
+        "first row has one, else that row's: a folder of clips + captions needs no image)",
+    )
     w.add_argument("--samples-per-shard", type=int, default=1000, help="at most this many samples per tar")
     w.add_argument(
         "--max-shard-bytes",
@@ -401,6 +408,7 @@ def cmd_write(args: argparse.Namespace, console: Console) -> int:
         max_pixels=args.max_pixels,
         force=args.force,
         progress=not args.quiet,
+        required_files=_required(args.require),
     )
     fmt = args.format
     if fmt == "auto" and args.source.exists():
@@ -420,6 +428,22 @@ def cmd_write(args: argparse.Namespace, console: Console) -> int:
     report = write_shards(rows, args.out, options, source_info=info)
     print_write_report(report, console, time.perf_counter() - start)
     return 0 if report.written else 2
+
+
+def _required(value: str) -> tuple[str, ...] | None:
+    """``--require``: ``auto`` (None) or comma-separated names of registered modalities."""
+    from xmodal.registry import MODALITIES
+
+    if value == "auto":
+        return None
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    unknown = [name for name in names if name not in MODALITIES.names()]
+    if not names or unknown:
+        raise ValueError(
+            f"--require {value!r}: name modalities ({', '.join(MODALITIES.names())}) separated by "
+            "commas, or auto"
+        )
+    return names
 
 
 def _given(value: float | None, default: float) -> float:
@@ -442,6 +466,8 @@ def print_write_report(report: WriteReport, console: Console, seconds: float) ->
             f"warning: no sample fell into split(s) {', '.join(report.empty_splits)} (too few samples for "
             "the fraction asked); not written: raise --val-fraction/--test-fraction"
         )
+    if report.required:
+        console.print(f"every row needs a file of: {', '.join(report.required)} (--require to choose)")
     if report.written:
         console.print(
             f"{report.out_dir}: {report.written} samples written, {skipped} rows skipped "

@@ -60,7 +60,9 @@ class WriteOptions:
     image_format: str = "keep"
     jpeg_quality: int = 90
     max_pixels: int = DEFAULT_MAX_PIXELS
-    required_files: tuple[str, ...] = ("image",)
+    required_files: tuple[str, ...] | None = None
+    """Modalities every row must have a file of; None: ``image`` if the first row with files has
+    one, else that row's modalities (a folder of clips + captions needs no image)."""
     force: bool = False
     progress: bool = False
 
@@ -103,6 +105,7 @@ class WriteReport:
     examples: dict[str, list[str]] = field(default_factory=dict)
     modalities: list[str] = field(default_factory=list)
     empty_splits: list[str] = field(default_factory=list)  # requested splits that got no sample
+    required: tuple[str, ...] = ()  # the modalities every written row has a file of
 
     @property
     def written(self) -> int:
@@ -146,11 +149,15 @@ def assign_split(key: str, val_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
-def build_sample(row: SourceRow, key: str, options: WriteOptions) -> dict[str, bytes]:
-    """The shard members of a row, or ``SkipRow`` saying why it cannot be written."""
+def build_sample(
+    row: SourceRow, key: str, options: WriteOptions, required: tuple[str, ...] | None = None
+) -> dict[str, bytes]:
+    """The shard members of a row, or ``SkipRow`` saying why it cannot be written. ``required``:
+    the modalities it must have a file of (default ``options.required_files``, else ``image``)."""
     if row.problem is not None:
         raise SkipRow(*row.problem)
-    for name in options.required_files:
+    required = required or options.required_files or ("image",)
+    for name in required:
         if name not in row.files:
             raise SkipRow(f"missing {name}", f"no {name} file for {row.location}")
     captions = [caption.strip() for caption in row.captions if caption.strip()]
@@ -311,6 +318,7 @@ def write_shards(
             "source": {**(source_info or {}), **_recorded_options(options)},
             "splits": report.shards,
             "modalities": report.modalities,
+            "required": list(report.required),
             "skipped": dict(report.skipped),
         }
         write_sizes(tmp, sizes)  # last: a directory with sizes.json is complete
@@ -341,11 +349,14 @@ def _write_rows(
     advance: Callable[[], None],
 ) -> None:
     make_key = KeyMaker()
+    report.required = options.required_files or ()
     for row in rows:
         advance()
+        if not report.required and row.files and row.problem is None:
+            report.required = required_of(row)
         try:
             # Keys are chosen after validation, so a bad row does not shift the keys of good ones.
-            sample = build_sample(row, "pending", options)
+            sample = build_sample(row, "pending", options, report.required or None)
         except SkipRow as skip:
             report.skip(skip.reason, row.location, skip.detail)
             continue
@@ -357,6 +368,12 @@ def _write_rows(
         )
         sinks[split].write(sample)
         modalities.update(_modalities(sample))
+
+
+def required_of(row: SourceRow) -> tuple[str, ...]:
+    """What every row must have when the user did not say: an image if this (first) row has one
+    (a photo folder with a few extra clips), else every modality it has (clips + captions)."""
+    return ("image",) if "image" in row.files else tuple(row.files)
 
 
 def _modalities(sample: Mapping[str, bytes]) -> set[str]:
