@@ -265,6 +265,9 @@ def test_a_bad_weights_dir_or_a_foreign_tokenizer_is_one_line_naming_the_key(sav
         ["+model/encoder=hf_vision", f"model.encoder.path={saved['vit']}"]
     )  # the shipped node
     validate(vit, cuda_available=False)
+    assert problems_of(vit, {"model.encoder.path": None}) == [
+        "model.encoder.path: must name a directory written by save_pretrained (got None)"
+    ]
     gone = tmp_path / "nowhere"
     assert problems_of(vit, {"model.encoder.path": str(gone)}) == [
         "model.encoder.path: no such directory (save a model there with save_pretrained; nothing is "

@@ -393,17 +393,14 @@ class HFImageEncoder(PretrainedBackbone):
         out = _common_problems(cls, key, options, "vision")
         if out:
             return out
-        from omegaconf import OmegaConf
-
-        from xmodal.tasks.caption.config import source_modality
-
-        task = OmegaConf.select(cfg, "model.task") if cfg is not None else None
+        model = cfg.get("model", {}) if cfg is not None else {}
+        task = model.get("task")
         if task in ("gan", "vae", "translation"):
             return [
                 f"{key}._target_: {cls.__name__} is a captioner's encoder (images → tokens) (got {task!r})"
             ]
-        source = cfg.model.get("source") if cfg is not None else None
-        modality = source_modality(source, cfg) if source is not None else None
+        source = model.get("source")
+        modality = dict(cfg.data.get("roles") or {}).get(source, source) if source is not None else None
         if modality not in (None, "image"):
             out.append(
                 f"{key}._target_: {cls.__name__} reads images, model.source is {modality} (got {source!r})"
@@ -484,8 +481,6 @@ class HFTextCondition(PretrainedBackbone):
         out = _common_problems(cls, key, options, "text")
         if out:
             return out
-        from omegaconf import OmegaConf
-
         folder = Path(options["path"]).expanduser()
         vocab_file = folder / "tokenizer.json"
         if not vocab_file.is_file():
@@ -495,23 +490,15 @@ class HFTextCondition(PretrainedBackbone):
             ]
         if cfg is None:
             return out
-        from xmodal.tasks.config import condition_names_of
-
         role = options.get("role", "text")
-        names = condition_names_of(OmegaConf.select(cfg, "model.condition", default="none"))
+        names = _condition_names(cfg.model.get("condition", "none"))
         if role not in names:
-            out.append(f"{key}.role: must be a role of model.condition {list(names)} (got {role!r})")
-        spec = OmegaConf.select(cfg, "data.tokenizer")
-        spec = OmegaConf.to_container(spec, resolve=True) if spec is not None else {}
-        given = spec.get("path") if isinstance(spec, dict) else None
-        same = (
-            isinstance(spec, dict)
-            and spec.get("_target_") == SUBWORD
-            and isinstance(given, str)
-            and _same_file(Path(given).expanduser(), vocab_file)
-        )
-        if not same:
-            shown = {k: spec.get(k) for k in ("_target_", "path")} if isinstance(spec, dict) else spec
+            out.append(f"{key}.role: must be a role of model.condition {names} (got {role!r})")
+        spec = cfg.data.get("tokenizer") or {}  # a DictConfig resolves interpolations on access
+        given = spec.get("path")
+        same = spec.get("_target_") == SUBWORD and isinstance(given, str)
+        if not (same and _same_file(Path(given).expanduser(), vocab_file)):
+            shown = {k: spec.get(k) for k in ("_target_", "path")}
             out.append(
                 f"data.tokenizer: must load {key}'s own tokenizer {str(vocab_file)!r} so the caption "
                 f"ids are the model's: data/tokenizer=hf_bert (got {shown})"
@@ -531,13 +518,19 @@ class HFTextCondition(PretrainedBackbone):
                     f"past the model's vocabulary{hint} (got {token!r})"
                 )
         positions = model_json(folder, "text").get("max_position_embeddings")
-        max_len = OmegaConf.select(cfg, "data.max_text_len")
+        max_len = cfg.data.get("max_text_len")
         if isinstance(positions, int) and isinstance(max_len, int) and max_len > positions:
             out.append(
                 f"data.max_text_len: {key} reads at most {positions} tokens (max_position_embeddings) "
                 f"(got {max_len})"
             )
         return out
+
+
+def _condition_names(condition: Any) -> list[str]:
+    """``model.condition`` (a name or a list of names) as a list, ``none`` left out."""
+    names = [condition] if isinstance(condition, str) else list(condition or ())
+    return [str(name) for name in names if name != "none"]
 
 
 def _same_file(a: Path, b: Path) -> bool:
