@@ -276,6 +276,9 @@ def test_a_bad_weights_dir_or_a_foreign_tokenizer_is_one_line_naming_the_key(sav
     assert problems_of(vit, {"model.encoder.path": str(saved["empty"])}) == [
         f"model.encoder.path: has no config.json (not a directory written by save_pretrained) (got '{saved['empty']}')"
     ]
+    assert problems_of(vit, {"model.encoder.path": str(saved["bert"])}) == [
+        f"model.encoder.path: holds a text model, HFImageEncoder needs a vision one (got '{saved['bert']}')"
+    ]
     assert problems_of(vit, {"model.encoder.train_last_n_layers": 3}) == [
         "model.encoder.train_last_n_layers: the model has 2 layers (got 3)"
     ]

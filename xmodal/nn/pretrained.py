@@ -137,10 +137,22 @@ def _common_problems(cls: type, key: str, options: Mapping[str, Any], tower: str
     why = directory_problem(options.get("path"))
     if why is not None:
         return [f"{key}.path: {why} (got {options.get('path')!r})"]
+    spec = model_json(options["path"], tower)
+    kind = (
+        "text"
+        if "vocab_size" in spec and "image_size" not in spec
+        else "vision"
+        if "image_size" in spec
+        else None
+    )
+    if kind is not None and kind != tower:
+        return [
+            f"{key}.path: holds a {kind} model, {cls.__name__} needs a {tower} one (got {options['path']!r})"
+        ]
     freeze, last = options.get("freeze", True), options.get("train_last_n_layers", 0)
     if not isinstance(freeze, bool):
         out.append(f"{key}.freeze: must be true or false (got {freeze!r})")
-    layers = model_json(options["path"], tower).get("num_hidden_layers")
+    layers = spec.get("num_hidden_layers")
     if not (isinstance(last, int) and not isinstance(last, bool) and last >= 0):
         out.append(f"{key}.train_last_n_layers: must be an integer >= 0 (got {last!r})")
     elif isinstance(layers, int) and last > layers:
@@ -262,9 +274,11 @@ class PretrainedBackbone(nn.Module):
         self.train(self.training)
 
     def backbone_features(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states (``[B, N, H]``, or ``[B, H, h, w]`` for a conv map)."""
         return self.backbone(**inputs).last_hidden_state
 
     def train(self, mode: bool = True) -> PretrainedBackbone:
+        """``mode`` for this module, but frozen parts stay in eval (no dropout, fixed norm statistics)."""
         super().train(mode)
         for module in self.frozen_modules:
             module.eval()
@@ -506,7 +520,10 @@ class HFTextCondition(PretrainedBackbone):
             return out
         from tokenizers import Tokenizer
 
-        vocab = Tokenizer.from_file(str(vocab_file))
+        try:
+            vocab = Tokenizer.from_file(str(vocab_file))
+        except Exception as err:  # the library raises its own exception types for a bad file
+            return [*out, f"{key}.path: its tokenizer.json does not load ({err}) (got {options['path']!r})"]
         wanted = tokenizer_specials(folder)
         defaults = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>", "unk": "<unk>"}
         for name, default in defaults.items():
