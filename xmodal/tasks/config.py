@@ -237,7 +237,9 @@ def condition_roles(target: str, condition: Any) -> tuple[str, ...]:
 
 
 def check_slot(problems: Problems, key: str, slot: Any) -> None:
-    """A net slot is unset or a mapping with an importable ``_target_``."""
+    """A net slot is unset or a mapping with an importable ``_target_``; a target defining
+    ``slot_problems(key, options, cfg) -> list[str]`` checks its own options (full-key lines, e.g.
+    a weights directory that does not exist: xmodal/nn/pretrained.py) before anything is built."""
     if slot is None:
         return
     target = slot.get("_target_") if isinstance(slot, Mapping) else None
@@ -245,6 +247,11 @@ def check_slot(problems: Problems, key: str, slot: Any) -> None:
         problems.append(f"{key}: must be unset or a mapping with _target_ (got {slot!r})")
         return
     try:
-        import_object(target)
+        built = import_object(target)
     except (ImportError, AttributeError) as err:
         problems.append(f"{key}._target_: cannot import {target!r} ({err})")
+        return
+    own_check = getattr(built, "slot_problems", None)
+    if callable(own_check):
+        options = {name: value for name, value in slot.items() if name != "_target_"}
+        problems.extend(own_check(key, options, problems.cfg))

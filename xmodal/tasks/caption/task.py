@@ -282,8 +282,10 @@ class CaptionTask(XmodalTask):
             self._log_caption_metrics(self.test_prefix)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        # Frozen weights (a pretrained encoder's, xmodal/nn/pretrained.py) get no optimizer state.
+        trained = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.98)
+            trained, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.98)
         )
         return with_warmup_cosine(
             optimizer, int(self.trainer.estimated_stepping_batches), self.cfg.warmup_steps
