@@ -244,6 +244,8 @@ def test_a_conditional_gan_trains_with_a_frozen_bert_through_cross_attention(sav
     assert {"generator.cond.proj.weight", "discriminator.cond.proj.weight"} <= changed(task, before, "")
     frozen = {id(p) for e in encoders for p in e.backbone.parameters()}
     assert not frozen & {id(p) for opt in trainer.optimizers for p in opt.state}  # no Adam moments
+    held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+    assert not frozen & held  # and not in G's or D's optimizer at all
     # Cross-attention reads BERT's per-token features: the caption changes the image.
     ids, mask = vocab.encode_batch(["a red circle"] * 2 + ["a blue square"] * 2, 8)
     encoded = encoders[0].encode({"text": ids, "text_mask": mask})

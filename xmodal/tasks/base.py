@@ -316,6 +316,12 @@ class XmodalTask(L.LightningModule):
         return batch_idx + 1 >= self.eval_batches()
 
 
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights an optimizer should hold: frozen ones (a pretrained encoder's,
+    xmodal/nn/pretrained.py) get no optimizer state and no weight decay."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def to_channels_last(batch: dict[str, Any]) -> dict[str, Any]:
     """The batch with its 4-D float tensors (images ``[B, C, H, W]``, log-mels ``[B, 1, M, T]``)
     in channels_last memory, as the converted conv nets want them; values are unchanged."""

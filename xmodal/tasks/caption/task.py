@@ -28,7 +28,7 @@ from xmodal.nn.image import ConvImageEncoder, FactorizedImageEncoder
 from xmodal.nn.slots import build_slot
 from xmodal.nn.text import TransformerTextDecoder
 from xmodal.nn.video import VideoEncoder
-from xmodal.tasks.base import GenerateError, XmodalTask, to_device
+from xmodal.tasks.base import GenerateError, XmodalTask, to_device, trainable
 from xmodal.tasks.caption.config import CaptionConfig
 from xmodal.tasks.caption.parallelize import parallelize_caption
 from xmodal.tasks.generation import flag_of, only_inputs, role_inputs
@@ -282,10 +282,8 @@ class CaptionTask(XmodalTask):
             self._log_caption_metrics(self.test_prefix)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        # Frozen weights (a pretrained encoder's, xmodal/nn/pretrained.py) get no optimizer state.
-        trained = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            trained, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.98)
+            trainable(self), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.98)
         )
         return with_warmup_cosine(
             optimizer, int(self.trainer.estimated_stepping_batches), self.cfg.warmup_steps

@@ -38,7 +38,7 @@ from xmodal.tasks.adversarial import (
     rolled_conditions,
     weighted_mean,
 )
-from xmodal.tasks.base import XmodalTask, condition_names, to_device
+from xmodal.tasks.base import XmodalTask, condition_names, to_device, trainable
 from xmodal.tasks.gan.config import GanModelConfig
 from xmodal.tasks.gan.parallelize import parallelize_gan
 from xmodal.tasks.generation import write_conditional_samples
@@ -145,8 +145,8 @@ class AdversarialTask(GuardedSteps, XmodalTask):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         g, gan = self.generator, self.gan
-        g_opt = torch.optim.Adam(g.parameters(), lr=gan.g_lr, betas=tuple(gan.g_betas))
-        d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=gan.d_lr, betas=tuple(gan.d_betas))
+        g_opt = torch.optim.Adam(trainable(g), lr=gan.g_lr, betas=tuple(gan.g_betas))
+        d_opt = torch.optim.Adam(trainable(self.discriminator), lr=gan.d_lr, betas=tuple(gan.d_betas))
         return [g_opt, d_opt]
 
     # ----------------------------------------------------------------------------- training

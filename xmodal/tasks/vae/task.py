@@ -57,7 +57,7 @@ from xmodal.nn.slots import build_slot
 from xmodal.nn.vae import ConvDecoder, ConvEncoder
 from xmodal.nn.video import VideoVaeDecoder, VideoVaeEncoder
 from xmodal.tasks.adversarial import judge_classifier
-from xmodal.tasks.base import XmodalTask, condition_names, to_device
+from xmodal.tasks.base import XmodalTask, condition_names, to_device, trainable
 from xmodal.tasks.generation import write_conditional_samples
 from xmodal.tasks.schedule import with_warmup_cosine
 from xmodal.tasks.vae.config import VaeModelConfig
@@ -551,7 +551,7 @@ class VaeTask(XmodalTask):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        optimizer = torch.optim.AdamW(trainable(self), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         return with_warmup_cosine(
             optimizer, int(self.trainer.estimated_stepping_batches), self.cfg.warmup_steps
         )
