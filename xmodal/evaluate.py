@@ -77,7 +77,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # to one of the same provenance (xmodal/metrics/provenance.py).
     provenance = (getattr(task, "metric_provenance", None) or {}).get("test", {})
     for family, record in sorted(provenance.items()):
-        rich.print(f"{family} ({', '.join(record['metrics'])}): {describe(record)}", soft_wrap=True)
+        print(f"{family} ({', '.join(record['metrics'])}): {describe(record)}")
     out = absolute(cfg.ckpt_path).with_suffix(".eval.json")
     payload = {"ckpt_path": str(absolute(cfg.ckpt_path)), "test": metrics}
     if provenance:

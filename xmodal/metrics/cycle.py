@@ -160,7 +160,7 @@ class CycleScore:
             len(tokenizer) if tokenizer is not None else None,
             image_size,
             image_fit,
-            "none (the captioner reads the generator's shape: checked at config validation)",
+            "none (captioner shape = generator shape, checked)",
             split,
             self.scored_rows,
             self.scored_rows,
