@@ -156,3 +156,34 @@ def test_cycle_captioner_config_errors_name_the_key(captioner_ckpt, tmp_path):
     assert problem(path, model__condition="none") == (
         f"{KEY}: scores samples against their condition: set model.condition (got {str(path)!r})"
     )
+
+
+def test_a_text_to_image_vae_logs_the_cycle_score_of_its_conditional_samples(captioner_ckpt):
+    path, data = captioner_ckpt
+    cfg = compose_config(
+        [*data, "experiment=shapes_text2image_vae", "model.vae.judge_steps=0", "model.vae.iwae_k=2"]
+        + [f"model.vae.cycle_captioner={path}"]
+    )
+    validate(cfg)
+    datamodule = build_datamodule(cfg, prepare_data(cfg))
+    L.seed_everything(0, verbose=False)
+    task = build_task(cfg, datamodule.build_tokenizer())
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    logged = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
+    assert not any("captioner" in k or "_cycle" in k for k in task.state_dict())
+    captioner = load_captioner(str(path))
+    rows = []
+    for batch in datamodule.val_dataloader():
+        batch = task.on_after_batch_transfer(batch, 0)
+        captions = captioner.caption(task.conditional_samples(batch), beam_size=1)
+        keep = batch["valid"].tolist()
+        rows += [
+            (key, metric_tokens(hyp), [metric_tokens(r) for r in refs])
+            for key, hyp, refs, valid in zip(batch["__key__"], captions, batch["captions"], keep, strict=True)
+            if valid
+        ]
+    rows.sort()
+    hyps, refs = [h for _, h, _ in rows], [r for _, _, r in rows]
+    assert len(hyps) == 48
+    assert logged["val/cycle_cider"] == pytest.approx(cider_d(hyps, refs), rel=1e-6)
+    assert task.metric_provenance["val"]["cycle"]["generated_samples"] == 48
