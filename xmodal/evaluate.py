@@ -22,6 +22,7 @@ from xmodal.config import CONFIG_DIR, ConfigError, absolute, register_schemas, v
 from xmodal.console import print_error
 from xmodal.factory import build_datamodule, prepare_data, rich_progress, task_class
 from xmodal.files import write_json_atomic
+from xmodal.metrics.provenance import describe
 from xmodal.registry import RegistryError
 from xmodal.warnings_filter import install_warning_filters
 
@@ -72,8 +73,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     for key, value in sorted(metrics.items()):
         table.add_row(key, f"{value:.4f}")
     rich.print(table)
+    # What FID/KID, the judge and the cycle score were measured with: a score is comparable only
+    # to one of the same provenance (xmodal/metrics/provenance.py).
+    provenance = (getattr(task, "metric_provenance", None) or {}).get("test", {})
+    for family, record in sorted(provenance.items()):
+        print(f"{family} ({', '.join(record['metrics'])}): {describe(record)}")
     out = absolute(cfg.ckpt_path).with_suffix(".eval.json")
-    write_json_atomic(out, {"ckpt_path": str(absolute(cfg.ckpt_path)), "test": metrics})
+    payload = {"ckpt_path": str(absolute(cfg.ckpt_path)), "test": metrics}
+    if provenance:
+        payload["provenance"] = provenance
+    write_json_atomic(out, payload)
     rich.print(f"saved {out}")
     return metrics
 

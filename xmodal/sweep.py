@@ -8,6 +8,12 @@ from every row written so far, so they grow as jobs finish (jobs of a SLURM laun
 nodes: each writes its own row file, and the launcher rebuilds the tables once more at the end of
 the sweep, when it also prints the Markdown one). ``summary.csv`` holds every column, ``summary.md``
 the ones a reader compares: the overrides that differ between jobs, the scores, the run dir.
+
+Scores of a metric family (FID/KID, judge, cycle) are comparable only between jobs of the same
+metric provenance (xmodal/metrics/provenance.py: feature extractor and its weights, image size,
+reference split and counts): each row keeps its run's records, ``summary.csv`` gets one
+``provenance <split>/<family>`` id column per family, and where jobs differ the Markdown table marks
+every such cell with its provenance (``[a]``, ``[b]``) and names the difference in a note below it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from xmodal.files import write_json_atomic
+from xmodal.metrics.provenance import comparable, family_of, provenance_id, read_provenance, stage_of
 
 ROW_FILE = "sweep_row.json"
 TABLE_FILE = "summary.csv"
@@ -47,8 +54,57 @@ def job_row(job: str, overrides: Sequence[str], status: str, job_dir: Path) -> d
         row[f"best {summary['monitor']}"] = summary["best_score"]
         row.update(summary["test"] or {})
         row["best_checkpoint"] = summary["best_checkpoint"]
+    if run_dir is not None and (provenance := read_provenance(run_dir)):
+        row["provenance"] = provenance
     row["run_dir"] = str(run_dir) if run_dir is not None else None
     return row
+
+
+def cell_provenance(row: Mapping[str, Any], column: str) -> dict[str, Any] | None:
+    """The provenance record behind a score cell (``best val/fid``, ``test/judge_acc``), or None."""
+    family, stage = family_of(column), stage_of(column)
+    if family is None or stage is None:
+        return None
+    return ((row.get("provenance") or {}).get(stage) or {}).get(family)
+
+
+def provenance_marks(
+    rows: Sequence[Mapping[str, Any]], shown: Sequence[str]
+) -> tuple[dict[tuple[int, str], str], list[str]]:
+    """Marks for score cells whose family's provenance differs between jobs, and the note lines
+    that name each difference: ``({(row index, column): "[b]"}, ["note: ..."])``. Cells of a family
+    whose jobs all share one provenance get no mark."""
+    marks: dict[tuple[int, str], str] = {}
+    notes: list[str] = []
+    groups: dict[tuple[str, str], list[str]] = {}
+    for column in shown:
+        if family_of(column) is not None and stage_of(column) is not None:
+            groups.setdefault((str(stage_of(column)), str(family_of(column))), []).append(column)
+    for group in groups.values():
+        records: dict[str, dict[str, Any]] = {}  # provenance id → record, first seen first
+        jobs: dict[str, list[str]] = {}
+        for row in rows:
+            record = cell_provenance(row, group[0])
+            if record is not None and any(row.get(c) not in (None, "") for c in group):
+                pid = provenance_id(record)
+                records.setdefault(pid, record)
+                jobs.setdefault(pid, []).append(str(row.get("job")))
+        if len(records) < 2:
+            continue
+        letters = {pid: f"[{chr(ord('a') + i)}]" for i, pid in enumerate(records)}
+        for i, row in enumerate(rows):
+            record = cell_provenance(row, group[0])
+            for column in group:
+                if record is not None and row.get(column) not in (None, ""):
+                    marks[(i, column)] = letters[provenance_id(record)]
+        first, *others = records
+        for pid in others:
+            notes.append(
+                f"note: {', '.join(group)} of different metric provenance, not comparable: "
+                f"{letters[first]} (jobs {', '.join(jobs[first])}) vs {letters[pid]} "
+                f"(jobs {', '.join(jobs[pid])}): {comparable(records[first], records[pid])}"
+            )
+    return marks, notes
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -58,10 +114,11 @@ def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """All keys in first-seen order, with ``run_dir`` and ``best_checkpoint`` last."""
+    """All keys in first-seen order, with ``run_dir`` and ``best_checkpoint`` last (the nested
+    ``provenance`` records are no column: :func:`csv_text` gives their ids)."""
     seen: dict[str, None] = {}
     for row in rows:
-        seen.update(dict.fromkeys(row))
+        seen.update(dict.fromkeys(k for k in row if k != "provenance"))
     tail = [k for k in ("best_checkpoint", "run_dir") if k in seen]
     return [k for k in seen if k not in tail] + tail
 
@@ -76,10 +133,28 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
     """Every column of every row, as CSV."""
+    keys = columns(rows)
+    ids = sorted(
+        {
+            f"provenance {stage}/{family}"
+            for r in rows
+            for stage, fs in (r.get("provenance") or {}).items()
+            for family in fs
+        }
+    )
+    tail = [k for k in ("best_checkpoint", "run_dir") if k in keys]
+    fieldnames = [k for k in keys if k not in tail] + ids + tail
+    flat = []
+    for row in rows:
+        cells = {k: v for k, v in row.items() if k != "provenance"}
+        for stage, families in (row.get("provenance") or {}).items():
+            for family, record in families.items():
+                cells[f"provenance {stage}/{family}"] = provenance_id(record)
+        flat.append(cells)
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns(rows), restval="")
+    writer = csv.DictWriter(out, fieldnames=fieldnames, restval="")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(flat)
     return out.getvalue()
 
 
@@ -142,16 +217,21 @@ def shown_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The shown columns as a Markdown table, padded so that it reads as plain text too."""
+    """The shown columns as a Markdown table, padded so that it reads as plain text too; score cells
+    of differing metric provenance marked, with a note line per difference below the table."""
     shown = shown_columns(rows)
-    lines = [shown, *([_cell(r.get(k)) for k in shown] for r in rows)]
+    marks, notes = provenance_marks(rows, shown)
+    lines = [shown]
+    for i, r in enumerate(rows):
+        lines.append([_cell(r.get(k)) + (f" {marks[(i, k)]}" if (i, k) in marks else "") for k in shown])
     lines = [[cell.replace("|", "\\|") for cell in line] for line in lines]  # "|" would end a cell
     widths = [max(3, *(len(line[i]) for line in lines)) for i in range(len(shown))]
 
     def text(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
-    return "\n".join([text(lines[0]), text(["-" * w for w in widths]), *map(text, lines[1:])])
+    table = [text(lines[0]), text(["-" * w for w in widths]), *map(text, lines[1:])]
+    return "\n".join([*table, *([""] + notes if notes else [])])
 
 
 class SweepSummary(Callback):

@@ -1,4 +1,6 @@
-"""Validation metrics appended to ``metrics.jsonl`` in the run dir, whatever logger is chosen."""
+"""Validation metrics appended to ``metrics.jsonl`` in the run dir, whatever logger is chosen, and
+what the FID/KID, judge and cycle scores were measured with in ``metrics_provenance.json`` beside it
+(xmodal/metrics/provenance.py), also handed to the loggers (W&B config) when it changes."""
 
 from __future__ import annotations
 
@@ -7,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+
+from xmodal.files import write_json_atomic
+from xmodal.metrics.provenance import PROVENANCE_FILE, read_provenance
 
 
 def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -22,6 +27,7 @@ class MetricsFile(L.Callback):
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.provenance_path = self.path.parent / PROVENANCE_FILE
 
     def _last_step(self) -> int:
         if not self.path.exists():
@@ -39,9 +45,28 @@ class MetricsFile(L.Callback):
         row = {"step": trainer.global_step, "epoch": trainer.current_epoch}
         row.update(scalar_metrics(metrics, "val/"))
         row.update(scalar_metrics(metrics, "data/"))
+        self.write_provenance(trainer, pl_module, ("val",))
         # Lightning repeats the validation a mid-epoch checkpoint was saved in when it resumes
         # from it; that step is already recorded.
         if not trainer.is_global_zero or trainer.global_step <= self._last_step():
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.write_provenance(trainer, pl_module, tuple(getattr(pl_module, "metric_provenance", None) or ()))
+
+    def write_provenance(self, trainer: L.Trainer, pl_module: Any, stages: tuple[str, ...]) -> None:
+        """Rank zero: ``metrics_provenance.json`` updated with the module's records of ``stages``
+        (``{split: {family: record}}``, other splits kept), and the loggers told when it changed."""
+        store = getattr(pl_module, "metric_provenance", None) or {}
+        fresh = {stage: store[stage] for stage in stages if stage in store}
+        if not fresh or not trainer.is_global_zero:
+            return
+        saved = read_provenance(self.provenance_path.parent)
+        merged = {**saved, **fresh}
+        if merged == saved:
+            return
+        write_json_atomic(self.provenance_path, merged)
+        for logger in trainer.loggers:  # W&B: config.metric_provenance; CSV: hparams.yaml
+            logger.log_hyperparams({"metric_provenance": merged})

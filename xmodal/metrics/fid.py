@@ -17,6 +17,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from xmodal.metrics.features import DomainClassifier
+from xmodal.metrics.provenance import FAMILIES, scorer_record
 
 
 class InceptionFeatures(nn.Module):
@@ -37,6 +38,7 @@ class InceptionFeatures(nn.Module):
             name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=weights_path
         )
         self.num_features = 2048
+        self.weights_path = str(weights_path)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float().clamp(-1, 1) + 1) / 2  # [B, C, H, W] in [0, 1]
@@ -102,6 +104,9 @@ class GenerativeMetrics:
         self.kid_subset_size = kid_subset_size
         self.cond_acc = MeanMetric()
         self.real_acc = MeanMetric()
+        self.features = features
+        # Rows behind the last compute(), over all ranks: (real, generated) for FID and the judge.
+        self.counts: dict[str, tuple[int, int]] = {"features": (0, 0), "judge": (0, 0)}
 
     def to(self, device: torch.device | str) -> GenerativeMetrics:
         for metric in self._metrics():
@@ -139,11 +144,21 @@ class GenerativeMetrics:
     def compute(self) -> dict[str, float]:
         """Metrics over everything updated on all ranks since the last reset (a collective call)."""
         out: dict[str, float] = {}
-        # The sample count over all ranks: every rank takes the same branch.
-        n_all = self.fid.fake_features_num_samples.detach().clone()
+        # Sample counts over all ranks (generated, real; the judge's generated, real): every rank
+        # takes the same branch, and the provenance records how many rows each score saw.
+        fid = self.fid
+        counts = torch.stack(
+            [
+                fid.fake_features_num_samples.detach().double(),
+                fid.real_features_num_samples.detach().double(),
+                self.judge_acc.weight.detach().double().to(fid.fake_features_num_samples.device),
+                self.judge_real_acc.weight.detach().double().to(fid.fake_features_num_samples.device),
+            ]
+        )
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(n_all)
-        n_all = int(n_all)
+            torch.distributed.all_reduce(counts)
+        n_all, n_real, judge_fake, judge_real = (int(round(float(c))) for c in counts)
+        self.counts = {"features": (n_real, n_all), "judge": (judge_real, judge_fake)}
         if n_all >= 2:
             out["fid"] = float(self.fid.compute())
             # KID's subsets must not be larger than the sample.
@@ -166,3 +181,19 @@ class GenerativeMetrics:
     def reset(self) -> None:
         for metric in self._metrics():
             metric.reset()
+
+    def provenance(self, split: str, image_size: int | None, image_fit: str | None) -> dict[str, dict]:
+        """Per family (``features``; ``judge`` with one): what the last :meth:`compute` scored with
+        (:mod:`xmodal.metrics.provenance`): the net and its weights' hash, the image size and fit,
+        ``split`` as the reference set, and the rows counted over all ranks."""
+        names = [m for m in FAMILIES["features"] if m != "cond_acc" or self.conditional]
+        real, fake = self.counts["features"]
+        weights = getattr(self.features, "weights_path", None)
+        out = {
+            "features": scorer_record(self.features, names, split, real, fake, image_size, image_fit, weights)
+        }
+        if self.judge is not None:
+            names = ["judge_acc", "judge_real_acc"] if self.conditional else ["judge_real_acc"]
+            real, fake = self.counts["judge"]
+            out["judge"] = scorer_record(self.judge, names, split, real, fake, image_size, image_fit)
+        return out

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmodal.metrics.collapse import warn_if_collapsed
+from xmodal.metrics.provenance import record_provenance, task_data
 
 T = TypeVar("T")
 
@@ -254,6 +255,10 @@ def log_split_metrics(task: Any, stage: str, metrics: Any, prog_bar: str) -> Non
     """
     values = metrics.compute()  # reduced over ranks: the same on every rank, no sync_dist needed
     metrics.reset()
+    # What FID/KID and the judge were measured with (the translation task's FID sits in .generative).
+    generative = getattr(metrics, "generative", metrics)
+    if callable(getattr(generative, "provenance", None)):
+        record_provenance(task, stage, generative.provenance(stage, *task_data(task)))
     warn_if_collapsed(task, stage, values)
     for name, value in values.items():
         if not math.isnan(value):

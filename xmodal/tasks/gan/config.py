@@ -77,6 +77,11 @@ class GanConfig:
     judge_steps: int = 1500
     """Training steps of the independent judge classifier (``judge_acc``: conditional accuracy by a
     net that is not the FID feature net; cached, one-time; conditional GANs only). 0 = no judge."""
+    cycle_captioner: str | None = None
+    """Path to an image → text captioner checkpoint (``xmodal-train`` of the caption task on the same
+    data, same ``data.image_size``): at val/test it captions the generated images (greedy) and
+    CIDEr-D / BLEU-4 against each row's captions give ``cycle_cider`` / ``cycle_bleu4``
+    (xmodal/metrics/cycle.py). None = off."""
 
 
 @dataclass
@@ -145,6 +150,14 @@ class GanModelConfig(ConditionConfig, TaskConfig):
         manual_optimization_problems(p, cfg, "GANs")
         if g.inception_weights is not None:
             p.check(Path(g.inception_weights).is_file(), "model.gan.inception_weights", "no such file")
+        if g.cycle_captioner is not None:
+            from xmodal.metrics.cycle import captioner_problems
+
+            key = "model.gan.cycle_captioner"
+            p.check(
+                bool(self.conditions()), key, "scores samples against their condition: set model.condition"
+            )
+            p.extend(captioner_problems(key, g.cycle_captioner, "image", cfg.data))
         check_slot(p, "model.generator", self.generator)
         check_slot(p, "model.discriminator", self.discriminator)
         return p

@@ -113,12 +113,20 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         self.max_grad_norm = self.gan.clip_grad_norm
         # Kept out of the module tree (a plain dict): no checkpoint, DDP or FSDP2 ever sees them.
         self._metrics: dict[str, Any] = {}
+        self._cycle: dict[str, Any] = {}  # model.gan.cycle_captioner: CycleScore per stage
+        self.metric_provenance: dict[str, dict[str, Any]] = {}
+        """What this task's FID/KID, judge and cycle scores were measured with, per stage (not saved)."""
         self._scored = 0  # valid rows scored so far in this evaluation pass (this rank)
 
     # ----------------------------------------------------------------------------- setup
 
     def setup(self, stage: str) -> None:
-        """Build the offline FID/KID/accuracy metrics from the datamodule's data (cached classifier)."""
+        """Build the offline FID/KID/accuracy metrics from the datamodule's data (cached classifier),
+        and the cycle score's captioner (``model.gan.cycle_captioner``)."""
+        if not self._cycle and self.conditional:
+            from xmodal.metrics.cycle import build_cycle
+
+            self._cycle = build_cycle(self.gan.cycle_captioner)
         if self._metrics:
             return
         classifier = feature_classifier(self, self.target, self.cfg.num_classes, self.gan.feature_steps)
@@ -295,10 +303,9 @@ class AdversarialTask(GuardedSteps, XmodalTask):
     def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         # Every rank runs the generator on every batch (under FSDP2 a forward is a collective).
         fake = self.generate(batch, row_noise(batch["__key__"], self.gan.z_dim))  # [B, C, H, W]
-        metrics = self._metrics.get(stage)
-        if metrics is None:
+        metrics, cycle = self._metrics.get(stage), self._cycle.get(stage)
+        if metrics is None and cycle is None:
             return
-        metrics.to(self.device)
         valid = batch["valid"].clone()  # [B] False on padding rows
         # At most metric_samples valid rows per rank and pass. Not divided by the world size: the
         # stream splits by shard, so one rank may hold most of a split, and a cap that covers the
@@ -306,14 +313,31 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         room = max(self.gan.metric_samples - self._scored, 0)
         valid[valid.cumsum(0) > room] = False
         self._scored += int(valid.sum())
-        labels = batch.get("label")
-        metrics.update(batch[self.target][valid], fake[valid], labels[valid] if labels is not None else None)
+        if metrics is not None:
+            labels = batch.get("label")
+            metrics.to(self.device).update(
+                batch[self.target][valid], fake[valid], labels[valid] if labels is not None else None
+            )
+        if cycle is not None:
+            # The very images FID scored, captioned; each against its own row's captions.
+            keep = valid.tolist()
+            captions = batch.get("captions") or [[] for _ in keep]
+            cycle.update(
+                fake[valid],
+                [k for k, v in zip(batch["__key__"], keep, strict=True) if v],
+                [list(c) for c, v in zip(captions, keep, strict=True) if v],
+            )
         if self.is_last_eval_batch(batch_idx):
             self._log_metrics(stage)
 
     def _log_metrics(self, stage: str) -> None:
+        from xmodal.metrics.cycle import log_cycle
+
         self._scored = 0
-        log_split_metrics(self, stage, self._metrics[stage], prog_bar="fid")
+        if stage in self._metrics:
+            log_split_metrics(self, stage, self._metrics[stage], prog_bar="fid")
+        if stage in self._cycle:
+            log_cycle(self, stage, self._cycle[stage])
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, batch_idx, "val")

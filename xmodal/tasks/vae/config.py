@@ -51,6 +51,11 @@ class VaeConfig:
     ``judge_acc``) for this many steps on the train split's labels, cached, and log
     ``judge_acc`` (samples decoded per condition read as its class) beside ``judge_real_acc``
     (real images; the ceiling). 0 = off."""
+    cycle_captioner: str | None = None
+    """A conditional VAE: path to a captioner checkpoint of the target's modality (image → text, or
+    audio → text for a text → audio VAE; ``xmodal-train`` of the caption task on the same data and
+    shape). Samples decoded per row are captioned (greedy) and scored against the row's captions:
+    ``cycle_cider`` / ``cycle_bleu4`` (xmodal/metrics/cycle.py). None = off."""
 
 
 @dataclass
@@ -124,6 +129,20 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
                 "model.vae.likelihood",
                 "a video target takes gaussian, logistic or laplace (the 3-D decoder has no bernoulli)",
             )
+        if v.cycle_captioner is not None:
+            from xmodal.metrics.cycle import captioner_problems
+            from xmodal.modalities.roles import modality_of
+            from xmodal.registry import RegistryError
+
+            key = "model.vae.cycle_captioner"
+            p.check(
+                bool(self.conditions()), key, "scores samples against their condition: set model.condition"
+            )
+            try:
+                made = modality_of(self.target, dict(d.roles)).name
+            except RegistryError:
+                made = self.target
+            p.extend(captioner_problems(key, v.cycle_captioner, made, d))
         check_slot(p, "model.encoder", self.encoder)
         check_slot(p, "model.decoder", self.decoder)
         optimizer_problems(p, self)

@@ -212,6 +212,12 @@ class VaeTask(XmodalTask):
         # Held in a plain dict, not as a submodule: the judge is no part of the model's state_dict.
         self._judge: dict[str, nn.Module] = {}
         self.judge_acc = nn.ModuleDict({s: MeanMetric() for s in ("val", "test", "val_real", "test_real")})
+        # model.vae.cycle_captioner: CycleScore per stage (plain dict: the captioner is no submodule).
+        self._cycle: dict[str, Any] = {}
+        self._judge_rows = {"val": 0, "test": 0}  # labelled rows judged in this pass (this rank)
+        self._pending: set[str] = set()  # stages with generative scores still to log
+        self.metric_provenance: dict[str, dict[str, Any]] = {}
+        """What the judge and cycle scores were measured with, per stage (not saved)."""
 
     @staticmethod
     def target_shape(target: str, data: dict[str, int]) -> tuple[int, ...]:
@@ -407,7 +413,7 @@ class VaeTask(XmodalTask):
             "dims": self.real_dims(mask, b),  # [B] dimensions the likelihood counted
         }
 
-    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+    def _evaluate(self, batch: dict[str, Any], stage: str, batch_idx: int | None = None) -> None:
         valid = batch["valid"]  # [B] False on padding rows
         out = self.evaluate_batch(batch)
         kl_dims = out["kl_dims"][valid]  # [V, Z]
@@ -427,8 +433,15 @@ class VaeTask(XmodalTask):
         self.log(f"{stage}/active_units", active)
         if self.tones is not None:
             self._evaluate_tones(batch, stage, valid)
-        if self._judge:
-            self._evaluate_judge(batch, stage, valid)
+        if self._judge or self._cycle:
+            fake = self.conditional_samples(batch)  # one decode per row serves the judge and the cycle
+            self._pending.add(stage)
+            if self._judge:
+                self._evaluate_judge(batch, stage, valid, fake)
+            if stage in self._cycle:
+                self._evaluate_cycle(batch, stage, valid, fake)
+            if batch_idx is not None and self.is_last_eval_batch(batch_idx):
+                self._finish_generative(stage)
 
     @torch.no_grad()
     def _evaluate_tones(self, batch: dict[str, Any], stage: str, valid: torch.Tensor) -> None:
@@ -448,7 +461,12 @@ class VaeTask(XmodalTask):
                 self.log(f"{prefix}_{attribute}_acc", tones.means[attribute])
 
     def setup(self, stage: str) -> None:
-        """The cached judge for ``model.vae.judge_steps`` > 0 on a conditional image VAE."""
+        """The cached judge for ``model.vae.judge_steps`` > 0 on a conditional image VAE; the cycle
+        score's captioner (``model.vae.cycle_captioner``) on a conditional one."""
+        if not self._cycle and self.condition is not None:
+            from xmodal.metrics.cycle import build_cycle
+
+            self._cycle = build_cycle(self.vae.cycle_captioner)
         if self._judge or self.vae.judge_steps <= 0 or self.target != "image" or self.condition is None:
             return
         judge = judge_classifier(self, self.target, self.cfg.num_classes, self.vae.judge_steps)
@@ -456,15 +474,24 @@ class VaeTask(XmodalTask):
             self._judge["net"] = judge.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def _evaluate_judge(self, batch: dict[str, Any], stage: str, valid: torch.Tensor) -> None:
-        """One decode per row from a prior draw keyed by the sample, under the row's condition:
-        the judge's class for it against the row's label (rows without one are left out)."""
+    def conditional_samples(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One decode per row from a prior draw keyed by the sample, under the row's condition
+        ``[B, C, H, W]`` in model units (audio: padded frames are silence, as in the real clip)."""
+        z = keyed_prior(batch["__key__"], self.vae.z_dim).to(self.device)  # [B, Z]
+        fake = self.display(self.decoder(z, self.conditioning(batch))[0]).float()
+        real, mask = self.target_data(batch)
+        return fake if mask is None else torch.where(mask, fake, real.float())
+
+    @torch.no_grad()
+    def _evaluate_judge(
+        self, batch: dict[str, Any], stage: str, valid: torch.Tensor, fake: torch.Tensor
+    ) -> None:
+        """The judge's class for each row's sample against the row's label (rows without one are left out)."""
         labels = batch.get("label")
         if labels is None:
             return
         known = valid & (labels >= 0)  # [B]
-        z = keyed_prior(batch["__key__"], self.vae.z_dim).to(self.device)  # [B, Z]
-        fake = self.display(self.decoder(z, self.conditioning(batch))[0]).float()  # [B, C, H, W]
+        self._judge_rows[stage] += int(known.sum())
         real, _ = self.target_data(batch)
         judge = self._judge["net"].to(self.device)
         # Updated on every rank, even with no rows, so every rank takes part in the reduction.
@@ -474,11 +501,44 @@ class VaeTask(XmodalTask):
             key = f"{stage}/judge_acc" if name == stage else f"{stage}/judge_real_acc"
             self.log(key, self.judge_acc[name], on_step=False, on_epoch=True)
 
+    def _evaluate_cycle(
+        self, batch: dict[str, Any], stage: str, valid: torch.Tensor, fake: torch.Tensor
+    ) -> None:
+        """Each valid row's sample captioned, kept with the row's captions for the split's score."""
+        keep = valid.tolist()
+        captions = batch.get("captions") or [[] for _ in keep]
+        mask = batch.get(f"{self.target}_mask")
+        self._cycle[stage].update(
+            fake[valid],
+            [k for k, v in zip(batch["__key__"], keep, strict=True) if v],
+            [list(c) for c, v in zip(captions, keep, strict=True) if v],
+            mask[valid] if mask is not None else None,
+        )
+
+    def _finish_generative(self, stage: str) -> None:
+        """At the pass's end, on every rank: the cycle score (gathered rows), and the provenance of
+        the judge and cycle scores with their rows counted over all ranks."""
+        from xmodal.metrics.cycle import log_cycle
+        from xmodal.metrics.provenance import record_provenance, scorer_record, task_data
+
+        self._pending.discard(stage)
+        if stage in self._cycle:
+            log_cycle(self, stage, self._cycle[stage])
+        if self._judge:
+            rows = torch.tensor(float(self._judge_rows[stage]), device=self.device)
+            if self._trainer is not None:
+                rows = self.trainer.strategy.reduce(rows, reduce_op="sum")
+            self._judge_rows[stage] = 0
+            n = int(round(float(rows)))
+            names = ["judge_acc", "judge_real_acc"]
+            record = scorer_record(self._judge["net"], names, stage, n, n, *task_data(self))
+            record_provenance(self, stage, {"judge": record})
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch, "val", batch_idx)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, "test", batch_idx)
 
     def _check_collapse(self, stage: str) -> None:
         # On every rank: compute() is a collective; torchmetrics caches it for Lightning's own log.
@@ -488,9 +548,13 @@ class VaeTask(XmodalTask):
 
     def on_validation_epoch_end(self) -> None:
         self._check_collapse("val")
+        if "val" in self._pending:  # a loader of unknown length: no last batch was seen
+            self._finish_generative("val")
 
     def on_test_epoch_end(self) -> None:
         self._check_collapse("test")
+        if "test" in self._pending:
+            self._finish_generative("test")
 
     # ----------------------------------------------------------------- samples
     @torch.no_grad()
