@@ -320,6 +320,10 @@ def test_ddp_two_cpu_ranks_end_with_bit_identical_g_and_d(data_dir, tmp_path):
     assert ranks[0]["end"] == ranks[1]["end"] != ranks[0]["start"]  # G, D and EMA, bit for bit
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert math.isfinite(summary["val"]["val/fid"]) and math.isfinite(summary["test"]["test/fid"])
+    # What the FIDs were measured with, over both ranks: the whole 48-row splits, once each.
+    val_features = summary["provenance"]["val"]["features"]
+    assert (val_features["reference_samples"], val_features["generated_samples"]) == (48, 48)
+    assert val_features["weights_sha256"] == summary["provenance"]["test"]["features"]["weights_sha256"]
 
     # FID/KID over valid rows are exact across ranks: 1 rank on the same weights gives the same.
     cfg = compose_config([a for a in args if not a.startswith(("trainer=", "run.id"))])

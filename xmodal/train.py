@@ -53,6 +53,7 @@ from xmodal.factory import (
     prepare_data,
 )
 from xmodal.files import write_json_atomic
+from xmodal.metrics.provenance import read_provenance
 from xmodal.registry import RegistryError
 from xmodal.run import (
     decide_run,
@@ -304,6 +305,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics.update(record["test"])
         record["data_skipped"] = datamodule.skipped()
         record["data_errors"] = datamodule.errors()
+        if provenance := read_provenance(run.dir):  # what each FID/judge/cycle score was measured with
+            record["provenance"] = provenance
         if trainer.is_global_zero:
             write_json_atomic(run.dir / "metrics.json", record)
             stopped = stop_cause(preemption) if preemption.preempted else None
