@@ -181,9 +181,7 @@ def test_bad_rows_are_skipped_counted_and_reported(tmp_path, capsys):
     assert "2 samples written, 4 rows skipped" in printed
 
 
-def test_a_folder_of_clips_and_captions_needs_no_image_and_require_says_what_must_be_there(
-    tmp_path, capsys
-):
+def test_a_folder_of_clips_and_captions_needs_no_image_and_require_says_what_must_be_there(tmp_path, capsys):
     """A sound recorder's WAVs with captions (audio captioning data): no image in any row."""
     src = tmp_path / "clips"
     src.mkdir()
