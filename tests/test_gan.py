@@ -300,6 +300,11 @@ def test_ddp_two_cpu_ranks_end_with_bit_identical_g_and_d(data_dir, tmp_path):
         f"paths.data_dir={data_dir}",
         f"paths.output_dir={tmp_path}",
         "trainer=ddp_cpu",
+        # Text → image, with the matching-aware D (rolled captions per rank) and the judge: the
+        # conditional paths under DDP.
+        "model.condition=text",
+        "model.gan.mismatch_weight=1.0",
+        "model.gan.judge_steps=20",
         # The hardest path: double backward (gradient penalty, lazy R1) and 2 D steps per batch.
         "model.gan.loss=wgan-gp",
         "model.gan.r1_weight=1.0",
@@ -333,6 +338,7 @@ def test_ddp_two_cpu_ranks_end_with_bit_identical_g_and_d(data_dir, tmp_path):
     one_rank = trainer.validate(task, datamodule=datamodule, verbose=False)[0]
     assert one_rank["val/fid"] == pytest.approx(summary["val"]["val/fid"], rel=1e-4)
     assert one_rank["val/kid"] == pytest.approx(summary["val"]["val/kid"], rel=1e-3, abs=1e-4)
+    assert one_rank["val/judge_acc"] == pytest.approx(summary["val"]["val/judge_acc"], abs=1e-6)
 
 
 def test_fsdp2_bf16_two_cpu_ranks_validate_train_and_resume_from_a_distributed_checkpoint(data_dir, tmp_path):
