@@ -118,6 +118,36 @@ def test_aux_weight_needs_a_discriminator_with_a_class_head():
         AdversarialTask(model, list(SPECIALS), data, nets=(LabelG(), no_head))
 
 
+def test_a_separate_class_head_has_its_own_features_and_learning_rate():
+    """model.gan.aux_head=separate: D's class logits from a classifier that shares nothing with its
+    adversarial features, in its own parameter group of D's optimizer at model.gan.aux_lr."""
+    from xmodal.nn.gan import Discriminator
+
+    shared = Discriminator(8, 32, 3, None, 16, num_classes=4)
+    separate = Discriminator(8, 32, 3, None, 16, num_classes=4, aux_head="separate")
+    assert shared.has_classes and separate.has_classes and separate.classes is None
+    images = torch.randn(5, 3, 32, 32, requires_grad=True)
+    logits, classes = separate.score(images, {})
+    assert logits.shape == (5,) and classes.shape == (5, 4)
+    classes.sum().backward()  # the class loss reaches none of the adversarial weights
+    assert all(p.grad is None for p in [*separate.features.parameters(), *separate.head.parameters()])
+    assert all(p.grad is not None for p in separate.classifier.parameters())
+
+    cfg = compose_config(
+        ["experiment=shapes_text2image_gan", "model.gan.aux_head=separate", "model.gan.aux_lr=0.003"]
+    )
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    data = {"image_size": 32, "image_channels": 3, "audio_mels": 8, "audio_frames": 8, "max_text_len": 8}
+    task = AdversarialTask(model, list(SPECIALS), data)
+    _, d_opt = task.configure_optimizers()
+    head = {id(p) for p in task.discriminator.classifier.parameters()}
+    assert [g["lr"] for g in d_opt.param_groups] == [cfg.model.gan.d_lr, 0.003]
+    assert {id(p) for p in d_opt.param_groups[1]["params"]} == head
+    assert not head & {id(p) for p in d_opt.param_groups[0]["params"]}
+    with pytest.raises(ConfigError, match=r"model.gan.aux_head: must be one of \('shared', 'separate'\)"):
+        validate(compose_config(["experiment=shapes_text2image_gan", "model.gan.aux_head=own"]))
+
+
 def test_aux_head_on_data_without_labels_trains_on_and_says_so_once(caplog):
     # A user's captioned photos under a shipped experiment that turns the head on: no KeyError.
     task = label_task(aux_weight=1.0)

@@ -157,6 +157,7 @@ class Discriminator(nn.Module):
         cond_dim: int,
         spectral_norm: bool = True,
         num_classes: int = 0,
+        aux_head: str = "shared",
     ):
         super().__init__()
         n = _blocks(image_size)
@@ -173,6 +174,12 @@ class Discriminator(nn.Module):
         # AC-GAN head (model.gan.aux_weight): class logits from the same pooled features. Not
         # spectrally normalised: it is trained by cross-entropy, not by the adversarial loss.
         self.classes = nn.Linear(prev, num_classes) if num_classes > 0 else None
+        # aux_head=separate: the class logits from a classifier of its own (model.gan.aux_head).
+        self.classifier = (
+            ClassHead(channels, width, n, num_classes) if num_classes > 0 and aux_head == "separate" else None
+        )
+        if self.classifier is not None:
+            self.classes = None
 
     def score(self, images: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(adversarial logits ``[B]``, class logits ``[B, K]`` or None without a class head)."""
@@ -181,10 +188,34 @@ class Discriminator(nn.Module):
         if self.project is not None:
             c = self.cond(batch)  # [B, cond_dim]
             logits = logits + (self.project(c) * h).sum(1)  # projection: <embed(y), h>
+        if self.classifier is not None:
+            return logits, self.classifier(images)
         return logits, self.classes(h) if self.classes is not None else None
+
+    @property
+    def has_classes(self) -> bool:
+        return self.classes is not None or self.classifier is not None
 
     def forward(self, images: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         return self.score(images, batch)[0]
+
+
+class ClassHead(nn.Module):
+    """Images ``[B, C, H, W]`` → class logits ``[B, K]``: strided convs (no spectral norm: trained by
+    cross-entropy on real images only), global average pool, a linear layer."""
+
+    def __init__(self, channels: int, width: int, blocks: int, num_classes: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = channels
+        for i in range(blocks):
+            layers += [nn.Conv2d(prev, width * 2**i, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            prev = width * 2**i
+        self.features = nn.Sequential(*layers)
+        self.out = nn.Linear(prev, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.out(self.features(images).mean(dim=(2, 3)))  # [B, K]
 
 
 def aux_classes(model: Any) -> int:
@@ -213,7 +244,7 @@ def build_gan_nets(
     discriminator = build_slot(
         model.discriminator,
         lambda: Discriminator(
-            g.d_width, size, channels, encoder(), cond_dim, g.spectral_norm, aux_classes(model)
+            g.d_width, size, channels, encoder(), cond_dim, g.spectral_norm, aux_classes(model), g.aux_head
         ),
     )
     return generator, discriminator

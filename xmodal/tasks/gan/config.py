@@ -21,6 +21,9 @@ from xmodal.tasks.config import (
 GAN_LOSSES = ("ns", "hinge", "wgan-gp")
 
 
+AUX_HEADS = ("shared", "separate")
+
+
 @dataclass
 class GanConfig:
     """``model.gan``: DCGAN-style G and D under manual optimization.
@@ -68,6 +71,12 @@ class GanConfig:
     """AC-GAN: D also classifies real images by ``label`` (cross-entropy), and G is pushed toward
     images D classifies as their row's label, both weighted by this (0 = off). Rows without a
     label (-1) are left out; needs labels in the data and the built-in D (or one with ``score``)."""
+    aux_head: str = "shared"
+    """Where D's AC-GAN class logits come from: ``shared`` (a linear layer on D's adversarial
+    features) or ``separate`` (a small classifier of its own, no spectral norm, at ``aux_lr`` with
+    β = (0.9, 0.999)): shared features kept the shapes kind at chance on real images (BENCHMARKS.md)."""
+    aux_lr: float = 1e-3
+    """Learning rate of the ``separate`` class head (D's optimizer, its own parameter group)."""
     mismatch_weight: float = 0.0
     """Matching-aware D (GAN-INT-CLS): real images paired with another row's condition are scored
     as fake, weighted by this (0 = off). Teaches D, and so G, that the image must match the condition."""
@@ -136,6 +145,8 @@ class GanModelConfig(ConditionConfig, TaskConfig):
         p.check(g.metric_samples >= 2, "model.gan.metric_samples", "FID needs >= 2 samples")
         p.check(g.aux_weight >= 0 and g.mismatch_weight >= 0, "model.gan.aux_weight", "weights must be >= 0")
         p.check(g.judge_steps >= 0, "model.gan.judge_steps", "must be >= 0")
+        p.one_of("model.gan.aux_head", AUX_HEADS)
+        p.check(g.aux_lr > 0, "model.gan.aux_lr", "must be > 0")
         p.check(
             all(op in DIFFAUGMENT_POLICIES for op in g.diffaugment),
             "model.gan.diffaugment",

@@ -97,7 +97,8 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         if nets is None:
             nets = build_gan_nets(self.cfg, len(self.tokenizer), self.tokenizer.pad_id, data)
         self.generator, self.discriminator = nets
-        if self.gan.aux_weight > 0 and getattr(self.discriminator, "classes", None) is None:
+        d = self.discriminator
+        if self.gan.aux_weight > 0 and not (getattr(d, "has_classes", False) or getattr(d, "classes", None)):
             raise ValueError(
                 "model.gan.aux_weight > 0 needs a discriminator with a class head (the built-in one, "
                 "or one with score(images, batch) -> (logits, class_logits) and a `classes` layer)"
@@ -154,7 +155,14 @@ class AdversarialTask(GuardedSteps, XmodalTask):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         g, gan = self.generator, self.gan
         g_opt = torch.optim.Adam(trainable(g), lr=gan.g_lr, betas=tuple(gan.g_betas))
-        d_opt = torch.optim.Adam(trainable(self.discriminator), lr=gan.d_lr, betas=tuple(gan.d_betas))
+        head = getattr(self.discriminator, "classifier", None)
+        head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+        groups: list[dict[str, Any]] = [
+            {"params": [p for p in trainable(self.discriminator) if id(p) not in head_ids]}
+        ]
+        if head is not None:  # a classifier's recipe, not the adversarial one (model.gan.aux_head)
+            groups.append({"params": trainable(head), "lr": gan.aux_lr, "betas": (0.9, 0.999)})
+        d_opt = torch.optim.Adam(groups, lr=gan.d_lr, betas=tuple(gan.d_betas))
         return [g_opt, d_opt]
 
     # ----------------------------------------------------------------------------- training
