@@ -12,6 +12,9 @@ Per case (shards x samples per shard), each in a fresh process so its peak RSS i
   an index of 10,000 shards costs one tar on disk; only the shards the first batch needs are read.
   Wall time and the process's peak RSS.
 
+- webdataset (``--no-webdataset`` to skip): its recommended pipeline on the same index (shard shuffle,
+  a 1,000-sample shuffle buffer, batches of 64), time to its first batch and peak RSS.
+
 The 100,000 x 1,000 case is a LAION-scale index (100 M samples) planned on paper.
 """
 
@@ -89,7 +92,31 @@ def measure_stream(num_shards: int, per_shard: int) -> dict:
     return {"first_batch_s": seconds, "rss_mb": rss}
 
 
-def run_case(num_shards: int, per_shard: int, stream: bool) -> dict:
+def measure_webdataset(num_shards: int, per_shard: int) -> dict:
+    """webdataset's recommended pipeline on the same index: shard shuffle, a 1,000-sample shuffle
+    buffer (as ours), batches of 64; time to its first batch and the process's peak RSS."""
+    import webdataset as wds
+
+    with tempfile.TemporaryDirectory() as tmp:
+        real = Path(tmp) / "real.tar"
+        one_tar(real, per_shard)
+        urls = []
+        for k in range(num_shards):
+            link = Path(tmp) / f"shard-{k:06d}.tar"
+            link.symlink_to(real)
+            urls.append(str(link))
+        start = time.perf_counter()
+        dataset = wds.WebDataset(urls, shardshuffle=num_shards, seed=0, empty_check=False)
+        batch = next(iter(dataset.shuffle(1000).batched(BATCH, collation_fn=list)))
+        seconds = time.perf_counter() - start
+        assert len(batch) == BATCH
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"wds_first_batch_s": seconds, "wds_rss_mb": rss}
+
+
+def run_case(num_shards: int, per_shard: int, stream: bool, reader: str = "xmodal") -> dict:
+    if reader == "webdataset":
+        return {"shards": num_shards, "per_shard": per_shard, **measure_webdataset(num_shards, per_shard)}
     out = {"shards": num_shards, "per_shard": per_shard, **measure_plan(num_shards, per_shard)}
     if stream:
         out.update(measure_stream(num_shards, per_shard))
@@ -103,13 +130,16 @@ def main() -> None:
     parser.add_argument("--max-samples", type=int, default=10**9, help="skip cases with more samples")
     parser.add_argument("--max-stream-shards", type=int, default=10_000)
     parser.add_argument("--case", nargs=2, type=int, help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--reader", default="xmodal", help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--no-webdataset", action="store_true", help="skip webdataset's columns")
     args = parser.parse_args()
     if args.case:
         n, per = args.case
-        print(json.dumps(run_case(n, per, n <= args.max_stream_shards)))
+        print(json.dumps(run_case(n, per, n <= args.max_stream_shards, args.reader)))
         return
     print(
         f"{'shards':>8} {'x samples':>10} {'plan s':>8} {'plan peak MB':>13} {'1st batch s':>12} {'RSS MB':>8}"
+        f" {'wds 1st batch s':>16} {'wds RSS MB':>11}"
     )
     for n, per in CASES:
         if n * per > args.max_samples:
@@ -124,7 +154,14 @@ def main() -> None:
             if "first_batch_s" in r
             else f"{'-':>12} {'-':>8}"
         )
-        print(f"{n:>8} {per:>10} {r['plan_s']:>8.3f} {r['plan_peak_mb']:>13.2f} {stream}", flush=True)
+        wds = f"{'-':>16} {'-':>11}"
+        if not args.no_webdataset and n <= args.max_stream_shards:
+            cmd = [sys.executable, __file__, "--case", str(n), str(per), "--reader", "webdataset"]
+            result = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=True)
+            w = json.loads(result.stdout.strip().splitlines()[-1])
+            wds = f"{w['wds_first_batch_s']:>16.2f} {w['wds_rss_mb']:>11.0f}"
+        line = f"{n:>8} {per:>10} {r['plan_s']:>8.3f} {r['plan_peak_mb']:>13.2f} {stream} {wds}"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
