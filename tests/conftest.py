@@ -228,6 +228,7 @@ HEAVY_FILES = (
     "test_plugin.py",
     "test_watchdog.py",
     "test_run_identity.py",
+    "test_vocoder.py",
 )
 
 

@@ -243,10 +243,11 @@ def test_video_configs_refuse_what_the_nets_cannot_take(tiny):
 
 
 @pytest.mark.slow
-def test_ddp_two_ranks_train_the_video_captioner_to_identical_weights(data_dir, tmp_path):
+@pytest.mark.parametrize("direction", [CAPTION, VAE], ids=["video_to_text", "text_to_video"])
+def test_ddp_two_ranks_train_video_directions_to_identical_weights(data_dir, tmp_path, direction):
     args = [
         *TINY,
-        *CAPTION,
+        *direction,
         f"paths.data_dir={data_dir}",
         f"paths.output_dir={tmp_path}",
         "trainer=ddp_cpu",
@@ -261,9 +262,10 @@ def test_ddp_two_ranks_train_the_video_captioner_to_identical_weights(data_dir, 
     ]
     result = run_cli(["xmodal-train", *args], tmp_path, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run_dir = tmp_path / "moving_shapes_video_caption" / "ddp"
+    run_dir = tmp_path / direction[0].removeprefix("experiment=") / "ddp"
     ranks = [json.loads((run_dir / "checksums" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4
     assert ranks[0]["start"] == ranks[1]["start"] and ranks[0]["end"] == ranks[1]["end"] != ranks[0]["start"]
-    assert (run_dir / "samples" / "val_latest.gif").is_file()
+    gif = "val_latest.gif" if direction is CAPTION else "conditional_latest.gif"
+    assert (run_dir / "samples" / gif).is_file()  # the looping GIF samples, written by rank 0

@@ -86,9 +86,11 @@ def test_tone_metric_on_real_shapes_clips_and_a_wrong_caption_fails():
     units, masks, texts = shapes_clips(32, mels=32)  # 32 mels: the coarsest the tests train on
     metric = ToneAccuracy()
     metric.update(units, masks, texts)
-    acc = {name: float(metric.means[name].compute()) for name in metric.named()}
+    metric.update(units[:0], masks[:0], [])  # a rank with only padding rows adds nothing
+    acc = metric.results()
     assert set(acc) == {"kind", "colour", "position"}
     assert min(acc.values()) >= 0.95, acc  # measured 1.0 each
+    assert metric.results() == {}  # reset: nothing named since
     # The clips (vocoded) judged against their neighbour's caption: near chance (1/4 kinds), not 1.
     waves = vocode(units, n_iter=8)  # [32, S]
     wrong = [
@@ -145,13 +147,21 @@ RUN = [
 
 @pytest.fixture(scope="module")
 def text2audio_run(tmp_path_factory, data_dir):
-    from tests.conftest import TINY
-    from xmodal.config import compose_config
-    from xmodal.train import train
+    """One 2-rank DDP run (the direction's multi-rank proof) whose samples, metrics and checkpoint
+    the tests below read; metrics are exact over ranks, so they are one rank's too."""
+    from tests.conftest import TINY, run_cli
 
     out = tmp_path_factory.mktemp("t2a")
-    train(compose_config([*TINY, f"paths.data_dir={data_dir}", f"paths.output_dir={out}", *RUN]))
+    args = [*TINY, f"paths.data_dir={data_dir}", f"paths.output_dir={out}", *RUN, "trainer=ddp_cpu"]
+    result = run_cli(["xmodal-train", *args, "callbacks.rank_checksums=true"], out)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out / "shapes_text2audio_vae" / "t2a"
+
+
+def test_two_ddp_ranks_end_with_identical_weights(text2audio_run):
+    ranks = [json.loads((text2audio_run / "checksums" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["global_step"] == 2
+    assert ranks[0]["start"] == ranks[1]["start"] and ranks[0]["end"] == ranks[1]["end"] != ranks[0]["start"]
 
 
 def test_text_to_audio_run_writes_wav_samples_and_logs_tone_metrics(text2audio_run):

@@ -14,6 +14,8 @@ one shape of two (the empty second slot is silence), i.e. for every ``max_shapes
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchmetrics import MeanMetric
 
@@ -104,6 +106,8 @@ class ToneAccuracy(torch.nn.Module):
     @torch.no_grad()
     def update(self, units: torch.Tensor, mask: torch.Tensor | None, captions: list[str]) -> None:
         """Log-mels ``[B, 1, M, T]`` in model units, real frames ``[B, T]`` (None: all), a caption each."""
+        if units.shape[0] == 0:  # a rank holding only padding rows: nothing to vocode
+            return
         waves = vocode(units.float(), n_iter=self.n_iter).cpu()  # [B, S]
         lengths = [waves.shape[1]] * len(captions) if mask is None else real_lengths(mask)
         for wave, length, caption in zip(waves, lengths, captions, strict=True):
@@ -111,6 +115,16 @@ class ToneAccuracy(torch.nn.Module):
                 if hits:
                     self.means[name].update(torch.tensor(hits, device=self.means[name].device))
 
-    def named(self) -> list[str]:
-        """The attributes some caption named so far (the metrics worth logging)."""
-        return [name for name, metric in self.means.items() if metric.update_called]
+    def results(self) -> dict[str, float]:
+        """Every attribute some caption named on some rank → its accuracy over all ranks, then reset.
+        Called on every rank at a pass's end: each metric is reduced on every rank, whatever its
+        own rows named, so the logged set is the same everywhere (a rank-dependent set would pair
+        one rank's reduction with another's next collective)."""
+        out: dict[str, float] = {}
+        for name, metric in self.means.items():
+            metric.update(torch.empty(0, device=metric.device))  # a no-op that marks it updated
+            value = float(metric.compute())
+            if not math.isnan(value):  # no caption on any rank named it
+                out[name] = value
+            metric.reset()
+        return out

@@ -432,7 +432,7 @@ class VaeTask(XmodalTask):
         active.update(out["mu"][valid])
         self.log(f"{stage}/active_units", active)
         if self.tones is not None:
-            self._evaluate_tones(batch, stage, valid)
+            self._evaluate_tones(batch, stage, valid, batch_idx)
         if self._judge or self._cycle:
             fake = self.conditional_samples(batch)  # one decode per row serves the judge and the cycle
             self._pending.add(stage)
@@ -444,8 +444,11 @@ class VaeTask(XmodalTask):
                 self._finish_generative(stage)
 
     @torch.no_grad()
-    def _evaluate_tones(self, batch: dict[str, Any], stage: str, valid: torch.Tensor) -> None:
-        """Decode a clip per caption from a prior draw keyed by the sample, vocode, find its tones."""
+    def _evaluate_tones(
+        self, batch: dict[str, Any], stage: str, valid: torch.Tensor, batch_idx: int | None
+    ) -> None:
+        """Decode a clip per caption from a prior draw keyed by the sample, vocode, find its tones;
+        the accuracies are reduced and logged at the pass's last batch (on every rank alike)."""
         keep = valid.tolist()
         captions = [c for c, k in zip(condition_names(batch, self.cfg.condition), keep, strict=True) if k]
         real, mask = self.target_data(batch)  # [B, 1, M, T], [B, 1, 1, T]
@@ -456,9 +459,11 @@ class VaeTask(XmodalTask):
         for name, clips in checks:
             tones = self.tones[name]
             tones.update(clips[valid], mask[valid, 0, 0], captions)
+            if batch_idx is None or not self.is_last_eval_batch(batch_idx):
+                continue
             prefix = f"{stage}/tone_real" if name == "test_real" else f"{stage}/tone"
-            for attribute in tones.named():
-                self.log(f"{prefix}_{attribute}_acc", tones.means[attribute])
+            for attribute, value in tones.results().items():
+                self.log(f"{prefix}_{attribute}_acc", value, on_step=False, on_epoch=True)
 
     def setup(self, stage: str) -> None:
         """The cached judge for ``model.vae.judge_steps`` > 0 on a conditional image VAE; the cycle
