@@ -347,10 +347,12 @@ class ShardStream(IterableDataset):
         """Resume: the next iteration yields the samples of ``state["epoch"]`` not yet consumed.
 
         The same world size and workers continue the saved order batch for batch (a state saved by
-        another rank of the same layout is fine: ranks move in lockstep). Another topology (exact
-        mode) plans the rest of the epoch over this one. ValueError when the mode, seed, batch size
-        or index differ, or a resampled or version-1 state meets another topology. A finished epoch
-        resumes at the start of the next one.
+        another rank of the same layout is fine: ranks move in lockstep). Another topology plans the
+        rest of the epoch over this one, with this rank's batch size (exact: the samples not yet
+        consumed; resampled: the rows not yet drawn). ValueError when the mode, seed or index
+        differ, the batch size differs on the same layout, or a state that does not say what was
+        consumed (an older xmodal's) meets another topology. A finished epoch resumes at the start
+        of the next one.
         """
         old = Topology(**state["topology"])
         same = (old.world_size, old.num_workers) == (self.topology.world_size, self.topology.num_workers)
