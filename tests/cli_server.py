@@ -79,6 +79,9 @@ def serve(path: str) -> int:
     server.settimeout(1.0)
     parent = os.getppid()
     print("ready", flush=True)
+    quiet = os.open(os.devnull, os.O_WRONLY)  # nobody reads the pipe after this line: never block on it
+    os.dup2(quiet, 1)
+    os.close(quiet)
     while True:
         try:
             conn, _ = server.accept()

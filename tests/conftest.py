@@ -116,9 +116,11 @@ class _CliServer:
             stdout=subprocess.PIPE,
             text=True,
         )
-        ready = self.process.stdout.readline() if self.process.stdout else ""
-        if ready.strip() != "ready":
-            raise RuntimeError(f"the CLI fork server did not start (said {ready!r})")
+        said = []  # an import may print first; "ready" is the server's own last line
+        while self.process.stdout and (line := self.process.stdout.readline()) and line.strip() != "ready":
+            said.append(line)
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the CLI fork server did not start (said {''.join(said)[-500:]!r})")
         atexit.register(self.process.kill)
 
     def fits(self, env: dict[str, str]) -> bool:
