@@ -115,6 +115,9 @@ def test_a_tiny_cvae_with_each_fusion_learns_to_read_the_caption(fusion, least):
     # seed 0, 20 steps: film 0.79, cross_attention 0.12 (it reads the caption through a transformer's
     # tokens and starts slower; at lr 1e-2 it does not move in 20 steps)
     assert colour_gap(task) > least
+    # IWAE evaluation repeats the condition per importance sample (tokens and mask too).
+    iwae = task.evaluate_batch({**batch, "__key__": [f"k{i}" for i in range(64)]}, k=3)
+    assert iwae["log_likelihood"].shape == (64,) and bool(torch.isfinite(iwae["log_likelihood"]).all())
 
 
 def test_vae_fusion_choices_are_refused_in_one_line(tmp_path):
