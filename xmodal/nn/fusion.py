@@ -15,6 +15,11 @@ norm*: ``norm(x [B, C, H, W], pooled [B, cond_dim] | None) -> [B, C, H, W]``. Th
 
 Norms normalise in fp32 (see :class:`ConditionalBatchNorm2d`); the new layers that write into the
 residual stream start at zero, so every choice starts as the plain generator.
+
+The conditional VAE decoder (xmodal/nn/vae.py) has no norm sites: it takes :class:`FiLM` (the
+modulation of :class:`FiLMNorm` without its norm) and :class:`CrossAttention2d` from here, and
+:func:`pooled_view` / :func:`repeat_condition` let one condition argument be a pooled vector or an
+:class:`~xmodal.nn.condition.Encoded` (tokens for cross-attention).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmodal.nn.attention import MultiHeadAttention
-from xmodal.nn.condition import Encoded
+from xmodal.nn.condition import Encoded, single_token
 
 
 class ConditionalBatchNorm2d(nn.Module):
@@ -103,6 +108,39 @@ class FiLMNorm(nn.Module):
         return x * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
 
 
+class FiLM(nn.Module):
+    """``x · (1 + γ(c)) + β(c)`` with γ, β from a two-layer MLP of the pooled vector, no norm
+    (:class:`FiLMNorm`'s modulation for nets without norm sites). Starts as the identity."""
+
+    def __init__(self, channels: int, cond_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(cond_dim, cond_dim), nn.ReLU(), nn.Linear(cond_dim, 2 * channels))
+        nn.init.zeros_(self.mlp[2].weight)  # γ = 0, β = 0
+        nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.mlp(cond.to(x.dtype)).chunk(2, dim=1)  # [B, C] each
+        return x * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]  # [B, C, H, W]
+
+
+def pooled_view(cond: torch.Tensor | Encoded | None) -> torch.Tensor | None:
+    """The pooled vector ``[B, cond_dim]`` of a condition given pooled or as :class:`Encoded`."""
+    return cond.pooled if isinstance(cond, Encoded) else cond
+
+
+def token_view(cond: torch.Tensor | Encoded) -> Encoded:
+    """A condition as tokens and mask (a pooled vector ``[B, cond_dim]`` is one token)."""
+    return cond if isinstance(cond, Encoded) else single_token(cond)
+
+
+def repeat_condition(cond: torch.Tensor | Encoded | None, times: int) -> torch.Tensor | Encoded | None:
+    """Each row of a condition ``times`` times in a row (``repeat_interleave`` on every view)."""
+    if cond is None or isinstance(cond, torch.Tensor):
+        return None if cond is None else cond.repeat_interleave(times, dim=0)  # [B·m, c]
+    rep = lambda t: t.repeat_interleave(times, dim=0)  # noqa: E731
+    return Encoded(rep(cond.pooled), rep(cond.tokens), rep(cond.mask))  # [B·m, c], [B·m, T, c], [B·m, T]
+
+
 class ConcatNorm(nn.Module):
     """Plain affine batch norm, then the pooled vector tiled over the map ``[B, C + c, H, W]``
     and mixed back to ``C`` channels by a 1×1 conv, residually."""
@@ -167,3 +205,7 @@ FUSIONS: dict[str, Fusion] = {
     "cross_attention": Fusion(plain_norm, attention_sizes=(8, 16)),
 }
 """``model.fusion`` name → its blocks; ``cbn`` is the default (xmodal/tasks/gan/config.py)."""
+
+VAE_FUSIONS = ("concat", "film", "cross_attention")
+"""The VAE decoder's ``model.fusion`` choices (xmodal/nn/vae.py); ``concat`` is its default. No
+``cbn``: the decoder has no batch norm whose scale and shift the condition could set."""

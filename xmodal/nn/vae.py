@@ -3,7 +3,11 @@
 The nets know only (channels, height, width): an image (``[B, 1|3, 32|64, 32|64]``) and a log-mel
 spectrogram (``[B, 1, M, T]``) are the same kind of target, so text→image and text→audio share
 these modules. A condition vector ``[B, cond_dim]`` (from ``xmodal.nn.condition``) is concatenated
-to the encoder's pooled features and to the decoder's latent (the classic CVAE of Sohn et al. 2015).
+to the encoder's pooled features and, with ``fusion="concat"`` (the default, ``model.fusion``), to
+the decoder's latent (the classic CVAE of Sohn et al. 2015). The decoder's other fusions
+(xmodal/nn/fusion.py): ``film`` modulates every upsampled map by FiLM γ, β of the pooled vector;
+``cross_attention`` lets the 8×8 and 16×16 maps attend over the condition's tokens. Both drop the
+latent concat and start as the unconditional decoder (their output layers are zero).
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ import math
 
 import torch
 from torch import nn
+
+from xmodal.nn.condition import Encoded
+from xmodal.nn.fusion import VAE_FUSIONS, CrossAttention2d, FiLM, pooled_view, token_view
 
 LIKELIHOODS = ("bernoulli", "gaussian", "logistic", "laplace")
 
@@ -87,9 +94,14 @@ class LikelihoodHead(nn.Module):
 
 
 class ConvDecoder(LikelihoodHead):
-    """``z [B, Z]`` (+ ``cond [B, c]``) → the likelihood's parameters for ``[B, C, H, W]``.
+    """``z [B, Z]`` (+ ``cond [B, c]`` or its :class:`Encoded` views) → the likelihood's
+    parameters for ``[B, C, H, W]``.
 
-    Returns ``(location, log_scale)``: location holds logits (bernoulli) or means (others);
+    ``fusion`` (one of :data:`xmodal.nn.fusion.VAE_FUSIONS`) is how a condition enters: ``concat``
+    (to z: the modules and numbers of the decoder before ``model.fusion``), ``film`` (a
+    :class:`FiLM` after each upsampling block) or ``cross_attention`` (a :class:`CrossAttention2d`
+    after the blocks whose smaller side is 8 or 16 px; it reads ``cond.tokens`` and ``cond.mask``,
+    a bare pooled vector counting as one token). Returns ``(location, log_scale)``: location holds logits (bernoulli) or means (others);
     log_scale is None for bernoulli, a per-pixel output for ``logistic``, and for gaussian/laplace
     either a learned per-channel parameter (``learn_sigma``) or the fixed ``log(sigma)``. The scale
     lives here, inside a module FSDP2 shards, so every trainable parameter is synced.
@@ -106,17 +118,23 @@ class ConvDecoder(LikelihoodHead):
         likelihood: str = "bernoulli",
         learn_sigma: bool = False,
         sigma: float = 0.1,
+        fusion: str = "concat",
+        heads: int = 4,
     ):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if fusion not in VAE_FUSIONS:
+            raise ValueError(f"fusion must be one of {VAE_FUSIONS}, got {fusion!r}")
+        conditional = cond_dim > 0
+        self.concat = fusion == "concat" or not conditional
         self.likelihood = likelihood
         self.channels = channels
         stages = num_downsamples(height, width)
         widths = _widths(base, stages)[::-1]
         self.bottom = (widths[0], height >> stages, width >> stages)
         self.stem = nn.Sequential(
-            nn.Linear(z_dim + cond_dim, _hidden(base, z_dim)),
+            nn.Linear(z_dim + (cond_dim if self.concat else 0), _hidden(base, z_dim)),
             nn.SiLU(),
             nn.Linear(_hidden(base, z_dim), math.prod(self.bottom)),
             nn.SiLU(),
@@ -125,16 +143,37 @@ class ConvDecoder(LikelihoodHead):
         for i, in_ch in enumerate(widths):
             out = widths[i + 1] if i + 1 < len(widths) else base
             layers += [nn.ConvTranspose2d(in_ch, out, kernel_size=4, stride=2, padding=1), nn.SiLU()]
-        self.body = nn.Sequential(*layers)
+        self.body = nn.Sequential(*layers)  # (ConvTranspose2d, SiLU) per block
         per_pixel = 2 if likelihood == "logistic" else 1
         self.out = nn.Conv2d(base, per_pixel * channels, kernel_size=3, padding=1)
+        # Built after the plain layers, so those draw the unconditional decoder's initial values;
+        # empty (no state_dict keys) for concat, whose parameters stay the plain CVAE's.
+        outs = [widths[i + 1] if i + 1 < len(widths) else base for i in range(len(widths))]
+        use_film = conditional and fusion == "film"
+        self.film = nn.ModuleList(FiLM(out, cond_dim) for out in outs if use_film)
+        # Block i's map has a smaller side of 8·2^i px; keyed by block index, as in the GAN's G.
+        side = min(height, width) >> stages
+        self.attend = nn.ModuleDict(
+            {
+                str(i): CrossAttention2d(out, cond_dim, heads)
+                for i, out in enumerate(outs)
+                if conditional and fusion == "cross_attention" and side * 2 ** (i + 1) in (8, 16)
+            }
+        )
         self.init_scale(likelihood, channels, learn_sigma, sigma)
 
     def forward(
-        self, z: torch.Tensor, cond: torch.Tensor | None = None
+        self, z: torch.Tensor, cond: torch.Tensor | Encoded | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if cond is not None:
-            z = torch.cat([z, cond.to(z.dtype)], dim=1)  # [B, Z + c]
+        pooled = pooled_view(cond)  # [B, c] | None
+        if pooled is not None and self.concat:
+            z = torch.cat([z, pooled.to(z.dtype)], dim=1)  # [B, Z + c]
         h = self.stem(z).view(-1, *self.bottom)  # [B, C0, h, w]
-        out = self.out(self.body(h))  # [B, k·C, H, W]
+        for i in range(len(self.body) // 2):
+            h = self.body[2 * i + 1](self.body[2 * i](h))  # [B, Ci, 2h, 2w]
+            if pooled is not None and len(self.film):
+                h = self.film[i](h, pooled)
+            if cond is not None and str(i) in self.attend:
+                h = self.attend[str(i)](h, token_view(cond))
+        out = self.out(h)  # [B, k·C, H, W]
         return self.likelihood_params(out)

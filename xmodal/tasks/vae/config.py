@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from xmodal.nn.fusion import VAE_FUSIONS
 from xmodal.problems import Problems
 from xmodal.tasks.config import (
     ConditionConfig,
@@ -70,6 +71,12 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
     d_model: int = 64
     weight_decay: float = 0.0
     vae: VaeConfig = field(default_factory=VaeConfig)
+    fusion: str = "concat"
+    """How the built-in 2-D decoder takes its condition (xmodal/nn/vae.py, xmodal/nn/fusion.py):
+    ``concat`` (pooled vector concatenated to z; the CVAE as it was) | ``film`` (FiLM γ, β of the
+    pooled vector after every upsampling block) | ``cross_attention`` (the 8×8 and 16×16 maps attend
+    over the condition's tokens and padding mask). No ``cbn`` (the GAN's default): the decoder has
+    no batch norm. The encoder q(z|x, c) concatenates the pooled vector whatever the choice."""
     encoder: Any = None
     """``_target_`` of any encoder called as ``encoder(x [B, C, H, W], cond [B, c] | None) -> (μ, log σ²)``
     each ``[B, z_dim]``; unset = the built-in conv encoder."""
@@ -143,6 +150,20 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
             except RegistryError:
                 made = self.target
             p.extend(captioner_problems(key, v.cycle_captioner, made, d))
+        if self.fusion == "cbn":
+            p.check(False, "model.fusion", f"the vae decoder has no batch norm; must be one of {VAE_FUSIONS}")
+        elif self.fusion not in VAE_FUSIONS:
+            p.one_of("model.fusion", VAE_FUSIONS)
+        elif self.fusion != "concat":
+            p.check(bool(self.conditions()), "model.fusion", "fuses a condition; model.condition is none")
+            p.check(
+                self.decoder is None, "model.fusion", "applies to the built-in decoder; model.decoder is set"
+            )
+            p.check(
+                self.target != "video",
+                "model.fusion",
+                "the 3-D video decoder takes its condition by concat only",
+            )
         check_slot(p, "model.encoder", self.encoder)
         check_slot(p, "model.decoder", self.decoder)
         optimizer_problems(p, self)

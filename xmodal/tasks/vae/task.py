@@ -52,7 +52,8 @@ from xmodal.metrics.likelihood import (
 )
 from xmodal.metrics.tones import ToneAccuracy
 from xmodal.modalities.roles import modality_of
-from xmodal.nn.condition import build_condition_encoder
+from xmodal.nn.condition import Encoded, build_condition_encoder, encode_condition
+from xmodal.nn.fusion import pooled_view, repeat_condition
 from xmodal.nn.slots import build_slot
 from xmodal.nn.vae import ConvDecoder, ConvEncoder
 from xmodal.nn.video import VideoVaeDecoder, VideoVaeEncoder
@@ -169,6 +170,12 @@ class VaeTask(XmodalTask):
         encoder_class, decoder_class = (
             (VideoVaeEncoder, VideoVaeDecoder) if len(self.shape) == 4 else (ConvEncoder, ConvDecoder)
         )
+        # model.fusion reaches only the built-in 2-D decoder (validation refuses it for the others).
+        fused = {} if len(self.shape) == 4 else {"fusion": cfg.fusion, "heads": cfg.heads}
+        # cross_attention reads the condition's tokens: conditioning() then hands on Encoded views.
+        self.condition_tokens = (
+            self.condition is not None and cfg.fusion == "cross_attention" and cfg.decoder is None
+        )
         self.encoder = build_slot(cfg.encoder, lambda: encoder_class(*self.shape, width, z_dim, cond_dim))
         self.decoder = build_slot(
             cfg.decoder,
@@ -180,6 +187,7 @@ class VaeTask(XmodalTask):
                 likelihood=self.likelihood,
                 learn_sigma=self.vae.learn_sigma,
                 sigma=self.vae.sigma,
+                **fused,
             ),
         )
         if self.target == "audio":
@@ -270,7 +278,7 @@ class VaeTask(XmodalTask):
 
     @torch.no_grad()
     def animations(
-        self, pairs: torch.Tensor, cond: torch.Tensor | None, names: list[str]
+        self, pairs: torch.Tensor, cond: torch.Tensor | Encoded | None, names: list[str]
     ) -> dict[str, list[Image.Image]]:
         """For a target with time (video): the reconstruction rows (``pairs``) and the samples of
         :meth:`validation_samples` as one grid per frame (GIFs); {} for stills."""
@@ -302,13 +310,21 @@ class VaeTask(XmodalTask):
             targets = (uniform < targets).float()
         return targets, targets * 2 - 1
 
-    def encode(self, x: torch.Tensor, cond: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.encoder(x, cond)
+    def encode(
+        self, x: torch.Tensor, cond: torch.Tensor | Encoded | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encoder(x, pooled_view(cond))  # q(z|x, c) reads the pooled vector only
         clamp = self.vae.logvar_clamp
         return mu.float(), logvar.float().clamp(-clamp, clamp)  # [B, Z] each
 
-    def conditioning(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        return None if self.condition is None else self.condition(batch)  # [B, c]
+    def conditioning(self, batch: dict[str, Any]) -> torch.Tensor | Encoded | None:
+        """The pooled condition ``[B, c]``, or with ``model.fusion=cross_attention`` its pooled and
+        token views (:class:`Encoded`), which the encoder and decoder each read as they need."""
+        if self.condition is None:
+            return None
+        if self.condition_tokens:
+            return encode_condition(self.condition, batch)  # [B, c], [B, T, c], [B, T]
+        return self.condition(batch)  # [B, c]
 
     def display(self, location: torch.Tensor) -> torch.Tensor:
         """Decoder output → the mean image in [-1, 1] (probabilities for Bernoulli)."""
@@ -391,7 +407,7 @@ class VaeTask(XmodalTask):
             e = eps[:, start : start + chunk]  # [B, m, Z]
             m = e.shape[1]
             z = mu[:, None] + std[:, None] * e  # [B, m, Z]
-            cond_m = None if cond is None else cond.repeat_interleave(m, dim=0)  # [B·m, c]
+            cond_m = repeat_condition(cond, m)  # [B·m, c] (and [B·m, T, c] tokens)
             location, log_scale = self.decoder(z.reshape(b * m, z_dim), cond_m)
             with torch.autocast(device_type=images.device.type, enabled=False):
                 rep = targets.float().repeat_interleave(m, dim=0)  # [B·m, C, H, W]
@@ -563,7 +579,7 @@ class VaeTask(XmodalTask):
 
     # ----------------------------------------------------------------- samples
     @torch.no_grad()
-    def sample(self, n: int, cond: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+    def sample(self, n: int, cond: torch.Tensor | Encoded | None = None, seed: int = 0) -> torch.Tensor:
         """Means ``[n, C, H, W]`` in [-1, 1] (model units) decoded from prior draws (a fixed bank by
         seed); :meth:`as_images` makes them displayable."""
         z = torch.randn((n, self.vae.z_dim), generator=torch.Generator().manual_seed(seed)).to(self.device)
