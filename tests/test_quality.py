@@ -148,6 +148,31 @@ def test_a_separate_class_head_has_its_own_features_and_learning_rate():
         validate(compose_config(["experiment=shapes_text2image_gan", "model.gan.aux_head=own"]))
 
 
+def test_the_separate_class_head_warms_on_real_images_and_bad_settings_are_one_line():
+    """model.gan.aux_warmup_steps: the head learns the real classes before G first asks it."""
+    from xmodal.nn.gan import ClassHead
+    from xmodal.tasks.gan.task import warm_start_class_head
+
+    labels = torch.arange(64) % 2
+    images = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
+    images[labels == 0, :, :, :16] = 255  # class 0 bright on the left, class 1 on the right
+    images[labels == 1, :, :, 16:] = 255
+    torch.manual_seed(0)
+    head = ClassHead(3, 8, 3, 2)
+    before = float(torch.nn.functional.cross_entropy(head(images.float() / 127.5 - 1), labels))
+    after = warm_start_class_head(head, images, labels, steps=30, lr=1e-2, seed=0)
+    assert after < 0.1 < before  # measured 0.69 → 0.00
+    accuracy = (head(images.float() / 127.5 - 1).argmax(1) == labels).float().mean()
+    assert accuracy == 1.0
+
+    base = ["experiment=shapes_text2image_gan", "model.gan.aux_warmup_steps=100"]
+    validate(compose_config(base))  # the shipped experiment's head is separate: fine
+    with pytest.raises(ConfigError, match=r"model.gan.aux_warmup_steps: warms the separate class head"):
+        validate(compose_config([*base, "model.gan.aux_head=shared"]))
+    with pytest.raises(ConfigError, match=r"model.gan.aux_warmup_steps: runs outside the training loop"):
+        validate(compose_config([*base, "trainer=fsdp2"]))
+
+
 def test_aux_head_on_data_without_labels_trains_on_and_says_so_once(caplog):
     # A user's captioned photos under a shipped experiment that turns the head on: no KeyError.
     task = label_task(aux_weight=1.0)

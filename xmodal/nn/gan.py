@@ -176,7 +176,9 @@ class Discriminator(nn.Module):
         self.classes = nn.Linear(prev, num_classes) if num_classes > 0 else None
         # aux_head=separate: the class logits from a classifier of its own (model.gan.aux_head).
         self.classifier = (
-            ClassHead(channels, width, n, num_classes) if num_classes > 0 and aux_head == "separate" else None
+            ClassHead(channels, width, n, num_classes, image_size)
+            if num_classes > 0 and aux_head == "separate"
+            else None
         )
         if self.classifier is not None:
             self.classes = None
@@ -202,9 +204,11 @@ class Discriminator(nn.Module):
 
 class ClassHead(nn.Module):
     """Images ``[B, C, H, W]`` → class logits ``[B, K]``: strided convs (no spectral norm: trained by
-    cross-entropy on real images only), global average pool, a linear layer."""
+    cross-entropy on real images only) down to 4×4, flattened, a linear layer. Flattened, not
+    pooled: which shape a caption names first is told by where it is (a pooled head stayed at
+    chance on the shapes kind, measured)."""
 
-    def __init__(self, channels: int, width: int, blocks: int, num_classes: int):
+    def __init__(self, channels: int, width: int, blocks: int, num_classes: int, image_size: int = 32):
         super().__init__()
         layers: list[nn.Module] = []
         prev = channels
@@ -212,10 +216,11 @@ class ClassHead(nn.Module):
             layers += [nn.Conv2d(prev, width * 2**i, 3, stride=2, padding=1), nn.LeakyReLU(0.2)]
             prev = width * 2**i
         self.features = nn.Sequential(*layers)
-        self.out = nn.Linear(prev, num_classes)
+        side = image_size >> blocks
+        self.out = nn.Linear(prev * side * side, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.out(self.features(images).mean(dim=(2, 3)))  # [B, K]
+        return self.out(self.features(images).flatten(1))  # [B, K]
 
 
 def aux_classes(model: Any) -> int:

@@ -180,7 +180,7 @@ class GuardedSteps:
         return self.iteration
 
 
-def _datamodule(task: Any) -> Any:
+def shard_datamodule(task: Any) -> Any:
     """The task's shard datamodule, or None (trained from a plain DataLoader, e.g. in tests)."""
     datamodule = getattr(task.trainer, "datamodule", None) if task._trainer is not None else None
     return datamodule if datamodule is not None and hasattr(datamodule, "shards_dir") else None
@@ -198,7 +198,7 @@ def rank_zero_cached(task: Any, build: Callable[[bool], T | None], name: str) ->
 def feature_classifier(task: Any, role: str, num_classes: int, steps: int) -> nn.Module | None:
     """The cached domain classifier behind FID/KID for images of ``role`` in the task's data, or
     None when the task is trained without the data module (a plain DataLoader in tests)."""
-    datamodule = _datamodule(task)
+    datamodule = shard_datamodule(task)
     if datamodule is None:
         return None
     from xmodal.metrics.features import domain_classifier
@@ -223,7 +223,7 @@ def feature_classifier(task: Any, role: str, num_classes: int, steps: int) -> nn
 def judge_classifier(task: Any, role: str, num_classes: int, steps: int) -> nn.Module | None:
     """The cached independent judge (``judge_acc``) for images of ``role``, or None: no data module,
     ``steps`` 0, or no labels in the train split."""
-    datamodule = _datamodule(task)
+    datamodule = shard_datamodule(task)
     if datamodule is None or steps <= 0:
         return None
     from xmodal.metrics import judge

@@ -20,6 +20,7 @@ import zlib
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xmodal.images import SampleSet, caption_grid, image_grid
@@ -36,6 +37,7 @@ from xmodal.tasks.adversarial import (
     judge_classifier,
     log_split_metrics,
     rolled_conditions,
+    shard_datamodule,
     weighted_mean,
 )
 from xmodal.tasks.base import XmodalTask, condition_names, to_device, trainable
@@ -151,6 +153,34 @@ class AdversarialTask(GuardedSteps, XmodalTask):
 
     def parallelize(self, mesh: Any) -> None:
         parallelize_gan(self, mesh)
+
+    def on_fit_start(self) -> None:
+        """``model.gan.aux_warmup_steps``: the separate class head learns the real images' classes
+        before G first asks it (a fresh run only; the same steps on every rank, so DDP replicas
+        stay identical)."""
+        head = getattr(self.discriminator, "classifier", None)
+        datamodule = shard_datamodule(self)
+        if self.gan.aux_warmup_steps <= 0 or head is None or self.iteration > 0 or datamodule is None:
+            return
+        from xmodal.metrics.features import load_split
+
+        images, labels = load_split(
+            datamodule.data, "train", datamodule.decode, allow_pipe=datamodule.allow_pipe, role=self.target
+        )
+        loss = warm_start_class_head(
+            head,
+            images.to(self.device),
+            labels.to(self.device),
+            self.gan.aux_warmup_steps,
+            self.gan.aux_lr,
+            self.run_seed,
+        )
+        log.info(
+            "class head warmed on %d real images for %d steps: loss %.3f",
+            len(images),
+            self.gan.aux_warmup_steps,
+            loss,
+        )
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         g, gan = self.generator, self.gan
@@ -374,3 +404,28 @@ class AdversarialTask(GuardedSteps, XmodalTask):
             return self.generate(batch, z)
 
         return write_conditional_samples(self, self.cfg, inputs, args, sample)
+
+
+def warm_start_class_head(
+    head: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, lr: float, seed: int
+) -> float:
+    """Train ``head`` on labelled uint8 ``images [N, C, H, W]`` for ``steps`` batches of 64 (its own
+    Adam and RNG, 2-px random shifts); the last batch's loss."""
+    from xmodal.metrics.judge import random_shift
+
+    keep = (labels >= 0) & (labels < head.out.out_features)
+    x_all, y_all = images[keep], labels[keep]
+    if len(x_all) == 0:
+        return float("nan")
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(head.parameters(), lr=lr, betas=(0.9, 0.999))
+    loss = torch.zeros(())
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(len(x_all), (64,), generator=gen).to(x_all.device)
+            x = random_shift(x_all[idx].float() / 127.5 - 1.0, 2, gen)  # [64, C, H, W] in [-1, 1]
+            loss = F.cross_entropy(head(x), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return float(loss)
