@@ -164,6 +164,9 @@ class AdversarialTask(GuardedSteps, XmodalTask):
             return
         from xmodal.metrics.features import load_split
 
+        # debug=fdr is a smoke test of seconds: two steps run the code, not the 30 s of training.
+        steps = min(self.gan.aux_warmup_steps, 2) if self.trainer.fast_dev_run else self.gan.aux_warmup_steps
+
         images, labels = load_split(
             datamodule.data, "train", datamodule.decode, allow_pipe=datamodule.allow_pipe, role=self.target
         )
@@ -171,14 +174,14 @@ class AdversarialTask(GuardedSteps, XmodalTask):
             head,
             images.to(self.device),
             labels.to(self.device),
-            self.gan.aux_warmup_steps,
+            steps,
             self.gan.aux_lr,
             self.run_seed,
         )
         log.info(
             "class head warmed on %d real images for %d steps: loss %.3f",
             len(images),
-            self.gan.aux_warmup_steps,
+            steps,
             loss,
         )
 
