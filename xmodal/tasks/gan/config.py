@@ -80,7 +80,8 @@ class GanConfig:
     aux_warmup_steps: int = 0
     """Steps of training the ``separate`` class head on the train split's real images before the
     first GAN iteration (batch 64, 2-px random shifts, Adam at ``aux_lr``), so G's class loss
-    means something from its first step; 0 = off. Not on a resumed run, not under FSDP2."""
+    means something from its first step; 0 = off. Only with ``aux_head=separate`` and
+    ``aux_weight`` > 0 (else ignored); not on a resumed run; refused under FSDP2."""
     mismatch_weight: float = 0.0
     """Matching-aware D (GAN-INT-CLS): real images paired with another row's condition are scored
     as fake, weighted by this (0 = off). Teaches D, and so G, that the image must match the condition."""
@@ -151,17 +152,13 @@ class GanModelConfig(ConditionConfig, TaskConfig):
         p.check(g.judge_steps >= 0, "model.gan.judge_steps", "must be >= 0")
         p.one_of("model.gan.aux_head", AUX_HEADS)
         p.check(g.aux_lr > 0, "model.gan.aux_lr", "must be > 0")
-        if g.aux_warmup_steps:
-            p.check(
-                g.aux_warmup_steps > 0 and g.aux_head == "separate" and g.aux_weight > 0,
-                "model.gan.aux_warmup_steps",
-                "warms the separate class head: needs model.gan.aux_head=separate, aux_weight > 0 and steps >= 0",
-            )
-            p.check(
-                cfg.trainer.strategy not in ("fsdp2", "fsdp", "model_parallel"),
-                "model.gan.aux_warmup_steps",
-                "runs outside the training loop, which a sharded D cannot: use trainer=ddp or set it to 0",
-            )
+        p.check(g.aux_warmup_steps >= 0, "model.gan.aux_warmup_steps", "must be >= 0")
+        warms = g.aux_warmup_steps > 0 and g.aux_head == "separate" and g.aux_weight > 0
+        p.check(
+            not warms or cfg.trainer.strategy not in ("fsdp2", "fsdp", "model_parallel"),
+            "model.gan.aux_warmup_steps",
+            "runs outside the training loop, which a sharded D cannot: use trainer=ddp or set it to 0",
+        )
         p.check(
             all(op in DIFFAUGMENT_POLICIES for op in g.diffaugment),
             "model.gan.diffaugment",
