@@ -70,18 +70,24 @@ def one_tar(path: Path, records: int) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
+def symlinked_index(folder: Path, num_shards: int, per_shard: int) -> list[str]:
+    """``num_shards`` shard paths in ``folder``, every one a symlink to one ``per_shard``-record tar."""
+    real = folder / "real.tar"
+    one_tar(real, per_shard)
+    urls = []
+    for k in range(num_shards):
+        link = folder / f"shard-{k:06d}.tar"
+        link.symlink_to(real)
+        urls.append(str(link))
+    return urls
+
+
 def measure_stream(num_shards: int, per_shard: int) -> dict:
     from xmodal.data.epoch_plan import ShardInfo, Topology
     from xmodal.data.stream import ShardStream
 
     with tempfile.TemporaryDirectory() as tmp:
-        real = Path(tmp) / "real.tar"
-        one_tar(real, per_shard)
-        urls = []
-        for k in range(num_shards):
-            link = Path(tmp) / f"shard-{k:06d}.tar"
-            link.symlink_to(real)
-            urls.append(str(link))
+        urls = symlinked_index(Path(tmp), num_shards, per_shard)
         shards = [ShardInfo(url, per_shard) for url in urls]
         start = time.perf_counter()
         stream = ShardStream(shards, "exact", 0, Topology(0, 1, 2), BATCH)
@@ -98,13 +104,7 @@ def measure_webdataset(num_shards: int, per_shard: int) -> dict:
     import webdataset as wds
 
     with tempfile.TemporaryDirectory() as tmp:
-        real = Path(tmp) / "real.tar"
-        one_tar(real, per_shard)
-        urls = []
-        for k in range(num_shards):
-            link = Path(tmp) / f"shard-{k:06d}.tar"
-            link.symlink_to(real)
-            urls.append(str(link))
+        urls = symlinked_index(Path(tmp), num_shards, per_shard)
         start = time.perf_counter()
         dataset = wds.WebDataset(urls, shardshuffle=num_shards, seed=0, empty_check=False)
         batch = next(iter(dataset.shuffle(1000).batched(BATCH, collation_fn=list)))

@@ -37,17 +37,7 @@ PROVENANCE_KEYS = (
 )
 """Every record's keys, in this order."""
 
-COMPARED = (
-    "extractor",
-    "weights_sha256",
-    "feature_dim",
-    "image_size",
-    "image_fit",
-    "scorer_resize",
-    "reference_split",
-    "reference_samples",
-    "generated_samples",
-)
+COMPARED = tuple(key for key in PROVENANCE_KEYS if key not in ("metrics", "weights_file"))
 """What makes two scores comparable. Not ``metrics`` (what the family logged) nor ``weights_file``
 (where the weights lay: the same weights moved to another disk score alike)."""
 
