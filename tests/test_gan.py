@@ -305,6 +305,8 @@ def test_ddp_two_cpu_ranks_end_with_bit_identical_g_and_d(data_dir, tmp_path):
         "model.condition=text",
         "model.gan.mismatch_weight=1.0",
         "model.gan.judge_steps=20",
+        "+data.roles.colour=label",  # and a second judge, of the first shape's colour
+        "+model.gan.judge_labels.colour=6",
         # The hardest path: double backward (gradient penalty, lazy R1) and 2 D steps per batch.
         "model.gan.loss=wgan-gp",
         "model.gan.r1_weight=1.0",
@@ -339,6 +341,9 @@ def test_ddp_two_cpu_ranks_end_with_bit_identical_g_and_d(data_dir, tmp_path):
     assert one_rank["val/fid"] == pytest.approx(summary["val"]["val/fid"], rel=1e-4)
     assert one_rank["val/kid"] == pytest.approx(summary["val"]["val/kid"], rel=1e-3, abs=1e-4)
     assert one_rank["val/judge_acc"] == pytest.approx(summary["val"]["val/judge_acc"], abs=1e-6)
+    assert one_rank["val/judge_colour_acc"] == pytest.approx(summary["val"]["val/judge_colour_acc"], abs=1e-6)
+    colour = summary["provenance"]["val"]["judge_colour"]
+    assert (colour["reference_samples"], colour["generated_samples"]) == (48, 48)
 
 
 def test_fsdp2_bf16_two_cpu_ranks_validate_train_and_resume_from_a_distributed_checkpoint(data_dir, tmp_path):

@@ -3,6 +3,7 @@ judge, matching-aware pairs, and collapse warnings that fire on collapsed models
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -384,14 +385,106 @@ def test_a_text_to_image_vae_is_judged_like_the_gan_and_keeps_the_judge_out_of_i
     args += ["trainer.max_steps=2", "trainer.val_check_interval=2", "logger=none", "run.id=j"]
     metrics = train(compose_config(args))
     judged = {k: v for k, v in metrics.items() if "judge" in k}
-    assert set(judged) == {"val/judge_acc", "val/judge_real_acc", "test/judge_acc", "test/judge_real_acc"}
+    # The kind of the first shape, and (model.vae.judge_labels) its colour, by a judge each.
+    assert set(judged) == {
+        f"{stage}/judge{attribute}_{which}"
+        for stage in ("val", "test")
+        for attribute in ("", "_colour")
+        for which in ("acc", "real_acc")
+    }
     assert all(0.0 <= v <= 1.0 for v in judged.values())
+    ckpt_dir = tmp_path / "outputs" / "shapes_text2image_vae" / "j" / "checkpoints"
     ckpt = torch.load(
-        tmp_path / "outputs" / "shapes_text2image_vae" / "j" / "checkpoints" / "last.ckpt",
+        ckpt_dir / "last.ckpt",
         map_location="cpu",
         weights_only=False,
     )
     assert not [k for k in ckpt["state_dict"] if "judge" in k]  # xmodal-eval loads it strictly
+    provenance = json.loads((ckpt_dir.parent / "metrics_provenance.json").read_text())
+    assert provenance["test"]["judge_colour"]["metrics"] == ["judge_colour_acc", "judge_colour_real_acc"]
+    assert provenance["test"]["judge_colour"]["weights_sha256"] != provenance["test"]["judge"]["weights_sha256"]
     # Without judge_steps (or without a condition) nothing is judged.
     plain = train(compose_config([*args[:-1], "model.vae.judge_steps=0", "run.id=k", "test_after_fit=false"]))
     assert not [k for k in plain if "judge" in k]
+
+
+def test_attribute_judges_score_beside_the_class_judge_each_with_its_own_labels_and_provenance(one_thread):
+    images, labels = bars(64, seed=2)
+    judge = train_judge(*bars(256, seed=0), channels=1, num_classes=2, steps=60)
+    # The "colour" judge is the bars judge read against the opposite labels, so its figures are
+    # the class judge's turned over: what each judge scores is its own role's labels.
+    metrics = GenerativeMetrics(
+        DomainClassifier(1, 2), conditional=True, judge=judge, attribute_judges={"colour": judge}
+    )
+    real = images.float() / 127.5 - 1
+    flipped = real.flip(-1).transpose(-1, -2)  # every bar turned the other way
+    metrics.update(real, flipped, labels, {"colour": 1 - labels})
+    values = metrics.compute()
+    judged = {k for k in values if k.startswith("judge")}
+    assert judged == {"judge_acc", "judge_real_acc", "judge_colour_acc", "judge_colour_real_acc"}
+    assert values["judge_real_acc"] > 0.95 and values["judge_acc"] < 0.05
+    assert values["judge_colour_real_acc"] < 0.05 and values["judge_colour_acc"] > 0.95
+    records = metrics.provenance("val", 32, "resize")
+    assert set(records) == {"features", "judge", "judge_colour"}
+    assert records["judge_colour"]["metrics"] == ["judge_colour_acc", "judge_colour_real_acc"]
+    assert (records["judge_colour"]["reference_samples"], records["judge_colour"]["generated_samples"]) == (64, 64)
+    # Rows without the attribute's labels are left out, not counted as misses.
+    metrics.reset()
+    metrics.update(real, flipped, labels)
+    assert math.isnan(metrics.compute()["judge_colour_acc"])
+    assert metrics.counts["judge_colour"] == (0, 0) and metrics.counts["judge"] == (64, 64)
+
+
+def test_the_colour_role_reads_each_shapes_samples_first_colour_from_its_json(tiny):
+    import json
+
+    from xmodal.data.shapes import COLOURS
+    from xmodal.data.shards import iter_shard
+    from xmodal.factory import decode_spec, prepare_data
+    from xmodal.metrics.features import load_split
+
+    cfg = compose_config([*tiny, "experiment=shapes_text2image_gan", "data.image_size=16"])
+    data_path = prepare_data(cfg)
+    spec = decode_spec(cfg)
+    assert "colour" in spec.optional  # model.gan.judge_labels decodes its role, skipping nothing
+    _, colours = load_split(data_path, "val", spec, label_role="colour")
+    _, kinds = load_split(data_path, "val", spec)
+    shards = sorted((data_path / "val").glob("*.tar"))
+    metas = [json.loads(raw["json"]) for shard in shards for raw in iter_shard(str(shard))]
+    assert colours.tolist() == [list(COLOURS).index(m["shapes"][0]["colour"]) for m in metas]
+    assert kinds.tolist() == [m["label"] for m in metas] and len(set(colours.tolist())) > 2
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "+model.gan.judge_labels.size=2",
+            "model.gan.judge_labels.size: needs data.roles.size: label (read from key.size.cls or 'size' "
+            "in each sample's JSON) (got data.roles.size=None)",
+        ),
+        (
+            "model.gan.judge_labels.colour=1",
+            "model.gan.judge_labels.colour: the number of classes must be an integer >= 2 (got 1)",
+        ),
+        (
+            "+model.gan.judge_labels.label=4",
+            "model.gan.judge_labels.label: the class label has its own judge (judge_steps); list other "
+            "label roles here",
+        ),
+    ],
+)
+def test_judge_labels_name_label_roles_with_classes_in_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(["experiment=shapes_text2image_gan", override]))
+    assert message in [line.strip() for line in str(err.value).splitlines()]
+
+
+def test_an_attribute_judges_metric_names_belong_to_its_own_provenance_family():
+    from xmodal.metrics.provenance import family_of, judge_names
+
+    assert judge_names("label") == ("judge_acc", "judge_real_acc")
+    assert judge_names("bg_colour") == ("judge_bg_colour_acc", "judge_bg_colour_real_acc")
+    assert family_of("val/judge_real_acc") == "judge" and family_of("best test/judge_acc") == "judge"
+    assert family_of("val/judge_colour_real_acc") == family_of("test/judge_colour_acc") == "judge_colour"
+    assert family_of("val/judge_bg_colour_acc") == "judge_bg_colour" and family_of("val/loss") is None

@@ -104,6 +104,7 @@ def required_roles(cfg: DictConfig) -> tuple[str, ...]:
 def decode_spec(cfg: DictConfig) -> DecodeSpec:
     d = cfg.data
     required = required_roles(cfg)
+    optional = (*task_config(cfg).optional_roles(), *d.optional_modalities)
     return DecodeSpec(
         image_size=d.image_size,
         image_channels=d.image_channels,
@@ -113,7 +114,7 @@ def decode_spec(cfg: DictConfig) -> DecodeSpec:
         video_frames=d.video_frames,
         video_size=d.video_size,
         required=required,
-        optional=tuple(m for m in d.optional_modalities if m not in required),
+        optional=tuple(dict.fromkeys(m for m in optional if m not in required)),
         max_pixels=d.max_image_pixels,
         seed=cfg.seed,
         roles=tuple(sorted(dict(d.roles).items())),

@@ -23,7 +23,8 @@ NOT_SHOWN = ("cluster",)
 def used_modalities(cfg: DictConfig) -> set[str]:
     """Modalities of the roles the task reads (required and optional), via ``data.roles``."""
     roles = dict(cfg.data.roles)
-    used = [*task_config(cfg).roles(), *cfg.data.optional_modalities]
+    task = task_config(cfg)
+    used = [*task.roles(), *task.optional_roles(), *cfg.data.optional_modalities]
     return {roles.get(role, role) for role in used}
 
 

@@ -8,7 +8,8 @@ salted ``hash``), so any process can regenerate any sample, and the shards are b
 across runs (tar members carry a fixed mtime).
 
 Canonical order: shapes sorted by grid cell, row-major (top left first). The first caption, the
-``.txt`` member and audio slot ``i`` all follow it, and ``label`` is the kind of the first shape.
+``.txt`` member and audio slot ``i`` all follow it, ``label`` is the kind of the first shape and
+``colour`` (in the JSON) its colour's index in :data:`COLOURS`.
 
 Audio encoding (``render_audio``): the clip (``audio_seconds × sample_rate`` int16 mono samples)
 is split into ``max_shapes`` equal time slots; any remainder at the end is silence. Slot ``i``
@@ -51,6 +52,10 @@ from xmodal.data.shards import (
     write_sizes,
     write_tar_shard,
 )
+
+CONTENT_VERSION = 2
+"""What a sample holds: 2 added ``colour`` to the JSON. Part of the fingerprint (so a cache of
+version 1 is regenerated beside it, never read as if it had the field)."""
 
 KINDS: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -217,17 +222,19 @@ class ShapesSpec:
     def from_dict(cls, values: dict[str, Any]) -> ShapesSpec:
         """Build a spec from a plain mapping (a config node, ``sizes.json``); unknown keys are an error."""
         names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in values.items() if k != "content"}  # what the samples hold, not a setting
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown ShapesSpec fields {unknown}; known: {sorted(names)}")
         return cls(**dict(values))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (tuples become lists); ``language`` only when not the default ``en``
-        (the fingerprint and ``sizes.json`` of English datasets are those from before it existed)."""
+        """JSON-ready fields (tuples become lists) and ``content`` (:data:`CONTENT_VERSION`);
+        ``language`` only when not the default ``en`` (English specs never stored it)."""
         values = self.all_fields()
         if self.language == "en":
             del values["language"]
+        values["content"] = CONTENT_VERSION
         return values
 
     def all_fields(self) -> dict[str, Any]:
@@ -505,7 +512,13 @@ def make_sample(spec: ShapesSpec, split: str, index: int) -> dict[str, bytes | s
     png = io.BytesIO()
     # Level 1: 2.5× faster than the default and no bigger, since the noise is incompressible anyway.
     render_image(scene, spec.image_size).save(png, format="PNG", compress_level=1)
-    meta = {"captions": caps, "shapes": [asdict(s) for s in scene], "label": KINDS.index(scene[0].kind)}
+    meta = {
+        "captions": caps,
+        "shapes": [asdict(s) for s in scene],
+        "label": KINDS.index(scene[0].kind),
+        # A second attribute of the first shape, for a colour judge (data.roles: {colour: label}).
+        "colour": list(COLOURS).index(scene[0].colour),
+    }
     return {
         "__key__": f"{split}-{index:07d}",
         "png": png.getvalue(),
@@ -519,6 +532,8 @@ def _spec_differences(stored: Any, spec: ShapesSpec) -> list[str]:
     """Human-readable differences between a stored spec (``sizes.json``) and ``spec``; [] if equal."""
     if not isinstance(stored, dict):
         return [f"no shapes spec stored (found {stored!r})"]
+    if stored.get("content", 1) != CONTENT_VERSION:
+        return [f"content (stored {stored.get('content', 1)!r}, requested {CONTENT_VERSION!r})"]
     try:
         if ShapesSpec.from_dict(stored) == spec:
             return []

@@ -88,6 +88,8 @@ def cache_dir() -> Path:
 
 
 DEFAULT_ROLE = "image"
+DEFAULT_LABEL_ROLE = "label"
+"""The class every classifier learns unless told otherwise (a judge of ``judge_labels`` reads another)."""
 
 RunData: TypeAlias = "DataSplits | str | os.PathLike[str]"
 """What the classifiers read: the run's resolved splits, or a data dir read with default settings."""
@@ -115,11 +117,17 @@ def data_identity(data: DataSplits) -> list[Any]:
 
 
 def cache_key(
-    data: RunData, spec: DecodeSpec, num_classes: int, steps: int, seed: int, role: str = DEFAULT_ROLE
+    data: RunData,
+    spec: DecodeSpec,
+    num_classes: int,
+    steps: int,
+    seed: int,
+    role: str = DEFAULT_ROLE,
+    label_role: str = DEFAULT_LABEL_ROLE,
 ) -> str:
     """Digest of everything the classifier's weights depend on: the data (every shard of every
     split and source the run reads, with its size and count), the image role and decoded shape,
-    the classes, the training length and seed, and this code's version."""
+    the label role and classes, the training length and seed, and this code's version."""
     identity = json.dumps(data_identity(run_splits(data))).encode()
     payload = {
         "data": hashlib.sha256(identity).hexdigest(),
@@ -131,6 +139,8 @@ def cache_key(
     }
     if role != DEFAULT_ROLE:
         payload["role"] = role
+    if label_role != DEFAULT_LABEL_ROLE:  # absent for the kind label: cached nets keep their keys
+        payload["label_role"] = label_role
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -158,15 +168,18 @@ def load_split(
     limit: int = MAX_TRAIN_SAMPLES,
     allow_pipe: bool = False,
     role: str = DEFAULT_ROLE,
+    label_role: str = DEFAULT_LABEL_ROLE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """At most ``limit`` decodable samples of a split: uint8 images ``[N, C, H, W]`` of ``role``
-    (``tgt`` of paired data, through ``spec.roles``), labels ``[N]``. One source: its first
+    (``tgt`` of paired data, through ``spec.roles``), labels ``[N]`` of ``label_role`` (``label``,
+    or another role of the label modality in ``spec.roles``, e.g. ``colour``). One source: its first
     samples in shard order; several (``data.sources``): each source's first samples, the limit
     shared evenly over the sources (``even_shares``)."""
     spec = DecodeSpec(
         image_size=spec.image_size,
         image_channels=spec.image_channels,
         required=(role,),
+        optional=() if label_role == DEFAULT_LABEL_ROLE else (label_role,),
         max_pixels=spec.max_pixels,
         image_fit=spec.image_fit,
         roles=spec.roles,
@@ -189,7 +202,7 @@ def load_split(
                 except ValueError:
                     continue
                 images.append(sample[role])
-                labels.append(sample["label"])
+                labels.append(sample[label_role])
                 taken += 1
                 if taken >= share:
                     break

@@ -17,6 +17,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from xmodal.metrics.features import DomainClassifier
+from xmodal.metrics.judge import JudgeScore
 from xmodal.metrics.provenance import FAMILIES, scorer_record
 
 
@@ -88,14 +89,15 @@ class GenerativeMetrics:
         conditional: bool = False,
         kid_subset_size: int = 100,
         judge: nn.Module | None = None,
+        attribute_judges: dict[str, nn.Module] | None = None,
     ):
         features = features if features is not None else classifier
         self.classifier = classifier.eval().requires_grad_(False)
-        # The independent judge (xmodal/metrics/judge.py): conditional accuracy by a net that is
-        # not the FID feature space, so the generator cannot have been graded by what it was fit to.
-        self.judge = judge.eval().requires_grad_(False) if judge is not None else None
-        self.judge_acc = MeanMetric()
-        self.judge_real_acc = MeanMetric()
+        # The independent judges (xmodal/metrics/judge.py): conditional accuracy by nets that are
+        # not the FID feature space, so the generator cannot have been graded by what it was fit
+        # to. ``judge`` reads the class label; ``attribute_judges`` other label roles (colour).
+        self.judges = [JudgeScore(judge)] if judge is not None else []
+        self.judges += [JudgeScore(net, role) for role, net in (attribute_judges or {}).items()]
         self.conditional = conditional
         self.fid = SpreadFID(feature=features, reset_real_features=True)
         self.kid = KernelInceptionDistance(
@@ -105,23 +107,36 @@ class GenerativeMetrics:
         self.cond_acc = MeanMetric()
         self.real_acc = MeanMetric()
         self.features = features
-        # Rows behind the last compute(), over all ranks: (real, generated) for FID and the judge.
-        self.counts: dict[str, tuple[int, int]] = {"features": (0, 0), "judge": (0, 0)}
+        # Rows behind the last compute(), over all ranks: (real, generated) for FID and each judge.
+        self.counts: dict[str, tuple[int, int]] = {"features": (0, 0)}
+        self.counts.update({j.family: (0, 0) for j in self.judges})
+
+    @property
+    def judge(self) -> nn.Module | None:
+        """The class label's judge net (None without one)."""
+        return next((j.net for j in self.judges if j.label_role == "label"), None)
 
     def to(self, device: torch.device | str) -> GenerativeMetrics:
         for metric in self._metrics():
             metric.to(device)
         self.classifier.to(device)
-        if self.judge is not None:
-            self.judge.to(device)
+        for judge in self.judges:
+            judge.to(device)
         return self
 
     def _metrics(self) -> tuple[Metric, ...]:
-        return (self.fid, self.kid, self.cond_acc, self.real_acc, self.judge_acc, self.judge_real_acc)
+        return (self.fid, self.kid, self.cond_acc, self.real_acc)
 
     @torch.no_grad()
-    def update(self, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None) -> None:
-        """``real``/``fake`` ``[N, C, H, W]`` in [-1, 1] (valid rows only); ``labels`` ``[N]`` (-1 = none)."""
+    def update(
+        self,
+        real: torch.Tensor,
+        fake: torch.Tensor,
+        labels: torch.Tensor | None,
+        attributes: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """``real``/``fake`` ``[N, C, H, W]`` in [-1, 1] (valid rows only); ``labels`` ``[N]`` (-1 = none);
+        ``attributes``: the other judges' labels by role, ``[N]`` each (a missing role: none known)."""
         # Also with no rows (a rank may hold only padding rows): torchmetrics needs one update per rank.
         real, fake = real.float(), fake.float()
         self.fid.update(real, real=True)
@@ -136,10 +151,12 @@ class GenerativeMetrics:
             if self.conditional:
                 hits = self.classifier.classify(fake[known]).argmax(1) == labels[known]
                 self.cond_acc.update(hits.float())
-            if self.judge is not None:
-                self.judge_real_acc.update((self.judge(real[known]).argmax(1) == labels[known]).float())
-                if self.conditional:
-                    self.judge_acc.update((self.judge(fake[known]).argmax(1) == labels[known]).float())
+        for judge in self.judges:
+            # Updated on every rank, even with no rows or labels, so every rank takes part in the reduction.
+            role_labels = labels if judge.label_role == "label" else (attributes or {}).get(judge.label_role)
+            if role_labels is None:
+                role_labels = torch.full((len(real),), -1, dtype=torch.long, device=real.device)
+            judge.update(real, fake if self.conditional else None, role_labels)
 
     def compute(self) -> dict[str, float]:
         """Metrics over everything updated on all ranks since the last reset (a collective call)."""
@@ -147,18 +164,21 @@ class GenerativeMetrics:
         # Sample counts over all ranks (generated, real; the judge's generated, real): every rank
         # takes the same branch, and the provenance records how many rows each score saw.
         fid = self.fid
-        counts = torch.stack(
+        device = fid.fake_features_num_samples.device
+        counts = torch.cat(
             [
-                fid.fake_features_num_samples.detach().double(),
-                fid.real_features_num_samples.detach().double(),
-                self.judge_acc.weight.detach().double().to(fid.fake_features_num_samples.device),
-                self.judge_real_acc.weight.detach().double().to(fid.fake_features_num_samples.device),
+                torch.stack(
+                    [fid.real_features_num_samples.detach().double(), fid.fake_features_num_samples.detach().double()]
+                ),
+                *(judge.weights().to(device) for judge in self.judges),
             ]
-        )
+        )  # [2 + 2 × judges]: (real, generated) per family
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
-        n_all, n_real, judge_fake, judge_real = (int(round(float(c))) for c in counts)
-        self.counts = {"features": (n_real, n_all), "judge": (judge_real, judge_fake)}
+        pairs = [(int(round(float(r))), int(round(float(g)))) for r, g in counts.view(-1, 2)]
+        self.counts = {"features": pairs[0]}
+        self.counts.update({judge.family: pair for judge, pair in zip(self.judges, pairs[1:], strict=True)})
+        n_real, n_all = pairs[0]
         if n_all >= 2:
             out["fid"] = float(self.fid.compute())
             # KID's subsets must not be larger than the sample.
@@ -172,15 +192,15 @@ class GenerativeMetrics:
             out["real_acc"] = real_acc
         if self.conditional:
             out["cond_acc"] = float(self.cond_acc.compute())
-        if self.judge is not None:
-            out["judge_real_acc"] = float(self.judge_real_acc.compute())
-            if self.conditional:
-                out["judge_acc"] = float(self.judge_acc.compute())
+        for judge in self.judges:
+            out.update(judge.results(self.conditional))
         return out
 
     def reset(self) -> None:
         for metric in self._metrics():
             metric.reset()
+        for judge in self.judges:
+            judge.reset()
 
     def provenance(self, split: str, image_size: int | None, image_fit: str | None) -> dict[str, dict]:
         """Per family (``features``; ``judge`` with one): what the last :meth:`compute` scored with
@@ -192,8 +212,7 @@ class GenerativeMetrics:
         out = {
             "features": scorer_record(self.features, names, split, real, fake, image_size, image_fit, weights)
         }
-        if self.judge is not None:
-            names = ["judge_acc", "judge_real_acc"] if self.conditional else ["judge_real_acc"]
-            real, fake = self.counts["judge"]
-            out["judge"] = scorer_record(self.judge, names, split, real, fake, image_size, image_fit)
+        for judge in self.judges:
+            real, fake = self.counts[judge.family]
+            out[judge.family] = judge.record(split, real, fake, image_size, image_fit, self.conditional)
         return out

@@ -18,9 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 
 from xmodal.data.datamodule import DecodeSpec
 from xmodal.metrics.features import (
+    DEFAULT_LABEL_ROLE,
     DEFAULT_ROLE,
     RunData,
     accuracy,
@@ -32,6 +34,7 @@ from xmodal.metrics.features import (
     run_splits,
     save_cached_net,
 )
+from xmodal.metrics.provenance import judge_family, judge_names, scorer_record
 
 log = logging.getLogger("xmodal")
 
@@ -106,8 +109,15 @@ def train_judge(
     return net.eval()
 
 
-def judge_path(data: RunData, spec: DecodeSpec, num_classes: int, steps: int, role: str) -> Path:
-    key = cache_key(data, spec, num_classes, steps, JUDGE_SEED, role)
+def judge_path(
+    data: RunData,
+    spec: DecodeSpec,
+    num_classes: int,
+    steps: int,
+    role: str,
+    label_role: str = DEFAULT_LABEL_ROLE,
+) -> Path:
+    key = cache_key(data, spec, num_classes, steps, JUDGE_SEED, role, label_role)
     return cache_dir() / f"judge-v{JUDGE_VERSION}-{key}.pt"
 
 
@@ -119,23 +129,26 @@ def judge_classifier(
     allow_pipe: bool = False,
     train_if_missing: bool = True,
     role: str = DEFAULT_ROLE,
+    label_role: str = DEFAULT_LABEL_ROLE,
 ) -> tuple[JudgeNet, dict[str, Any]] | None:
     """The cached judge and its record (``real_acc`` on the test split, or on val without one),
     trained and cached atomically on a miss; None on a miss with ``train_if_missing=False``, or
     when the train split has no labels (nothing to judge against). ``data``: the run's splits
-    (every source of a mix, its explicit val/test shards), or a data dir with default settings."""
+    (every source of a mix, its explicit val/test shards), or a data dir with default settings.
+    ``label_role``: the attribute judged (``label``: the class; ``colour``: a role of the label
+    modality in ``spec.roles``)."""
     splits = run_splits(data, allow_pipe)
-    path = judge_path(splits, spec, num_classes, steps, role)
+    path = judge_path(splits, spec, num_classes, steps, role, label_role)
     net = JudgeNet(spec.image_channels, num_classes)
     cached = load_cached_net(path, net)
     if cached is not None:
         return net, cached
     if not train_if_missing:
         return None
-    images, labels = load_split(splits, "train", spec, allow_pipe=allow_pipe, role=role)
+    images, labels = load_split(splits, "train", spec, allow_pipe=allow_pipe, role=role, label_role=label_role)
     if not bool((labels >= 0).any()):
         return None
-    log.info("training the judge classifier (%d steps, cached at %s)", steps, path)
+    log.info("training the %s judge classifier (%d steps, cached at %s)", label_role, steps, path)
     net = train_judge(images, labels, spec.image_channels, num_classes, steps)
     info: dict[str, Any] = {
         "steps": steps,
@@ -144,11 +157,72 @@ def judge_classifier(
     }
     for split in ("test", "val"):
         try:
-            held_images, held_labels = load_split(splits, split, spec, allow_pipe=allow_pipe, role=role)
+            held_images, held_labels = load_split(
+                splits, split, spec, allow_pipe=allow_pipe, role=role, label_role=label_role
+            )
         except (ValueError, KeyError, OSError):
             continue
         info.update(real_acc=accuracy(net, held_images, held_labels), real_acc_split=split)
         break
-    log.info("judge classifier trained on %s: %s", splits.spec, info)
+    log.info("%s judge classifier trained on %s: %s", label_role, splits.spec, info)
     save_cached_net(path, net, info)
     return net, info
+
+
+class JudgeScore:
+    """One judge's accuracies over an evaluation pass, exact over ranks: each generated row's
+    class (``judge_acc``, or ``judge_<label_role>_acc``) and each real row's (its ceiling) against
+    the row's label of ``label_role``. A plain object: the net and states stay out of checkpoints."""
+
+    def __init__(self, net: nn.Module, label_role: str = DEFAULT_LABEL_ROLE):
+        self.net = net.eval().requires_grad_(False)
+        self.label_role = label_role
+        self.names = judge_names(label_role)
+        self.family = judge_family(label_role)
+        self.acc = MeanMetric()
+        self.real_acc = MeanMetric()
+
+    def to(self, device: torch.device | str) -> JudgeScore:
+        self.net.to(device)
+        self.acc.to(device)
+        self.real_acc.to(device)
+        return self
+
+    @torch.no_grad()
+    def update(
+        self, real: torch.Tensor | None, fake: torch.Tensor | None, labels: torch.Tensor
+    ) -> None:
+        """``real``/``fake`` ``[N, C, H, W]`` in [-1, 1] (either may be None: not scored), ``labels``
+        ``[N]`` (-1 = none). Call it on every rank, even with no rows: the reduction needs every rank."""
+        known = labels >= 0  # [N]
+        for images, metric in ((real, self.real_acc), (fake, self.acc)):
+            if images is not None:
+                metric.update((self.net(images[known].float()).argmax(1) == labels[known]).float())
+
+    def weights(self) -> torch.Tensor:
+        """Rows scored so far on this rank: (real, generated), float64 ``[2]``."""
+        return torch.stack([self.real_acc.weight.detach().double(), self.acc.weight.detach().double()])
+
+    def results(self, conditional: bool = True) -> dict[str, float]:
+        """The accuracies over every rank (a collective call); the generated one only when ``conditional``."""
+        out = {self.names[1]: float(self.real_acc.compute())}
+        if conditional:
+            out[self.names[0]] = float(self.acc.compute())
+        return out
+
+    def record(
+        self,
+        split: str,
+        real: int,
+        fake: int,
+        image_size: int | None,
+        image_fit: str | None,
+        conditional: bool = True,
+    ) -> dict[str, Any]:
+        """This judge's provenance record (:mod:`xmodal.metrics.provenance`) on a split's counts."""
+        names = list(self.names) if conditional else [self.names[1]]
+        return scorer_record(self.net, names, split, real, fake, image_size, image_fit)
+
+    def reset(self) -> None:
+        self.acc.reset()
+        self.real_acc.reset()

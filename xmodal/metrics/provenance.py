@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,29 @@ _LABELS = {
 }
 
 
+_ATTRIBUTE_JUDGE = re.compile(r"^judge_([a-z0-9_]+?)(_real)?_acc$")
+"""``judge_colour_acc``, ``judge_colour_real_acc``: a judge of another attribute (``judge_labels``)."""
+
+
+def judge_names(label_role: str) -> tuple[str, str]:
+    """(generated, real) accuracy names of the judge of ``label_role``: ``judge_acc`` and
+    ``judge_real_acc`` for the class label, ``judge_<role>_acc`` and ``judge_<role>_real_acc`` else."""
+    infix = "" if label_role == "label" else f"_{label_role}"
+    return f"judge{infix}_acc", f"judge{infix}_real_acc"
+
+
+def judge_family(label_role: str) -> str:
+    """The provenance family of the judge of ``label_role`` (``judge``, ``judge_colour``)."""
+    return "judge" if label_role == "label" else f"judge_{label_role}"
+
+
 def family_of(metric: str) -> str | None:
     """The family of a logged metric name (``val/fid``, ``best test/judge_acc``, ``kid``), or None."""
     name = metric.rsplit("/", 1)[-1]
-    return next((family for family, names in FAMILIES.items() if name in names), None)
+    found = next((family for family, names in FAMILIES.items() if name in names), None)
+    if found is None and (attribute := _ATTRIBUTE_JUDGE.match(name)) is not None:
+        return judge_family(attribute.group(1))
+    return found
 
 
 def stage_of(metric: str) -> str | None:

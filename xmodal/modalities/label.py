@@ -1,4 +1,7 @@
-"""Class labels: a ``.cls`` member or ``label`` in the sample's JSON → long ``[B]`` (-1 = none)."""
+"""Class labels: a ``.cls`` member or ``label`` in the sample's JSON → long ``[B]`` (-1 = none).
+
+Another role of this modality (``data.roles: {colour: label}``) reads ``key.colour.cls`` or the
+JSON's ``colour`` field: a second attribute to judge generated samples by (``judge_labels``)."""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ class LabelModality(Modality):
                 return {role: int(found[1].decode("utf-8").strip())}
             except ValueError as err:
                 raise ValueError(f"sample {ctx.key!r}: .cls is not an integer") from err
-        label = ctx.meta.get("label")
+        label = ctx.meta.get(role)
         return {role: -1 if label is None else int(label)}
 
     def is_present(self, fields: dict[str, Any]) -> bool:

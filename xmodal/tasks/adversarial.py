@@ -8,6 +8,7 @@ non-finite steps skipped and counted, never applied; ``toggled_optimizer`` excep
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -19,6 +20,8 @@ from torch import nn
 
 from xmodal.metrics.collapse import warn_if_collapsed
 from xmodal.metrics.provenance import record_provenance, task_data
+
+log = logging.getLogger("xmodal")
 
 T = TypeVar("T")
 
@@ -220,9 +223,12 @@ def feature_classifier(task: Any, role: str, num_classes: int, steps: int) -> nn
     return classifier
 
 
-def judge_classifier(task: Any, role: str, num_classes: int, steps: int) -> nn.Module | None:
-    """The cached independent judge (``judge_acc``) for images of ``role``, or None: no data module,
-    ``steps`` 0, or no labels in the train split."""
+def judge_classifier(
+    task: Any, role: str, num_classes: int, steps: int, label_role: str = "label"
+) -> nn.Module | None:
+    """The cached independent judge (``judge_acc``; ``judge_<label_role>_acc`` for another
+    attribute) for images of ``role``, or None: no data module, ``steps`` 0, or no labels of
+    ``label_role`` in the train split."""
     datamodule = shard_datamodule(task)
     if datamodule is None or steps <= 0:
         return None
@@ -237,10 +243,32 @@ def judge_classifier(task: Any, role: str, num_classes: int, steps: int) -> nn.M
             allow_pipe=datamodule.allow_pipe,
             train_if_missing=train_if_missing,
             role=role,
+            label_role=label_role,
         )
         return found[0] if found is not None else None
 
-    return rank_zero_cached(task, build, "judge")
+    return rank_zero_cached(task, build, "judge" if label_role == "label" else f"judge-{label_role}")
+
+
+def attribute_judge_nets(
+    task: Any, role: str, judge_labels: dict[str, int], steps: int
+) -> dict[str, nn.Module]:
+    """A cached judge per attribute of ``judge_labels`` (role → classes) with labels in the train
+    split (``judge_<role>_acc``); one whose role has no labels there is left out, with a warning."""
+    nets: dict[str, nn.Module] = {}
+    for label_role, classes in judge_labels.items():
+        net = judge_classifier(task, role, classes, steps, label_role)
+        if net is not None:
+            nets[label_role] = net
+        elif steps > 0 and shard_datamodule(task) is not None:
+            log.warning(
+                "no %s judge: the train split has no '%s' labels (key.%s.cls or '%s' in the JSON)",
+                label_role,
+                label_role,
+                label_role,
+                label_role,
+            )
+    return nets
 
 
 def log_split_metrics(task: Any, stage: str, metrics: Any, prog_bar: str) -> None:

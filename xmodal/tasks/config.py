@@ -41,6 +41,11 @@ class TaskConfig:
         """Batch roles every sample must have (a sample without one is skipped and counted)."""
         raise NotImplementedError
 
+    def optional_roles(self) -> tuple[str, ...]:
+        """Roles decoded when a sample has them (absent: masked, never skipped), e.g. the label
+        roles a judge reads (``model.gan.judge_labels``); ``data.optional_modalities`` adds more."""
+        return ()
+
     def problems(self, cfg: Any) -> list[str]:
         """Problems of this node (and of the keys elsewhere it depends on), as
         ``<key>: <why> (got <value>)`` with keys from the root (``model.lr``)."""
@@ -229,6 +234,22 @@ def condition_problems(problems: Problems, m: ConditionConfig, target: str) -> N
             f"model.condition: {article} {target} target cannot be conditioned on itself (got {target!r})"
         )
     check_slot(problems, "model.condition_encoder", m.condition_encoder)
+
+
+def judge_label_problems(problems: Problems, key: str, judge_labels: Mapping[str, Any]) -> None:
+    """``judge_labels`` (role → number of classes) names roles of the label modality, each with
+    >= 2 classes; ``label`` itself is the main judge's (``judge_steps``), not one of these."""
+    roles = dict(problems.cfg.data.get("roles") or {})
+    for role, classes in judge_labels.items():
+        if role == "label":
+            problems.append(f"{key}.label: the class label has its own judge (judge_steps); list other label roles here")
+        elif roles.get(role) != "label":
+            problems.append(
+                f"{key}.{role}: needs data.roles.{role}: label (read from key.{role}.cls or '{role}' in "
+                f"each sample's JSON) (got data.roles.{role}={roles.get(role)!r})"
+            )
+        if not isinstance(classes, int) or isinstance(classes, bool) or classes < 2:
+            problems.append(f"{key}.{role}: the number of classes must be an integer >= 2 (got {classes!r})")
 
 
 def condition_roles(target: str, condition: Any) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ from xmodal.tasks.config import (
     check_slot,
     condition_problems,
     condition_roles,
+    judge_label_problems,
     manual_optimization_problems,
 )
 
@@ -91,6 +92,10 @@ class GanConfig:
     judge_steps: int = 1500
     """Training steps of the independent judge classifier (``judge_acc``: conditional accuracy by a
     net that is not the FID feature net; cached, one-time; conditional GANs only). 0 = no judge."""
+    judge_labels: dict[str, int] = field(default_factory=dict)
+    """More attributes to judge, role → classes (``{colour: 6}``): each a label role of
+    ``data.roles`` with a judge of its own (same recipe and steps), logged as
+    ``judge_<role>_acc`` / ``judge_<role>_real_acc``. {} = the class label's judge only."""
     cycle_captioner: str | None = None
     """Path to an image → text captioner checkpoint (``xmodal-train`` of the caption task on the same
     data, same ``data.image_size``): at val/test it captions the generated images (greedy) and
@@ -122,6 +127,10 @@ class GanModelConfig(ConditionConfig, TaskConfig):
     def roles(self) -> tuple[str, ...]:
         return condition_roles(self.target, self.condition)
 
+    def optional_roles(self) -> tuple[str, ...]:
+        judged = self.gan.judge_steps > 0 and bool(self.conditions())
+        return tuple(self.gan.judge_labels) if judged else ()
+
     def lightning_max_steps(self, max_steps: int) -> int:
         return max_steps * (self.gan.n_critic + 1) if max_steps > 0 else max_steps
 
@@ -150,6 +159,7 @@ class GanModelConfig(ConditionConfig, TaskConfig):
         p.check(g.metric_samples >= 2, "model.gan.metric_samples", "FID needs >= 2 samples")
         p.check(g.aux_weight >= 0 and g.mismatch_weight >= 0, "model.gan.aux_weight", "weights must be >= 0")
         p.check(g.judge_steps >= 0, "model.gan.judge_steps", "must be >= 0")
+        judge_label_problems(p, "model.gan.judge_labels", g.judge_labels)
         p.one_of("model.gan.aux_head", AUX_HEADS)
         p.check(g.aux_lr > 0, "model.gan.aux_lr", "must be > 0")
         p.check(g.aux_warmup_steps >= 0, "model.gan.aux_warmup_steps", "must be >= 0")

@@ -29,6 +29,7 @@ from xmodal.nn.ema import ema_decay, update_ema
 from xmodal.nn.gan import build_gan_nets
 from xmodal.tasks.adversarial import (
     GuardedSteps,
+    attribute_judge_nets,
     class_loss,
     d_loss_terms,
     fake_term,
@@ -142,6 +143,7 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         # Only a conditional G is asked for classes: an unconditional one has nothing to judge.
         judge_steps = self.gan.judge_steps if self.conditional else 0
         judge = judge_classifier(self, self.target, self.cfg.num_classes, judge_steps)
+        attribute_judges = attribute_judge_nets(self, self.target, self.gan.judge_labels, judge_steps)
         for stage_name in ("val", "test"):
             self._metrics[stage_name] = GenerativeMetrics(
                 copy.deepcopy(classifier),
@@ -149,6 +151,7 @@ class AdversarialTask(GuardedSteps, XmodalTask):
                 conditional=self.conditional,
                 kid_subset_size=min(100, self.gan.metric_samples),
                 judge=copy.deepcopy(judge) if judge is not None else None,
+                attribute_judges=copy.deepcopy(attribute_judges),
             )
 
     def parallelize(self, mesh: Any) -> None:
@@ -356,8 +359,12 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         self._scored += int(valid.sum())
         if metrics is not None:
             labels = batch.get("label")
+            attributes = {role: batch[role][valid] for role in self.gan.judge_labels if role in batch}
             metrics.to(self.device).update(
-                batch[self.target][valid], fake[valid], labels[valid] if labels is not None else None
+                batch[self.target][valid],
+                fake[valid],
+                labels[valid] if labels is not None else None,
+                attributes,
             )
         if cycle is not None:
             # The very images FID scored, captioned; each against its own row's captions.

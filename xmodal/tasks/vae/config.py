@@ -14,6 +14,7 @@ from xmodal.tasks.config import (
     check_slot,
     condition_problems,
     condition_roles,
+    judge_label_problems,
     optimizer_problems,
 )
 
@@ -52,6 +53,9 @@ class VaeConfig:
     ``judge_acc``) for this many steps on the train split's labels, cached, and log
     ``judge_acc`` (samples decoded per condition read as its class) beside ``judge_real_acc``
     (real images; the ceiling). 0 = off."""
+    judge_labels: dict[str, int] = field(default_factory=dict)
+    """More attributes to judge, role → classes (``{colour: 6}``), as ``model.gan.judge_labels``:
+    ``judge_<role>_acc`` / ``judge_<role>_real_acc`` (needs ``judge_steps`` > 0)."""
     cycle_captioner: str | None = None
     """A conditional VAE: path to a captioner checkpoint of the target's modality (image → text, or
     audio → text for a text → audio VAE; ``xmodal-train`` of the caption task on the same data and
@@ -87,6 +91,10 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
     def roles(self) -> tuple[str, ...]:
         return condition_roles(self.target, self.condition)
 
+    def optional_roles(self) -> tuple[str, ...]:
+        judged = self.vae.judge_steps > 0 and bool(self.conditions())
+        return tuple(self.vae.judge_labels) if judged else ()
+
     def problems(self, cfg: Any) -> list[str]:
         p = Problems(cfg)
         d, v = cfg.data, self.vae
@@ -111,6 +119,7 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
         p.check(v.kl_cycles >= 1, "model.vae.kl_cycles", "must be >= 1")
         p.check(v.logvar_clamp > 0, "model.vae.logvar_clamp", "must be > 0")
         p.check(v.judge_steps >= 0, "model.vae.judge_steps", "must be >= 0 (0 = off)")
+        judge_label_problems(p, "model.vae.judge_labels", v.judge_labels)
         p.check(
             not v.binarize or v.likelihood == "bernoulli",
             "model.vae.binarize",

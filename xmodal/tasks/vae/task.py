@@ -50,6 +50,7 @@ from xmodal.metrics.likelihood import (
     log_normal_diag,
     log_standard_normal,
 )
+from xmodal.metrics.provenance import judge_family, judge_names
 from xmodal.metrics.tones import ToneAccuracy
 from xmodal.modalities.roles import modality_of
 from xmodal.nn.condition import Encoded, build_condition_encoder, encode_condition
@@ -57,7 +58,7 @@ from xmodal.nn.fusion import pooled_view, repeat_condition
 from xmodal.nn.slots import build_slot
 from xmodal.nn.vae import ConvDecoder, ConvEncoder
 from xmodal.nn.video import VideoVaeDecoder, VideoVaeEncoder
-from xmodal.tasks.adversarial import judge_classifier
+from xmodal.tasks.adversarial import attribute_judge_nets, judge_classifier
 from xmodal.tasks.base import XmodalTask, condition_names, to_device, trainable
 from xmodal.tasks.generation import write_conditional_samples
 from xmodal.tasks.schedule import with_warmup_cosine
@@ -218,11 +219,16 @@ class VaeTask(XmodalTask):
         # Conditional image VAE: whether samples decoded per condition read as its class to the
         # independent judge (the GAN's judge_acc), built in setup() from the data module.
         # Held in a plain dict, not as a submodule: the judge is no part of the model's state_dict.
+        # Keyed by label role: "label" (judge_acc) and each of model.vae.judge_labels (colour).
         self._judge: dict[str, nn.Module] = {}
-        self.judge_acc = nn.ModuleDict({s: MeanMetric() for s in ("val", "test", "val_real", "test_real")})
+        judged = ("label", *self.vae.judge_labels)
+        self.judge_acc = nn.ModuleDict(
+            {f"{r}_{s}": MeanMetric() for r in judged for s in ("val", "test", "val_real", "test_real")}
+        )
         # model.vae.cycle_captioner: CycleScore per stage (plain dict: the captioner is no submodule).
         self._cycle: dict[str, Any] = {}
-        self._judge_rows = {"val": 0, "test": 0}  # labelled rows judged in this pass (this rank)
+        # Labelled rows judged in this pass (this rank), per label role and stage.
+        self._judge_rows = {(r, s): 0 for r in judged for s in ("val", "test")}
         self._pending: set[str] = set()  # stages with generative scores still to log
         self.metric_provenance: dict[str, dict[str, Any]] = {}
         """What the judge and cycle scores were measured with, per stage (not saved)."""
@@ -492,7 +498,9 @@ class VaeTask(XmodalTask):
             return
         judge = judge_classifier(self, self.target, self.cfg.num_classes, self.vae.judge_steps)
         if judge is not None:
-            self._judge["net"] = judge.eval().requires_grad_(False)
+            self._judge["label"] = judge.eval().requires_grad_(False)
+        for role, net in attribute_judge_nets(self, self.target, self.vae.judge_labels, self.vae.judge_steps).items():
+            self._judge[role] = net.eval().requires_grad_(False)
 
     @torch.no_grad()
     def conditional_samples(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -507,20 +515,23 @@ class VaeTask(XmodalTask):
     def _evaluate_judge(
         self, batch: dict[str, Any], stage: str, valid: torch.Tensor, fake: torch.Tensor
     ) -> None:
-        """The judge's class for each row's sample against the row's label (rows without one are left out)."""
-        labels = batch.get("label")
-        if labels is None:
-            return
-        known = valid & (labels >= 0)  # [B]
-        self._judge_rows[stage] += int(known.sum())
+        """Each judge's class for each row's sample against the row's label of its role (rows
+        without one are left out)."""
         real, _ = self.target_data(batch)
-        judge = self._judge["net"].to(self.device)
-        # Updated on every rank, even with no rows, so every rank takes part in the reduction.
-        for name, images in ((stage, fake), (f"{stage}_real", real.float())):
-            hits = judge(images[known]).argmax(1) == labels[known]  # [K]
-            self.judge_acc[name].update(hits.float())
-            key = f"{stage}/judge_acc" if name == stage else f"{stage}/judge_real_acc"
-            self.log(key, self.judge_acc[name], on_step=False, on_epoch=True)
+        for role, judge in self._judge.items():
+            labels = batch.get(role)
+            if labels is None:
+                labels = torch.full_like(valid, -1, dtype=torch.long)
+            known = valid & (labels >= 0)  # [B]
+            self._judge_rows[role, stage] += int(known.sum())
+            judge = judge.to(self.device)
+            # Updated on every rank, even with no rows, so every rank takes part in the reduction.
+            for name, images, key in zip(
+                (stage, f"{stage}_real"), (fake, real.float()), judge_names(role), strict=True
+            ):
+                hits = judge(images[known]).argmax(1) == labels[known]  # [K]
+                self.judge_acc[f"{role}_{name}"].update(hits.float())
+                self.log(f"{stage}/{key}", self.judge_acc[f"{role}_{name}"], on_step=False, on_epoch=True)
 
     def _evaluate_cycle(
         self, batch: dict[str, Any], stage: str, valid: torch.Tensor, fake: torch.Tensor
@@ -545,15 +556,14 @@ class VaeTask(XmodalTask):
         self._pending.discard(stage)
         if stage in self._cycle:
             log_cycle(self, stage, self._cycle[stage])
-        if self._judge:
-            rows = torch.tensor(float(self._judge_rows[stage]), device=self.device)
+        for role, judge in self._judge.items():
+            rows = torch.tensor(float(self._judge_rows[role, stage]), device=self.device)
             if self._trainer is not None:
                 rows = self.trainer.strategy.reduce(rows, reduce_op="sum")
-            self._judge_rows[stage] = 0
+            self._judge_rows[role, stage] = 0
             n = int(round(float(rows)))
-            names = ["judge_acc", "judge_real_acc"]
-            record = scorer_record(self._judge["net"], names, stage, n, n, *task_data(self))
-            record_provenance(self, stage, {"judge": record})
+            record = scorer_record(judge, list(judge_names(role)), stage, n, n, *task_data(self))
+            record_provenance(self, stage, {judge_family(role): record})
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val", batch_idx)
