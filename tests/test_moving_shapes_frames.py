@@ -12,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from tests.test_video import centroids
 from xmodal.codecs.video import _container_frames, decode_video
@@ -51,6 +52,10 @@ def test_the_default_spec_is_the_one_before_the_frames_field():
         assert cfg.data.moving_shapes.frames == cfg.data.video_frames == 8
         assert builtin_dir(Path("/data"), cfg.data) == Path("/data/moving_shapes-c204f3fece10")
         assert shown_config(cfg).data.moving_shapes == {"frames": 8}  # on the console at the start
+    # A run's config.yaml written before data.moving_shapes existed names the same data.
+    old = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
+    del old["moving_shapes"]
+    assert builtin_dir(Path("/data"), old) == Path("/data/moving_shapes-c204f3fece10")
     longer = compose_config(["experiment=moving_shapes_text2video_vae", "data.moving_shapes.frames=12"])
     assert longer.data.video_frames == 12  # the model sees every frame unless told otherwise
     assert (

@@ -141,3 +141,20 @@ def test_every_vae_fusion_is_taken_by_the_video_experiment(tmp_path):
         "model.fusion: the vae decoder has no batch norm; must be one of "
         "('concat', 'film', 'cross_attention') (got 'cbn')"
     ]
+
+
+def test_video_cross_attention_never_reads_caption_padding():
+    dec = decoder("cross_attention")
+    with torch.no_grad():
+        for p in dec.parameters():  # out of the zero start, so the attention is read
+            p.normal_(0, 0.2)
+    text = TextCondition(len(VOCAB), 0, cond_dim=16, d_model=16, heads=2, max_len=4)
+    encoded = encode_condition(text, {"text": captions([RED, BLUE])})  # mask: 3 real, 1 pad
+    garbage, other = encoded.tokens.clone(), encoded.tokens.clone()
+    garbage[:, 3] = 100.0  # the padding position
+    other[:, 1] += 1.0  # the caption's word
+    z = torch.randn(2, 8)
+    with torch.no_grad():
+        out = dec(z, encoded)[0]  # [2, 3, 8, 32, 32]
+        assert torch.equal(out, dec(z, Encoded(encoded.pooled, garbage, encoded.mask))[0])
+        assert (out - dec(z, Encoded(encoded.pooled, other, encoded.mask))[0]).abs().mean() > 1e-3

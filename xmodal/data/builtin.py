@@ -49,9 +49,11 @@ def _shapes_pairs_build(out: Path, spec: Any) -> Path:
 
 
 def _moving_shapes_spec(data: Any) -> Any:
-    from xmodal.data.moving_shapes import MovingShapesSpec
+    from xmodal.data.moving_shapes import CLIP_FRAMES, MovingShapesSpec
 
-    return MovingShapesSpec(_shapes_spec(data), frames=data.moving_shapes.frames)
+    # A run's config.yaml from before data.moving_shapes has no such node: its clips had 8 frames.
+    frames = OmegaConf.select(data, "moving_shapes.frames", default=CLIP_FRAMES)
+    return MovingShapesSpec(_shapes_spec(data), frames=frames)
 
 
 def _moving_shapes_build(out: Path, spec: Any) -> Path:
