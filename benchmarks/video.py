@@ -1,13 +1,13 @@
 """Video (issue 17), side by side: the video captioner as shipped vs the same model seeing one frame,
 and the text → video VAE.
 
-    python benchmarks/video.py [--out DIR] [--steps N] [--only caption|baseline|vae ...]
+    python benchmarks/video.py [--out DIR] [--steps N] [--only caption|baseline|vae|vae_film ...]
 
 Each run is ``xmodal-train`` as a user starts it (``experiment=moving_shapes_video_caption``;
 the baseline adds ``data.video_frames=1``, the middle frame; the VAE is
-``experiment=moving_shapes_text2video_vae``), timed as a whole process; a run whose directory
-already holds ``metrics.json`` is reused (its time read back from ``wall_s.txt``). Then on the
-test split (256 clips):
+``experiment=moving_shapes_text2video_vae``, ``vae_film`` the same with ``model.fusion=film``),
+timed as a whole process; a run whose directory already holds ``metrics.json`` is reused (its
+time read back from ``wall_s.txt``). Then on the test split (256 clips):
 
 - captioners: **motion-word accuracy**, the share of clips whose greedy caption names the right
   direction (left/right/up/down; chance 0.25), colour and kind accuracy likewise, and corpus
@@ -40,6 +40,7 @@ RUNS = {
     "caption": ("moving_shapes_video_caption", []),
     "baseline": ("moving_shapes_video_caption", ["data.video_frames=1"]),
     "vae": ("moving_shapes_text2video_vae", []),
+    "vae_film": ("moving_shapes_text2video_vae", ["model.fusion=film"]),
 }
 
 
@@ -135,7 +136,7 @@ def main() -> None:
         run_dir = train(args.out.resolve(), name, args.steps)
         summary = json.loads((run_dir / "metrics.json").read_text())
         wall = (run_dir / "wall_s.txt").read_text().strip() if (run_dir / "wall_s.txt").is_file() else "?"
-        scores = vae_row(run_dir) if name == "vae" else caption_row(run_dir)
+        scores = vae_row(run_dir) if name.startswith("vae") else caption_row(run_dir)
         rows.append((name, summary["global_step"], wall, scores))
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
     print(f"{'run':<10} {'steps':>6} {'wall s':>7}  scores on the test split")

@@ -22,8 +22,15 @@ def test_a_captioner_shows_its_own_nodes_and_the_log_keeps_the_full_tree(tmp_pat
     cfg = compose_config([])
     shown = shown_config(cfg)
     assert "cluster" not in shown and set(shown) == set(cfg) - {"cluster"}
-    # An image captioner: the audio and video modalities' keys are not its business.
-    assert set(cfg.data) - set(shown.data) == {"audio_mels", "audio_frames", "video_frames", "video_size"}
+    # An image captioner: the audio and video modalities' keys are not its business, nor are the
+    # moving_shapes clips' settings on shapes.
+    assert set(cfg.data) - set(shown.data) == {
+        "audio_mels",
+        "audio_frames",
+        "video_frames",
+        "video_size",
+        "moving_shapes",
+    }
     assert shown.model == cfg.model and shown.trainer == cfg.trainer
     print_config_tree(cfg, save_to=tmp_path / "config_tree.log", shown=shown)
     printed, full = capsys.readouterr().out, (tmp_path / "config_tree.log").read_text()

@@ -112,6 +112,16 @@ class ShapesConfig:
 
 
 @dataclass
+class MovingShapesConfig:
+    """Parameters of the built-in "moving_shapes" clips beyond ``data.shapes``
+    (xmodal.data.moving_shapes.MovingShapesSpec)."""
+
+    frames: int = 8
+    """Frames per generated clip (>= 2; the shape covers the same distance at any length). The
+    moving_shapes data config sets ``data.video_frames`` to it."""
+
+
+@dataclass
 class SourceConfig:
     """One ``data.sources`` entry: a dataset mixed into the run."""
 
@@ -150,6 +160,7 @@ class DataConfig:
     test_fraction: float | None = None
     """As ``val_fraction``, for the test split."""
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    moving_shapes: MovingShapesConfig = field(default_factory=MovingShapesConfig)
     batch_size: int = 64
     """GLOBAL batch size: split evenly over devices × nodes, so it must divide by the world size."""
     mode: str = "exact"

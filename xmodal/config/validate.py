@@ -112,6 +112,7 @@ def config_problems(cfg: Any, cuda_available: bool | None = None) -> list[str]:
         "must be >= 16, a multiple of 8",
     )
     check(1 <= s.max_shapes <= 2, "data.shapes.max_shapes", "must be 1 or 2")
+    check(d.moving_shapes.frames >= 2, "data.moving_shapes.frames", "must be >= 2 (motion needs two frames)")
     from xmodal.data.shapes import LANGUAGES
 
     check(s.language in LANGUAGES, "data.shapes.language", f"must be one of {LANGUAGES}")

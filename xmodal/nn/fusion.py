@@ -16,8 +16,9 @@ norm*: ``norm(x [B, C, H, W], pooled [B, cond_dim] | None) -> [B, C, H, W]``. Th
 Norms normalise in fp32 (see :class:`ConditionalBatchNorm2d`); the new layers that write into the
 residual stream start at zero, so every choice starts as the plain generator.
 
-The conditional VAE decoder (xmodal/nn/vae.py) has no norm sites: it takes :class:`FiLM` (the
-modulation of :class:`FiLMNorm` without its norm) and :class:`CrossAttention2d` from here, and
+The conditional VAE decoders (2-D: xmodal/nn/vae.py; 3-D video: xmodal/nn/video.py) have no norm
+sites the condition sets: they take :class:`FiLM` (the modulation of :class:`FiLMNorm` without its
+norm) and :class:`CrossAttention2d` from here, both indifferent to the number of map axes, and
 :func:`pooled_view` / :func:`repeat_condition` let one condition argument be a pooled vector or an
 :class:`~xmodal.nn.condition.Encoded` (tokens for cross-attention).
 """
@@ -110,7 +111,8 @@ class FiLMNorm(nn.Module):
 
 class FiLM(nn.Module):
     """``x · (1 + γ(c)) + β(c)`` with γ, β from a two-layer MLP of the pooled vector, no norm
-    (:class:`FiLMNorm`'s modulation for nets without norm sites). Starts as the identity."""
+    (:class:`FiLMNorm`'s modulation for nets without norm sites). Starts as the identity. ``x`` is
+    ``[B, C, *spatial]``: a 2-D map or a 3-D clip ``[B, C, T, H, W]`` (the video VAE decoder)."""
 
     def __init__(self, channels: int, cond_dim: int):
         super().__init__()
@@ -120,7 +122,9 @@ class FiLM(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         gamma, beta = self.mlp(cond.to(x.dtype)).chunk(2, dim=1)  # [B, C] each
-        return x * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]  # [B, C, H, W]
+        # One γ, β per channel over every trailing axis: [B, C, H, W] maps and [B, C, T, H, W] clips.
+        per_channel = (*gamma.shape, *([1] * (x.dim() - 2)))  # (B, C, 1, 1[, 1])
+        return x * (1 + gamma.view(per_channel)) + beta.view(per_channel)  # as x
 
 
 def pooled_view(cond: torch.Tensor | Encoded | None) -> torch.Tensor | None:
@@ -166,6 +170,8 @@ class CrossAttention2d(nn.Module):
     Each of the ``H·W`` cells is a query ``[B, HW, C]`` (layer-normed); keys and values are the
     condition tokens ``[B, T, cond_dim]`` projected to ``C``; padded tokens (``mask`` False) are
     never attended. The output projection starts at zero, so the block starts as the identity.
+    A 3-D map ``[B, C, T, H, W]`` (the video VAE decoder) is read the same way, its ``T·H·W``
+    cells flattened into the queries.
     """
 
     def __init__(self, channels: int, cond_dim: int, heads: int):
@@ -178,12 +184,11 @@ class CrossAttention2d(nn.Module):
         nn.init.zeros_(self.attn.out.bias)
 
     def forward(self, x: torch.Tensor, cond: Encoded) -> torch.Tensor:
-        batch, channels, height, width = x.shape
-        queries = self.norm(x.flatten(2).transpose(1, 2))  # [B, HW, C]
+        queries = self.norm(x.flatten(2).transpose(1, 2))  # [B, HW, C] (or [B, T·H·W, C])
         context = self.context(cond.tokens.to(queries.dtype))  # [B, T, C]
         k, v = self.attn.project_kv(context)  # [B, heads, T, C/heads] each
         y = self.attn.attend(queries, k, v, keep=cond.mask)  # [B, HW, C]
-        return x + y.transpose(1, 2).reshape(batch, channels, height, width)  # [B, C, H, W]
+        return x + y.transpose(1, 2).reshape(x.shape)  # [B, C, H, W] (or [B, C, T, H, W])
 
 
 @dataclass(frozen=True)

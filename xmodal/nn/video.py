@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from xmodal.nn.condition import Encoded
+from xmodal.nn.fusion import VAE_FUSIONS, CrossAttention2d, FiLM, pooled_view, token_view
 from xmodal.nn.vae import LikelihoodHead, _hidden, _widths  # the 2-D VAE's widths: both scale alike
 
 
@@ -130,10 +132,16 @@ class VideoVaeEncoder(nn.Module):
 
 
 class VideoVaeDecoder(LikelihoodHead):
-    """``z [B, Z]`` (+ ``cond [B, c]``) → the likelihood's parameters for ``[B, C, T, H, W]``.
+    """``z [B, Z]`` (+ ``cond [B, c]`` or its :class:`Encoded` views) → the likelihood's parameters
+    for ``[B, C, T, H, W]``.
 
     ``(location, log_scale)`` as :class:`xmodal.nn.vae.ConvDecoder`: ``logistic`` has a per-pixel
     log-scale output; ``gaussian`` / ``laplace`` a per-channel one, learned (``learn_sigma``) or fixed.
+    ``fusion`` as the 2-D decoder's (:data:`xmodal.nn.fusion.VAE_FUSIONS`): ``concat`` (to z: the
+    modules and numbers of this decoder before ``model.fusion``), ``film`` (a :class:`FiLM` of the
+    pooled vector after each upsampling block, one γ, β per channel over time and space) or
+    ``cross_attention`` (a :class:`CrossAttention2d` after the blocks whose frame side is 8 or 16 px,
+    its queries the block's ``T·H·W`` cells). Both start as the unconditional decoder.
     """
 
     def __init__(
@@ -148,12 +156,18 @@ class VideoVaeDecoder(LikelihoodHead):
         likelihood: str = "logistic",
         learn_sigma: bool = False,
         sigma: float = 0.1,
+        fusion: str = "concat",
+        heads: int = 4,
     ):
         super().__init__()
         if likelihood not in ("gaussian", "logistic", "laplace"):
             raise ValueError(
                 f"video VAE likelihood must be gaussian, logistic or laplace, got {likelihood!r}"
             )
+        if fusion not in VAE_FUSIONS:
+            raise ValueError(f"fusion must be one of {VAE_FUSIONS}, got {fusion!r}")
+        conditional = cond_dim > 0
+        self.concat = fusion == "concat" or not conditional
         self.likelihood = likelihood
         stages = _vae_stages(height, width)
         strides = _time_strides(frames, stages)
@@ -161,28 +175,51 @@ class VideoVaeDecoder(LikelihoodHead):
         self.bottom = (widths[-1], frames // math.prod(strides), height >> stages, width >> stages)
         hidden = _hidden(base, z_dim)
         self.stem = nn.Sequential(
-            nn.Linear(z_dim + cond_dim, hidden),
+            nn.Linear(z_dim + (cond_dim if self.concat else 0), hidden),
             nn.SiLU(),
             nn.Linear(hidden, math.prod(self.bottom)),
             nn.SiLU(),
         )
         layers: list[nn.Module] = []
+        outs: list[int] = []  # channels after each upsampling block, first block first
         for i in reversed(range(stages)):
             out = widths[i - 1] if i > 0 else base
             # Kernel 4, stride 2, padding 1 doubles a length exactly; kernel 3, stride 1 keeps it.
             kernel_t = 4 if strides[i] == 2 else 3
             up = nn.ConvTranspose3d(widths[i], out, (kernel_t, 4, 4), stride=(strides[i], 2, 2), padding=1)
             layers += [up, nn.GroupNorm(min(8, out), out), nn.SiLU()]
-        self.body = nn.Sequential(*layers)
+            outs.append(out)
+        self.body = nn.Sequential(*layers)  # (ConvTranspose3d, GroupNorm, SiLU) per block
         self.out = nn.Conv3d(
             base, (2 if likelihood == "logistic" else 1) * channels, kernel_size=3, padding=1
+        )
+        # Built after the plain layers, so those draw the unconditional decoder's initial values;
+        # empty (no state_dict keys) for concat, whose parameters stay the decoder's as it was.
+        use_film = conditional and fusion == "film"
+        self.film = nn.ModuleList(FiLM(out, cond_dim) for out in outs if use_film)
+        # Block i's frames have a side of bottom·2^(i+1) px; keyed by block index, as in ConvDecoder.
+        side = height >> stages
+        self.attend = nn.ModuleDict(
+            {
+                str(i): CrossAttention2d(out, cond_dim, heads)
+                for i, out in enumerate(outs)
+                if conditional and fusion == "cross_attention" and side * 2 ** (i + 1) in (8, 16)
+            }
         )
         self.init_scale(likelihood, channels, learn_sigma, sigma)
 
     def forward(
-        self, z: torch.Tensor, cond: torch.Tensor | None = None
+        self, z: torch.Tensor, cond: torch.Tensor | Encoded | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if cond is not None:
-            z = torch.cat([z, cond.to(z.dtype)], dim=1)  # [B, Z + c]
+        pooled = pooled_view(cond)  # [B, c] | None
+        if pooled is not None and self.concat:
+            z = torch.cat([z, pooled.to(z.dtype)], dim=1)  # [B, Z + c]
         h = self.stem(z).view(-1, *self.bottom)  # [B, C0, t, h, w]
-        return self.likelihood_params(self.out(self.body(h)))  # from [B, k·C, T, H, W]
+        for i in range(len(self.body) // 3):
+            up, norm, act = self.body[3 * i : 3 * i + 3]
+            h = act(norm(up(h)))  # [B, Ci, t·s, 2h, 2w]
+            if pooled is not None and len(self.film):
+                h = self.film[i](h, pooled)
+            if cond is not None and str(i) in self.attend:
+                h = self.attend[str(i)](h, token_view(cond))
+        return self.likelihood_params(self.out(h))  # from [B, k·C, T, H, W]

@@ -76,7 +76,8 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
     weight_decay: float = 0.0
     vae: VaeConfig = field(default_factory=VaeConfig)
     fusion: str = "concat"
-    """How the built-in 2-D decoder takes its condition (xmodal/nn/vae.py, xmodal/nn/fusion.py):
+    """How the built-in decoder, 2-D or 3-D (video), takes its condition (xmodal/nn/vae.py,
+    xmodal/nn/video.py, xmodal/nn/fusion.py):
     ``concat`` (pooled vector concatenated to z; the CVAE as it was) | ``film`` (FiLM γ, β of the
     pooled vector after every upsampling block) | ``cross_attention`` (the 8×8 and 16×16 maps attend
     over the condition's tokens and padding mask). No ``cbn`` (the GAN's default): the decoder has
@@ -167,11 +168,6 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
             p.check(bool(self.conditions()), "model.fusion", "fuses a condition; model.condition is none")
             p.check(
                 self.decoder is None, "model.fusion", "applies to the built-in decoder; model.decoder is set"
-            )
-            p.check(
-                self.target != "video",
-                "model.fusion",
-                "the 3-D video decoder takes its condition by concat only",
             )
         check_slot(p, "model.encoder", self.encoder)
         check_slot(p, "model.decoder", self.decoder)

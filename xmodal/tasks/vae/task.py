@@ -171,8 +171,8 @@ class VaeTask(XmodalTask):
         encoder_class, decoder_class = (
             (VideoVaeEncoder, VideoVaeDecoder) if len(self.shape) == 4 else (ConvEncoder, ConvDecoder)
         )
-        # model.fusion reaches only the built-in 2-D decoder (validation refuses it for the others).
-        fused = {} if len(self.shape) == 4 else {"fusion": cfg.fusion, "heads": cfg.heads}
+        # model.fusion reaches the built-in decoders, 2-D and 3-D (validation refuses it for a slot's).
+        fused = {"fusion": cfg.fusion, "heads": cfg.heads}
         # cross_attention reads the condition's tokens: conditioning() then hands on Encoded views.
         self.condition_tokens = (
             self.condition is not None and cfg.fusion == "cross_attention" and cfg.decoder is None
