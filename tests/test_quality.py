@@ -402,7 +402,8 @@ def test_a_text_to_image_vae_is_judged_like_the_gan_and_keeps_the_judge_out_of_i
     assert not [k for k in ckpt["state_dict"] if "judge" in k]  # xmodal-eval loads it strictly
     provenance = json.loads((ckpt_dir.parent / "metrics_provenance.json").read_text())
     assert provenance["test"]["judge_colour"]["metrics"] == ["judge_colour_acc", "judge_colour_real_acc"]
-    assert provenance["test"]["judge_colour"]["weights_sha256"] != provenance["test"]["judge"]["weights_sha256"]
+    colour, kind = provenance["test"]["judge_colour"], provenance["test"]["judge"]
+    assert colour["weights_sha256"] != kind["weights_sha256"]
     # Without judge_steps (or without a condition) nothing is judged.
     plain = train(compose_config([*args[:-1], "model.vae.judge_steps=0", "run.id=k", "test_after_fit=false"]))
     assert not [k for k in plain if "judge" in k]
@@ -427,7 +428,8 @@ def test_attribute_judges_score_beside_the_class_judge_each_with_its_own_labels_
     records = metrics.provenance("val", 32, "resize")
     assert set(records) == {"features", "judge", "judge_colour"}
     assert records["judge_colour"]["metrics"] == ["judge_colour_acc", "judge_colour_real_acc"]
-    assert (records["judge_colour"]["reference_samples"], records["judge_colour"]["generated_samples"]) == (64, 64)
+    colour = records["judge_colour"]
+    assert (colour["reference_samples"], colour["generated_samples"]) == (64, 64)
     # Rows without the attribute's labels are left out, not counted as misses.
     metrics.reset()
     metrics.update(real, flipped, labels)

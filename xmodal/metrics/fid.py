@@ -168,7 +168,10 @@ class GenerativeMetrics:
         counts = torch.cat(
             [
                 torch.stack(
-                    [fid.real_features_num_samples.detach().double(), fid.fake_features_num_samples.detach().double()]
+                    [
+                        fid.real_features_num_samples.detach().double(),
+                        fid.fake_features_num_samples.detach().double(),
+                    ]
                 ),
                 *(judge.weights().to(device) for judge in self.judges),
             ]

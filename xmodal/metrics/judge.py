@@ -145,7 +145,9 @@ def judge_classifier(
         return net, cached
     if not train_if_missing:
         return None
-    images, labels = load_split(splits, "train", spec, allow_pipe=allow_pipe, role=role, label_role=label_role)
+    images, labels = load_split(
+        splits, "train", spec, allow_pipe=allow_pipe, role=role, label_role=label_role
+    )
     if not bool((labels >= 0).any()):
         return None
     log.info("training the %s judge classifier (%d steps, cached at %s)", label_role, steps, path)
@@ -189,9 +191,7 @@ class JudgeScore:
         return self
 
     @torch.no_grad()
-    def update(
-        self, real: torch.Tensor | None, fake: torch.Tensor | None, labels: torch.Tensor
-    ) -> None:
+    def update(self, real: torch.Tensor | None, fake: torch.Tensor | None, labels: torch.Tensor) -> None:
         """``real``/``fake`` ``[N, C, H, W]`` in [-1, 1] (either may be None: not scored), ``labels``
         ``[N]`` (-1 = none). Call it on every rank, even with no rows: the reduction needs every rank."""
         known = labels >= 0  # [N]

@@ -242,7 +242,9 @@ def judge_label_problems(problems: Problems, key: str, judge_labels: Mapping[str
     roles = dict(problems.cfg.data.get("roles") or {})
     for role, classes in judge_labels.items():
         if role == "label":
-            problems.append(f"{key}.label: the class label has its own judge (judge_steps); list other label roles here")
+            problems.append(
+                f"{key}.label: the class label has its own judge (judge_steps); list other label roles here"
+            )
         elif roles.get(role) != "label":
             problems.append(
                 f"{key}.{role}: needs data.roles.{role}: label (read from key.{role}.cls or '{role}' in "

@@ -499,7 +499,9 @@ class VaeTask(XmodalTask):
         judge = judge_classifier(self, self.target, self.cfg.num_classes, self.vae.judge_steps)
         if judge is not None:
             self._judge["label"] = judge.eval().requires_grad_(False)
-        for role, net in attribute_judge_nets(self, self.target, self.vae.judge_labels, self.vae.judge_steps).items():
+        for role, net in attribute_judge_nets(
+            self, self.target, self.vae.judge_labels, self.vae.judge_steps
+        ).items():
             self._judge[role] = net.eval().requires_grad_(False)
 
     @torch.no_grad()
