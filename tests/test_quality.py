@@ -490,3 +490,16 @@ def test_an_attribute_judges_metric_names_belong_to_its_own_provenance_family():
     assert family_of("val/judge_real_acc") == "judge" and family_of("best test/judge_acc") == "judge"
     assert family_of("val/judge_colour_real_acc") == family_of("test/judge_colour_acc") == "judge_colour"
     assert family_of("val/judge_bg_colour_acc") == "judge_bg_colour" and family_of("val/loss") is None
+
+
+def test_a_label_role_reads_its_own_cls_member_or_its_own_json_field():
+    from xmodal.data.batch import DecodeSpec, decode_sample
+
+    spec = DecodeSpec(
+        required=(), optional=("colour", "style"), roles=(("colour", "label"), ("style", "label"))
+    )
+    raw = {"__key__": "a", "style.cls": b"3\n", "json": b'{"colour": 2, "label": 1}'}
+    sample = decode_sample(raw, spec, train=False)
+    assert (sample["style"], sample["colour"], sample["label"]) == (3, 2, 1)
+    bare = decode_sample({"__key__": "b", "json": b'{"label": 1}'}, spec, train=False)
+    assert (bare["colour"], bare["colour_present"], bare["style_present"]) == (-1, False, False)
