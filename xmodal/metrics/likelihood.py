@@ -84,10 +84,20 @@ def discretized_logistic_log_prob(
     return _per_sample(log_probs)
 
 
-def gaussian_kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) per latent dimension ``[B, Z]``, in nats (closed form)."""
+def gaussian_kl_per_dim(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || p) per latent dimension ``[B, Z]``, in nats (closed form); p is
+    N(0, I), or the diagonal Gaussian ``prior`` = (mean, log variance) ``[B, Z]`` each."""
     mu, logvar = mu.float(), logvar.float()
-    return 0.5 * (mu * mu + torch.exp(logvar) - 1.0 - logvar)
+    if prior is None:
+        return 0.5 * (mu * mu + torch.exp(logvar) - 1.0 - logvar)
+    prior_mu, prior_logvar = prior[0].float(), prior[1].float()
+    return 0.5 * (
+        prior_logvar - logvar + (torch.exp(logvar) + (mu - prior_mu) ** 2) * torch.exp(-prior_logvar) - 1.0
+    )
 
 
 def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,21 @@ class ConvEncoder(nn.Module):
         return mu, logvar
 
 
+class ConditionalPrior(nn.Module):
+    """Pooled condition ``[B, c]`` → the prior's mean and log variance ``[B, Z]`` each. The last
+    layer starts at zero, so training starts from the standard normal prior."""
+
+    def __init__(self, cond_dim: int, z_dim: int, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(cond_dim, hidden), nn.SiLU(), nn.Linear(hidden, 2 * z_dim))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.net(cond).chunk(2, dim=-1)  # [B, Z] each
+        return mu, logvar
+
+
 class LikelihoodHead(nn.Module):
     """What the 2-D and 3-D VAE decoders share: the scale of their likelihood and the split of the
     output conv into ``(location, log_scale)``, whatever the number of spatial/time axes."""

@@ -19,6 +19,7 @@ from xmodal.tasks.config import (
 )
 
 VAE_LIKELIHOODS = ("bernoulli", "gaussian", "logistic", "laplace")
+VAE_PRIORS = ("standard", "conditional")
 TARGETS = ("image", "audio", "video")
 
 
@@ -47,7 +48,12 @@ class VaeConfig:
     iwae_k: int = 64
     """Importance samples for the IWAE NLL bound at validation/test."""
     logvar_clamp: float = 10.0
-    """|log σ²| of the posterior is clamped to this."""
+    """|log σ²| of the posterior (and of a conditional prior) is clamped to this."""
+    prior: str = "standard"
+    """standard (p(z) = N(0, I)) | conditional (a conditional VAE: p(z|c) = N(μ(c), σ(c)²) from the
+    pooled condition, Sohn et al. 2015's prior network, starting at N(0, I)): the KL pulls each
+    posterior toward its own condition's prior, so a draw for a caption lands where that
+    caption's images are encoded rather than anywhere in N(0, I)."""
     judge_steps: int = 0
     """A conditional image VAE: train the independent judge (xmodal/metrics/judge.py, the GAN's
     ``judge_acc``) for this many steps on the train split's labels, cached, and log
@@ -119,6 +125,12 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
         p.check(v.z_dim >= 1 and v.width >= 1, "model.vae.z_dim", "z_dim and width must be >= 1")
         p.check(v.kl_cycles >= 1, "model.vae.kl_cycles", "must be >= 1")
         p.check(v.logvar_clamp > 0, "model.vae.logvar_clamp", "must be > 0")
+        p.one_of("model.vae.prior", VAE_PRIORS)
+        p.check(
+            v.prior != "conditional" or bool(self.conditions()),
+            "model.vae.prior",
+            "a conditional prior needs a condition (model.condition is none)",
+        )
         p.check(v.judge_steps >= 0, "model.vae.judge_steps", "must be >= 0 (0 = off)")
         judge_label_problems(p, "model.vae.judge_labels", v.judge_labels)
         p.check(

@@ -56,7 +56,7 @@ from xmodal.modalities.roles import modality_of
 from xmodal.nn.condition import Encoded, build_condition_encoder, encode_condition
 from xmodal.nn.fusion import pooled_view, repeat_condition
 from xmodal.nn.slots import build_slot
-from xmodal.nn.vae import ConvDecoder, ConvEncoder
+from xmodal.nn.vae import ConditionalPrior, ConvDecoder, ConvEncoder
 from xmodal.nn.video import VideoVaeDecoder, VideoVaeEncoder
 from xmodal.tasks.adversarial import attribute_judge_nets, judge_classifier
 from xmodal.tasks.base import XmodalTask, condition_names, to_device, trainable
@@ -191,6 +191,9 @@ class VaeTask(XmodalTask):
                 **fused,
             ),
         )
+        # model.vae.prior=conditional: p(z|c) from the pooled condition (none: N(0, I)).
+        conditional_prior = self.vae.prior == "conditional" and self.condition is not None
+        self.prior = ConditionalPrior(cond_dim, z_dim) if conditional_prior else None
         if self.target == "audio":
             # Most log-mel bins are silence (-1 in model units): starting the decoder there lets the
             # first steps learn the tones instead of walking the whole output down from 0.
@@ -323,6 +326,22 @@ class VaeTask(XmodalTask):
         clamp = self.vae.logvar_clamp
         return mu.float(), logvar.float().clamp(-clamp, clamp)  # [B, Z] each
 
+    def prior_params(self, cond: torch.Tensor | Encoded | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The conditional prior's (mean, log variance) ``[B, Z]`` each; None for N(0, I)."""
+        if self.prior is None or cond is None:
+            return None
+        mu, logvar = self.prior(pooled_view(cond))
+        clamp = self.vae.logvar_clamp
+        return mu.float(), logvar.float().clamp(-clamp, clamp)
+
+    def prior_draw(self, eps: torch.Tensor, cond: torch.Tensor | Encoded | None) -> torch.Tensor:
+        """Standard normal draws ``eps [B, Z]`` → draws of the prior (of each row's condition)."""
+        params = self.prior_params(cond)
+        if params is None:
+            return eps
+        mu, logvar = params
+        return mu + torch.exp(0.5 * logvar) * eps.to(mu)  # [B, Z]
+
     def conditioning(self, batch: dict[str, Any]) -> torch.Tensor | Encoded | None:
         """The pooled condition ``[B, c]``, or with ``model.fusion=cross_attention`` its pooled and
         token views (:class:`Encoded`), which the encoder and decoder each read as they need."""
@@ -358,7 +377,7 @@ class VaeTask(XmodalTask):
         location, log_scale = self.decoder(z, cond)
         with torch.autocast(device_type=images.device.type, enabled=False):
             recon = log_likelihood(self.likelihood, location.float(), _f32(log_scale), targets.float(), mask)
-            kl_dims = gaussian_kl_per_dim(mu, logvar)  # [B, Z]
+            kl_dims = gaussian_kl_per_dim(mu, logvar, self.prior_params(cond))  # [B, Z]
         return {"recon": recon, "kl_dims": kl_dims}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
@@ -407,6 +426,7 @@ class VaeTask(XmodalTask):
         cond = self.conditioning(batch)
         mu, logvar = self.encode(x, cond)
         std = torch.exp(0.5 * logvar)
+        prior = self.prior_params(cond)  # None: N(0, I)
         chunk = max(1, EVAL_ROWS_PER_PASS // max(b, 1))
         log_weights, recon_first = [], None
         for start in range(0, k, chunk):
@@ -421,7 +441,11 @@ class VaeTask(XmodalTask):
                 log_px = log_likelihood(
                     self.likelihood, location.float(), _f32(log_scale), rep, rep_mask
                 ).view(b, m)
-                log_pz = log_standard_normal(z)  # [B, m]
+                log_pz = (
+                    log_standard_normal(z)
+                    if prior is None
+                    else log_normal_diag(z, prior[0][:, None], prior[1][:, None])
+                )  # [B, m]
                 log_qz = log_normal_diag(z, mu[:, None], logvar[:, None])  # [B, m]
             if recon_first is None:
                 recon_first = log_px[:, 0]
@@ -430,7 +454,7 @@ class VaeTask(XmodalTask):
         return {
             "log_likelihood": iwae_log_likelihood(log_w),  # [B]
             "recon": recon_first,  # [B]
-            "kl_dims": gaussian_kl_per_dim(mu, logvar),  # [B, Z]
+            "kl_dims": gaussian_kl_per_dim(mu, logvar, prior),  # [B, Z]
             "mu": mu,  # [B, Z]
             "dims": self.real_dims(mask, b),  # [B] dimensions the likelihood counted
         }
@@ -474,8 +498,8 @@ class VaeTask(XmodalTask):
         keep = valid.tolist()
         captions = [c for c, k in zip(condition_names(batch, self.cfg.condition), keep, strict=True) if k]
         real, mask = self.target_data(batch)  # [B, 1, M, T], [B, 1, 1, T]
-        z = keyed_prior(batch["__key__"], self.vae.z_dim).to(self.device)  # [B, Z]
         cond = self.conditioning(batch)
+        z = self.prior_draw(keyed_prior(batch["__key__"], self.vae.z_dim).to(self.device), cond)  # [B, Z]
         generated = torch.where(mask, self.display(self.decoder(z, cond)[0]), real)  # padding: silence
         checks = [(stage, generated)] + ([("test_real", real)] if stage == "test" else [])
         for name, clips in checks:
@@ -508,8 +532,9 @@ class VaeTask(XmodalTask):
     def conditional_samples(self, batch: dict[str, Any]) -> torch.Tensor:
         """One decode per row from a prior draw keyed by the sample, under the row's condition
         ``[B, C, H, W]`` in model units (audio: padded frames are silence, as in the real clip)."""
-        z = keyed_prior(batch["__key__"], self.vae.z_dim).to(self.device)  # [B, Z]
-        fake = self.display(self.decoder(z, self.conditioning(batch))[0]).float()
+        cond = self.conditioning(batch)
+        z = self.prior_draw(keyed_prior(batch["__key__"], self.vae.z_dim).to(self.device), cond)  # [B, Z]
+        fake = self.display(self.decoder(z, cond)[0]).float()
         real, mask = self.target_data(batch)
         return fake if mask is None else torch.where(mask, fake, real.float())
 
@@ -594,8 +619,8 @@ class VaeTask(XmodalTask):
     def sample(self, n: int, cond: torch.Tensor | Encoded | None = None, seed: int = 0) -> torch.Tensor:
         """Means ``[n, C, H, W]`` in [-1, 1] (model units) decoded from prior draws (a fixed bank by
         seed); :meth:`as_images` makes them displayable."""
-        z = torch.randn((n, self.vae.z_dim), generator=torch.Generator().manual_seed(seed)).to(self.device)
-        location, _ = self.decoder(z, cond)
+        eps = torch.randn((n, self.vae.z_dim), generator=torch.Generator().manual_seed(seed)).to(self.device)
+        location, _ = self.decoder(self.prior_draw(eps, cond), cond)
         return self.display(location)
 
     @torch.no_grad()
