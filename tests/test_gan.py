@@ -307,6 +307,10 @@ def test_ddp_two_cpu_ranks_end_with_bit_identical_g_and_d(data_dir, tmp_path):
         "model.gan.judge_steps=20",
         "+data.roles.colour=label",  # and a second judge, of the first shape's colour
         "+model.gan.judge_labels.colour=6",
+        # The separate class head, warmed on real images before the first iteration on every rank.
+        "model.gan.aux_head=separate",
+        "model.gan.aux_weight=1.0",
+        "model.gan.aux_warmup_steps=3",
         # The hardest path: double backward (gradient penalty, lazy R1) and 2 D steps per batch.
         "model.gan.loss=wgan-gp",
         "model.gan.r1_weight=1.0",
@@ -320,6 +324,7 @@ def test_ddp_two_cpu_ranks_end_with_bit_identical_g_and_d(data_dir, tmp_path):
     result = run_cli(["xmodal-train", *args], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = tmp_path / "shapes_gan" / "ddp"
+    assert "class head warmed on 192 real images for 3 steps" in (run_dir / "train.log").read_text()
     ranks = [json.loads((run_dir / "checksums" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4 * (2 + 1)
