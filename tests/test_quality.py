@@ -252,6 +252,25 @@ def test_sample_spread_warns_on_identical_samples_only():
     assert [w.split(":")[0] for w in collapse_warnings(collapsed)] == ["GAN mode collapse"]
 
 
+def test_noise_that_fools_the_classifiers_is_called_noise_and_drawn_images_are_not():
+    images, labels = bars(64, seed=2)
+    real = images.float() / 127.5 - 1
+    metrics = GenerativeMetrics(DomainClassifier(1, 2), conditional=True)
+    metrics.update(real, real.flip(-1).transpose(-1, -2), labels)  # bars, turned: as smooth as real
+    drawn = metrics.compute()
+    metrics.reset()
+    noise = torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    metrics.update(real, noise, labels)  # pixel noise, as a G fitted to a class head draws
+    noisy = metrics.compute()
+    assert drawn["sample_roughness"] == pytest.approx(1.0)
+    assert noisy["sample_roughness"] > 2.5
+    assert collapse_warnings(drawn) == []
+    warnings = {w.split(":")[0]: w for w in collapse_warnings(noisy)}
+    assert warnings["GAN samples are noise"].startswith(
+        f"GAN samples are noise: {noisy['sample_roughness']:.1f}x as rough as real images in pixels"
+    )
+
+
 def test_vae_with_no_active_unit_is_called_collapsed():
     assert collapse_warnings({"active_units": 3.0, "nll": 90.0}) == []
     (warning,) = collapse_warnings({"active_units": 0.0})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -74,6 +75,17 @@ class SpreadFID(FrechetInceptionDistance):
         return super().compute()
 
 
+LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+def pixel_roughness(images: torch.Tensor) -> torch.Tensor:
+    """Mean |4-neighbour Laplacian| per image ``[N, C, H, W]`` → ``[N]``: high where pixels jump
+    from their neighbours everywhere (noise), low on flat regions with few edges (drawn shapes)."""
+    channels = images.shape[1]
+    kernel = LAPLACIAN.to(images.device, images.dtype).view(1, 1, 3, 3).repeat(channels, 1, 1, 1)
+    return F.conv2d(images, kernel, groups=channels).abs().flatten(1).mean(1)
+
+
 class GenerativeMetrics:
     """FID + KID between real and generated images, and the classifier's accuracy on generated
     images against the labels of the rows whose conditions made them.
@@ -106,6 +118,10 @@ class GenerativeMetrics:
         self.kid_subset_size = kid_subset_size
         self.cond_acc = MeanMetric()
         self.real_acc = MeanMetric()
+        # Pixel roughness of generated / real images (sample_roughness): noise that fools the
+        # small classifiers behind FID and the judges shows here, in pixels, whatever they read.
+        self.real_roughness = MeanMetric()
+        self.fake_roughness = MeanMetric()
         self.features = features
         # Rows behind the last compute(), over all ranks: (real, generated) for FID and each judge.
         self.counts: dict[str, tuple[int, int]] = {"features": (0, 0)}
@@ -125,7 +141,7 @@ class GenerativeMetrics:
         return self
 
     def _metrics(self) -> tuple[Metric, ...]:
-        return (self.fid, self.kid, self.cond_acc, self.real_acc)
+        return (self.fid, self.kid, self.cond_acc, self.real_acc, self.real_roughness, self.fake_roughness)
 
     @torch.no_grad()
     def update(
@@ -143,6 +159,9 @@ class GenerativeMetrics:
         self.fid.update(fake, real=False)
         self.kid.update(real, real=True)
         self.kid.update(fake, real=False)
+        if real.shape[-1] >= 3 and fake.shape[-1] >= 3:
+            self.real_roughness.update(pixel_roughness(real))
+            self.fake_roughness.update(pixel_roughness(fake))
         if labels is not None:
             # Updated on every rank, even with no rows, so every rank takes part in the reduction.
             known = labels >= 0  # [N]
@@ -190,6 +209,9 @@ class GenerativeMetrics:
             out["sample_spread"] = self.fid.spread_ratio
         else:
             out["fid"] = out["kid"] = math.nan
+        real_rough, fake_rough = float(self.real_roughness.compute()), float(self.fake_roughness.compute())
+        if real_rough > 0 and not math.isnan(fake_rough):
+            out["sample_roughness"] = fake_rough / real_rough
         real_acc = float(self.real_acc.compute())
         if not math.isnan(real_acc):
             out["real_acc"] = real_acc
