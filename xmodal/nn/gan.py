@@ -77,6 +77,19 @@ def _blocks(image_size: int) -> int:
     return int(math.log2(image_size // 4))
 
 
+def up_block(c_in: int, c_out: int, upsample: str) -> nn.Module:
+    """×2 upsampling ``[B, c_in, h, w]`` → ``[B, c_out, 2h, 2w]``: a 4×4 stride-2 transposed conv
+    (DCGAN), or nearest-neighbour ×2 then a 3×3 conv, which has no uneven kernel overlap and so no
+    checkerboard to unlearn (Odena et al. 2016): a short run's samples are drawn, not patterned."""
+    if upsample == "transpose":
+        return nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1, bias=False)
+    if upsample != "resize":
+        raise ValueError(f"upsample must be 'transpose' or 'resize', got {upsample!r}")
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    )
+
+
 class Generator(nn.Module):
     """z ``[B, Z]`` (+ condition) → images ``[B, C, H, W]`` in [-1, 1]: 4×4 seed, transposed convs.
 
@@ -95,6 +108,7 @@ class Generator(nn.Module):
         cond_dim: int,
         fusion: str = "cbn",
         heads: int = 4,
+        upsample: str = "transpose",
     ):
         super().__init__()
         n = _blocks(image_size)
@@ -111,9 +125,7 @@ class Generator(nn.Module):
         self.seed_width = widths[0]
         self.fc = nn.Linear(z_dim + (cond_dim if self.noise_concat else 0), widths[0] * 16)
         self.seed_bn = norm(widths[0])
-        self.ups = nn.ModuleList(
-            nn.ConvTranspose2d(widths[i], widths[i + 1], 4, stride=2, padding=1, bias=False) for i in range(n)
-        )
+        self.ups = nn.ModuleList(up_block(widths[i], widths[i + 1], upsample) for i in range(n))
         self.bns = nn.ModuleList(norm(widths[i + 1]) for i in range(n))
         # Block i outputs an 8·2^i px map; keyed by block index (empty, so no keys, for cbn).
         self.attend = nn.ModuleDict(
@@ -244,7 +256,9 @@ def build_gan_nets(
     size, channels, cond_dim = data["image_size"], data["image_channels"], model.cond_dim
     generator = build_slot(
         model.generator,
-        lambda: Generator(g.z_dim, g.g_width, size, channels, encoder(), cond_dim, model.fusion, model.heads),
+        lambda: Generator(
+            g.z_dim, g.g_width, size, channels, encoder(), cond_dim, model.fusion, model.heads, g.g_upsample
+        ),
     )
     discriminator = build_slot(
         model.discriminator,

@@ -20,6 +20,8 @@ from xmodal.tasks.config import (
 )
 
 GAN_LOSSES = ("ns", "hinge", "wgan-gp")
+G_UPSAMPLES = ("transpose", "resize")
+"""How the built-in G doubles its maps (``up_block`` in xmodal/nn/gan.py)."""
 
 
 AUX_HEADS = ("shared", "separate")
@@ -36,6 +38,9 @@ class GanConfig:
 
     z_dim: int = 64
     g_width: int = 32
+    g_upsample: str = "transpose"
+    """How the built-in G doubles its maps (xmodal/nn/gan.py): transpose (4×4 stride-2 transposed
+    convs, DCGAN) | resize (nearest ×2 + 3×3 conv: no checkerboard pattern to unlearn)."""
     """Channels of G's last conv block (earlier blocks double it)."""
     d_width: int = 32
     """Channels of D's first conv block (later blocks double it)."""
@@ -161,6 +166,7 @@ class GanModelConfig(ConditionConfig, TaskConfig):
         p.check(g.judge_steps >= 0, "model.gan.judge_steps", "must be >= 0")
         judge_label_problems(p, "model.gan.judge_labels", g.judge_labels)
         p.one_of("model.gan.aux_head", AUX_HEADS)
+        p.one_of("model.gan.g_upsample", G_UPSAMPLES)
         p.check(g.aux_lr > 0, "model.gan.aux_lr", "must be > 0")
         p.check(g.aux_warmup_steps >= 0, "model.gan.aux_warmup_steps", "must be >= 0")
         warms = g.aux_warmup_steps > 0 and g.aux_head == "separate" and g.aux_weight > 0
