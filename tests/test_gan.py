@@ -256,6 +256,28 @@ def test_fsdp1_is_refused_with_a_pointer_to_fsdp2():
         validate(cfg, cuda_available=True)
 
 
+def test_a_resize_generator_has_no_transposed_convs_and_its_maps_carry_no_checkerboard():
+    from xmodal.nn.gan import Generator
+
+    torch.manual_seed(0)
+    transposed, resized = Generator(8, 8, 32, 3, None, 0), Generator(8, 8, 32, 3, None, 0, upsample="resize")
+    assert any(isinstance(m, nn.ConvTranspose2d) for m in transposed.modules())
+    assert not any(isinstance(m, nn.ConvTranspose2d) for m in resized.modules())
+    assert resized(torch.randn(2, 8), {}).shape == (2, 3, 32, 32)
+
+    # A constant map through one untrained up block: a stride-2 4×4 transposed conv overlaps its
+    # kernel unevenly, so the output alternates by pixel parity; nearest ×2 + 3×3 conv is flat.
+    def parity_spread(block: nn.Module) -> float:
+        with torch.no_grad():
+            out = block(torch.ones(1, 16, 8, 8))[0, :, 1:-1, 1:-1]  # [C, 14, 14] away from the border
+        means = torch.stack([out[:, i::2, j::2].mean((1, 2)) for i in (0, 1) for j in (0, 1)])  # [4, C]
+        return float(means.std(0).mean())
+
+    assert parity_spread(transposed.ups[1]) > 1e-3 and parity_spread(resized.ups[1]) < 1e-6
+    with pytest.raises(ConfigError, match=r"model.gan.g_upsample: must be one of \('transpose', 'resize'\)"):
+        validate(compose_config(["experiment=shapes_gan", "model.gan.g_upsample=bilinear"]))
+
+
 GAN_TINY = [
     "experiment=shapes_gan",
     "model.gan.g_width=8",
