@@ -166,8 +166,8 @@ def test_the_separate_class_head_warms_on_real_images_and_bad_settings_are_one_l
     accuracy = (head(images.float() / 127.5 - 1).argmax(1) == labels).float().mean()
     assert accuracy == 1.0
 
-    base = ["experiment=shapes_text2image_gan", "model.gan.aux_warmup_steps=100"]
-    validate(compose_config(base))  # the shipped experiment's head is separate: fine
+    base = ["experiment=shapes_text2image_gan", "model.gan.aux_head=separate", "model.gan.aux_warmup_steps=100"]
+    validate(compose_config(base))  # a separate head on one device: fine
     validate(compose_config([*base, "model.gan.aux_head=shared", "trainer=fsdp2"]))  # nothing to warm
     with pytest.raises(ConfigError, match=r"model.gan.aux_warmup_steps: must be >= 0"):
         validate(compose_config([*base, "model.gan.aux_warmup_steps=-1"]))
