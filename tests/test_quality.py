@@ -490,8 +490,8 @@ def test_the_colour_role_reads_each_shapes_samples_first_colour_from_its_json(ti
         ),
         (
             "+model.gan.judge_labels.label=4",
-            "model.gan.judge_labels.label: the class label has its own judge (judge_steps); list other "
-            "label roles here",
+            "model.gan.judge_labels.label: the class label (model.num_classes) is covered already; list "
+            "other label roles here",
         ),
     ],
 )

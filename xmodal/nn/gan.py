@@ -236,8 +236,20 @@ class ClassHead(nn.Module):
 
 
 def aux_classes(model: Any) -> int:
-    """Classes of D's AC-GAN head: ``model.num_classes`` when ``model.gan.aux_weight > 0``, else 0."""
-    return int(model.num_classes) if model.gan.aux_weight > 0 else 0
+    """Logits of D's AC-GAN head when ``model.gan.aux_weight > 0`` (else 0): ``model.num_classes``
+    for the label, then each of ``model.gan.aux_labels`` in order (``aux_slices``)."""
+    if model.gan.aux_weight <= 0:
+        return 0
+    return int(model.num_classes) + sum(int(k) for k in (model.gan.aux_labels or {}).values())
+
+
+def aux_slices(model: Any) -> list[tuple[str, int, int]]:
+    """(role, first logit, end) of each attribute in the AC-GAN head's logits: ``label`` first."""
+    slices, start = [], 0
+    for role, classes in {"label": model.num_classes, **(model.gan.aux_labels or {})}.items():
+        slices.append((role, start, start + int(classes)))
+        start += int(classes)
+    return slices
 
 
 def build_gan_nets(

@@ -237,13 +237,13 @@ def condition_problems(problems: Problems, m: ConditionConfig, target: str) -> N
 
 
 def judge_label_problems(problems: Problems, key: str, judge_labels: Mapping[str, Any]) -> None:
-    """``judge_labels`` (role → number of classes) names roles of the label modality, each with
-    >= 2 classes; ``label`` itself is the main judge's (``judge_steps``), not one of these."""
+    """``judge_labels`` / ``aux_labels`` (role → number of classes) name roles of the label
+    modality, each with >= 2 classes; ``label`` itself is covered already (``model.num_classes``)."""
     roles = dict(problems.cfg.data.get("roles") or {})
     for role, classes in judge_labels.items():
         if role == "label":
             problems.append(
-                f"{key}.label: the class label has its own judge (judge_steps); list other label roles here"
+                f"{key}.label: the class label (model.num_classes) is covered already; list other label roles here"
             )
         elif roles.get(role) != "label":
             problems.append(

@@ -77,6 +77,10 @@ class GanConfig:
     """AC-GAN: D also classifies real images by ``label`` (cross-entropy), and G is pushed toward
     images D classifies as their row's label, both weighted by this (0 = off). Rows without a
     label (-1) are left out; needs labels in the data and the built-in D (or one with ``score``)."""
+    aux_labels: dict[str, int] = field(default_factory=dict)
+    """More attributes the AC-GAN head classifies beside ``label``, role → classes (``{colour: 6}``:
+    label roles of ``data.roles``, as ``judge_labels``): D learns each on real images and G is
+    pushed toward each row's, in one loss per attribute, all weighted by ``aux_weight``."""
     aux_head: str = "shared"
     """Where D's AC-GAN class logits come from: ``shared`` (a linear layer on D's adversarial
     features) or ``separate`` (a small classifier of its own, no spectral norm, at ``aux_lr`` with
@@ -134,7 +138,8 @@ class GanModelConfig(ConditionConfig, TaskConfig):
 
     def optional_roles(self) -> tuple[str, ...]:
         judged = self.gan.judge_steps > 0 and bool(self.conditions())
-        return tuple(self.gan.judge_labels) if judged else ()
+        classified = tuple(self.gan.aux_labels) if self.gan.aux_weight > 0 else ()
+        return tuple(dict.fromkeys((*classified, *(self.gan.judge_labels if judged else ()))))
 
     def lightning_max_steps(self, max_steps: int) -> int:
         return max_steps * (self.gan.n_critic + 1) if max_steps > 0 else max_steps
@@ -174,6 +179,12 @@ class GanModelConfig(ConditionConfig, TaskConfig):
             not warms or cfg.trainer.strategy not in ("fsdp2", "fsdp", "model_parallel"),
             "model.gan.aux_warmup_steps",
             "runs outside the training loop, which a sharded D cannot: use trainer=ddp or set it to 0",
+        )
+        judge_label_problems(p, "model.gan.aux_labels", g.aux_labels)
+        p.check(
+            not (g.aux_labels and warms),
+            "model.gan.aux_labels",
+            "the class head's warm-up (model.gan.aux_warmup_steps) learns the class label only; set it to 0",
         )
         p.check(
             all(op in DIFFAUGMENT_POLICIES for op in g.diffaugment),

@@ -26,7 +26,7 @@ from torch import nn
 from xmodal.images import SampleSet, caption_grid, image_grid
 from xmodal.nn.diffaugment import diff_augment
 from xmodal.nn.ema import ema_decay, update_ema
-from xmodal.nn.gan import build_gan_nets
+from xmodal.nn.gan import aux_slices, build_gan_nets
 from xmodal.tasks.adversarial import (
     GuardedSteps,
     attribute_judge_nets,
@@ -110,6 +110,7 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         if self.gan.ema_decay > 0:
             self.ema = copy.deepcopy(self.generator).requires_grad_(False)
         self._warned_no_labels = False
+        self.aux_slices = aux_slices(self.cfg)  # (role, first, end) of the AC-GAN head's logits
         self.iteration = 0
         """Training batches done (n_critic D steps + 1 G step each); saved in checkpoints."""
         self.skipped_steps = 0
@@ -249,7 +250,7 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         }
         if real_classes is not None:
             # AC-GAN, real rows only: D classifying fakes would teach it G's mistakes as classes.
-            aux = class_loss(real_classes, self.labels(batch), weights)
+            aux = self.class_losses(real_classes, batch, weights)
             loss = loss + gan.aux_weight * aux
             stats["d_aux"] = aux.detach()
         if gan.mismatch_weight > 0:
@@ -273,6 +274,22 @@ class AdversarialTask(GuardedSteps, XmodalTask):
             loss = loss + 0.5 * gan.r1_weight * gan.r1_every * penalty
             stats["r1"] = penalty.detach()
         return loss, stats
+
+    def class_losses(
+        self, logits: torch.Tensor, batch: dict[str, Any], weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The AC-GAN head's cross-entropy: of the class label, plus one per attribute of
+        ``model.gan.aux_labels`` on its own slice of the logits ``[B, K + ...]``."""
+        total = logits.new_zeros(())
+        for role, start, end in self.aux_slices:
+            if role == "label":
+                targets = self.labels(batch)
+            else:
+                targets = batch.get(role)
+                if targets is None:  # data without the attribute: nothing to learn from
+                    targets = torch.full((len(logits),), -1, dtype=torch.long, device=logits.device)
+            total = total + class_loss(logits[:, start:end], targets, weights)
+        return total
 
     def labels(self, batch: dict[str, Any]) -> torch.Tensor:
         """The AC-GAN head's targets ``[B]`` (-1: no label, left out). Data without labels (a
@@ -314,7 +331,7 @@ class AdversarialTask(GuardedSteps, XmodalTask):
             d_out, fake_classes = self.score(self.augment(fake, 30_000), batch)
             g_loss = weighted_mean(g_loss_terms(gan.loss, d_out), weights)
             if fake_classes is not None:
-                stats["g_aux"] = class_loss(fake_classes, self.labels(batch), weights)
+                stats["g_aux"] = self.class_losses(fake_classes, batch, weights)
                 g_loss = g_loss + gan.aux_weight * stats["g_aux"]
                 stats["g_aux"] = stats["g_aux"].detach()
             g_norm = self.optimizer_step(g_opt, g_loss)
