@@ -166,7 +166,11 @@ def test_the_separate_class_head_warms_on_real_images_and_bad_settings_are_one_l
     accuracy = (head(images.float() / 127.5 - 1).argmax(1) == labels).float().mean()
     assert accuracy == 1.0
 
-    base = ["experiment=shapes_text2image_gan", "model.gan.aux_head=separate", "model.gan.aux_warmup_steps=100"]
+    base = [
+        "experiment=shapes_text2image_gan",
+        "model.gan.aux_head=separate",
+        "model.gan.aux_warmup_steps=100",
+    ]
     validate(compose_config(base))  # a separate head on one device: fine
     validate(compose_config([*base, "model.gan.aux_head=shared", "trainer=fsdp2"]))  # nothing to warm
     with pytest.raises(ConfigError, match=r"model.gan.aux_warmup_steps: must be >= 0"):
@@ -522,3 +526,50 @@ def test_a_label_role_reads_its_own_cls_member_or_its_own_json_field():
     assert (sample["style"], sample["colour"], sample["label"]) == (3, 2, 1)
     bare = decode_sample({"__key__": "b", "json": b'{"label": 1}'}, spec, train=False)
     assert (bare["colour"], bare["colour_present"], bare["style_present"]) == (-1, False, False)
+
+
+def test_aux_labels_give_each_attribute_its_own_slice_of_the_class_head_and_its_own_loss():
+    from xmodal.nn.gan import Discriminator, aux_classes, aux_slices
+    from xmodal.tasks.gan.config import GanModelConfig
+
+    cfg = compose_config(["experiment=shapes_text2image_gan", "+model.gan.aux_labels.colour=6"])
+    model = GanModelConfig.from_node(cfg.model)
+    # model.num_classes (10: the shapes kinds use 4 of them), then the 6 colours.
+    assert aux_slices(model) == [("label", 0, 10), ("colour", 10, 16)] and aux_classes(model) == 16
+    assert set(model.optional_roles()) == {"colour"}  # decoded for the head (and the colour judge)
+    d = Discriminator(8, 32, 3, None, 0, num_classes=aux_classes(model))
+    assert d.classes.out_features == 16
+
+    task = label_task(aux_weight=1.0)
+    task.aux_slices = [("label", 0, 2), ("colour", 2, 5)]
+    weights = torch.ones(4)
+    logits = torch.zeros(4, 5)
+    logits[torch.arange(4), torch.tensor([0, 1, 0, 1])] = 50.0  # the label slice right and sure
+    batch = {
+        "label": torch.tensor([0, 1, 0, 1]),
+        "colour": torch.tensor([2, 0, 1, -1]),
+        "image": torch.zeros(4, 2),
+    }
+    # The colour slice is uniform over 3: ln 3 on each of the three rows that have a colour.
+    assert float(task.class_losses(logits, batch, weights)) == pytest.approx(math.log(3), rel=1e-5)
+    logits[torch.arange(3), 2 + torch.tensor([2, 0, 1])] = 50.0
+    assert float(task.class_losses(logits, batch, weights)) == pytest.approx(0.0, abs=1e-6)
+    del batch["colour"]  # data without the attribute: its loss is 0, the label's remains
+    assert float(task.class_losses(logits, batch, weights)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_aux_labels_need_label_roles_and_no_warm_up_in_one_line():
+    def problems(*overrides: str) -> list[str]:
+        with pytest.raises(ConfigError) as err:
+            validate(compose_config(["experiment=shapes_text2image_gan", *overrides]))
+        return [line.strip() for line in str(err.value).splitlines()]
+
+    assert (
+        "model.gan.aux_labels.size: needs data.roles.size: label (read from key.size.cls or 'size' in each "
+        "sample's JSON) (got data.roles.size=None)"
+    ) in problems("+model.gan.aux_labels.size=2")
+    warm = ["+model.gan.aux_labels.colour=6", "model.gan.aux_head=separate", "model.gan.aux_warmup_steps=10"]
+    assert (
+        "model.gan.aux_labels: the class head's warm-up (model.gan.aux_warmup_steps) learns the class label "
+        "only; set it to 0 (got {'colour': 6})"
+    ) in problems(*warm)
