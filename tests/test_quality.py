@@ -170,6 +170,7 @@ def test_the_separate_class_head_warms_on_real_images_and_bad_settings_are_one_l
         "experiment=shapes_text2image_gan",
         "model.gan.aux_head=separate",
         "model.gan.aux_warmup_steps=100",
+        "~model.gan.aux_labels.colour",  # the warm-up learns the class label alone
     ]
     validate(compose_config(base))  # a separate head on one device: fine
     validate(compose_config([*base, "model.gan.aux_head=shared", "trainer=fsdp2"]))  # nothing to warm
@@ -532,7 +533,7 @@ def test_aux_labels_give_each_attribute_its_own_slice_of_the_class_head_and_its_
     from xmodal.nn.gan import Discriminator, aux_classes, aux_slices
     from xmodal.tasks.gan.config import GanModelConfig
 
-    cfg = compose_config(["experiment=shapes_text2image_gan", "+model.gan.aux_labels.colour=6"])
+    cfg = compose_config(["experiment=shapes_text2image_gan"])  # the shipped head: kind and colour
     model = GanModelConfig.from_node(cfg.model)
     # model.num_classes (10: the shapes kinds use 4 of them), then the 6 colours.
     assert aux_slices(model) == [("label", 0, 10), ("colour", 10, 16)] and aux_classes(model) == 16
@@ -568,7 +569,7 @@ def test_aux_labels_need_label_roles_and_no_warm_up_in_one_line():
         "model.gan.aux_labels.size: needs data.roles.size: label (read from key.size.cls or 'size' in each "
         "sample's JSON) (got data.roles.size=None)"
     ) in problems("+model.gan.aux_labels.size=2")
-    warm = ["+model.gan.aux_labels.colour=6", "model.gan.aux_head=separate", "model.gan.aux_warmup_steps=10"]
+    warm = ["model.gan.aux_head=separate", "model.gan.aux_warmup_steps=10"]  # aux_labels: the experiment's
     assert (
         "model.gan.aux_labels: the class head's warm-up (model.gan.aux_warmup_steps) learns the class label "
         "only; set it to 0 (got {'colour': 6})"

@@ -159,7 +159,7 @@ class GenerativeMetrics:
         self.fid.update(fake, real=False)
         self.kid.update(real, real=True)
         self.kid.update(fake, real=False)
-        if real.shape[-1] >= 3 and fake.shape[-1] >= 3:
+        if real.dim() == 4 and real.shape[-1] >= 3 and real.shape[-2] >= 3:  # images, not points
             self.real_roughness.update(pixel_roughness(real))
             self.fake_roughness.update(pixel_roughness(fake))
         if labels is not None:
@@ -209,9 +209,13 @@ class GenerativeMetrics:
             out["sample_spread"] = self.fid.spread_ratio
         else:
             out["fid"] = out["kid"] = math.nan
-        real_rough, fake_rough = float(self.real_roughness.compute()), float(self.fake_roughness.compute())
-        if real_rough > 0 and not math.isnan(fake_rough):
-            out["sample_roughness"] = fake_rough / real_rough
+        if self.real_roughness.update_called:  # alike on every rank: the same shapes were scored
+            real_rough, fake_rough = (
+                float(self.real_roughness.compute()),
+                float(self.fake_roughness.compute()),
+            )
+            if real_rough > 0 and not math.isnan(fake_rough):
+                out["sample_roughness"] = fake_rough / real_rough
         real_acc = float(self.real_acc.compute())
         if not math.isnan(real_acc):
             out["real_acc"] = real_acc
