@@ -7,6 +7,12 @@ wall time. Example (the figures of BENCHMARKS.md "Generative quality (issue 18)"
 
     python benchmarks/gan_quality.py --experiment mnist_gan \\
         --variant base: --variant aux:model.gan.aux_weight=1.0
+
+Session 18's text → image rows ("The kind 0.60 was noise"), two seeds each::
+
+    python benchmarks/gan_quality.py --experiment shapes_text2image_gan \\
+        --variant shipped:seed=0 --variant shipped1:seed=1 \\
+        --variant nocolour:~model.gan.aux_labels.colour --variant transpose:model.gan.g_upsample=transpose
 """
 
 from __future__ import annotations
@@ -73,17 +79,20 @@ def main() -> None:
 def print_table(rows: list[dict]) -> None:
     """The Markdown table of :func:`run_variant` rows: validation curves, test figures, wall time."""
     print(
-        "| variant | overrides | val judge_acc | val FID | test judge_acc | test cond_acc | test FID | wall s |"
+        "| variant | overrides | val judge_acc | val judge_colour_acc | val FID | test judge_acc | "
+        "test judge_colour_acc | test cond_acc | test FID | test sample_roughness | wall s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         judge = " / ".join(fmt(v.get("val/judge_acc")) for v in row["val"])
+        colour = " / ".join(fmt(v.get("val/judge_colour_acc")) for v in row["val"])
         fid = " / ".join(fmt(v.get("val/fid")) for v in row["val"])
         test = row["test"]
         print(
-            f"| {row['name']} | {' '.join(row['overrides']) or '(shipped)'} | {judge} | {fid} | "
-            f"{fmt(test.get('test/judge_acc'))} | {fmt(test.get('test/cond_acc'))} | "
-            f"{fmt(test.get('test/fid'))} | {row['wall_s']:.0f} |"
+            f"| {row['name']} | {' '.join(row['overrides']) or '(shipped)'} | {judge} | {colour} | {fid} | "
+            f"{fmt(test.get('test/judge_acc'))} | {fmt(test.get('test/judge_colour_acc'))} | "
+            f"{fmt(test.get('test/cond_acc'))} | {fmt(test.get('test/fid'))} | "
+            f"{fmt(test.get('test/sample_roughness'))} | {row['wall_s']:.0f} |"
         )
 
 
