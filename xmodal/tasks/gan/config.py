@@ -38,10 +38,10 @@ class GanConfig:
 
     z_dim: int = 64
     g_width: int = 32
+    """Channels of G's last conv block (earlier blocks double it)."""
     g_upsample: str = "transpose"
     """How the built-in G doubles its maps (xmodal/nn/gan.py): transpose (4×4 stride-2 transposed
     convs, DCGAN) | resize (nearest ×2 + 3×3 conv: no checkerboard pattern to unlearn)."""
-    """Channels of G's last conv block (earlier blocks double it)."""
     d_width: int = 32
     """Channels of D's first conv block (later blocks double it)."""
     loss: str = "hinge"

@@ -281,6 +281,13 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         """The AC-GAN head's cross-entropy: of the class label, plus one per attribute of
         ``model.gan.aux_labels`` on its own slice of the logits ``[B, K + ...]``."""
         total = logits.new_zeros(())
+        if len(self.aux_slices) == 1:  # the label alone: every logit a D gives (as many as it has)
+            return class_loss(logits, self.labels(batch), weights)
+        if self.aux_slices[-1][2] > logits.shape[1]:  # a D of the user's with fewer class logits
+            raise ValueError(
+                f"model.gan.aux_labels: D's class head gives {logits.shape[1]} logits; the label and "
+                f"aux_labels need {self.aux_slices[-1][2]} ({self.aux_slices})"
+            )
         for role, start, end in self.aux_slices:
             if role == "label":
                 targets = self.labels(batch)
