@@ -44,6 +44,24 @@ def captions(words: list[int]) -> torch.Tensor:
     return torch.tensor([[bos, w, eos, pad] for w in words])
 
 
+def assert_decoder_never_reads_caption_padding(dec: torch.nn.Module, z_dim: int = 8) -> None:
+    """A cross-attention VAE decoder ``dec(z, Encoded)`` (2-D or 3-D): garbage at the caption's
+    padding position changes nothing, a change to its word changes the output."""
+    with torch.no_grad():
+        for p in dec.parameters():  # out of the zero start, so the attention is read
+            p.normal_(0, 0.2)
+    text = TextCondition(len(VOCAB), 0, cond_dim=16, d_model=16, heads=2, max_len=4)
+    encoded = encode_condition(text, {"text": captions([RED, BLUE])})  # mask: 3 real, 1 pad
+    garbage, other = encoded.tokens.clone(), encoded.tokens.clone()
+    garbage[:, 3] = 100.0  # the padding position
+    other[:, 1] += 1.0  # the caption's word
+    z = torch.randn(2, z_dim)
+    with torch.no_grad():
+        out = dec(z, encoded)[0]  # [2, C, H, W] or [2, C, T, H, W]
+        assert torch.equal(out, dec(z, Encoded(encoded.pooled, garbage, encoded.mask))[0])
+        assert (out - dec(z, Encoded(encoded.pooled, other, encoded.mask))[0]).abs().mean() > 1e-3
+
+
 class ColourCaptions(Dataset):
     """Uint8 images of one colour, red or blue, captioned by the colour's name (and a tone whose
     loudness follows it, for the audio condition)."""

@@ -12,13 +12,7 @@ from tests.test_vae import bars_task, collate, fit, random_bars
 from xmodal.config import ConfigError, compose_config, validate
 from xmodal.metrics.likelihood import gaussian_kl_per_dim
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_kl_to_a_diagonal_gaussian_prior_is_the_closed_form_of_torch_distributions():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_fusion import BLUE, RED, VOCAB, captions
+from tests.test_fusion import BLUE, RED, VOCAB, assert_decoder_never_reads_caption_padding, captions
 from tests.test_vae import vae_model
 from xmodal.config import compose_config
 from xmodal.config.validate import config_problems
@@ -144,17 +144,4 @@ def test_every_vae_fusion_is_taken_by_the_video_experiment(tmp_path):
 
 
 def test_video_cross_attention_never_reads_caption_padding():
-    dec = decoder("cross_attention")
-    with torch.no_grad():
-        for p in dec.parameters():  # out of the zero start, so the attention is read
-            p.normal_(0, 0.2)
-    text = TextCondition(len(VOCAB), 0, cond_dim=16, d_model=16, heads=2, max_len=4)
-    encoded = encode_condition(text, {"text": captions([RED, BLUE])})  # mask: 3 real, 1 pad
-    garbage, other = encoded.tokens.clone(), encoded.tokens.clone()
-    garbage[:, 3] = 100.0  # the padding position
-    other[:, 1] += 1.0  # the caption's word
-    z = torch.randn(2, 8)
-    with torch.no_grad():
-        out = dec(z, encoded)[0]  # [2, 3, 8, 32, 32]
-        assert torch.equal(out, dec(z, Encoded(encoded.pooled, garbage, encoded.mask))[0])
-        assert (out - dec(z, Encoded(encoded.pooled, other, encoded.mask))[0]).abs().mean() > 1e-3
+    assert_decoder_never_reads_caption_padding(decoder("cross_attention"))
