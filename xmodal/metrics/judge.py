@@ -104,7 +104,11 @@ def train_judge(
         if time.monotonic() - last_report > 15:  # a first GAN run otherwise looks frozen here
             last_report = time.monotonic()
             log.info(
-                "judge classifier: step %d/%d, loss %.3f (%.0f s)", step, steps, loss, last_report - started
+                "judge classifier: step %d/%d, loss %.3f (%.0f s)",
+                step,
+                steps,
+                float(loss.detach()),
+                last_report - started,
             )
     return net.eval()
 
