@@ -63,25 +63,26 @@ class LabelG(nn.Module):
 class AuxD(nn.Module):
     """An unconditional D with an AC-GAN class head: the class can only reach G through the head."""
 
-    def __init__(self, hidden: int = 32):
+    def __init__(self, hidden: int = 32, classes: int = 2):
         super().__init__()
         self.body = nn.Sequential(nn.Linear(2, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden))
         self.head = nn.Linear(hidden, 1)
-        self.classes = nn.Linear(hidden, 2)
+        self.classes = nn.Linear(hidden, classes)
 
     def score(self, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         h = torch.nn.functional.leaky_relu(self.body(x), 0.2)  # [B, H]
-        return self.head(h).squeeze(1), self.classes(h)  # [B], [B, 2]
+        return self.head(h).squeeze(1), self.classes(h)  # [B], [B, classes]
 
     def forward(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
         return self.score(x, batch)[0]
 
 
-def label_task(**gan: object) -> AdversarialTask:
-    model = tiny_gan_model(**gan)
+def label_task(num_classes: int = 10, **gan: object) -> AdversarialTask:
+    model = {**tiny_gan_model(**gan), "num_classes": num_classes}
     L.seed_everything(0, verbose=False)
     data = {"image_size": 32, "image_channels": 1, "audio_mels": 8, "audio_frames": 8, "max_text_len": 8}
-    return AdversarialTask(model, list(SPECIALS), data, nets=(LabelG(), AuxD()))
+    classes = 4 if gan.get("aux_mode") == "adc" else 2  # ADC-GAN: a real and a fake logit per class
+    return AdversarialTask(model, list(SPECIALS), data, nets=(LabelG(), AuxD(classes=classes)))
 
 
 def asked_class_accuracy(task: AdversarialTask) -> float:
@@ -119,6 +120,32 @@ def test_aux_weight_needs_a_discriminator_with_a_class_head():
         AdversarialTask(model, list(SPECIALS), data, nets=(LabelG(), no_head))
 
 
+def test_adc_head_learns_fakes_as_classes_of_their_own_and_g_still_renders_the_asked_class(one_thread):
+    """model.gan.aux_mode=adc (ADC-GAN): D's head has a real and a fake logit per class; D learns
+    G's samples of class k as fake k, G is pushed toward real k."""
+    task = label_task(aux_weight=1.0, aux_mode="adc", num_classes=2)
+    assert task.aux_slices == [("label", 0, 4)]
+    batch = {"label": torch.tensor([0, 1, -1]), "image": torch.zeros(3, 2)}
+    logits = torch.full((3, 4), -50.0)
+    logits[0, 2] = logits[1, 3] = 50.0  # sure that row 0 is fake class 0 and row 1 fake class 1
+    weights = torch.ones(3)
+    assert float(task.class_losses(logits, batch, weights, fake=True)) == pytest.approx(0.0, abs=1e-6)
+    assert float(task.class_losses(logits, batch, weights)) == pytest.approx(
+        100.0, rel=1e-4
+    )  # as real: wrong
+    fit(task, 250)
+    assert asked_class_accuracy(task) > 0.95  # measured 1.00
+    with torch.no_grad():  # D reads G's points as fake, the real ones as real
+        real = LabelledPoints().x[:512]
+        fake = task.generator(torch.randn(512, 8), {"label": torch.arange(2).repeat(256)})
+        says_fake = [
+            float((task.discriminator.score(x, {})[1].argmax(1) >= 2).float().mean()) for x in (real, fake)
+        ]
+    assert says_fake[1] > says_fake[0] + 0.2, says_fake  # measured 0.59 of real, 0.97 of G's
+    with pytest.raises(ConfigError, match=r"model.gan.aux_mode: must be one of \('ac', 'adc'\)"):
+        validate(compose_config(["experiment=shapes_text2image_gan", "model.gan.aux_mode=tac"]))
+
+
 def test_a_separate_class_head_has_its_own_features_and_learning_rate():
     """model.gan.aux_head=separate: D's class logits from a classifier that shares nothing with its
     adversarial features, in its own parameter group of D's optimizer at model.gan.aux_lr."""
@@ -149,35 +176,78 @@ def test_a_separate_class_head_has_its_own_features_and_learning_rate():
         validate(compose_config(["experiment=shapes_text2image_gan", "model.gan.aux_head=own"]))
 
 
-def test_the_separate_class_head_warms_on_real_images_and_bad_settings_are_one_line():
-    """model.gan.aux_warmup_steps: the head learns the real classes before G first asks it."""
-    from xmodal.nn.gan import ClassHead
+def left_right_images() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """64 uint8 images ``[64, 3, 32, 32]``: the label says which half is bright, a second
+    attribute (3 classes) which of three grey levels it is."""
+    labels, levels = torch.arange(64) % 2, torch.arange(64) % 3
+    images = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
+    for i in range(64):
+        half = slice(0, 16) if labels[i] == 0 else slice(16, 32)
+        images[i, :, :, half] = 85 * (1 + int(levels[i]))
+    return images, labels, levels
+
+
+def test_the_class_head_warms_on_real_images_and_bad_settings_are_one_line():
+    """model.gan.aux_warmup_steps: the class head learns the real classes before G first asks it:
+    the separate head alone, or the shared head with D's features under it; every aux label too."""
+    from xmodal.nn.gan import Discriminator
     from xmodal.tasks.gan.task import warm_start_class_head
 
-    labels = torch.arange(64) % 2
-    images = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
-    images[labels == 0, :, :, :16] = 255  # class 0 bright on the left, class 1 on the right
-    images[labels == 1, :, :, 16:] = 255
-    torch.manual_seed(0)
-    head = ClassHead(3, 8, 3, 2)
-    before = float(torch.nn.functional.cross_entropy(head(images.float() / 127.5 - 1), labels))
-    after = warm_start_class_head(head, images, labels, steps=30, lr=1e-2, seed=0)
-    assert after < 0.1 < before  # measured 0.69 → 0.00
-    accuracy = (head(images.float() / 127.5 - 1).argmax(1) == labels).float().mean()
-    assert accuracy == 1.0
+    images, labels, levels = left_right_images()
+    task = label_task(aux_weight=1.0)
+    task.aux_slices = [("label", 0, 2), ("level", 2, 5)]
+    targets = {"label": labels, "level": levels}
+    x = images.float() / 127.5 - 1
+    for head in ("separate", "shared"):
+        torch.manual_seed(0)
+        d = Discriminator(8, 32, 3, None, 0, num_classes=5, aux_head=head)
+        adversarial = [*d.head.parameters(), *(() if head == "shared" else d.features.parameters())]
+        untouched = [p.detach().clone() for p in adversarial]
+        with torch.no_grad():
+            before = float(task.class_losses(d.class_logits(x), targets, torch.ones(64)))
+        after = warm_start_class_head(
+            d.class_logits, d.class_parameters(), images, targets, task.class_losses, 40, 1e-2, 0
+        )
+        assert after < 0.1 < before, head
+        logits = d.class_logits(x)
+        assert (logits[:, :2].argmax(1) == labels).all() and (logits[:, 2:].argmax(1) == levels).all(), head
+        assert all(torch.equal(a, b) for a, b in zip(untouched, adversarial, strict=True)), head
+    unlabelled = {"label": torch.full((64,), -1)}
+    no_labels = warm_start_class_head(d.class_logits, [], images, unlabelled, task.class_losses, 1, 1e-2, 0)
+    assert math.isnan(no_labels)
 
-    base = [
-        "experiment=shapes_text2image_gan",
-        "model.gan.aux_head=separate",
-        "model.gan.aux_warmup_steps=100",
-        "~model.gan.aux_labels.colour",  # the warm-up learns the class label alone
-    ]
-    validate(compose_config(base))  # a separate head on one device: fine
-    validate(compose_config([*base, "model.gan.aux_head=shared", "trainer=fsdp2"]))  # nothing to warm
+    base = ["experiment=shapes_text2image_gan", "model.gan.aux_warmup_steps=100"]
+    validate(compose_config(base))  # the shared head and its colour slice, on one device: fine
+    validate(compose_config([*base, "model.gan.aux_head=separate"]))
+    validate(compose_config([*base, "model.gan.aux_weight=0", "trainer=fsdp2"]))  # no head: nothing to warm
     with pytest.raises(ConfigError, match=r"model.gan.aux_warmup_steps: must be >= 0"):
         validate(compose_config([*base, "model.gan.aux_warmup_steps=-1"]))
     with pytest.raises(ConfigError, match=r"model.gan.aux_warmup_steps: runs outside the training loop"):
         validate(compose_config([*base, "trainer=fsdp2"]))
+
+
+def test_flatten_pool_gives_every_head_the_4x4_layout_and_a_bad_pool_is_one_line():
+    """model.gan.d_pool=flatten: the adversarial, projection and class heads read D's last 4×4
+    map cell by cell, so a swap of two cells changes what they see; sum pooling cannot see it."""
+    from xmodal.nn.gan import Discriminator
+
+    torch.manual_seed(0)
+    d = {pool: Discriminator(8, 32, 3, None, 0, num_classes=3, pool=pool) for pool in ("sum", "flatten")}
+    widths = {pool: (net.head.layer.in_features, net.classes.in_features) for pool, net in d.items()}
+    assert widths == {"sum": (32, 32), "flatten": (512, 512)}  # 32 channels, ×16 cells when flattened
+    fmap = torch.randn(2, 32, 4, 4)
+    swapped = fmap.clone()
+    swapped[:, :, [0, 3]] = fmap[:, :, [3, 0]]  # the top row of cells for the bottom one
+    for pool, net in d.items():
+        net.features = nn.Identity()  # read a map we wrote: the pooling alone is under test
+        same = torch.allclose(net.pooled(fmap), net.pooled(swapped))
+        assert same == (pool == "sum"), pool
+    assert d["flatten"].class_logits(fmap).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"pool must be one of \('sum', 'flatten'\), got 'max'"):
+        Discriminator(8, 32, 3, None, 0, pool="max")
+    validate(compose_config(["experiment=shapes_text2image_gan", "model.gan.d_pool=flatten"]))
+    with pytest.raises(ConfigError, match=r"model.gan.d_pool: must be one of \('sum', 'flatten'\)"):
+        validate(compose_config(["experiment=shapes_text2image_gan", "model.gan.d_pool=max"]))
 
 
 def test_aux_head_on_data_without_labels_trains_on_and_says_so_once(caplog):
@@ -559,7 +629,7 @@ def test_aux_labels_give_each_attribute_its_own_slice_of_the_class_head_and_its_
     assert float(task.class_losses(logits, batch, weights)) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_aux_labels_need_label_roles_and_no_warm_up_in_one_line():
+def test_aux_labels_need_label_roles_in_one_line():
     def problems(*overrides: str) -> list[str]:
         with pytest.raises(ConfigError) as err:
             validate(compose_config(["experiment=shapes_text2image_gan", *overrides]))
@@ -569,8 +639,3 @@ def test_aux_labels_need_label_roles_and_no_warm_up_in_one_line():
         "model.gan.aux_labels.size: needs data.roles.size: label (read from key.size.cls or 'size' in each "
         "sample's JSON) (got data.roles.size=None)"
     ) in problems("+model.gan.aux_labels.size=2")
-    warm = ["model.gan.aux_head=separate", "model.gan.aux_warmup_steps=10"]  # aux_labels: the experiment's
-    assert (
-        "model.gan.aux_labels: the class head's warm-up (model.gan.aux_warmup_steps) learns the class label "
-        "only; set it to 0 (got {'colour': 6})"
-    ) in problems(*warm)

@@ -157,8 +157,19 @@ class Generator(nn.Module):
         return torch.tanh(self.out(x))  # [B, C, H, W]
 
 
+D_POOLS = ("sum", "flatten")
+"""How the built-in D reduces its last 4×4 map before its heads (``model.gan.d_pool``)."""
+
+
 class Discriminator(nn.Module):
-    """Images ``[B, C, H, W]`` (+ condition) → one logit per image ``[B]`` (projection head)."""
+    """Images ``[B, C, H, W]`` (+ condition) → one logit per image ``[B]`` (projection head).
+
+    ``pool="sum"`` sums the last 4×4 map over space (SNGAN's projection D): the heads see what is
+    drawn, not where. ``pool="flatten"`` keeps the map's layout (DCGAN's last 4×4 conv), so the
+    projection and the class head can check *which* cell holds the named shape: a caption names
+    shapes by place, and a sum cannot tell "a red circle at the top and a blue square at the
+    bottom" from its swap.
+    """
 
     def __init__(
         self,
@@ -170,8 +181,11 @@ class Discriminator(nn.Module):
         spectral_norm: bool = True,
         num_classes: int = 0,
         aux_head: str = "shared",
+        pool: str = "sum",
     ):
         super().__init__()
+        if pool not in D_POOLS:
+            raise ValueError(f"pool must be one of {D_POOLS}, got {pool!r}")
         n = _blocks(image_size)
         widths = [width * 2**i for i in range(n)]  # e.g. 64,128,256 (+1 block at 64 px)
         layers: list[nn.Module] = []
@@ -181,11 +195,14 @@ class Discriminator(nn.Module):
             prev = w
         self.features = nn.Sequential(*layers)
         self.cond = cond
-        self.head = maybe_sn(nn.Linear(prev, 1), spectral_norm)
-        self.project = maybe_sn(nn.Linear(cond_dim, prev), spectral_norm) if cond is not None else None
-        # AC-GAN head (model.gan.aux_weight): class logits from the same pooled features. Not
+        self.pool = pool
+        # The last map is 4×4: flattened, every head sees where each feature is (16× the inputs).
+        feature_dim = prev * 16 if pool == "flatten" else prev
+        self.head = maybe_sn(nn.Linear(feature_dim, 1), spectral_norm)
+        self.project = maybe_sn(nn.Linear(cond_dim, feature_dim), spectral_norm) if cond is not None else None
+        # AC-GAN head (model.gan.aux_weight): class logits from the same features. Not
         # spectrally normalised: it is trained by cross-entropy, not by the adversarial loss.
-        self.classes = nn.Linear(prev, num_classes) if num_classes > 0 else None
+        self.classes = nn.Linear(feature_dim, num_classes) if num_classes > 0 else None
         # aux_head=separate: the class logits from a classifier of its own (model.gan.aux_head).
         self.classifier = (
             ClassHead(channels, width, n, num_classes, image_size)
@@ -197,7 +214,7 @@ class Discriminator(nn.Module):
 
     def score(self, images: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(adversarial logits ``[B]``, class logits ``[B, K]`` or None without a class head)."""
-        h = self.features(images).sum(dim=(2, 3))  # [B, W] (sum-pooled 4×4 map)
+        h = self.pooled(images)  # [B, 16·W] flattened or [B, W] summed
         logits = self.head(h).squeeze(1)  # [B]
         if self.project is not None:
             c = self.cond(batch)  # [B, cond_dim]
@@ -205,6 +222,23 @@ class Discriminator(nn.Module):
         if self.classifier is not None:
             return logits, self.classifier(images)
         return logits, self.classes(h) if self.classes is not None else None
+
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """What D's heads read: its last 4×4 map ``[B, W, 4, 4]`` summed ``[B, W]`` or flattened ``[B, 16·W]``."""
+        fmap = self.features(images)  # [B, W, 4, 4]
+        return fmap.flatten(1) if self.pool == "flatten" else fmap.sum(dim=(2, 3))
+
+    def class_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The AC-GAN head's logits ``[B, K]`` alone (no condition needed: the warm-up's classifier)."""
+        if self.classifier is not None:
+            return self.classifier(images)
+        return self.classes(self.pooled(images))
+
+    def class_parameters(self) -> list[nn.Parameter]:
+        """What the class logits depend on: the separate head, or the shared features and head."""
+        if self.classifier is not None:
+            return list(self.classifier.parameters())
+        return [*self.features.parameters(), *self.classes.parameters()]
 
     @property
     def has_classes(self) -> bool:
@@ -237,18 +271,21 @@ class ClassHead(nn.Module):
 
 def aux_classes(model: Any) -> int:
     """Logits of D's AC-GAN head when ``model.gan.aux_weight > 0`` (else 0): ``model.num_classes``
-    for the label, then each of ``model.gan.aux_labels`` in order (``aux_slices``)."""
+    for the label, then each of ``model.gan.aux_labels`` in order (``aux_slices``); twice as many
+    under ``model.gan.aux_mode=adc`` (a real and a fake logit per class)."""
     if model.gan.aux_weight <= 0:
         return 0
-    return int(model.num_classes) + sum(int(k) for k in (model.gan.aux_labels or {}).values())
+    return aux_slices(model)[-1][2]
 
 
 def aux_slices(model: Any) -> list[tuple[str, int, int]]:
-    """(role, first logit, end) of each attribute in the AC-GAN head's logits: ``label`` first."""
+    """(role, first logit, end) of each attribute in the AC-GAN head's logits: ``label`` first.
+    Under ``aux_mode=adc`` an attribute of K classes has 2K logits: real class k at k, fake at K + k."""
+    per_class = 2 if getattr(model.gan, "aux_mode", "ac") == "adc" else 1
     slices, start = [], 0
     for role, classes in {"label": model.num_classes, **(model.gan.aux_labels or {})}.items():
-        slices.append((role, start, start + int(classes)))
-        start += int(classes)
+        slices.append((role, start, start + per_class * int(classes)))
+        start += per_class * int(classes)
     return slices
 
 
@@ -275,7 +312,15 @@ def build_gan_nets(
     discriminator = build_slot(
         model.discriminator,
         lambda: Discriminator(
-            g.d_width, size, channels, encoder(), cond_dim, g.spectral_norm, aux_classes(model), g.aux_head
+            g.d_width,
+            size,
+            channels,
+            encoder(),
+            cond_dim,
+            g.spectral_norm,
+            aux_classes(model),
+            g.aux_head,
+            g.d_pool,
         ),
     )
     return generator, discriminator

@@ -8,6 +8,7 @@ from typing import Any
 
 from xmodal.nn.diffaugment import POLICIES as DIFFAUGMENT_POLICIES
 from xmodal.nn.fusion import FUSIONS
+from xmodal.nn.gan import D_POOLS
 from xmodal.problems import Problems
 from xmodal.tasks.config import (
     ConditionConfig,
@@ -25,6 +26,7 @@ G_UPSAMPLES = ("transpose", "resize")
 
 
 AUX_HEADS = ("shared", "separate")
+AUX_MODES = ("ac", "adc")
 
 
 @dataclass
@@ -44,6 +46,9 @@ class GanConfig:
     convs, DCGAN) | resize (nearest ×2 + 3×3 conv: no checkerboard pattern to unlearn)."""
     d_width: int = 32
     """Channels of D's first conv block (later blocks double it)."""
+    d_pool: str = "sum"
+    """How the built-in D reduces its last 4×4 map for its heads (xmodal/nn/gan.py): sum (over
+    space: what is drawn) | flatten (keeps the layout: what is drawn where)."""
     loss: str = "hinge"
     """ns (non-saturating, softplus) | hinge | wgan-gp."""
     n_critic: int = 1
@@ -81,6 +86,11 @@ class GanConfig:
     """More attributes the AC-GAN head classifies beside ``label``, role → classes (``{colour: 6}``:
     label roles of ``data.roles``, as ``judge_labels``): D learns each on real images and G is
     pushed toward each row's, in one loss per attribute, all weighted by ``aux_weight``."""
+    aux_mode: str = "ac"
+    """What the class head learns: ``ac`` (AC-GAN: the real images' classes; G pushed toward its
+    row's) | ``adc`` (ADC-GAN, Hou et al. 2022: 2K classes, real class k and fake class k, D
+    learning G's samples as the fake ones, G pushed toward the real class of its row), so
+    patterns G finds to please the head are learnt as fake and stop pleasing it."""
     aux_head: str = "shared"
     """Where D's AC-GAN class logits come from: ``shared`` (a linear layer on D's adversarial
     features) or ``separate`` (a small classifier of its own, no spectral norm, at ``aux_lr`` with
@@ -88,10 +98,11 @@ class GanConfig:
     aux_lr: float = 1e-3
     """Learning rate of the ``separate`` class head (D's optimizer, its own parameter group)."""
     aux_warmup_steps: int = 0
-    """Steps of training the ``separate`` class head on the train split's real images before the
-    first GAN iteration (batch 64, 2-px random shifts, Adam at ``aux_lr``), so G's class loss
-    means something from its first step; 0 = off. Only with ``aux_head=separate`` and
-    ``aux_weight`` > 0 (else ignored); not on a resumed run; refused under FSDP2."""
+    """Steps of training D's class head on the train split's real images (the label and each of
+    ``aux_labels``) before the first GAN iteration (batch 64, 2-px random shifts, Adam at
+    ``aux_lr``), so G's class loss means something from its first step; 0 = off. With the shared
+    head, D's features under it learn too (a classifier-initialised D). Only with ``aux_weight``
+    > 0 (else ignored); not on a resumed run; refused under FSDP2."""
     mismatch_weight: float = 0.0
     """Matching-aware D (GAN-INT-CLS): real images paired with another row's condition are scored
     as fake, weighted by this (0 = off). Teaches D, and so G, that the image must match the condition."""
@@ -171,21 +182,18 @@ class GanModelConfig(ConditionConfig, TaskConfig):
         p.check(g.judge_steps >= 0, "model.gan.judge_steps", "must be >= 0")
         judge_label_problems(p, "model.gan.judge_labels", g.judge_labels)
         p.one_of("model.gan.aux_head", AUX_HEADS)
+        p.one_of("model.gan.aux_mode", AUX_MODES)
         p.one_of("model.gan.g_upsample", G_UPSAMPLES)
+        p.one_of("model.gan.d_pool", D_POOLS)
         p.check(g.aux_lr > 0, "model.gan.aux_lr", "must be > 0")
         p.check(g.aux_warmup_steps >= 0, "model.gan.aux_warmup_steps", "must be >= 0")
-        warms = g.aux_warmup_steps > 0 and g.aux_head == "separate" and g.aux_weight > 0
+        warms = g.aux_warmup_steps > 0 and g.aux_weight > 0
         p.check(
             not warms or cfg.trainer.strategy not in ("fsdp2", "fsdp", "model_parallel"),
             "model.gan.aux_warmup_steps",
             "runs outside the training loop, which a sharded D cannot: use trainer=ddp or set it to 0",
         )
         judge_label_problems(p, "model.gan.aux_labels", g.aux_labels)
-        p.check(
-            not (g.aux_labels and warms),
-            "model.gan.aux_labels",
-            "the class head's warm-up (model.gan.aux_warmup_steps) learns the class label only; set it to 0",
-        )
         p.check(
             all(op in DIFFAUGMENT_POLICIES for op in g.diffaugment),
             "model.gan.diffaugment",

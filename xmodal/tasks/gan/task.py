@@ -17,10 +17,10 @@ from __future__ import annotations
 import copy
 import logging
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xmodal.images import SampleSet, caption_grid, image_grid
@@ -159,33 +159,48 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         parallelize_gan(self, mesh)
 
     def on_fit_start(self) -> None:
-        """``model.gan.aux_warmup_steps``: the separate class head learns the real images' classes
-        before G first asks it (a fresh run only; the same steps on every rank, so DDP replicas
-        stay identical)."""
-        head = getattr(self.discriminator, "classifier", None)
+        """``model.gan.aux_warmup_steps``: D's class head (the separate one, or the shared head
+        with the features under it) learns the real images' classes, the label and each of
+        ``model.gan.aux_labels``, before G first asks it (a fresh run only; the same steps on
+        every rank, so DDP replicas stay identical)."""
+        d = self.discriminator
         datamodule = shard_datamodule(self)
-        if self.gan.aux_warmup_steps <= 0 or head is None or self.iteration > 0 or datamodule is None:
+        warms = self.gan.aux_warmup_steps > 0 and self.gan.aux_weight > 0
+        if not warms or not hasattr(d, "class_logits") or self.iteration > 0 or datamodule is None:
             return
         from xmodal.metrics.features import load_split
 
         # debug=fdr is a smoke test of seconds: two steps run the code, not the 30 s of training.
         steps = min(self.gan.aux_warmup_steps, 2) if self.trainer.fast_dev_run else self.gan.aux_warmup_steps
 
-        images, labels = load_split(
-            datamodule.data, "train", datamodule.decode, allow_pipe=datamodule.allow_pipe, role=self.target
-        )
+        def split(label_role: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return load_split(
+                datamodule.data,
+                "train",
+                datamodule.decode,
+                allow_pipe=datamodule.allow_pipe,
+                role=self.target,
+                label_role=label_role,
+            )
+
+        images, labels = split("label")
+        # The same decodable samples in the same order for every role: one image set, a label per role.
+        targets = {"label": labels, **{role: split(role)[1] for role in self.gan.aux_labels}}
         loss = warm_start_class_head(
-            head,
+            d.class_logits,
+            d.class_parameters(),
             images.to(self.device),
-            labels.to(self.device),
+            {role: t.to(self.device) for role, t in targets.items()},
+            self.class_losses,
             steps,
             self.gan.aux_lr,
             self.run_seed,
         )
         log.info(
-            "class head warmed on %d real images for %d steps: loss %.3f",
+            "class head warmed on %d real images for %d steps (%s): loss %.3f",
             len(images),
             steps,
+            ", ".join(targets),
             loss,
         )
 
@@ -242,17 +257,28 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         salt = 20_000 + 4 * d_step  # augmentations of this D step: real, fake, mismatched
         # [B] logits fp32; [B, K] class logits with the AC-GAN head, else None
         d_real, real_classes = self.score(self.augment(real_in, salt), batch)
-        d_fake = self.discriminator(self.augment(fake, salt + 1), batch).float()  # [B]
+        if real_classes is not None and gan.aux_mode == "adc":
+            d_fake, fake_classes = self.score(self.augment(fake, salt + 1), batch)
+        else:
+            d_fake, fake_classes = (
+                self.discriminator(self.augment(fake, salt + 1), batch).float(),
+                None,
+            )  # [B]
         loss = weighted_mean(d_loss_terms(gan.loss, d_real, d_fake), weights)
         stats = {
             "d_real": weighted_mean(d_real.detach(), weights),
             "d_fake": weighted_mean(d_fake.detach(), weights),
         }
         if real_classes is not None:
-            # AC-GAN, real rows only: D classifying fakes would teach it G's mistakes as classes.
+            # AC-GAN, real rows only: D classifying fakes as their row's class would teach it G's
+            # mistakes as classes. ADC-GAN classifies them too, as a class of their own (fake k).
             aux = self.class_losses(real_classes, batch, weights)
-            loss = loss + gan.aux_weight * aux
             stats["d_aux"] = aux.detach()
+            if fake_classes is not None:
+                stats["d_aux_fake"] = self.class_losses(fake_classes, batch, weights, fake=True)
+                aux = aux + stats["d_aux_fake"]
+                stats["d_aux_fake"] = stats["d_aux_fake"].detach()
+            loss = loss + gan.aux_weight * aux
         if gan.mismatch_weight > 0:
             mismatched = rolled_conditions(batch, self.target)
             d_mismatch = self.discriminator(self.augment(real, salt + 2), mismatched).float()  # [B]
@@ -276,12 +302,14 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         return loss, stats
 
     def class_losses(
-        self, logits: torch.Tensor, batch: dict[str, Any], weights: torch.Tensor
+        self, logits: torch.Tensor, batch: dict[str, Any], weights: torch.Tensor, fake: bool = False
     ) -> torch.Tensor:
         """The AC-GAN head's cross-entropy: of the class label, plus one per attribute of
-        ``model.gan.aux_labels`` on its own slice of the logits ``[B, K + ...]``."""
+        ``model.gan.aux_labels`` on its own slice of the logits ``[B, K + ...]``. ``fake``: D's
+        targets for G's samples under ``aux_mode=adc`` (class k of a row → fake logit K + k)."""
         total = logits.new_zeros(())
-        if len(self.aux_slices) == 1:  # the label alone: every logit a D gives (as many as it has)
+        adc = self.gan.aux_mode == "adc"
+        if len(self.aux_slices) == 1 and not adc:  # the label alone: every logit a D gives
             return class_loss(logits, self.labels(batch), weights)
         if self.aux_slices[-1][2] > logits.shape[1]:  # a D of the user's with fewer class logits
             raise ValueError(
@@ -295,6 +323,8 @@ class AdversarialTask(GuardedSteps, XmodalTask):
                 targets = batch.get(role)
                 if targets is None:  # data without the attribute: nothing to learn from
                     targets = torch.full((len(logits),), -1, dtype=torch.long, device=logits.device)
+            if fake:
+                targets = torch.where(targets >= 0, targets + (end - start) // 2, targets)
             total = total + class_loss(logits[:, start:end], targets, weights)
         return total
 
@@ -441,24 +471,32 @@ class AdversarialTask(GuardedSteps, XmodalTask):
 
 
 def warm_start_class_head(
-    head: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int, lr: float, seed: int
+    classify: Callable[[torch.Tensor], torch.Tensor],
+    params: list[nn.Parameter],
+    images: torch.Tensor,
+    targets: dict[str, torch.Tensor],
+    losses: Callable[[torch.Tensor, dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+    steps: int,
+    lr: float,
+    seed: int,
 ) -> float:
-    """Train ``head`` on labelled uint8 ``images [N, C, H, W]`` for ``steps`` batches of 64 (its own
-    Adam and RNG, 2-px random shifts); the last batch's loss."""
+    """Train ``params`` so that ``classify`` (images → class logits) fits labelled uint8
+    ``images [N, C, H, W]``: ``steps`` batches of 64 (its own Adam and RNG, 2-px random shifts),
+    the loss ``losses(logits, {role: labels [64]}, weights [64])`` over ``targets`` (role →
+    labels ``[N]``, -1 = unknown). The last batch's loss; NaN when no image has a label."""
     from xmodal.metrics.judge import random_shift
 
-    keep = (labels >= 0) & (labels < head.out.out_features)
-    x_all, y_all = images[keep], labels[keep]
-    if len(x_all) == 0:
+    if not any(bool((t >= 0).any()) for t in targets.values()):
         return float("nan")
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(head.parameters(), lr=lr, betas=(0.9, 0.999))
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
     loss = torch.zeros(())
+    ones = torch.ones(64, device=images.device)
     with torch.enable_grad():
         for _ in range(steps):
-            idx = torch.randint(len(x_all), (64,), generator=gen).to(x_all.device)
-            x = random_shift(x_all[idx].float() / 127.5 - 1.0, 2, gen)  # [64, C, H, W] in [-1, 1]
-            loss = F.cross_entropy(head(x), y_all[idx])
+            idx = torch.randint(len(images), (64,), generator=gen).to(images.device)
+            x = random_shift(images[idx].float() / 127.5 - 1.0, 2, gen)  # [64, C, H, W] in [-1, 1]
+            loss = losses(classify(x), {role: t[idx] for role, t in targets.items()}, ones)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
