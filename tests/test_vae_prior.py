@@ -71,6 +71,15 @@ def test_the_conditional_prior_learns_where_each_labels_posteriors_lie(tmp_path:
             ["experiment=shapes_text2image_vae", "model.vae.prior=learnt"],
             "model.vae.prior: must be one of ('standard', 'conditional') (got 'learnt')",
         ),
+        (
+            ["experiment=shapes_vae", "model.vae.prior_recon_weight=1"],
+            "model.vae.prior_recon_weight: decodes prior draws under their condition: set model.condition "
+            "(got 1.0)",
+        ),
+        (
+            ["experiment=shapes_text2image_vae", "model.vae.prior_recon_weight=-0.5"],
+            "model.vae.prior_recon_weight: must be >= 0 (0 = off) (got -0.5)",
+        ),
     ],
 )
 def test_the_prior_setting_is_checked_in_one_line(overrides, message):

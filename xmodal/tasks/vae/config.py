@@ -54,6 +54,12 @@ class VaeConfig:
     pooled condition, Sohn et al. 2015's prior network, starting at N(0, I)): the KL pulls each
     posterior toward its own condition's prior, so a draw for a caption lands where that
     caption's images are encoded rather than anywhere in N(0, I)."""
+    prior_recon_weight: float = 0.0
+    """A conditional VAE: also decode each target from a *prior* draw under its condition and add
+    this weight × its negative log-likelihood to the loss (the hybrid objective of Sohn et al.
+    2015, their GSNN term; 0 = off, the plain ELBO). The ELBO alone lets the posterior carry what
+    the condition says in z, so a prior draw decodes to the average colour; this term is met only
+    through the condition. One more decoder pass per step; logged as ``train/prior_recon``."""
     judge_steps: int = 0
     """A conditional image VAE: train the independent judge (xmodal/metrics/judge.py, the GAN's
     ``judge_acc``) for this many steps on the train split's labels, cached, and log
@@ -130,6 +136,12 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
             v.prior != "conditional" or bool(self.conditions()),
             "model.vae.prior",
             "a conditional prior needs a condition (model.condition is none)",
+        )
+        p.check(v.prior_recon_weight >= 0, "model.vae.prior_recon_weight", "must be >= 0 (0 = off)")
+        p.check(
+            v.prior_recon_weight == 0 or bool(self.conditions()),
+            "model.vae.prior_recon_weight",
+            "decodes prior draws under their condition: set model.condition",
         )
         p.check(v.judge_steps >= 0, "model.vae.judge_steps", "must be >= 0 (0 = off)")
         judge_label_problems(p, "model.vae.judge_labels", v.judge_labels)

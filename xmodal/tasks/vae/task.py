@@ -358,27 +358,44 @@ class VaeTask(XmodalTask):
         return location.float().clamp(-1, 1)
 
     # ----------------------------------------------------------------- training
-    def train_noise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Binarisation uniforms ``[B, C, H, W]`` and ε ``[B, Z]`` keyed by (seed, step, rank)."""
+    def train_noise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Binarisation uniforms ``[B, C, H, W]``, ε ``[B, Z]`` and, under
+        ``model.vae.prior_recon_weight``, a second ε ``[B, Z]`` for the prior draws (else None),
+        keyed by (seed, step, rank). The second is drawn last, so the first two do not change."""
         seed = (int(self.noise_seed) * 1_000_003 + self.global_step * 1009 + self.global_rank) % 2**63
         g = torch.Generator(device=x.device).manual_seed(seed)
         uniform = torch.rand(x.shape, generator=g, device=x.device)
         eps = torch.randn((x.shape[0], self.vae.z_dim), generator=g, device=x.device)
-        return uniform, eps
+        prior_eps = None
+        if self.vae.prior_recon_weight > 0:
+            prior_eps = torch.randn((x.shape[0], self.vae.z_dim), generator=g, device=x.device)
+        return uniform, eps, prior_eps
 
     def elbo_terms(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """One-sample ELBO pieces per sample: recon log-likelihood ``[B]``, KL per dim ``[B, Z]``."""
+        """One-sample ELBO pieces per sample: recon log-likelihood ``[B]``, KL per dim ``[B, Z]``;
+        under ``model.vae.prior_recon_weight`` also ``prior_recon`` ``[B]``: the log-likelihood of
+        each target decoded from a *prior* draw under its condition (Sohn et al. 2015's GSNN term)."""
         images, mask = self.target_data(batch)  # [B, C, H, W], [B, 1, 1, T] | None
-        uniform, eps = self.train_noise(images)
+        uniform, eps, prior_eps = self.train_noise(images)
         targets, x = self.prepare(images, uniform)
         cond = self.conditioning(batch)
         mu, logvar = self.encode(x, cond)
         z = mu + torch.exp(0.5 * logvar) * eps  # [B, Z]
         location, log_scale = self.decoder(z, cond)
+        terms = {}
+        if prior_eps is not None:
+            # The posterior can carry what the condition says (colour, kind) in z, and a prior
+            # draw then decodes to the average of it: this term is only met from the condition.
+            terms["prior_location"] = self.decoder(self.prior_draw(prior_eps, cond), cond)
         with torch.autocast(device_type=images.device.type, enabled=False):
             recon = log_likelihood(self.likelihood, location.float(), _f32(log_scale), targets.float(), mask)
             kl_dims = gaussian_kl_per_dim(mu, logvar, self.prior_params(cond))  # [B, Z]
-        return {"recon": recon, "kl_dims": kl_dims}
+            if "prior_location" in terms:
+                p_loc, p_scale = terms.pop("prior_location")
+                terms["prior_recon"] = log_likelihood(
+                    self.likelihood, p_loc.float(), _f32(p_scale), targets.float(), mask
+                )  # [B]
+        return {"recon": recon, "kl_dims": kl_dims, **terms}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         terms = self.elbo_terms(batch)
@@ -399,12 +416,16 @@ class VaeTask(XmodalTask):
         )
         loss = -recon + weight * kl_term
         scalars = {
-            "train/loss": loss,
             "train/neg_elbo": kl - recon,
             "train/recon": -recon,
             "train/kl": kl,
             "train/kl_weight": weight,
         }
+        if "prior_recon" in terms:
+            prior_recon = (terms["prior_recon"] * valid).sum() / n
+            loss = loss - self.vae.prior_recon_weight * prior_recon
+            scalars["train/prior_recon"] = -prior_recon
+        scalars = {"train/loss": loss, **scalars}
         self.log_train_scalars(scalars, int(n), prog_bar=("train/loss",))
         return self.finite_or_skip(loss)
 
