@@ -354,6 +354,7 @@ def test_ddp_two_cpu_ranks_end_with_bit_identical_g_and_d(data_dir, tmp_path):
     assert ranks[0]["end"] == ranks[1]["end"] != ranks[0]["start"]  # G, D and EMA, bit for bit
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert math.isfinite(summary["val"]["val/fid"]) and math.isfinite(summary["test"]["test/fid"])
+    assert math.isfinite(summary["val"]["val/sample_pixel_spread"])  # per-pixel sums reduced over ranks
     # What the FIDs were measured with, over both ranks: the whole 48-row splits, once each.
     val_features = summary["provenance"]["val"]["features"]
     assert (val_features["reference_samples"], val_features["generated_samples"]) == (48, 48)

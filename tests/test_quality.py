@@ -323,8 +323,29 @@ def test_sample_spread_warns_on_identical_samples_only():
     collapsed = metrics.compute()
     assert healthy["sample_spread"] == pytest.approx(1.0)
     assert collapsed["sample_spread"] < 0.01
+    assert healthy["sample_pixel_spread"] == pytest.approx(1.0) and collapsed["sample_pixel_spread"] < 0.01
     assert collapse_warnings(healthy) == []
     assert [w.split(":")[0] for w in collapse_warnings(collapsed)] == ["GAN mode collapse"]
+
+
+def test_pixel_spread_is_the_summed_pixel_variance_and_overrules_a_feature_net_that_sees_one_point():
+    from xmodal.metrics.fid import PixelSpread
+
+    images = torch.randn(10, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    spread = PixelSpread()
+    spread.update(images[:3])  # in pieces, as batches (and ranks) arrive
+    spread.update(images[3:])
+    assert float(spread.compute()) == pytest.approx(float(images.flatten(1).double().var(0).sum()))
+    # Measured on 64 px shapes: samples at different places and colours spread 0.043x in a weak
+    # feature net's space and 0.53x in pixels; the grid was varied, so no warning.
+    assert collapse_warnings({"sample_spread": 0.043, "sample_pixel_spread": 0.53}) == []
+    (warning,) = collapse_warnings({"sample_spread": 0.043, "sample_pixel_spread": 0.02})
+    assert warning.startswith(
+        "GAN mode collapse: generated images spread 0.043x as much as real ones in feature space "
+        "and 0.02x in pixels (all samples nearly identical)"
+    )
+    (points,) = collapse_warnings({"sample_spread": 0.043})  # no pixels (2-D points): features alone
+    assert "feature space (all samples" in points
 
 
 def test_noise_that_fools_the_classifiers_is_called_noise_and_drawn_images_are_not():

@@ -35,7 +35,7 @@ SMALL = [
     "trainer.enable_progress_bar=false",
 ]
 ITERATIONS = 24
-VAL_KEYS = {"l1", "psnr", "ssim", "fid", "kid", "sample_spread", "sample_roughness"}
+VAL_KEYS = {"l1", "psnr", "ssim", "fid", "kid", "sample_spread", "sample_pixel_spread", "sample_roughness"}
 TRAIN_KEYS = {
     "train/d_loss",
     "train/d_real",

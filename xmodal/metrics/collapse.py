@@ -24,6 +24,10 @@ MIN_FEATURE_SPREAD = 0.1
 """Collapse when generated images spread less than this share of the real images' spread
 (trace of the feature covariance, in the FID feature space)."""
 
+MIN_PIXEL_SPREAD = 0.1
+"""... and, where measured (images), less than this share in pixels too: varied samples that a weak
+feature net maps to one point are not collapse (BENCHMARKS.md "Collapse warnings")."""
+
 MAX_ROUGHNESS = 2.5
 """Noise when generated images' mean |Laplacian| is more than this many times the real images'.
 Measured on shapes (32 px): 4.0 for a generator that learnt to draw adversarial high-frequency
@@ -57,9 +61,13 @@ def sample_collapse(values: Mapping[str, float]) -> str | None:
     spread = values.get("sample_spread")
     if spread is None or math.isnan(spread) or spread >= MIN_FEATURE_SPREAD:
         return None
+    pixels = values.get("sample_pixel_spread")
+    if pixels is not None and not math.isnan(pixels) and pixels >= MIN_PIXEL_SPREAD:
+        return None
+    in_pixels = "" if pixels is None or math.isnan(pixels) else f" and {pixels:.2g}x in pixels"
     return (
         f"GAN mode collapse: generated images spread {spread:.2g}x as much as real ones in feature "
-        "space (all samples nearly identical). Try: lower model.gan.g_lr, model.gan.r1_weight (e.g. 1), "
+        f"space{in_pixels} (all samples nearly identical). Try: lower model.gan.g_lr, model.gan.r1_weight (e.g. 1), "
         "model.gan.n_critic 2, or resume from an earlier checkpoint"
     )
 
