@@ -133,6 +133,8 @@ def test_adc_head_learns_fakes_as_classes_of_their_own_and_g_still_renders_the_a
     assert float(task.class_losses(logits, batch, weights)) == pytest.approx(
         100.0, rel=1e-4
     )  # as real: wrong
+    past = {"label": torch.tensor([2, 3, 2]), "image": torch.zeros(3, 2)}  # beyond num_classes: unknown
+    assert float(task.class_losses(logits, past, weights)) == 0.0  # not read as fake classes 0, 1
     fit(task, 250)
     assert asked_class_accuracy(task) > 0.95  # measured 1.00
     with torch.no_grad():  # D reads G's points as fake, the real ones as real

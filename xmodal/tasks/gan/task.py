@@ -323,8 +323,12 @@ class AdversarialTask(GuardedSteps, XmodalTask):
                 targets = batch.get(role)
                 if targets is None:  # data without the attribute: nothing to learn from
                     targets = torch.full((len(logits),), -1, dtype=torch.long, device=logits.device)
-            if fake:
-                targets = torch.where(targets >= 0, targets + (end - start) // 2, targets)
+            if adc:
+                classes = (end - start) // 2
+                # A label past the attribute's classes is unknown, not one of the fake logits.
+                targets = torch.where((targets >= 0) & (targets < classes), targets, -1)
+                if fake:
+                    targets = torch.where(targets >= 0, targets + classes, targets)
             total = total + class_loss(logits[:, start:end], targets, weights)
         return total
 
