@@ -560,7 +560,7 @@ def test_the_colour_role_reads_each_shapes_samples_first_colour_from_its_json(ti
     from xmodal.data.shapes import COLOURS
     from xmodal.data.shards import iter_shard
     from xmodal.factory import decode_spec, prepare_data
-    from xmodal.metrics.features import load_split
+    from xmodal.metrics.features import load_split, load_split_labels
 
     cfg = compose_config([*tiny, "experiment=shapes_text2image_gan", "data.image_size=16"])
     data_path = prepare_data(cfg)
@@ -572,6 +572,10 @@ def test_the_colour_role_reads_each_shapes_samples_first_colour_from_its_json(ti
     metas = [json.loads(raw["json"]) for shard in shards for raw in iter_shard(str(shard))]
     assert colours.tolist() == [list(COLOURS).index(m["shapes"][0]["colour"]) for m in metas]
     assert kinds.tolist() == [m["label"] for m in metas] and len(set(colours.tolist())) > 2
+    # The class head's warm-up reads both in one pass: the same images, a label per role.
+    images, both = load_split_labels(data_path, "val", spec, ("label", "colour"))
+    assert torch.equal(images, load_split(data_path, "val", spec)[0])
+    assert torch.equal(both["label"], kinds) and torch.equal(both["colour"], colours)
 
 
 @pytest.mark.parametrize(

@@ -175,11 +175,26 @@ def load_split(
     or another role of the label modality in ``spec.roles``, e.g. ``colour``). One source: its first
     samples in shard order; several (``data.sources``): each source's first samples, the limit
     shared evenly over the sources (``even_shares``)."""
+    images, labels = load_split_labels(data, split, spec, (label_role,), limit, allow_pipe, role)
+    return images, labels[label_role]
+
+
+def load_split_labels(
+    data: RunData,
+    split: str,
+    spec: DecodeSpec,
+    label_roles: tuple[str, ...],
+    limit: int = MAX_TRAIN_SAMPLES,
+    allow_pipe: bool = False,
+    role: str = DEFAULT_ROLE,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``load_split`` with a label per role of ``label_roles`` for the same images, in one pass
+    over the shards: uint8 images ``[N, C, H, W]`` and role → labels ``[N]``."""
     spec = DecodeSpec(
         image_size=spec.image_size,
         image_channels=spec.image_channels,
         required=(role,),
-        optional=() if label_role == DEFAULT_LABEL_ROLE else (label_role,),
+        optional=tuple(r for r in label_roles if r != DEFAULT_LABEL_ROLE),
         max_pixels=spec.max_pixels,
         image_fit=spec.image_fit,
         roles=spec.roles,
@@ -190,7 +205,8 @@ def load_split(
     starts = [sum(groups[:g]) for g in range(len(groups))]
     members = [shards[start : start + n] for start, n in zip(starts, groups, strict=True)]
     shares = even_shares(limit, [sum(sh.num_samples for sh in group) for group in members])
-    images, labels = [], []
+    images: list[torch.Tensor] = []
+    labels: dict[str, list[int]] = {r: [] for r in label_roles}
     for group, share in zip(members, shares, strict=True):
         taken = 0
         for shard in group:
@@ -202,13 +218,14 @@ def load_split(
                 except ValueError:
                     continue
                 images.append(sample[role])
-                labels.append(sample[label_role])
+                for r in label_roles:
+                    labels[r].append(sample[r])
                 taken += 1
                 if taken >= share:
                     break
     if not images:
         raise ValueError(f"split {split!r} of {splits.spec} has no decodable image for the FID classifier")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+    return torch.stack(images), {r: torch.tensor(v, dtype=torch.long) for r, v in labels.items()}
 
 
 def label_counts(labels: torch.Tensor) -> dict[str, int]:

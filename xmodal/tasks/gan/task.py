@@ -168,24 +168,19 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         warms = self.gan.aux_warmup_steps > 0 and self.gan.aux_weight > 0
         if not warms or not hasattr(d, "class_logits") or self.iteration > 0 or datamodule is None:
             return
-        from xmodal.metrics.features import load_split
+        from xmodal.metrics.features import load_split_labels
 
         # debug=fdr is a smoke test of seconds: two steps run the code, not the 30 s of training.
         steps = min(self.gan.aux_warmup_steps, 2) if self.trainer.fast_dev_run else self.gan.aux_warmup_steps
 
-        def split(label_role: str) -> tuple[torch.Tensor, torch.Tensor]:
-            return load_split(
-                datamodule.data,
-                "train",
-                datamodule.decode,
-                allow_pipe=datamodule.allow_pipe,
-                role=self.target,
-                label_role=label_role,
-            )
-
-        images, labels = split("label")
-        # The same decodable samples in the same order for every role: one image set, a label per role.
-        targets = {"label": labels, **{role: split(role)[1] for role in self.gan.aux_labels}}
+        images, targets = load_split_labels(
+            datamodule.data,
+            "train",
+            datamodule.decode,
+            ("label", *self.gan.aux_labels),
+            allow_pipe=datamodule.allow_pipe,
+            role=self.target,
+        )
         loss = warm_start_class_head(
             d.class_logits,
             d.class_parameters(),
@@ -257,13 +252,11 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         salt = 20_000 + 4 * d_step  # augmentations of this D step: real, fake, mismatched
         # [B] logits fp32; [B, K] class logits with the AC-GAN head, else None
         d_real, real_classes = self.score(self.augment(real_in, salt), batch)
+        fake_in = self.augment(fake, salt + 1)
         if real_classes is not None and gan.aux_mode == "adc":
-            d_fake, fake_classes = self.score(self.augment(fake, salt + 1), batch)
+            d_fake, fake_classes = self.score(fake_in, batch)  # [B], [B, 2K]
         else:
-            d_fake, fake_classes = (
-                self.discriminator(self.augment(fake, salt + 1), batch).float(),
-                None,
-            )  # [B]
+            d_fake, fake_classes = self.discriminator(fake_in, batch).float(), None  # [B]
         loss = weighted_mean(d_loss_terms(gan.loss, d_real, d_fake), weights)
         stats = {
             "d_real": weighted_mean(d_real.detach(), weights),
@@ -275,9 +268,9 @@ class AdversarialTask(GuardedSteps, XmodalTask):
             aux = self.class_losses(real_classes, batch, weights)
             stats["d_aux"] = aux.detach()
             if fake_classes is not None:
-                stats["d_aux_fake"] = self.class_losses(fake_classes, batch, weights, fake=True)
-                aux = aux + stats["d_aux_fake"]
-                stats["d_aux_fake"] = stats["d_aux_fake"].detach()
+                aux_fake = self.class_losses(fake_classes, batch, weights, fake=True)
+                stats["d_aux_fake"] = aux_fake.detach()
+                aux = aux + aux_fake
             loss = loss + gan.aux_weight * aux
         if gan.mismatch_weight > 0:
             mismatched = rolled_conditions(batch, self.target)

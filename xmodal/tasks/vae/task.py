@@ -382,20 +382,24 @@ class VaeTask(XmodalTask):
         mu, logvar = self.encode(x, cond)
         z = mu + torch.exp(0.5 * logvar) * eps  # [B, Z]
         location, log_scale = self.decoder(z, cond)
-        terms = {}
-        if prior_eps is not None:
-            # The posterior can carry what the condition says (colour, kind) in z, and a prior
-            # draw then decodes to the average of it: this term is only met from the condition.
-            terms["prior_location"] = self.decoder(self.prior_draw(prior_eps, cond), cond)
+        # The posterior can carry what the condition says (colour, kind) in z, and a prior draw
+        # then decodes to the average of it: the prior draw's term is only met from the condition.
+        prior_decoded = (
+            self.decoder(self.prior_draw(prior_eps, cond), cond) if prior_eps is not None else None
+        )
         with torch.autocast(device_type=images.device.type, enabled=False):
-            recon = log_likelihood(self.likelihood, location.float(), _f32(log_scale), targets.float(), mask)
-            kl_dims = gaussian_kl_per_dim(mu, logvar, self.prior_params(cond))  # [B, Z]
-            if "prior_location" in terms:
-                p_loc, p_scale = terms.pop("prior_location")
+            terms = {
+                "recon": log_likelihood(
+                    self.likelihood, location.float(), _f32(log_scale), targets.float(), mask
+                ),
+                "kl_dims": gaussian_kl_per_dim(mu, logvar, self.prior_params(cond)),  # [B, Z]
+            }
+            if prior_decoded is not None:
+                p_location, p_log_scale = prior_decoded
                 terms["prior_recon"] = log_likelihood(
-                    self.likelihood, p_loc.float(), _f32(p_scale), targets.float(), mask
+                    self.likelihood, p_location.float(), _f32(p_log_scale), targets.float(), mask
                 )  # [B]
-        return {"recon": recon, "kl_dims": kl_dims, **terms}
+        return terms
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         terms = self.elbo_terms(batch)
