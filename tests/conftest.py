@@ -239,15 +239,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FILES)))  # stable: order kept within
 
 
-def fit_gan(task: object, loader: object, iterations: int, plugins: list | None = None) -> L.Trainer:
+def fit_gan(
+    task: object,
+    loader: object,
+    iterations: int,
+    plugins: list | None = None,
+    optimizer_steps: int | None = None,
+) -> L.Trainer:
     """Fit a GAN task in-process for ``iterations`` (Lightning counts n_critic + 1 steps each) on
-    ``loader``: CPU, one device, no logger, checkpoints, progress bar or validation."""
+    ``loader``: CPU, one device, no logger, checkpoints, progress bar or validation.
+    ``optimizer_steps``: Lightning's count instead, where iterations differ (a G-only warm-up)."""
     import lightning as L
 
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
-        max_steps=iterations * (task.gan.n_critic + 1),
+        max_steps=optimizer_steps if optimizer_steps is not None else iterations * (task.gan.n_critic + 1),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -61,6 +61,7 @@ def test_every_group_option_composes_on_cpu(group, option):
         ),
         (["data.shapes.image_size=60"], "data.shapes.image_size: must be >= 16, a multiple of 8"),
         (["model.d_model=130"], "model.d_model: must divide by model.heads=4"),
+        (["model=gan", "model.condition=text", "model.text_layers=0"], "model.text_layers: must be >= 1"),
         (["logger.kind=tensorboard"], "logger.kind: must be one of"),
         (
             ["data.name=coco"],

@@ -248,3 +248,14 @@ def test_the_conditional_vae_takes_text_and_audio_together():
     assert terms["recon"].shape == (4,) and bool(torch.isfinite(terms["recon"]).all())
     loud, quiet = task.conditioning(batch), task.conditioning({**batch, "audio": -batch["audio"]})
     assert loud.shape == (4, 64) and not torch.allclose(loud, quiet)  # [B, cond_dim], audio counts
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_text_layers_stack_that_many_encoder_layers_and_one_keeps_the_old_parameter_names(layers):
+    from xmodal.nn.condition import build_condition_encoder
+
+    cfg = compose_config(["experiment=shapes_text2image_gan", f"model.text_layers={layers}"])
+    encoder = build_condition_encoder(GanModelConfig.from_node(cfg.model), 40, 0, 16)
+    assert len(encoder.encoder.layers) == layers
+    stacked = {name.split(".")[2] for name in encoder.state_dict() if name.startswith("encoder.layers.")}
+    assert stacked == {str(i) for i in range(layers)}

@@ -111,6 +111,110 @@ def test_aux_classifier_head_makes_g_render_the_asked_class(one_thread):
     assert asked_class_accuracy(task) > 0.95  # measured 1.00
 
 
+class PlainD(nn.Module):
+    """An unconditional D without a class head: it cannot tell G which class a label means."""
+
+    def __init__(self, hidden: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor, batch: dict) -> torch.Tensor:
+        return self.net(x).squeeze(1)  # [B]
+
+
+def recorded_train_scalars(task: AdversarialTask) -> set[str]:
+    """The names the task's training steps log from now on, gathered as they pass to Lightning."""
+    names: set[str] = set()
+    log_scalars = task.log_train_scalars
+
+    def record(scalars: dict, *args: object, **kwargs: object) -> None:
+        names.update(scalars)
+        log_scalars(scalars, *args, **kwargs)
+
+    task.log_train_scalars = record  # type: ignore[method-assign]
+    return names
+
+
+@pytest.mark.parametrize("recon_loss", ["l1", "l2"])
+def test_paired_reconstruction_makes_g_render_the_rows_own_class(one_thread, recon_loss):
+    # D sees no label and has no class head, so the adversarial loss alone cannot name the modes;
+    # only the recon term ties a row's label to that row's real point.
+    data = {"image_size": 32, "image_channels": 1, "audio_mels": 8, "audio_frames": 8, "max_text_len": 8}
+    accuracy_by_weight = {}
+    for weight in (0.0, 1.0):
+        model = {**tiny_gan_model(recon_weight=weight, recon_loss=recon_loss), "num_classes": 2}
+        L.seed_everything(0, verbose=False)
+        task = AdversarialTask(model, list(SPECIALS), data, nets=(LabelG(), PlainD()))
+        logged = recorded_train_scalars(task)
+        fit(task, 150)
+        accuracy_by_weight[weight] = asked_class_accuracy(task)
+        assert ("train/g_recon" in logged) == (weight > 0)
+    assert accuracy_by_weight[1.0] > 0.95  # measured 1.00 (l1 and l2)
+    assert accuracy_by_weight[0.0] < 0.75  # measured 0.50: the label is ignored
+
+
+@pytest.mark.parametrize("gan_iterations", [0, 10])
+def test_recon_warmup_trains_g_alone_then_hands_over_to_the_gan_at_g_lr(one_thread, gan_iterations):
+    data = {"image_size": 32, "image_channels": 1, "audio_mels": 8, "audio_frames": 8, "max_text_len": 8}
+    model = {**tiny_gan_model(recon_warmup_steps=100, recon_warmup_lr=1e-2), "num_classes": 2}
+    L.seed_everything(0, verbose=False)
+    task = AdversarialTask(model, list(SPECIALS), data, nets=(LabelG(), PlainD()))
+    d_before = {k: v.clone() for k, v in task.discriminator.state_dict().items()}
+    steps = 100 + gan_iterations * (task.gan.n_critic + 1)
+    logged = recorded_train_scalars(task)
+    loader = DataLoader(
+        LabelledPoints(), batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    trainer = fit_gan(task, loader, 0, optimizer_steps=steps)
+    if gan_iterations == 0:
+        assert logged == {"train/g_loss", "train/g_recon", "train/g_grad_norm", "train/skipped_steps"}
+    else:
+        assert {"train/d_loss", "train/g_recon"} <= logged  # recon_weight 0: the warm-up's own
+    assert task.iteration == 100 + gan_iterations and trainer.global_step == steps
+    d_moved = any(not torch.equal(v, d_before[k]) for k, v in task.discriminator.state_dict().items())
+    assert d_moved == (gan_iterations > 0)  # D idles through the warm-up
+    g_lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert g_lr == (1e-2 if gan_iterations == 0 else task.gan.g_lr)
+    assert asked_class_accuracy(task) > 0.95  # regression alone names the classes (measured 1.00)
+
+
+def test_factory_counts_a_warmup_iteration_as_one_optimizer_step():
+    from xmodal.factory import lightning_max_steps
+
+    base = ["experiment=shapes_text2image_gan", "trainer.max_steps=600"]
+    assert lightning_max_steps(compose_config([*base, "model.gan.recon_warmup_steps=100"])) == 100 + 500 * 2
+    assert lightning_max_steps(compose_config([*base, "model.gan.recon_warmup_steps=0"])) == 1200
+
+
+def test_recon_weight_needs_a_condition_and_a_known_distance_in_one_line():
+    base = ["experiment=mnist_gan"]
+    with pytest.raises(ConfigError, match=r"model.gan.recon_weight: pulls each row's image toward its pair"):
+        validate(
+            compose_config(
+                [*base, "model.condition=none", "model.gan.aux_weight=0", "model.gan.recon_weight=1"]
+            )
+        )
+    with pytest.raises(ConfigError, match=r"model.gan.recon_loss"):
+        validate(compose_config([*base, "model.gan.recon_weight=1", "model.gan.recon_loss=huber"]))
+    with pytest.raises(ConfigError, match=r"model.gan.recon_weight: must be >= 0"):
+        validate(compose_config([*base, "model.gan.recon_weight=-1"]))
+    with pytest.raises(
+        ConfigError, match=r"model.gan.recon_warmup_steps: regresses each row's image on its condition"
+    ):
+        validate(
+            compose_config(
+                [*base, "model.condition=none", "model.gan.aux_weight=0", "model.gan.recon_warmup_steps=5"]
+            )
+        )
+    with pytest.raises(ConfigError, match=r"model.gan.recon_warmup_lr: must be > 0"):
+        validate(compose_config([*base, "model.gan.recon_warmup_steps=5", "model.gan.recon_warmup_lr=0"]))
+    validate(
+        compose_config(
+            [*base, "model.gan.recon_weight=1", "model.gan.recon_loss=l2", "model.gan.recon_warmup_steps=5"]
+        )
+    )
+
+
 def test_aux_weight_needs_a_discriminator_with_a_class_head():
     model = OmegaConf.to_container(compose_config(["model=gan"]).model, resolve=True)
     model["gan"]["aux_weight"] = 1.0

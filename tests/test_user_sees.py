@@ -70,6 +70,13 @@ def test_steps_count_in_the_users_units_when_lightning_counts_more():
     assert counter.done(trainer) == 25 and counter.label(trainer) == "25/100"
     assert counter.eta(trainer) == "?"  # no rate before this process has trained a step
     assert [format_duration(s) for s in (4.4, 92, 3 * 3600 + 60)] == ["4s", "1m32s", "3h01m"]
+    # A task that counts its own iterations is believed: a GAN's G-only warm-up iterations take
+    # one optimizer step each, so no fixed ratio converts Lightning's count.
+    warming = SimpleNamespace(
+        max_steps=1800, global_step=300, lightning_module=SimpleNamespace(sample_step=300)
+    )
+    assert counter.label(warming) == "100/100"  # capped at the run's steps
+    assert StepCounter(max_steps=1400).label(warming) == "300/1400"
 
 
 def test_a_fast_dev_run_counts_toward_its_batches_not_max_steps():

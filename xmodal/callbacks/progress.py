@@ -10,7 +10,9 @@ about ``max_steps``. So:
   and ``train.log``).
 
 Steps are counted in the units of the user's ``trainer.max_steps`` (a GAN counts iterations while
-Lightning counts optimizer steps): ``done = global_step × max_steps / trainer.max_steps``.
+Lightning counts optimizer steps): the task's ``sample_step`` where it has one (a GAN's iterations:
+its G-only warm-up iterations take one optimizer step, the rest n_critic + 1), else
+``done = global_step × max_steps / trainer.max_steps``.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class StepCounter:
         self._start: tuple[float, float] | None = None
 
     def done(self, trainer: L.Trainer) -> float:
+        own_count = getattr(getattr(trainer, "lightning_module", None), "sample_step", None)
+        if own_count is not None:
+            return min(float(own_count), float(self.max_steps)) if self.max_steps > 0 else float(own_count)
         lightning_max = trainer.max_steps
         if lightning_max and lightning_max > 0 and self.max_steps > 0:
             # Capped: under fast_dev_run a GAN iteration is 2 optimizer steps of Lightning's 1.

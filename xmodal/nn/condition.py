@@ -79,7 +79,16 @@ class TextCondition(nn.Module):
 
     key = "text"
 
-    def __init__(self, vocab_size: int, pad_id: int, cond_dim: int, d_model: int, heads: int, max_len: int):
+    def __init__(
+        self,
+        vocab_size: int,
+        pad_id: int,
+        cond_dim: int,
+        d_model: int,
+        heads: int,
+        max_len: int,
+        layers: int = 1,
+    ):
         super().__init__()
         self.pad_id = pad_id
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
@@ -89,7 +98,7 @@ class TextCondition(nn.Module):
             d_model, heads, 2 * d_model, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
         )
         # enable_nested_tensor=False: the fast path would drop padded positions and change shapes.
-        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.proj = nn.Linear(d_model, cond_dim)
 
     def features(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +200,9 @@ def _builtin_encoder(
     if kind == "label":
         return LabelCondition(model.num_classes, cond_dim)
     if kind == "text":
-        return TextCondition(vocab_size, pad_id, cond_dim, model.d_model, model.heads, max_text_len)
+        return TextCondition(
+            vocab_size, pad_id, cond_dim, model.d_model, model.heads, max_text_len, model.text_layers
+        )
     if kind == "audio":
         return AudioCondition(cond_dim, model.d_model, n_mels, frames)
     raise ValueError(f"model.condition: unknown condition {kind!r}")

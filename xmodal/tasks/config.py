@@ -194,6 +194,9 @@ class ConditionConfig:
     d_model: int = 128
     """Width of the text / audio condition encoders."""
     heads: int = 4
+    text_layers: int = 1
+    """Transformer layers of the built-in text condition encoder. More than one lets a word's
+    features carry its phrase's other words before pooling (which colour goes with which shape)."""
     dropout: float = 0.0
     condition_encoder: Any = None
     """``_target_`` of any module called as ``encoder(batch) -> [B, cond_dim]`` (instantiated with
@@ -225,6 +228,7 @@ def condition_problems(problems: Problems, m: ConditionConfig, target: str) -> N
     if known and len(set(names)) < len(names):
         problems.check(False, "model.condition", "names a condition twice")
     problems.check(m.d_model % max(m.heads, 1) == 0, "model.d_model", f"must divide by model.heads={m.heads}")
+    problems.check(m.text_layers >= 1, "model.text_layers", "must be >= 1")
     problems.check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     problems.check(m.num_classes >= 1, "model.num_classes", "must be >= 1")
     problems.check(m.cond_dim >= 1, "model.cond_dim", "must be >= 1")

@@ -27,6 +27,7 @@ G_UPSAMPLES = ("transpose", "resize")
 
 AUX_HEADS = ("shared", "separate")
 AUX_MODES = ("ac", "adc")
+RECON_LOSSES = ("l1", "l2")
 
 
 @dataclass
@@ -106,6 +107,19 @@ class GanConfig:
     mismatch_weight: float = 0.0
     """Matching-aware D (GAN-INT-CLS): real images paired with another row's condition are scored
     as fake, weighted by this (0 = off). Teaches D, and so G, that the image must match the condition."""
+    recon_weight: float = 0.0
+    """Paired reconstruction (pix2pix's L1 term): G's image for a row is also pulled toward that
+    row's real image, mean |fake - real| weighted by this (0 = off). Worth it where the condition
+    nearly fixes the image (the built-in shapes: a caption names each shape's kind, colour, size
+    and cell); on one-to-many data (a photo's caption) it trades sample diversity for fidelity."""
+    recon_loss: str = "l1"
+    """The reconstruction distance: l1 (pix2pix; pulls toward the per-pixel median) or l2 (the mean)."""
+    recon_warmup_steps: int = 0
+    """The first this many iterations train G on the reconstruction distance alone, at
+    ``recon_warmup_lr``, with D idle (one optimizer step each; 0 = off). The condition path learns
+    what a caption draws far faster by regression than through D's gradient; the GAN then sharpens."""
+    recon_warmup_lr: float = 3.0e-3
+    """G's learning rate during ``recon_warmup_steps`` (``g_lr`` after it)."""
     diffaugment: list[str] = field(default_factory=list)
     """DiffAugment ops applied to every image D sees, real and generated alike (xmodal/nn/diffaugment.py):
     any of translation, cutout, color, in order; [] = off. Keeps D from memorising small data."""
@@ -153,7 +167,10 @@ class GanModelConfig(ConditionConfig, TaskConfig):
         return tuple(dict.fromkeys((*classified, *(self.gan.judge_labels if judged else ()))))
 
     def lightning_max_steps(self, max_steps: int) -> int:
-        return max_steps * (self.gan.n_critic + 1) if max_steps > 0 else max_steps
+        if max_steps <= 0:
+            return max_steps
+        warmup = min(self.gan.recon_warmup_steps, max_steps)  # G alone: one optimizer step each
+        return warmup + (max_steps - warmup) * (self.gan.n_critic + 1)
 
     def problems(self, cfg: Any) -> list[str]:
         p = Problems(cfg)
@@ -179,6 +196,20 @@ class GanModelConfig(ConditionConfig, TaskConfig):
         p.check(g.r1_every >= 1, "model.gan.r1_every", "must be >= 1")
         p.check(g.metric_samples >= 2, "model.gan.metric_samples", "FID needs >= 2 samples")
         p.check(g.aux_weight >= 0 and g.mismatch_weight >= 0, "model.gan.aux_weight", "weights must be >= 0")
+        p.check(g.recon_weight >= 0, "model.gan.recon_weight", "must be >= 0")
+        p.one_of("model.gan.recon_loss", RECON_LOSSES)
+        p.check(g.recon_warmup_steps >= 0, "model.gan.recon_warmup_steps", "must be >= 0")
+        p.check(g.recon_warmup_lr > 0, "model.gan.recon_warmup_lr", "must be > 0")
+        p.check(
+            g.recon_warmup_steps == 0 or bool(self.conditions()),
+            "model.gan.recon_warmup_steps",
+            "regresses each row's image on its condition: needs a condition (model.condition is none)",
+        )
+        p.check(
+            g.recon_weight == 0 or bool(self.conditions()),
+            "model.gan.recon_weight",
+            "pulls each row's image toward its pair: needs a condition (model.condition is none)",
+        )
         p.check(g.judge_steps >= 0, "model.gan.judge_steps", "must be >= 0")
         judge_label_problems(p, "model.gan.judge_labels", g.judge_labels)
         p.one_of("model.gan.aux_head", AUX_HEADS)

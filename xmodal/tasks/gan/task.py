@@ -345,6 +345,38 @@ class AdversarialTask(GuardedSteps, XmodalTask):
             return logits.float(), classes.float()
         return self.discriminator(images, batch).float(), None
 
+    def recon_distance(self, fake: torch.Tensor, real: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Mean per-row distance of G's image to its pair (``model.gan.recon_loss``), weighted."""
+        error = (fake.float() - real.float()).flatten(1)  # [B, C*H*W]
+        distance = error.abs() if self.gan.recon_loss == "l1" else error.square()
+        return weighted_mean(distance.mean(1), weights)
+
+    def warmup_step(
+        self, g_opt: Any, batch: dict[str, Any], real: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        """One ``recon_warmup_steps`` iteration: G regresses the pair, D idle."""
+        with self.only(g_opt):
+            fake = self.generator(self.noise(len(real), salt=self.gan.n_critic), batch)
+            recon = self.recon_distance(fake, real, weights)
+            g_norm = self.optimizer_step(g_opt, recon)
+        self.after_g_step()
+        self.log_train_scalars(
+            {
+                "train/g_loss": recon.detach(),
+                "train/g_recon": recon.detach(),
+                "train/g_grad_norm": g_norm,
+                "train/skipped_steps": float(self.skipped_steps),
+            },
+            len(real),
+        )
+        self.finite_or_skip(recon)
+
+    def after_g_step(self) -> None:
+        if self.ema is not None:
+            decay = ema_decay(self.gan.ema_decay, self.iteration, self.gan.ema_start)
+            update_ema(self.ema, self.generator, decay)
+        self.iteration += 1
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         g_opt, d_opt = self.optimizers()
         gan = self.gan
@@ -352,6 +384,12 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         n = real.shape[0]
         valid = batch.get("valid")
         weights = valid.float() if valid is not None else torch.ones(n, device=real.device)  # [B]
+        warming = self.iteration < gan.recon_warmup_steps
+        for group in g_opt.param_groups:  # from the iteration alone: a resume sets it alike
+            group["lr"] = gan.recon_warmup_lr if warming else gan.g_lr
+        if warming:
+            self.warmup_step(g_opt, batch, real, weights)
+            return
         for k in range(gan.n_critic):
             with self.only(d_opt):
                 with torch.no_grad():
@@ -368,11 +406,12 @@ class AdversarialTask(GuardedSteps, XmodalTask):
                 stats["g_aux"] = self.class_losses(fake_classes, batch, weights)
                 g_loss = g_loss + gan.aux_weight * stats["g_aux"]
                 stats["g_aux"] = stats["g_aux"].detach()
+            if gan.recon_weight > 0:
+                recon = self.recon_distance(fake, real, weights)
+                g_loss = g_loss + gan.recon_weight * recon
+                stats["g_recon"] = recon.detach()
             g_norm = self.optimizer_step(g_opt, g_loss)
-        if self.ema is not None:
-            decay = ema_decay(gan.ema_decay, self.iteration, gan.ema_start)
-            update_ema(self.ema, self.generator, decay)
-        self.iteration += 1
+        self.after_g_step()
         logged = {
             "train/d_loss": d_loss.detach(),
             "train/g_loss": g_loss.detach(),
