@@ -109,7 +109,7 @@ class GanConfig:
     as fake, weighted by this (0 = off). Teaches D, and so G, that the image must match the condition."""
     recon_weight: float = 0.0
     """Paired reconstruction (pix2pix's L1 term): G's image for a row is also pulled toward that
-    row's real image, mean |fake - real| weighted by this (0 = off). Worth it where the condition
+    row's real image, the ``recon_loss`` distance weighted by this (0 = off). Worth it where the condition
     nearly fixes the image (the built-in shapes: a caption names each shape's kind, colour, size
     and cell); on one-to-many data (a photo's caption) it trades sample diversity for fidelity."""
     recon_loss: str = "l1"

@@ -372,6 +372,7 @@ class AdversarialTask(GuardedSteps, XmodalTask):
         self.finite_or_skip(recon)
 
     def after_g_step(self) -> None:
+        """What ends every iteration, warm-up or GAN: the EMA follows G, the counter moves on."""
         if self.ema is not None:
             decay = ema_decay(self.gan.ema_decay, self.iteration, self.gan.ema_start)
             update_ema(self.ema, self.generator, decay)
