@@ -315,6 +315,14 @@ def test_resumed_run_equals_uninterrupted_run(tiny, tmp_path):
     assert lines_r[-1]["val/fid"] == pytest.approx(lines[-1]["val/fid"], rel=1e-6)
 
 
+def train_on_two_ranks(args: list[str], tmp_path, run_id: str):
+    """``xmodal-train`` on 2 DDP CPU ranks with rank checksums: the run dir and each rank's record."""
+    result = run_cli(["xmodal-train", *args, "callbacks.rank_checksums=true", f"run.id={run_id}"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "shapes_gan" / run_id
+    return run_dir, [json.loads((run_dir / "checksums" / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
 def test_ddp_two_cpu_ranks_end_with_bit_identical_g_and_d(data_dir, tmp_path):
     args = [
         *TINY,
@@ -340,14 +348,9 @@ def test_ddp_two_cpu_ranks_end_with_bit_identical_g_and_d(data_dir, tmp_path):
         "model.gan.n_critic=2",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
-        "callbacks.rank_checksums=true",
-        "run.id=ddp",
     ]
-    result = run_cli(["xmodal-train", *args], tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run_dir = tmp_path / "shapes_gan" / "ddp"
+    run_dir, ranks = train_on_two_ranks(args, tmp_path, "ddp")
     assert "class head warmed on 192 real images for 3 steps" in (run_dir / "train.log").read_text()
-    ranks = [json.loads((run_dir / "checksums" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4 * (2 + 1)
     assert ranks[0]["start"] == ranks[1]["start"]
@@ -372,6 +375,27 @@ def test_ddp_two_cpu_ranks_end_with_bit_identical_g_and_d(data_dir, tmp_path):
     assert one_rank["val/judge_colour_acc"] == pytest.approx(summary["val"]["val/judge_colour_acc"], abs=1e-6)
     colour = summary["provenance"]["val"]["judge_colour"]
     assert (colour["reference_samples"], colour["generated_samples"]) == (48, 48)
+
+
+def test_a_regression_warmup_then_the_gan_keep_two_ddp_ranks_bit_identical(data_dir, tmp_path):
+    # D takes no part in a warm-up iteration: DDP must cope with its parameters going unused.
+    args = [
+        *TINY,
+        *GAN_TINY,
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={tmp_path}",
+        "trainer=ddp_cpu",
+        "model.condition=text",
+        "model.gan.judge_steps=0",
+        "model.gan.recon_warmup_steps=2",
+        "model.gan.recon_weight=1.0",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "test_after_fit=false",
+    ]
+    _, ranks = train_on_two_ranks(args, tmp_path, "warm")
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 2 + 1 * (1 + 1)
+    assert ranks[0]["end"] == ranks[1]["end"] != ranks[0]["start"]
 
 
 def test_fsdp2_bf16_two_cpu_ranks_validate_train_and_resume_from_a_distributed_checkpoint(data_dir, tmp_path):

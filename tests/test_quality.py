@@ -206,6 +206,14 @@ def test_recon_weight_needs_a_condition_and_a_known_distance_in_one_line():
                 [*base, "model.condition=none", "model.gan.aux_weight=0", "model.gan.recon_warmup_steps=5"]
             )
         )
+    with pytest.raises(
+        ConfigError, match=r"model.gan.recon_warmup_steps: cannot follow the class-head warm-up under DDP"
+    ):
+        validate(
+            compose_config(
+                [*base, "trainer=ddp_cpu", "model.gan.recon_warmup_steps=5", "model.gan.aux_warmup_steps=5"]
+            )
+        )
     with pytest.raises(ConfigError, match=r"model.gan.recon_warmup_lr: must be > 0"):
         validate(compose_config([*base, "model.gan.recon_warmup_steps=5", "model.gan.recon_warmup_lr=0"]))
     validate(

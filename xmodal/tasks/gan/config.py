@@ -224,6 +224,13 @@ class GanModelConfig(ConditionConfig, TaskConfig):
             "model.gan.aux_warmup_steps",
             "runs outside the training loop, which a sharded D cannot: use trainer=ddp or set it to 0",
         )
+        # Measured: DDP's reducer then fails on the first G-only backward (a gradient "undefined,
+        # but still allreduced"); each of the two alone trains on two ranks.
+        p.check(
+            not (warms and g.recon_warmup_steps > 0 and cfg.trainer.strategy in ("ddp", "ddp_spawn")),
+            "model.gan.recon_warmup_steps",
+            "cannot follow the class-head warm-up under DDP: set it or model.gan.aux_warmup_steps to 0",
+        )
         judge_label_problems(p, "model.gan.aux_labels", g.aux_labels)
         p.check(
             all(op in DIFFAUGMENT_POLICIES for op in g.diffaugment),
