@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 
 import lightning as L
 import pytest
@@ -77,12 +78,17 @@ class AuxD(nn.Module):
         return self.score(x, batch)[0]
 
 
-def label_task(num_classes: int = 10, **gan: object) -> AdversarialTask:
+def label_task(
+    num_classes: int = 10, discriminator: Callable[[], nn.Module] | None = None, **gan: object
+) -> AdversarialTask:
+    """LabelG against ``discriminator()`` (built after seeding; default AuxD) under ``model.gan`` overrides."""
     model = {**tiny_gan_model(**gan), "num_classes": num_classes}
     L.seed_everything(0, verbose=False)
     data = {"image_size": 32, "image_channels": 1, "audio_mels": 8, "audio_frames": 8, "max_text_len": 8}
     classes = 4 if gan.get("aux_mode") == "adc" else 2  # ADC-GAN: a real and a fake logit per class
-    return AdversarialTask(model, list(SPECIALS), data, nets=(LabelG(), AuxD(classes=classes)))
+    g = LabelG()  # before D: the seeded draws of both nets are as they always were
+    d = discriminator() if discriminator is not None else AuxD(classes=classes)
+    return AdversarialTask(model, list(SPECIALS), data, nets=(g, d))
 
 
 def asked_class_accuracy(task: AdversarialTask) -> float:
@@ -96,11 +102,11 @@ def asked_class_accuracy(task: AdversarialTask) -> float:
     return float((nearest == labels).float().mean())
 
 
-def fit(task: AdversarialTask, iterations: int) -> None:
+def fit(task: AdversarialTask, iterations: int, optimizer_steps: int | None = None) -> L.Trainer:
     loader = DataLoader(
         LabelledPoints(), batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0)
     )
-    fit_gan(task, loader, iterations)
+    return fit_gan(task, loader, iterations, optimizer_steps=optimizer_steps)
 
 
 def test_aux_classifier_head_makes_g_render_the_asked_class(one_thread):
@@ -139,12 +145,9 @@ def recorded_train_scalars(task: AdversarialTask) -> set[str]:
 def test_paired_reconstruction_makes_g_render_the_rows_own_class(one_thread, recon_loss):
     # D sees no label and has no class head, so the adversarial loss alone cannot name the modes;
     # only the recon term ties a row's label to that row's real point.
-    data = {"image_size": 32, "image_channels": 1, "audio_mels": 8, "audio_frames": 8, "max_text_len": 8}
     accuracy_by_weight = {}
     for weight in (0.0, 1.0):
-        model = {**tiny_gan_model(recon_weight=weight, recon_loss=recon_loss), "num_classes": 2}
-        L.seed_everything(0, verbose=False)
-        task = AdversarialTask(model, list(SPECIALS), data, nets=(LabelG(), PlainD()))
+        task = label_task(2, PlainD, recon_weight=weight, recon_loss=recon_loss)
         logged = recorded_train_scalars(task)
         fit(task, 150)
         accuracy_by_weight[weight] = asked_class_accuracy(task)
@@ -155,17 +158,11 @@ def test_paired_reconstruction_makes_g_render_the_rows_own_class(one_thread, rec
 
 @pytest.mark.parametrize("gan_iterations", [0, 10])
 def test_recon_warmup_trains_g_alone_then_hands_over_to_the_gan_at_g_lr(one_thread, gan_iterations):
-    data = {"image_size": 32, "image_channels": 1, "audio_mels": 8, "audio_frames": 8, "max_text_len": 8}
-    model = {**tiny_gan_model(recon_warmup_steps=100, recon_warmup_lr=1e-2), "num_classes": 2}
-    L.seed_everything(0, verbose=False)
-    task = AdversarialTask(model, list(SPECIALS), data, nets=(LabelG(), PlainD()))
+    task = label_task(2, PlainD, recon_warmup_steps=100, recon_warmup_lr=1e-2)
     d_before = {k: v.clone() for k, v in task.discriminator.state_dict().items()}
     steps = 100 + gan_iterations * (task.gan.n_critic + 1)
     logged = recorded_train_scalars(task)
-    loader = DataLoader(
-        LabelledPoints(), batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0)
-    )
-    trainer = fit_gan(task, loader, 0, optimizer_steps=steps)
+    trainer = fit(task, 0, optimizer_steps=steps)
     if gan_iterations == 0:
         assert logged == {"train/g_loss", "train/g_recon", "train/g_grad_norm", "train/skipped_steps"}
     else:
