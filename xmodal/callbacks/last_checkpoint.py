@@ -7,6 +7,9 @@ temporary name and a rename, so an interrupted write never replaces a good check
 replaces is kept as ``last.prev.ckpt``: the fallback when ``last.ckpt`` is found corrupt later
 (:func:`xmodal.checkpoints.choose_resume`). A state that is not sound (non-finite tensors, or a
 non-finite last step: :func:`xmodal.callbacks.nonfinite.save_refusal`) is not written at all.
+
+The end-of-fit checkpoint of a run stopped by ``max_steps`` inside an epoch says that epoch is
+unfinished (:func:`reopen_unfinished_epoch`), as a mid-epoch validation checkpoint does.
 """
 
 from __future__ import annotations
@@ -32,11 +35,31 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def reopen_unfinished_epoch(trainer: L.Trainer, checkpoint: dict[str, Any]) -> None:
+    """Mark the epoch of an end-of-fit ``checkpoint`` unfinished when fit stopped inside it.
+
+    When ``max_steps`` stops fit mid-epoch, Lightning's fit loop still counts the epoch processed
+    and completed before ``on_train_end``; a resume from a checkpoint written then starts the next
+    epoch at the saved batch index: the data stream is moved to the next epoch's order and the
+    rest of this epoch is never trained (a resumed run then differs from an uninterrupted one).
+    The counts are put back to "started, not finished", what a mid-epoch validation checkpoint holds.
+    """
+    if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        return  # the epoch did end: the next one is right
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
+    if progress is None:
+        return
+    for counts in (progress["total"], progress["current"]):
+        if counts["started"] > 0 and counts["processed"] == counts["started"]:
+            counts["processed"] = counts["completed"] = counts["started"] - 1
+
+
 class LastCheckpoint(L.Callback):
     def __init__(self, path: Path):
         self.path = Path(path)
         self.previous = self.path.with_name(PREVIOUS)
         self.saved_step = -1
+        self.fit_ended = False  # set in on_train_end: the loop counts are a finished fit's
 
     def save_if_sound(self, trainer: L.Trainer) -> bool:
         """Write the checkpoint unless the state is unsound (then keep the last one); every rank calls it."""
@@ -96,4 +119,12 @@ class LastCheckpoint(L.Callback):
             self.save_if_sound(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.save_if_sound(trainer)
+        self.fit_ended = True
+        try:
+            self.save_if_sound(trainer)
+        finally:
+            self.fit_ended = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        if self.fit_ended:
+            reopen_unfinished_epoch(trainer, checkpoint)
