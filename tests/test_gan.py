@@ -293,11 +293,25 @@ def last_state(run_dir) -> dict:
     return ckpt
 
 
-def test_resumed_run_equals_uninterrupted_run(tiny, tmp_path):
+@pytest.mark.parametrize(
+    ("condition", "global_steps", "validated_at"),
+    [
+        (["model.condition=label"], 12, [4, 8, 12]),
+        # Stopped inside the regression warm-up (one optimizer step per iteration, D idle),
+        # resumed through its hand-over to the GAN at iteration 4.
+        (
+            ["model.condition=text", "model.gan.recon_warmup_steps=4", "model.gan.recon_weight=1.0"],
+            8,
+            [2, 4, 8],
+        ),
+    ],
+    ids=["label", "text-recon-warmup"],
+)
+def test_resumed_run_equals_uninterrupted_run(tiny, tmp_path, condition, global_steps, validated_at):
     # Non-saturating loss: the tiny hinge D scores every real above its margin, so real images
-    # get no gradient and a resume that fed the wrong batches would still match. The label
-    # condition makes the class embedding depend on which rows were trained too.
-    conditional = ["model.gan.loss=ns", "model.condition=label", "model.gan.judge_steps=0"]
+    # get no gradient and a resume that fed the wrong batches would still match. The condition
+    # makes its encoder depend on which rows were trained too.
+    conditional = ["model.gan.loss=ns", *condition, "model.gan.judge_steps=0"]
     base = [*tiny, *GAN_TINY, *conditional, "trainer.val_check_interval=2", "test_after_fit=false"]
     train(compose_config([*base, "trainer.max_steps=6", "run.id=straight"]))
     # Stops inside the epoch after its validation at 2: resumes from the end-of-fit last.ckpt.
@@ -306,17 +320,18 @@ def test_resumed_run_equals_uninterrupted_run(tiny, tmp_path):
     runs = tmp_path / "outputs" / "shapes_gan"
     straight, resumed = last_state(runs / "straight"), last_state(runs / "resumed")
     assert straight["gan_iteration"] == resumed["gan_iteration"] == 6
-    assert straight["global_step"] == resumed["global_step"] == 12
+    assert straight["global_step"] == resumed["global_step"] == global_steps
     assert straight["state_dict"].keys() == resumed["state_dict"].keys()
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key  # G, D, EMA, BN and SN buffers
     for a, b in zip(straight["optimizer_states"], resumed["optimizer_states"], strict=True):
+        assert a["param_groups"][0]["lr"] == b["param_groups"][0]["lr"]
         for pa, pb in zip(a["state"].values(), b["state"].values(), strict=True):
             assert torch.equal(pa["exp_avg"], pb["exp_avg"])
     # The validation metrics after the resume point are the uninterrupted run's too.
     lines = [json.loads(x) for x in (runs / "straight" / "metrics.jsonl").read_text().splitlines()]
     lines_r = [json.loads(x) for x in (runs / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines_r] == [x["step"] for x in lines] == [4, 8, 12]
+    assert [x["step"] for x in lines_r] == [x["step"] for x in lines] == validated_at
     assert lines_r[-1]["val/fid"] == pytest.approx(lines[-1]["val/fid"], rel=1e-6)
 
 
