@@ -88,12 +88,13 @@ class TextCondition(nn.Module):
         heads: int,
         max_len: int,
         layers: int = 1,
+        position_std: float = 0.02,
     ):
         super().__init__()
         self.pad_id = pad_id
         self.embed = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
         self.pos = nn.Parameter(torch.zeros(1, max_len, d_model))
-        nn.init.normal_(self.pos, std=0.02)
+        nn.init.normal_(self.pos, std=position_std)
         layer = nn.TransformerEncoderLayer(
             d_model, heads, 2 * d_model, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
         )
@@ -201,7 +202,14 @@ def _builtin_encoder(
         return LabelCondition(model.num_classes, cond_dim)
     if kind == "text":
         return TextCondition(
-            vocab_size, pad_id, cond_dim, model.d_model, model.heads, max_text_len, model.text_layers
+            vocab_size,
+            pad_id,
+            cond_dim,
+            model.d_model,
+            model.heads,
+            max_text_len,
+            model.text_layers,
+            model.text_position_std,
         )
     if kind == "audio":
         return AudioCondition(cond_dim, model.d_model, n_mels, frames)

@@ -11,7 +11,17 @@ norm*: ``norm(x [B, C, H, W], pooled [B, cond_dim] | None) -> [B, C, H, W]``. Th
   pooled vector (Perez et al. 2018);
 - ``cross_attention``: plain batch norm everywhere; at the 8×8 and 16×16 blocks the feature map
   attends over the condition's *token* sequence (caption tokens, audio frames) with its padding
-  mask, residually. The only choice that sees more than one pooled vector.
+  mask, residually;
+- ``placed_attention``: conditional batch norm as ``cbn``, and at the 4×4 seed and the 8×8 block
+  each cell attends over the tokens with a learned embedding of *where it is* in its query (at
+  the seed the place alone: its features are the noise's).
+  A caption binds colour and kind to a place ("a purple square on the left and a blue diamond on
+  the right"); a pooled vector that modulates every cell alike must encode each conjunction in
+  its channels, and the cells of a plain map all ask the same question, so both draw the two
+  shapes in the mean of the two colours (BENCHMARKS.md "Regression teaches G the kind"). A cell
+  that knows its place can read the phrase that names it.
+
+``cross_attention`` and ``placed_attention`` are the choices that see more than one pooled vector.
 
 Norms normalise in fp32 (see :class:`ConditionalBatchNorm2d`); the new layers that write into the
 residual stream start at zero, so every choice starts as the plain generator.
@@ -172,19 +182,35 @@ class CrossAttention2d(nn.Module):
     never attended. The output projection starts at zero, so the block starts as the identity.
     A 3-D map ``[B, C, T, H, W]`` (the video VAE decoder) is read the same way, its ``T·H·W``
     cells flattened into the queries.
+
+    ``cells > 0`` (a map of that many cells): a learned embedding of each cell's place joins its
+    query. ``content=False``: the place is the whole query, the map's own features do not ask
+    (at G's 4×4 seed those are ``fc(z)``, noise, which drowns the place: measured).
     """
 
-    def __init__(self, channels: int, cond_dim: int, heads: int):
+    def __init__(self, channels: int, cond_dim: int, heads: int, cells: int = 0, content: bool = True):
         super().__init__()
-        self.norm = nn.LayerNorm(channels)
+        if not content and cells <= 0:
+            raise ValueError("a query without the map's content needs the cells' places (cells > 0)")
+        self.norm = nn.LayerNorm(channels) if content else None  # no dead weights without content
+        # At the scale of the layer-normed features, so place and content both steer the attention.
+        self.place = nn.Parameter(torch.randn(1, cells, channels)) if cells > 0 else None
         self.context = nn.Linear(cond_dim, channels)
         # heads must divide the block's width; fall back to one head for odd widths.
         self.attn = MultiHeadAttention(channels, heads if channels % heads == 0 else 1)
         nn.init.zeros_(self.attn.out.weight)
         nn.init.zeros_(self.attn.out.bias)
 
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """What each cell of ``x [B, C, *spatial]`` asks: ``[B, cells, C]``."""
+        cells = x.flatten(2).transpose(1, 2)  # [B, HW, C] (or [B, T·H·W, C])
+        if self.place is None:
+            return self.norm(cells)
+        place = self.place.to(cells.dtype).expand(len(x), -1, -1)  # [B, HW, C]
+        return place if self.norm is None else self.norm(cells) + place
+
     def forward(self, x: torch.Tensor, cond: Encoded) -> torch.Tensor:
-        queries = self.norm(x.flatten(2).transpose(1, 2))  # [B, HW, C] (or [B, T·H·W, C])
+        queries = self.queries(x)  # [B, HW, C]
         context = self.context(cond.tokens.to(queries.dtype))  # [B, T, C]
         k, v = self.attn.project_kv(context)  # [B, heads, T, C/heads] each
         y = self.attn.attend(queries, k, v, keep=cond.mask)  # [B, HW, C]
@@ -200,7 +226,10 @@ class Fusion:
     noise_concat: bool = False
     """The pooled vector is concatenated to the noise before G's first linear layer."""
     attention_sizes: tuple[int, ...] = ()
-    """Feature-map sides (px) after whose block a :class:`CrossAttention2d` reads the tokens."""
+    """Feature-map sides (px) after whose block (4: the seed) a :class:`CrossAttention2d` reads the tokens."""
+    placed: bool = False
+    """The attention's queries carry a learned embedding of their cell (``CrossAttention2d(cells=H·W)``);
+    at the 4×4 seed the place is the whole query (``content=False``)."""
 
 
 FUSIONS: dict[str, Fusion] = {
@@ -208,6 +237,7 @@ FUSIONS: dict[str, Fusion] = {
     "concat": Fusion(ConcatNorm, noise_concat=True),
     "film": Fusion(FiLMNorm),
     "cross_attention": Fusion(plain_norm, attention_sizes=(8, 16)),
+    "placed_attention": Fusion(ConditionalBatchNorm2d, attention_sizes=(4, 8), placed=True),
 }
 """``model.fusion`` name → its blocks; ``cbn`` is the default (xmodal/tasks/gan/config.py)."""
 

@@ -3,7 +3,7 @@
 The condition (a class label, caption tokens or a log-mel clip) becomes one vector per sample
 through a condition encoder (:mod:`xmodal.nn.condition`) owned by each network; G reads it through
 the fusion ``model.fusion`` names (:mod:`xmodal.nn.fusion`: conditional batch norm by default,
-concat, FiLM, or cross-attention over the condition's tokens), D through a projection head
+concat, FiLM, or cross-attention over the condition's tokens, with or without each cell's place), D through a projection head
 (Miyato & Koyama 2018). So label→image, text→image and audio→image are the same nets with a
 different encoder: a config, not a module.
 
@@ -127,12 +127,20 @@ class Generator(nn.Module):
         self.seed_bn = norm(widths[0])
         self.ups = nn.ModuleList(up_block(widths[i], widths[i + 1], upsample) for i in range(n))
         self.bns = nn.ModuleList(norm(widths[i + 1]) for i in range(n))
-        # Block i outputs an 8·2^i px map; keyed by block index (empty, so no keys, for cbn).
+        # Block i outputs an 8·2^i px map, keyed by block index; "seed" is the 4×4 map (empty,
+        # so no keys, for cbn: older checkpoints load).
+        sides = {"seed": (widths[0], 4), **{str(i): (widths[i + 1], 8 * 2**i) for i in range(n)}}
         self.attend = nn.ModuleDict(
             {
-                str(i): CrossAttention2d(widths[i + 1], cond_dim, heads)
-                for i in range(n)
-                if cond is not None and 8 * 2**i in spec.attention_sizes
+                key: CrossAttention2d(
+                    c,
+                    cond_dim,
+                    heads,
+                    cells=side * side if spec.placed else 0,
+                    content=not (spec.placed and key == "seed"),
+                )
+                for key, (c, side) in sides.items()
+                if cond is not None and side in spec.attention_sizes
             }
         )
         self.out = nn.Conv2d(widths[-1], channels, 3, padding=1)
@@ -150,6 +158,8 @@ class Generator(nn.Module):
             z = torch.cat([z, c.to(z.dtype)], dim=1)  # [B, Z + cond_dim]
         x = self.fc(z).view(z.shape[0], self.seed_width, 4, 4)  # [B, W0, 4, 4]
         x = F.relu(self.seed_bn(x, c))
+        if encoded is not None and "seed" in self.attend:
+            x = self.attend["seed"](x, encoded)  # [B, W0, 4, 4]
         for i, (up, bn) in enumerate(zip(self.ups, self.bns, strict=True)):
             x = F.relu(bn(up(x), c))  # [B, Wi, 2h, 2w]
             if encoded is not None and str(i) in self.attend:

@@ -197,6 +197,11 @@ class ConditionConfig:
     text_layers: int = 1
     """Transformer layers of the built-in text condition encoder. More than one lets a word's
     features carry its phrase's other words before pooling (which colour goes with which shape)."""
+    text_position_std: float = 0.02
+    """Init scale of the text condition encoder's learned position embeddings (the word embeddings
+    start at 1). At 0.02 the encoder starts as a bag of words, and a generator's loss never asks
+    for word order strongly enough to grow them: which colour goes with which place stays unread
+    (BENCHMARKS.md "Binding colours to places"). 1.0 starts order as loud as the words."""
     dropout: float = 0.0
     condition_encoder: Any = None
     """``_target_`` of any module called as ``encoder(batch) -> [B, cond_dim]`` (instantiated with
@@ -229,6 +234,7 @@ def condition_problems(problems: Problems, m: ConditionConfig, target: str) -> N
         problems.check(False, "model.condition", "names a condition twice")
     problems.check(m.d_model % max(m.heads, 1) == 0, "model.d_model", f"must divide by model.heads={m.heads}")
     problems.check(m.text_layers >= 1, "model.text_layers", "must be >= 1")
+    problems.check(m.text_position_std >= 0, "model.text_position_std", "must be >= 0")
     problems.check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     problems.check(m.num_classes >= 1, "model.num_classes", "must be >= 1")
     problems.check(m.cond_dim >= 1, "model.cond_dim", "must be >= 1")

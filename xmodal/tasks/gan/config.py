@@ -150,7 +150,9 @@ class GanModelConfig(ConditionConfig, TaskConfig):
     norm from the pooled vector) | ``concat`` (pooled vector concatenated to the noise and to
     every feature map) | ``film`` (per-block FiLM γ, β from an MLP, after a plain norm) |
     ``cross_attention`` (the 8×8 and 16×16 maps attend over the condition's tokens and padding
-    mask). D keeps its projection head whatever the choice."""
+    mask) | ``placed_attention`` (``cbn``, and the 4×4 seed and 8×8 map attend over the tokens
+    with a learned embedding of each cell's place in its query). D keeps its projection head
+    whatever the choice."""
     generator: Any = None
     """``_target_`` of any G called as ``G(z [B, z_dim], batch) -> images [B, C, H, W]`` in [-1, 1];
     unset = the built-in DCGAN generator (conditional BN)."""
