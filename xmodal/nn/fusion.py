@@ -18,8 +18,10 @@ norm*: ``norm(x [B, C, H, W], pooled [B, cond_dim] | None) -> [B, C, H, W]``. Th
   A caption binds colour and kind to a place ("a purple square on the left and a blue diamond on
   the right"); a pooled vector that modulates every cell alike must encode each conjunction in
   its channels, and the cells of a plain map all ask the same question, so both draw the two
-  shapes in the mean of the two colours (BENCHMARKS.md "Regression teaches G the kind"). A cell
-  that knows its place can read the phrase that names it.
+  shapes in the mean of the two colours. A cell that knows its place can read the phrase that
+  names it, once the caption encoder hears word order (``model.text_position_std``: without it
+  the tokens stay a bag of words and this choice draws as ``cbn`` does; BENCHMARKS.md "Binding
+  colours to places").
 
 ``cross_attention`` and ``placed_attention`` are the choices that see more than one pooled vector.
 
@@ -185,7 +187,8 @@ class CrossAttention2d(nn.Module):
 
     ``cells > 0`` (a map of that many cells): a learned embedding of each cell's place joins its
     query. ``content=False``: the place is the whole query, the map's own features do not ask
-    (at G's 4×4 seed those are ``fc(z)``, noise, which drowns the place: measured).
+    (at G's 4×4 seed those are ``fc(z)``, mostly noise; there the place alone drew the shape kind
+    better than place + content: BENCHMARKS.md "Binding colours to places").
     """
 
     def __init__(self, channels: int, cond_dim: int, heads: int, cells: int = 0, content: bool = True):

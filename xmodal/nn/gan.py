@@ -3,9 +3,9 @@
 The condition (a class label, caption tokens or a log-mel clip) becomes one vector per sample
 through a condition encoder (:mod:`xmodal.nn.condition`) owned by each network; G reads it through
 the fusion ``model.fusion`` names (:mod:`xmodal.nn.fusion`: conditional batch norm by default,
-concat, FiLM, or cross-attention over the condition's tokens, with or without each cell's place), D through a projection head
-(Miyato & Koyama 2018). So label→image, text→image and audio→image are the same nets with a
-different encoder: a config, not a module.
+concat, FiLM, or cross-attention over the condition's tokens, with or without each cell's
+place), D through a projection head (Miyato & Koyama 2018). So label→image, text→image and
+audio→image are the same nets with a different encoder: a config, not a module.
 
 Both nets take the batch dict (``G(z, batch)``, ``D(images, batch)``) so a task can swap them for
 anything with the same call signature (the tests use tiny MLPs on 2-D points).
