@@ -77,6 +77,8 @@ def gan_config(data: list[str], *extra: str):
             "experiment=shapes_text2image_gan",
             "model.gan.feature_steps=10",
             "model.gan.judge_steps=0",
+            "callbacks.monitor=val/fid",  # the experiment's monitor is the judge's
+            "callbacks.monitor_mode=min",
             *extra,
         ]
     )

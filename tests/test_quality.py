@@ -687,29 +687,65 @@ def test_the_colour_role_reads_each_shapes_samples_first_colour_from_its_json(ti
     assert torch.equal(both["label"], kinds) and torch.equal(both["colour"], colours)
 
 
+GAN_T2I = "experiment=shapes_text2image_gan"
+
+
 @pytest.mark.parametrize(
-    ("override", "message"),
+    ("overrides", "message"),
     [
         (
-            "+model.gan.judge_labels.size=2",
+            [GAN_T2I, "+model.gan.judge_labels.size=2"],
             "model.gan.judge_labels.size: needs data.roles.size: label (read from key.size.cls or 'size' "
             "in each sample's JSON) (got data.roles.size=None)",
         ),
         (
-            "model.gan.judge_labels.colour=1",
+            [GAN_T2I, "model.gan.judge_labels.colour=1"],
             "model.gan.judge_labels.colour: the number of classes must be an integer >= 2 (got 1)",
         ),
         (
-            "+model.gan.judge_labels.label=4",
+            [GAN_T2I, "+model.gan.judge_labels.label=4"],
             "model.gan.judge_labels.label: the class label (model.num_classes) is covered already; list "
             "other label roles here",
         ),
+        # A monitored judge metric the run will not log: Lightning's checkpoint callback would
+        # refuse it only at the first validation, after the judges' and the model's training.
+        (
+            [GAN_T2I, "model.gan.judge_steps=0"],
+            "callbacks.monitor: val/judge_colour_acc is a judge metric, and the judge is off "
+            "(needs model.gan.judge_steps > 0 and a model.condition)",
+        ),
+        (
+            [GAN_T2I, "callbacks.monitor=val/judge_color_acc"],
+            "callbacks.monitor: the judges log ['val/judge_acc', 'val/judge_real_acc', "
+            "'val/judge_colour_acc', 'val/judge_colour_real_acc'] (got 'val/judge_color_acc')",
+        ),
+        (
+            [
+                "experiment=shapes_text2image_vae",
+                "callbacks.monitor=val/judge_acc",
+                "model.vae.judge_steps=0",
+            ],
+            "callbacks.monitor: val/judge_acc is a judge metric, and the judge is off "
+            "(needs model.vae.judge_steps > 0 and a model.condition)",
+        ),
     ],
 )
-def test_judge_labels_name_label_roles_with_classes_in_one_line(override, message):
+def test_judge_settings_are_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:
-        validate(compose_config(["experiment=shapes_text2image_gan", override]))
+        validate(compose_config(overrides))
     assert message in [line.strip() for line in str(err.value).splitlines()]
+
+
+def test_the_shipped_text_to_image_gan_keeps_the_checkpoint_that_draws_the_named_colour_best():
+    cfg = compose_config(["experiment=shapes_text2image_gan"])
+    validate(cfg)
+    assert (cfg.callbacks.monitor, cfg.callbacks.monitor_mode) == ("val/judge_colour_acc", "max")
+    vae = [
+        "experiment=shapes_text2image_vae",
+        "callbacks.monitor=val/judge_colour_acc",
+        "callbacks.monitor_mode=max",
+    ]
+    validate(compose_config(vae))  # the VAE's colour judge is on as shipped
 
 
 def test_an_attribute_judges_metric_names_belong_to_its_own_provenance_family():

@@ -246,6 +246,27 @@ def condition_problems(problems: Problems, m: ConditionConfig, target: str) -> N
     check_slot(problems, "model.condition_encoder", m.condition_encoder)
 
 
+def judge_monitor_problems(
+    problems: Problems, section: str, judged: bool, judge_labels: Mapping[str, Any]
+) -> None:
+    """A ``callbacks.monitor`` on a judge metric names one the run will log: refused now, not by
+    the checkpoint callback at the first validation, after the judges' and the model's training.
+    ``section`` is the task's node (``model.gan``); ``judged``: its judge is on for this run."""
+    monitor = str(problems.cfg.callbacks.monitor)
+    if not monitor.startswith("val/judge_"):
+        return
+    if not judged:
+        problems.append(
+            f"callbacks.monitor: {monitor} is a judge metric, and the judge is off "
+            f"(needs {section}.judge_steps > 0 and a model.condition)"
+        )
+        return
+    from xmodal.metrics.provenance import judge_names  # imports torch, which this module does not
+
+    logged = [f"val/{name}" for role in ("label", *judge_labels) for name in judge_names(role)]
+    problems.check(monitor in logged, "callbacks.monitor", f"the judges log {logged}")
+
+
 def judge_label_problems(problems: Problems, key: str, judge_labels: Mapping[str, Any]) -> None:
     """``judge_labels`` / ``aux_labels`` (role → number of classes) name roles of the label
     modality, each with >= 2 classes; ``label`` itself is covered already (``model.num_classes``)."""

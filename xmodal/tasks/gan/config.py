@@ -17,6 +17,7 @@ from xmodal.tasks.config import (
     condition_problems,
     condition_roles,
     judge_label_problems,
+    judge_monitor_problems,
     manual_optimization_problems,
 )
 
@@ -214,6 +215,7 @@ class GanModelConfig(ConditionConfig, TaskConfig):
         )
         p.check(g.judge_steps >= 0, "model.gan.judge_steps", "must be >= 0")
         judge_label_problems(p, "model.gan.judge_labels", g.judge_labels)
+        judge_monitor_problems(p, "model.gan", g.judge_steps > 0 and bool(self.conditions()), g.judge_labels)
         p.one_of("model.gan.aux_head", AUX_HEADS)
         p.one_of("model.gan.aux_mode", AUX_MODES)
         p.one_of("model.gan.g_upsample", G_UPSAMPLES)

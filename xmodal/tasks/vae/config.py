@@ -15,6 +15,7 @@ from xmodal.tasks.config import (
     condition_problems,
     condition_roles,
     judge_label_problems,
+    judge_monitor_problems,
     optimizer_problems,
 )
 
@@ -145,6 +146,7 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
         )
         p.check(v.judge_steps >= 0, "model.vae.judge_steps", "must be >= 0 (0 = off)")
         judge_label_problems(p, "model.vae.judge_labels", v.judge_labels)
+        judge_monitor_problems(p, "model.vae", v.judge_steps > 0 and bool(self.conditions()), v.judge_labels)
         p.check(
             not v.binarize or v.likelihood == "bernoulli",
             "model.vae.binarize",
