@@ -38,7 +38,7 @@ def test_a_text_to_image_model_writes_seeded_images_per_caption(text_vae, tmp_pa
     assert [f.name for f in files] == [f"sample_{i:04d}.png" for i in range(4)]  # 2 captions × 2
     assert "a blue square" in capsys.readouterr().out.splitlines()[3]
     with Image.open(files[0]) as image:
-        assert image.size == (64, 64) and image.mode == "RGB"
+        assert image.size == (32, 32) and image.mode == "RGB"  # the experiment's data.image_size
     assert (tmp_path / "a" / "grid.png").is_file()
     # Another process, the same command: the same bytes (samples are seeded, not drawn from global RNG).
     again = run_cli(["xmodal-generate", *args, "--out", str(tmp_path / "b")], tmp_path)
