@@ -726,7 +726,16 @@ GAN_T2I = "experiment=shapes_text2image_gan"
                 "model.vae.judge_steps=0",
             ],
             "callbacks.monitor: val/judge_acc is a judge metric, and the judge is off "
-            "(needs model.vae.judge_steps > 0 and a model.condition)",
+            "(needs model.vae.judge_steps > 0, a model.condition and an image target)",
+        ),
+        (
+            [
+                "experiment=shapes_text2audio_vae",
+                "model.vae.judge_steps=10",
+                "callbacks.monitor=val/judge_acc",
+            ],
+            "callbacks.monitor: val/judge_acc is a judge metric, and the judge is off "
+            "(needs model.vae.judge_steps > 0, a model.condition and an image target)",
         ),
     ],
 )

@@ -247,18 +247,17 @@ def condition_problems(problems: Problems, m: ConditionConfig, target: str) -> N
 
 
 def judge_monitor_problems(
-    problems: Problems, section: str, judged: bool, judge_labels: Mapping[str, Any]
+    problems: Problems, judged: bool, judge_labels: Mapping[str, Any], needs: str
 ) -> None:
     """A ``callbacks.monitor`` on a judge metric names one the run will log: refused now, not by
     the checkpoint callback at the first validation, after the judges' and the model's training.
-    ``section`` is the task's node (``model.gan``); ``judged``: its judge is on for this run."""
+    ``judged``: the task's judges are on for this run; ``needs``: what turns them on."""
     monitor = str(problems.cfg.callbacks.monitor)
     if not monitor.startswith("val/judge_"):
         return
     if not judged:
         problems.append(
-            f"callbacks.monitor: {monitor} is a judge metric, and the judge is off "
-            f"(needs {section}.judge_steps > 0 and a model.condition)"
+            f"callbacks.monitor: {monitor} is a judge metric, and the judge is off (needs {needs})"
         )
         return
     from xmodal.metrics.provenance import judge_names  # imports torch, which this module does not

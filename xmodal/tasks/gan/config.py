@@ -164,10 +164,13 @@ class GanModelConfig(ConditionConfig, TaskConfig):
     def roles(self) -> tuple[str, ...]:
         return condition_roles(self.target, self.condition)
 
+    def judged(self) -> bool:
+        """The judges train and score this run (the task's own test: a conditional GAN)."""
+        return self.gan.judge_steps > 0 and bool(self.conditions())
+
     def optional_roles(self) -> tuple[str, ...]:
-        judged = self.gan.judge_steps > 0 and bool(self.conditions())
         classified = tuple(self.gan.aux_labels) if self.gan.aux_weight > 0 else ()
-        return tuple(dict.fromkeys((*classified, *(self.gan.judge_labels if judged else ()))))
+        return tuple(dict.fromkeys((*classified, *(self.gan.judge_labels if self.judged() else ()))))
 
     def lightning_max_steps(self, max_steps: int) -> int:
         if max_steps <= 0:
@@ -215,7 +218,9 @@ class GanModelConfig(ConditionConfig, TaskConfig):
         )
         p.check(g.judge_steps >= 0, "model.gan.judge_steps", "must be >= 0")
         judge_label_problems(p, "model.gan.judge_labels", g.judge_labels)
-        judge_monitor_problems(p, "model.gan", g.judge_steps > 0 and bool(self.conditions()), g.judge_labels)
+        judge_monitor_problems(
+            p, self.judged(), g.judge_labels, "model.gan.judge_steps > 0 and a model.condition"
+        )
         p.one_of("model.gan.aux_head", AUX_HEADS)
         p.one_of("model.gan.aux_mode", AUX_MODES)
         p.one_of("model.gan.g_upsample", G_UPSAMPLES)

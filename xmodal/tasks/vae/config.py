@@ -105,9 +105,13 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
     def roles(self) -> tuple[str, ...]:
         return condition_roles(self.target, self.condition)
 
+    def judged(self) -> bool:
+        """The judges train and score this run: the task judges conditional image VAEs only
+        (``VaeTask``'s judge property)."""
+        return self.vae.judge_steps > 0 and bool(self.conditions()) and self.target == "image"
+
     def optional_roles(self) -> tuple[str, ...]:
-        judged = self.vae.judge_steps > 0 and bool(self.conditions())
-        return tuple(self.vae.judge_labels) if judged else ()
+        return tuple(self.vae.judge_labels) if self.judged() else ()
 
     def problems(self, cfg: Any) -> list[str]:
         p = Problems(cfg)
@@ -146,7 +150,12 @@ class VaeModelConfig(ConditionConfig, OptimizerConfig, TaskConfig):
         )
         p.check(v.judge_steps >= 0, "model.vae.judge_steps", "must be >= 0 (0 = off)")
         judge_label_problems(p, "model.vae.judge_labels", v.judge_labels)
-        judge_monitor_problems(p, "model.vae", v.judge_steps > 0 and bool(self.conditions()), v.judge_labels)
+        judge_monitor_problems(
+            p,
+            self.judged(),
+            v.judge_labels,
+            "model.vae.judge_steps > 0, a model.condition and an image target",
+        )
         p.check(
             not v.binarize or v.likelihood == "bernoulli",
             "model.vae.binarize",
